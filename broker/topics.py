@@ -59,9 +59,7 @@ def validate_topic(text: object) -> str:
     if _TOPIC_RE.fullmatch(topic) is None:
         if "*" in topic or ">" in topic:
             raise TopicError("wildcards are only allowed in subscriptions")
-        raise TopicError(
-            "topic must be dot-separated tokens of letters, digits, '_', '-' or ':'"
-        )
+        raise TopicError("topic must be dot-separated tokens of letters, digits, '_', '-' or ':'")
     if topic.count(".") >= MAX_TOKENS:
         raise TopicError(f"topic has more than {MAX_TOKENS} tokens")
     return topic

@@ -1,0 +1,133 @@
+"""Fan-out: from one published message to every matching subscriber's queue.
+
+The :class:`Hub` owns the routing table. :meth:`Hub.deliver` is the hot path:
+it looks the topic up once, encodes the message once per encoding that a
+matching subscriber uses, builds the WebSocket frame once, and hands the
+same ``bytes`` to every subscriber's :class:`~broker.outbox.Outbox`. It is
+synchronous: it never awaits, never spawns a task and never calls a plugin,
+so one slow subscriber cannot hold up a publisher or the other subscribers.
+
+Publishing goes through a :class:`Backplane`, the one place a cluster
+backend takes over: :class:`LocalBackplane` numbers the message and delivers
+it in-process; a Redis backplane would number it in Redis, publish it there
+and call :meth:`Hub.deliver` when it comes back, on every node alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from typing import Any, Protocol
+
+from .config import QueueConfig
+from .frames import frame
+from .outbox import Outbox, PushResult, QueueRule
+from .protocol import Encoding, encode_msg
+from .router import Router
+from .topics import pattern_matches
+
+__all__ = ["Backplane", "Hub", "LocalBackplane", "Subscriber"]
+
+
+class Subscriber(Hashable, Protocol):
+    """What the hub needs from a connection."""
+
+    encoding: Encoding
+    outbox: Outbox
+
+    def wake(self) -> None:
+        """Frames were queued: let the writer run."""
+
+    def slow_consumer(self) -> None:
+        """A ``disconnect`` rule overflowed: close this subscriber."""
+
+
+class Hub:
+    """The routing table and the synchronous fan-out."""
+
+    def __init__(self, queue: QueueConfig, *, rule_cache_size: int = 4096) -> None:
+        self.router: Router[Subscriber] = Router()
+        self._rule_cache_size = rule_cache_size
+        self.configure(queue)
+        self.published = 0
+        self.delivered = 0
+        #: Deliveries that overflowed a queue and dropped a message (its own or
+        #: an older one); the exact counts are in each Outbox.
+        self.overflows = 0
+        self.slow_consumers = 0
+
+    def configure(self, queue: QueueConfig) -> None:
+        """Apply (new) queue rules; messages already queued keep theirs."""
+        self._default_rule = queue.default_rule()
+        self._rules = queue.queue_rules()
+        self._rule_cache: dict[str, QueueRule] = {}
+
+    def rule_for(self, topic: str) -> QueueRule:
+        """The first ``[[queue.rules]]`` entry matching *topic*, else the default."""
+        rule = self._rule_cache.get(topic)
+        if rule is None:
+            rule = self._default_rule
+            for pattern, candidate in self._rules:
+                if pattern_matches(pattern, topic):
+                    rule = candidate
+                    break
+            if len(self._rule_cache) >= self._rule_cache_size:
+                self._rule_cache.clear()
+            self._rule_cache[topic] = rule
+        return rule
+
+    def subscribe(self, pattern: str, subscriber: Subscriber) -> bool:
+        return self.router.add(pattern, subscriber)
+
+    def unsubscribe(self, pattern: str, subscriber: Subscriber) -> bool:
+        return self.router.remove(pattern, subscriber)
+
+    def deliver(self, topic: str, seq: int, data: Any, key: str | None) -> int:
+        """Queue one message for every subscriber of *topic*; returns how many."""
+        self.published += 1
+        subscribers = self.router.match(topic)
+        if not subscribers:
+            return 0
+        rule = self.rule_for(topic)
+        frames: dict[Encoding, bytes] = {}
+        for sub in subscribers:
+            encoding = sub.encoding
+            data_frame = frames.get(encoding)
+            if data_frame is None:
+                data_frame = frames[encoding] = frame(encode_msg(topic, seq, data, key, encoding))
+            result = sub.outbox.push(data_frame, topic, rule, key)
+            if result is PushResult.DISCONNECT:
+                self.slow_consumers += 1
+                sub.slow_consumer()
+                continue
+            if result is PushResult.DROPPED:
+                self.overflows += 1
+            sub.wake()
+        self.delivered += len(subscribers)
+        return len(subscribers)
+
+
+class Backplane(Protocol):
+    """Where publishes go; implementations deliver through :meth:`Hub.deliver`."""
+
+    async def publish(self, topic: str, data: Any, key: str | None) -> int:
+        """Publish and return the message's per-topic ``seq``."""
+        ...
+
+
+class LocalBackplane:
+    """Single-node backplane: numbers messages per topic and delivers in-process.
+
+    ``seq`` starts at 1 for each topic and grows by one per message; the
+    counters live as long as the process (history and recovery, later, build
+    on them).
+    """
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+        self._seq: dict[str, int] = {}
+
+    async def publish(self, topic: str, data: Any, key: str | None) -> int:
+        seq = self._seq.get(topic, 0) + 1
+        self._seq[topic] = seq
+        self.hub.deliver(topic, seq, data, key)
+        return seq

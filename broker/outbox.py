@@ -1,0 +1,311 @@
+"""The bounded outbound queue of one connection, and its overflow policies.
+
+Publishing never waits on a subscriber: the router hands every matching
+connection a pre-built frame, and :meth:`Outbox.push` decides on the spot
+whether it fits. When it does not, the :class:`QueueRule` that applies to the
+message's topic says what to do:
+
+``drop-oldest``
+    drop this rule's oldest queued message to make room (the default: a
+    subscriber that falls behind sees the most recent data);
+``drop-newest``
+    drop the incoming message (the queue keeps what it has);
+``conflate``
+    keep only the newest message per ``(topic, key)`` -- a newer one replaces
+    the queued one (order books, tickers); when the queue is still full,
+    behave like ``drop-oldest``;
+``disconnect``
+    tell the caller to close the connection as a slow consumer.
+
+Every dropped message is counted per topic, and the writer sends a ``dropped``
+notice for those counts before the next frames it writes: drops are never
+silent. Replies (``ok``/``err``/``pong``) share the FIFO with messages so a
+client sees them in order, but are never dropped; a client that sends
+commands without reading the replies hits ``max_replies`` and the caller
+closes it.
+
+The queue is bounded in messages and in bytes (overall and per rule). Frames
+are shared ``bytes`` objects (built once per message, not per subscriber), so
+the bound counts bytes the subscriber is owed, an upper bound on what it
+costs. This module is pure: no trio, no I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass
+from typing import Final
+
+__all__ = [
+    "OTHER_TOPICS",
+    "Outbox",
+    "OutboxStats",
+    "Policy",
+    "PushResult",
+    "QueueRule",
+]
+
+#: Topic under which drops are reported once too many distinct topics have
+#: pending drop counts (keeps the bookkeeping bounded; see Outbox.push).
+OTHER_TOPICS: Final = ">"
+
+
+class Policy(enum.StrEnum):
+    """What to do when a subscriber's queue is full."""
+
+    DROP_OLDEST = "drop-oldest"
+    DROP_NEWEST = "drop-newest"
+    CONFLATE = "conflate"
+    DISCONNECT = "disconnect"
+
+
+@dataclass(frozen=True, slots=True)
+class QueueRule:
+    """Limits and policy for the messages of the topics a rule covers.
+
+    Attributes:
+        name: identifies the rule in stats and logs (its pattern, or ``"default"``).
+        policy: what to do when a limit is hit.
+        max_messages: most queued messages of this rule on one connection.
+        max_bytes: most queued bytes of this rule on one connection.
+    """
+
+    name: str
+    policy: Policy
+    max_messages: int
+    max_bytes: int
+
+
+class PushResult(enum.Enum):
+    QUEUED = "queued"
+    DROPPED = "dropped"  # this or an older message was dropped; notice pending
+    DISCONNECT = "disconnect"  # the rule's policy asks to close the connection
+
+
+class _Entry:
+    __slots__ = ("alive", "frame", "rule", "slot", "topic")
+
+    def __init__(
+        self, frame: bytes, topic: str | None, rule: QueueRule | None, slot: object
+    ) -> None:
+        self.frame = frame
+        self.topic = topic  # None for replies
+        self.rule = rule  # None for replies
+        self.slot = slot  # conflation key, or None
+        self.alive = True
+
+
+@dataclass(slots=True)
+class _RuleState:
+    entries: deque[_Entry]
+    count: int = 0
+    size: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxStats:
+    """A snapshot of one outbox, for metrics and tests."""
+
+    messages: int
+    bytes: int
+    replies: int
+    dropped_total: int
+    pending_drop_topics: int
+
+
+class Outbox:
+    """Bounded FIFO of frames owed to one subscriber.
+
+    Args:
+        max_messages: most queued messages in total (replies not counted).
+        max_bytes: most queued message bytes in total.
+        max_replies: most queued replies; past it :meth:`push_reply` fails.
+        max_drop_topics: most distinct topics with a pending drop count; drops
+            on further topics are reported under :data:`OTHER_TOPICS`.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_messages: int,
+        max_bytes: int,
+        max_replies: int = 256,
+        max_drop_topics: int = 1024,
+    ) -> None:
+        if max_messages < 1 or max_bytes < 1 or max_replies < 1:
+            raise ValueError("outbox limits must be positive")
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
+        self.max_replies = max_replies
+        self.max_drop_topics = max_drop_topics
+        self._fifo: deque[_Entry] = deque()
+        self._rules: dict[QueueRule, _RuleState] = {}
+        self._slots: dict[object, _Entry] = {}
+        self._drops: dict[str, int] = {}
+        self._count = 0
+        self._size = 0
+        self._replies = 0
+        self._dead = 0
+        self.dropped_total = 0
+
+    # -- producer side (the publish path; synchronous, never waits) ---------
+
+    def push(self, frame: bytes, topic: str, rule: QueueRule, key: str | None = None) -> PushResult:
+        """Queue one message frame, applying *rule* if a limit is hit."""
+        state = self._rules.get(rule)
+        if state is None:
+            state = self._rules[rule] = _RuleState(deque())
+        result = PushResult.QUEUED
+        slot: object = None
+        if rule.policy is Policy.CONFLATE:
+            slot = (topic, key)
+            old = self._slots.get(slot)
+            if old is not None and old.alive:
+                self._discard(old, state)
+                result = PushResult.DROPPED
+        size = len(frame)
+        while (
+            state.count >= rule.max_messages
+            or state.size + size > rule.max_bytes
+            or self._count >= self.max_messages
+            or self._size + size > self.max_bytes
+        ):
+            policy = rule.policy
+            if policy is Policy.DISCONNECT:
+                return PushResult.DISCONNECT
+            if policy is Policy.DROP_NEWEST or not self._drop_oldest(state):
+                # Nothing of this rule left to drop (the message alone is over
+                # the limit, or other rules fill the queue): drop this one.
+                self._count_drop(topic)
+                return PushResult.DROPPED
+            result = PushResult.DROPPED
+        entry = _Entry(frame, topic, rule, slot)
+        self._fifo.append(entry)
+        state.entries.append(entry)
+        state.count += 1
+        state.size += size
+        self._count += 1
+        self._size += size
+        if slot is not None:
+            self._slots[slot] = entry
+        return result
+
+    def push_reply(self, frame: bytes) -> bool:
+        """Queue a reply; False if ``max_replies`` are already waiting."""
+        if self._replies >= self.max_replies:
+            return False
+        self._replies += 1
+        self._fifo.append(_Entry(frame, None, None, None))
+        return True
+
+    # -- consumer side (the connection's writer) -----------------------------
+
+    def take_drops(self) -> dict[str, int]:
+        """Return and clear the pending drop counts, by topic."""
+        drops = self._drops
+        if drops:
+            self._drops = {}
+        return drops
+
+    def take(self, max_bytes: int) -> list[bytes]:
+        """Remove and return queued frames in order, about *max_bytes* of them.
+
+        Always returns at least one frame when any is queued (a frame larger
+        than *max_bytes* goes out alone). Call :meth:`take_drops` first, so the
+        ``dropped`` notices precede the frames that follow the drops.
+        """
+        frames: list[bytes] = []
+        total = 0
+        fifo = self._fifo
+        while fifo and total < max_bytes:
+            entry = fifo.popleft()
+            if not entry.alive:
+                self._dead -= 1
+                continue
+            entry.alive = False
+            frame = entry.frame
+            frames.append(frame)
+            total += len(frame)
+            rule = entry.rule
+            if rule is None:
+                self._replies -= 1
+                continue
+            state = self._rules[rule]
+            state.count -= 1
+            state.size -= len(frame)
+            # The rule's deque holds this entry at its left end (FIFO order is
+            # shared), unless dead entries precede it; pop lazily.
+            entries = state.entries
+            while entries and not entries[0].alive:
+                entries.popleft()
+            self._count -= 1
+            self._size -= len(frame)
+            if entry.slot is not None and self._slots.get(entry.slot) is entry:
+                del self._slots[entry.slot]
+        return frames
+
+    def pending(self) -> bool:
+        """True if the writer has something to send (frames or drop notices)."""
+        return self._count > 0 or self._replies > 0 or bool(self._drops)
+
+    def __len__(self) -> int:
+        """Queued frames: messages plus replies."""
+        return self._count + self._replies
+
+    @property
+    def queued_bytes(self) -> int:
+        return self._size
+
+    def stats(self) -> OutboxStats:
+        return OutboxStats(
+            messages=self._count,
+            bytes=self._size,
+            replies=self._replies,
+            dropped_total=self.dropped_total,
+            pending_drop_topics=len(self._drops),
+        )
+
+    # -- internals -----------------------------------------------------------
+
+    def _drop_oldest(self, state: _RuleState) -> bool:
+        entries = state.entries
+        while entries:
+            entry = entries.popleft()
+            if entry.alive:
+                self._discard(entry, state)
+                return True
+        return False
+
+    def _discard(self, entry: _Entry, state: _RuleState) -> None:
+        """Drop a queued message: it stays in the FIFO (and maybe in its rule's
+        deque) as a tombstone, skipped when reached."""
+        entry.alive = False
+        size = len(entry.frame)
+        state.count -= 1
+        state.size -= size
+        self._count -= 1
+        self._size -= size
+        if entry.slot is not None and self._slots.get(entry.slot) is entry:
+            del self._slots[entry.slot]
+        assert entry.topic is not None
+        self._count_drop(entry.topic)
+        self._dead += 1
+        if self._dead > 64 and self._dead > 2 * len(self):
+            self._compact()
+
+    def _count_drop(self, topic: str) -> None:
+        self.dropped_total += 1
+        drops = self._drops
+        if topic not in drops and len(drops) >= self.max_drop_topics:
+            topic = OTHER_TOPICS
+        drops[topic] = drops.get(topic, 0) + 1
+
+    def _compact(self) -> None:
+        # Tombstones keep the FIFO's order cheap to maintain; rebuilding when
+        # they outnumber live entries keeps memory proportional to the bound
+        # (amortised O(1) per drop) even for a subscriber that never reads.
+        self._fifo = deque(e for e in self._fifo if e.alive)
+        for state in self._rules.values():
+            state.entries = deque(e for e in state.entries if e.alive)
+        self._dead = 0

@@ -1,0 +1,239 @@
+"""The plugin host: finds, configures and calls plugins.
+
+Plugins are found through the ``trio_broker`` entry-point group and enabled
+by name in ``[plugins] enabled``. An entry point names a *factory*::
+
+    def create(settings: Mapping[str, Any], context: PluginContext) -> object
+
+called with the plugin's ``[plugin.NAME]`` table. The object it returns
+carries ``@hookimpl`` methods and is registered with pluggy under NAME. A
+factory validates its settings and raises :class:`~broker.errors.ConfigError`
+(with a key relative to its table) when they are wrong; the broker then
+refuses to start, naming the plugin.
+
+The rest of the broker never calls ``pm.hook.*``: it calls the typed methods
+of :class:`PluginHost`, which own the awaiting of async implementations, the
+order, the first-result/deny-wins rules and the fail-closed error handling
+documented in :mod:`broker.hookspecs`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any
+
+import pluggy
+
+from .auth import Action, ClientInfo, Handshake, Identity, Reject
+from .config import Config
+from .errors import ConfigError, PluginError
+from .hookspecs import PROJECT, BrokerSpec
+
+__all__ = ["ENTRY_POINT_GROUP", "PluginContext", "PluginFactory", "PluginHost"]
+
+log = logging.getLogger("broker.plugins")
+
+ENTRY_POINT_GROUP = "trio_broker"
+
+
+@dataclass(frozen=True, slots=True)
+class PluginContext:
+    """What a plugin factory may know about the broker it is configured for."""
+
+    name: str
+    config: Config
+
+
+PluginFactory = Callable[[Mapping[str, Any], PluginContext], object]
+
+
+class ValidationFailed(Exception):
+    """broker_validate raised; the message is rejected with ``internal``."""
+
+
+class PluginHost:
+    """Typed facade over a pluggy :class:`~pluggy.PluginManager`."""
+
+    def __init__(self, *, default_allow: bool = True) -> None:
+        self.pm = pluggy.PluginManager(PROJECT)
+        self.pm.add_hookspecs(BrokerSpec)
+        self.default_allow = default_allow
+        #: Bumped whenever plugins change, so cached decisions are dropped.
+        self.generation = 0
+        #: Whether any plugin implements broker_validate / broker_published:
+        #: the publish path skips those calls entirely when none does.
+        self.has_validators = False
+        self.observes_published = False
+
+    # -- set-up ----------------------------------------------------------------
+
+    @classmethod
+    def from_config(
+        cls, config: Config, *, factories: Mapping[str, PluginFactory] | None = None
+    ) -> PluginHost:
+        """Create and register every plugin in ``config.plugins.enabled``.
+
+        *factories* maps names to factories to use instead of entry points
+        (for embedding and tests). Raises PluginError or ConfigError.
+        """
+        host = cls(default_allow=config.authorization.default == "allow")
+        found = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+        for name in config.plugins.enabled:
+            factory: object
+            if factories is not None and name in factories:
+                factory = factories[name]
+            elif name in found:
+                try:
+                    factory = found[name].load()
+                except Exception as e:
+                    raise PluginError(name, f"failed to import: {e!r}") from e
+            else:
+                raise PluginError(
+                    name,
+                    "not installed: no entry point of that name in group "
+                    f"{ENTRY_POINT_GROUP!r} (installed: {', '.join(sorted(found)) or 'none'})",
+                )
+            if not callable(factory):
+                raise PluginError(name, "entry point is not a callable plugin factory")
+            settings = config.plugins.settings.get(name, {})
+            try:
+                plugin = factory(settings, PluginContext(name, config))
+            except ConfigError as e:
+                raise ConfigError(f"plugin.{name}.{e.key}", e.reason) from None
+            except Exception as e:
+                raise PluginError(name, f"failed to configure: {e!r}") from e
+            host.register(plugin, name)
+        return host
+
+    def register(self, plugin: object, name: str) -> None:
+        """Register a plugin object under *name* (validates its hookimpls)."""
+        try:
+            self.pm.register(plugin, name=name)
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as e:
+            self.pm.unregister(name=name)
+            raise PluginError(name, str(e)) from e
+        self.generation += 1
+        self.has_validators = bool(self.pm.hook.broker_validate.get_hookimpls())
+        self.observes_published = bool(self.pm.hook.broker_published.get_hookimpls())
+        log.debug("plugin %s registered", name)
+
+    # -- calling ---------------------------------------------------------------
+
+    def _impls(self, hook: str) -> Iterator[pluggy.HookImpl]:
+        # get_hookimpls() is in registration order adjusted by tryfirst/trylast;
+        # pluggy calls them in reverse, and so do we.
+        caller: pluggy.HookCaller = getattr(self.pm.hook, hook)
+        return reversed(caller.get_hookimpls())
+
+    @staticmethod
+    async def _call(impl: pluggy.HookImpl, kwargs: Mapping[str, Any]) -> Any:
+        result = impl.function(*[kwargs[name] for name in impl.argnames])
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+
+    async def authenticate(self, handshake: Handshake) -> Identity | Reject:
+        """Run broker_authenticate; always returns a decision (fails closed).
+
+        The caller bounds it with ``limits.auth_timeout``.
+        """
+        kwargs = {"handshake": handshake}
+        for impl in self._impls("broker_authenticate"):
+            try:
+                result = await self._call(impl, kwargs)
+            except Exception:
+                log.exception(
+                    "plugin %s: broker_authenticate raised; rejecting %s:%s",
+                    impl.plugin_name,
+                    *handshake.peer,
+                )
+                return Reject(403, "authentication error")
+            if result is None:
+                continue
+            if isinstance(result, Identity):
+                if not result.plugin:
+                    result = _with_plugin(result, impl.plugin_name)
+                return result
+            if isinstance(result, Reject):
+                return result
+            log.error(
+                "plugin %s: broker_authenticate returned %r (not Identity, Reject or "
+                "None); rejecting",
+                impl.plugin_name,
+                type(result).__name__,
+            )
+            return Reject(403, "authentication error")
+        return Reject(401, "missing or invalid credentials")
+
+    async def authorize(self, identity: Identity, action: Action, topic: str) -> bool:
+        """Run broker_authorize: deny wins, then allow, then the default."""
+        kwargs = {"identity": identity, "action": action, "topic": topic}
+        allowed = False
+        for impl in self._impls("broker_authorize"):
+            try:
+                result = await self._call(impl, kwargs)
+            except Exception:
+                log.exception(
+                    "plugin %s: broker_authorize raised; denying %s %s to %s",
+                    impl.plugin_name,
+                    action,
+                    topic,
+                    identity.subject,
+                )
+                return False
+            if result is False:
+                return False
+            if result is True:
+                allowed = True
+            elif result is not None:
+                log.error(
+                    "plugin %s: broker_authorize returned %r (not bool or None); denying",
+                    impl.plugin_name,
+                    type(result).__name__,
+                )
+                return False
+        return allowed or self.default_allow
+
+    async def validate(self, identity: Identity, topic: str, data: Any) -> str | None:
+        """Run broker_validate: the first reason rejects.
+
+        Raises ValidationFailed if an implementation raised.
+        """
+        kwargs = {"identity": identity, "topic": topic, "data": data}
+        for impl in self._impls("broker_validate"):
+            try:
+                result = await self._call(impl, kwargs)
+            except Exception as e:
+                log.exception(
+                    "plugin %s: broker_validate raised on %s from %s",
+                    impl.plugin_name,
+                    topic,
+                    identity.subject,
+                )
+                raise ValidationFailed(impl.plugin_name) from e
+            if result is not None:
+                return str(result)
+        return None
+
+    async def notify(self, hook: str, **kwargs: Any) -> None:
+        """Call an observer hook on every implementation; errors are logged."""
+        for impl in self._impls(hook):
+            try:
+                await self._call(impl, kwargs)
+            except Exception:
+                log.exception("plugin %s: %s raised (ignored)", impl.plugin_name, hook)
+
+    async def connected(self, client: ClientInfo) -> None:
+        await self.notify("broker_connected", client=client)
+
+    async def disconnected(self, client: ClientInfo, code: int, reason: str) -> None:
+        await self.notify("broker_disconnected", client=client, code=code, reason=reason)
+
+
+def _with_plugin(identity: Identity, plugin: str) -> Identity:
+    return Identity(identity.subject, identity.roles, identity.claims, identity.expires_at, plugin)
