@@ -165,6 +165,10 @@ class Outbox:
                 self._discard(old, state)
                 result = PushResult.DROPPED
         size = len(frame)
+        if size > rule.max_bytes or size > self.max_bytes:
+            # Can never fit: drop it without evicting anything else.
+            self._count_drop(topic)
+            return PushResult.DROPPED
         while (
             state.count >= rule.max_messages
             or state.size + size > rule.max_bytes
@@ -175,8 +179,8 @@ class Outbox:
             if policy is Policy.DISCONNECT:
                 return PushResult.DISCONNECT
             if policy is Policy.DROP_NEWEST or not self._drop_oldest(state):
-                # Nothing of this rule left to drop (the message alone is over
-                # the limit, or other rules fill the queue): drop this one.
+                # Nothing of this rule left to drop (other rules fill the
+                # queue): drop this one.
                 self._count_drop(topic)
                 return PushResult.DROPPED
             result = PushResult.DROPPED

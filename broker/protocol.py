@@ -324,7 +324,13 @@ def _load(frame: str | bytes, encoding: Encoding) -> Any:
 
 
 class _Unrepresentable(Exception):
-    """``data`` cannot be re-encoded in both encodings; args[0] says why."""
+    """``data`` cannot be re-encoded in both encodings; args[0] is the message."""
+
+
+_NOT_JSON: Final = "data must be JSON-representable ({})"
+_TOO_DEEP: Final = f"data is nested deeper than {MAX_DATA_DEPTH} levels"
+_INT_RANGE: Final = "data must be msgpack-representable (integer outside the 64-bit range)"
+_SURROGATE: Final = _NOT_JSON.format("lone surrogate in a string")
 
 
 def _check_data(value: Any, depth: int, text_escapes: bool) -> None:
@@ -339,30 +345,33 @@ def _check_data(value: Any, depth: int, text_escapes: bool) -> None:
     t = type(value)
     if t is str:
         if text_escapes and _has_surrogate(value):
-            raise _Unrepresentable("lone surrogate in a string")
+            raise _Unrepresentable(_SURROGATE)
     elif t is int:
+        # JSON integers are unbounded; msgpack's Packer would raise
+        # OverflowError outside this range.
         if not _MIN_INT <= value <= _MAX_INT:
-            raise _Unrepresentable("integer outside the 64-bit range")
+            raise _Unrepresentable(_INT_RANGE)
     elif t is float:
+        # From msgpack, or from an overflowing JSON literal such as 1e400.
         if not math.isfinite(value):
-            raise _Unrepresentable("NaN or infinite number")
+            raise _Unrepresentable(_NOT_JSON.format("NaN or infinite number"))
     elif t is dict:
         if depth >= MAX_DATA_DEPTH:
-            raise _Unrepresentable(f"nested deeper than {MAX_DATA_DEPTH} levels")
+            raise _Unrepresentable(_TOO_DEEP)
         for k, v in value.items():
             if type(k) is not str:
-                raise _Unrepresentable("map keys must be strings")
+                raise _Unrepresentable(_NOT_JSON.format("map keys must be strings"))
             if text_escapes and _has_surrogate(k):
-                raise _Unrepresentable("lone surrogate in a string")
+                raise _Unrepresentable(_SURROGATE)
             _check_data(v, depth + 1, text_escapes)
     elif t is list:
         if depth >= MAX_DATA_DEPTH:
-            raise _Unrepresentable(f"nested deeper than {MAX_DATA_DEPTH} levels")
+            raise _Unrepresentable(_TOO_DEEP)
         for v in value:
             _check_data(v, depth + 1, text_escapes)
     elif value is not None and t is not bool:
         # bytes, msgpack Timestamp (ext -1 bypasses ext_hook), ...
-        raise _Unrepresentable(f"{t.__name__} is not allowed")
+        raise _Unrepresentable(_NOT_JSON.format(f"{t.__name__} is not allowed"))
 
 
 def _read_id(obj: dict[Any, Any]) -> RequestId | None:
@@ -431,12 +440,7 @@ def decode_command(frame: str | bytes, encoding: Encoding) -> Command:
         try:
             _check_data(data, 0, escapes)
         except _Unrepresentable as exc:
-            reason = exc.args[0]
-            if reason.startswith("nested"):
-                raise _bad(f"data is {reason}", request_id) from None
-            if reason.startswith("integer"):
-                raise _bad(f"data must be msgpack-representable ({reason})", request_id) from None
-            raise _bad(f"data must be JSON-representable ({reason})", request_id) from None
+            raise _bad(exc.args[0], request_id) from None
         key = obj.get("key")
         if key is not None:
             if type(key) is not str or not 0 < len(key) <= MAX_KEY_LENGTH:

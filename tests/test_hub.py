@@ -1,0 +1,119 @@
+"""Fan-out without sockets: encode once, frame once, never await."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import msgpack
+import pytest
+
+from broker import config_from_dict
+from broker.hub import Hub, LocalBackplane
+from broker.outbox import Outbox
+from broker.protocol import Encoding
+
+
+class FakeSubscriber:
+    def __init__(self, encoding: Encoding = Encoding.JSON, max_messages: int = 100) -> None:
+        self.encoding = encoding
+        self.outbox = Outbox(max_messages=max_messages, max_bytes=1 << 20)
+        self.wakes = 0
+        self.slow = False
+
+    def wake(self) -> None:
+        self.wakes += 1
+
+    def slow_consumer(self) -> None:
+        self.slow = True
+
+
+def payloads(sub: FakeSubscriber) -> list[Any]:
+    out = []
+    for frame in sub.outbox.take(1 << 30):
+        body = frame[2:]  # small frames: 2-byte header
+        out.append(json.loads(body) if sub.encoding is Encoding.JSON else msgpack.unpackb(body))
+    return out
+
+
+def make_hub(**queue: Any) -> Hub:
+    return Hub(config_from_dict({"queue": queue}).queue)
+
+
+def test_deliver_once_per_connection_even_with_overlapping_patterns() -> None:
+    hub = make_hub()
+    sub = FakeSubscriber()
+    for pattern in ("a.*", "a.>", "a.b"):
+        hub.subscribe(pattern, sub)
+    assert hub.deliver("a.b", 1, {"x": 1}, None) == 1
+    assert payloads(sub) == [{"op": "msg", "topic": "a.b", "seq": 1, "data": {"x": 1}}]
+    assert sub.wakes == 1
+
+
+def test_frames_are_shared_between_subscribers_of_an_encoding() -> None:
+    hub = make_hub()
+    subs = [FakeSubscriber(Encoding.JSON) for _ in range(3)]
+    subs += [FakeSubscriber(Encoding.MSGPACK) for _ in range(3)]
+    for s in subs:
+        hub.subscribe("t", s)
+    hub.deliver("t", 7, [1, 2], "k")
+    frames = [s.outbox.take(1 << 20)[0] for s in subs]
+    assert frames[0] is frames[1] is frames[2]  # the very same bytes object
+    assert frames[3] is frames[4] is frames[5]
+    assert frames[0] is not frames[3]
+    assert msgpack.unpackb(frames[3][2:]) == {
+        "op": "msg",
+        "topic": "t",
+        "seq": 7,
+        "data": [1, 2],
+        "key": "k",
+    }
+
+
+def test_no_subscribers_means_no_encoding() -> None:
+    hub = make_hub()
+    assert hub.deliver("nobody.here", 1, object(), None) == 0  # not JSON-able: never encoded
+
+
+def test_unsubscribe_stops_delivery() -> None:
+    hub = make_hub()
+    sub = FakeSubscriber()
+    hub.subscribe("t.*", sub)
+    hub.unsubscribe("t.*", sub)
+    assert hub.deliver("t.x", 1, 1, None) == 0
+
+
+def test_queue_rules_first_match_wins_and_default_applies() -> None:
+    hub = make_hub(
+        rules=[
+            {"pattern": "book.>", "policy": "conflate"},
+            {"pattern": "book.btc", "policy": "drop-newest"},
+            {"pattern": "orders.>", "policy": "disconnect", "max_messages": 5},
+        ]
+    )
+    assert hub.rule_for("book.btc").policy == "conflate"
+    assert hub.rule_for("orders.1").max_messages == 5
+    assert hub.rule_for("trades.x").name == "default"
+    assert hub.rule_for("trades.x").policy == "drop-oldest"
+
+
+def test_disconnect_rule_calls_slow_consumer_and_others_still_get_it() -> None:
+    hub = make_hub(policy="disconnect", max_messages=2)
+    slow, fast = FakeSubscriber(), FakeSubscriber()
+    hub.subscribe("t", slow)
+    hub.subscribe("t", fast)
+    for seq in range(1, 4):
+        hub.deliver("t", seq, seq, None)
+        fast.outbox.take(1 << 20)
+    assert slow.slow
+    assert not fast.slow
+    assert hub.slow_consumers == 1
+
+
+@pytest.mark.parametrize("n", [1, 3])
+async def test_local_backplane_numbers_per_topic(n: int) -> None:
+    hub = make_hub()
+    plane = LocalBackplane(hub)
+    seqs = [await plane.publish("a", i, None) for i in range(n)]
+    assert seqs == list(range(1, n + 1))
+    assert await plane.publish("b", 0, None) == 1

@@ -1,0 +1,211 @@
+"""The per-subscriber queue and its policies, without sockets."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from broker.outbox import OTHER_TOPICS, Outbox, Policy, PushResult, QueueRule
+
+
+def rule(policy: Policy, max_messages: int = 3, max_bytes: int = 10_000) -> QueueRule:
+    return QueueRule(str(policy), policy, max_messages, max_bytes)
+
+
+def msg(n: int, size: int = 10) -> bytes:
+    return f"{n:0{size}d}".encode()
+
+
+def drain(box: Outbox, dropped: dict[str, int]) -> list[bytes]:
+    """Read everything, adding the drop notices to *dropped*."""
+    out: list[bytes] = []
+    while box.pending():
+        for topic, count in box.take_drops().items():
+            dropped[topic] = dropped.get(topic, 0) + count
+        out += box.take(1 << 30)
+    return out
+
+
+def test_fifo_under_limits() -> None:
+    box = Outbox(max_messages=10, max_bytes=1000)
+    r = rule(Policy.DROP_OLDEST, 10)
+    for i in range(5):
+        assert box.push(msg(i), "t", r) is PushResult.QUEUED
+    assert len(box) == 5
+    assert box.queued_bytes == 50
+    assert box.take(1 << 20) == [msg(i) for i in range(5)]
+    assert not box.pending()
+    assert box.queued_bytes == 0
+
+
+def test_take_respects_batch_bytes_but_always_returns_one() -> None:
+    box = Outbox(max_messages=10, max_bytes=1000)
+    r = rule(Policy.DROP_OLDEST, 10)
+    for i in range(4):
+        box.push(msg(i), "t", r)
+    assert box.take(15) == [msg(0), msg(1)]
+    assert box.take(1) == [msg(2)]
+    assert box.take(1) == [msg(3)]
+
+
+def test_drop_oldest_keeps_newest_and_counts() -> None:
+    box = Outbox(max_messages=100, max_bytes=10_000)
+    r = rule(Policy.DROP_OLDEST, 3)
+    results = [box.push(msg(i), "t", r) for i in range(5)]
+    assert results == [PushResult.QUEUED] * 3 + [PushResult.DROPPED] * 2
+    assert box.take_drops() == {"t": 2}
+    assert box.take(1 << 20) == [msg(2), msg(3), msg(4)]
+    assert box.dropped_total == 2
+
+
+def test_drop_newest_keeps_oldest() -> None:
+    box = Outbox(max_messages=100, max_bytes=10_000)
+    r = rule(Policy.DROP_NEWEST, 3)
+    for i in range(5):
+        box.push(msg(i), "t", r)
+    assert box.take_drops() == {"t": 2}
+    assert box.take(1 << 20) == [msg(0), msg(1), msg(2)]
+
+
+def test_disconnect_policy_reports_and_keeps_queue() -> None:
+    box = Outbox(max_messages=100, max_bytes=10_000)
+    r = rule(Policy.DISCONNECT, 2)
+    assert box.push(msg(0), "t", r) is PushResult.QUEUED
+    assert box.push(msg(1), "t", r) is PushResult.QUEUED
+    assert box.push(msg(2), "t", r) is PushResult.DISCONNECT
+    assert len(box) == 2
+    assert box.dropped_total == 0
+
+
+def test_conflate_keeps_newest_per_topic_and_key_in_publish_order() -> None:
+    box = Outbox(max_messages=100, max_bytes=10_000)
+    r = rule(Policy.CONFLATE, 10)
+    box.push(b"a1", "book.x", r, key="bid")
+    box.push(b"b1", "book.x", r, key="ask")
+    assert box.push(b"a2", "book.x", r, key="bid") is PushResult.DROPPED
+    box.push(b"c1", "book.y", r, key="bid")
+    # The replacement goes to the back, so seq order within a topic holds.
+    assert box.take_drops() == {"book.x": 1}
+    assert box.take(1 << 20) == [b"b1", b"a2", b"c1"]
+
+
+def test_conflate_without_key_is_per_topic() -> None:
+    box = Outbox(max_messages=100, max_bytes=10_000)
+    r = rule(Policy.CONFLATE, 10)
+    for i in range(50):
+        box.push(msg(i), "ticker.btc", r)
+    assert box.take(1 << 20) == [msg(49)]
+    assert box.take_drops() == {"ticker.btc": 49}
+
+
+def test_conflate_full_of_distinct_keys_drops_oldest() -> None:
+    box = Outbox(max_messages=100, max_bytes=10_000)
+    r = rule(Policy.CONFLATE, 2)
+    for i in range(4):
+        box.push(msg(i), "book.x", r, key=str(i))
+    assert box.take(1 << 20) == [msg(2), msg(3)]
+
+
+def test_byte_limit_counts_too() -> None:
+    box = Outbox(max_messages=100, max_bytes=25)
+    r = rule(Policy.DROP_OLDEST, 100, 10_000)
+    for i in range(4):
+        box.push(msg(i), "t", r)
+    assert box.queued_bytes <= 25
+    assert box.take(1 << 20) == [msg(2), msg(3)]
+
+
+def test_message_larger_than_bound_is_dropped() -> None:
+    box = Outbox(max_messages=100, max_bytes=25)
+    r = rule(Policy.DROP_OLDEST, 100)
+    box.push(msg(0), "t", r)
+    assert box.push(b"x" * 26, "big", r) is PushResult.DROPPED
+    assert box.take_drops() == {"big": 1}
+    assert box.take(1 << 20) == [msg(0)]
+
+
+def test_per_rule_limits_do_not_touch_other_rules() -> None:
+    box = Outbox(max_messages=100, max_bytes=10_000)
+    book = QueueRule("book.>", Policy.DROP_OLDEST, 2, 10_000)
+    trades = QueueRule("default", Policy.DROP_OLDEST, 100, 10_000)
+    box.push(b"t0", "trades.x", trades)
+    for i in range(5):
+        box.push(msg(i), "book.x", book)
+    box.push(b"t1", "trades.x", trades)
+    assert box.take(1 << 20) == [b"t0", msg(3), msg(4), b"t1"]
+
+
+def test_replies_share_order_and_are_never_dropped() -> None:
+    box = Outbox(max_messages=2, max_bytes=10_000, max_replies=2)
+    r = rule(Policy.DROP_OLDEST, 2)
+    box.push(msg(0), "t", r)
+    assert box.push_reply(b"ok1")
+    box.push(msg(1), "t", r)
+    box.push(msg(2), "t", r)  # drops msg(0), not the reply
+    assert box.push_reply(b"ok2")
+    assert not box.push_reply(b"ok3")  # max_replies reached
+    assert box.take(1 << 20) == [b"ok1", msg(1), msg(2), b"ok2"]
+    assert box.push_reply(b"ok3")
+
+
+def test_drop_topics_are_bounded() -> None:
+    box = Outbox(max_messages=1, max_bytes=10_000, max_drop_topics=2)
+    r = rule(Policy.DROP_NEWEST, 1)
+    box.push(b"x", "keep", r)
+    for topic in ("a", "b", "c", "d", "a"):
+        box.push(b"y", topic, r)
+    assert box.take_drops() == {"a": 2, "b": 1, OTHER_TOPICS: 2}
+
+
+def test_tombstones_are_compacted_for_a_subscriber_that_never_reads() -> None:
+    box = Outbox(max_messages=10, max_bytes=1 << 20)
+    r = rule(Policy.CONFLATE, 10)
+    for i in range(10_000):
+        box.push(msg(i), "ticker", r, key=str(i % 3))
+    assert len(box._fifo) < 200  # bounded, not 10,000 tombstones
+    assert sorted(box.take(1 << 20)) == sorted([msg(9997), msg(9998), msg(9999)])
+
+
+def test_invalid_limits() -> None:
+    with pytest.raises(ValueError, match="positive"):
+        Outbox(max_messages=0, max_bytes=10)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    policy=st.sampled_from([Policy.DROP_OLDEST, Policy.DROP_NEWEST, Policy.CONFLATE]),
+    ops=st.lists(
+        st.one_of(
+            st.tuples(st.just("push"), st.sampled_from(["a", "b", "c"]), st.integers(1, 40)),
+            st.tuples(st.just("take"), st.just(""), st.integers(1, 100)),
+        ),
+        max_size=200,
+    ),
+)
+def test_accounting_property(policy: Policy, ops: list[tuple[str, str, int]]) -> None:
+    """Whatever happens: bounds hold, nothing is lost silently, order is kept."""
+    box = Outbox(max_messages=5, max_bytes=120)
+    r = rule(policy, 4, 100)
+    pushed: dict[str, int] = {}
+    received: list[bytes] = []
+    dropped: dict[str, int] = {}
+    n = 0
+    for op, topic, size in ops:
+        if op == "push":
+            n += 1
+            box.push(f"{topic}{n:06d}".encode().ljust(size, b"."), topic, r)
+            pushed[topic] = pushed.get(topic, 0) + 1
+        else:
+            for t, c in box.take_drops().items():
+                dropped[t] = dropped.get(t, 0) + c
+            received += box.take(size)
+        stats = box.stats()
+        assert stats.messages <= 4
+        assert stats.bytes <= 100
+    received += drain(box, dropped)
+    for topic, count in pushed.items():
+        got = [m for m in received if m.startswith(topic.encode())]
+        assert len(got) + dropped.get(topic, 0) == count
+        seqs = [int(m[1:7]) for m in got]
+        assert seqs == sorted(seqs)  # a subscriber never sees a topic go backwards
