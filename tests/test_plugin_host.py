@@ -198,14 +198,14 @@ def test_plugin_config_errors_name_the_key(settings: Mapping[str, Any], key: str
 
 def test_unknown_and_broken_plugins_stop_the_start() -> None:
     cfg = config_from_dict({"plugins": {"enabled": ["does-not-exist"]}})
-    with pytest.raises(PluginError, match="does-not-exist.*not installed"):
+    with pytest.raises(PluginError, match=r"does-not-exist.*not installed"):
         PluginHost.from_config(cfg)
 
     def broken(settings: Mapping[str, Any], context: PluginContext) -> object:
         raise RuntimeError("cannot open file")
 
     cfg = config_from_dict({"plugins": {"enabled": ["broken"]}})
-    with pytest.raises(PluginError, match="broken.*cannot open file"):
+    with pytest.raises(PluginError, match=r"broken.*cannot open file"):
         PluginHost.from_config(cfg, factories={"broken": broken})
 
 
