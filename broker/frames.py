@@ -1,4 +1,5 @@
-"""WebSocket data frames, built once and written to many connections.
+"""WebSocket frames the server sends: data frames built once for many connections,
+and control frames.
 
 A server never masks its frames (RFC 6455 section 5.1: "A server MUST NOT
 mask any frames that it sends to the client"), so the bytes of a frame do not
@@ -16,7 +17,7 @@ from __future__ import annotations
 import struct
 from typing import Final
 
-__all__ = ["binary_frame", "frame", "text_frame"]
+__all__ = ["binary_frame", "close_frame", "frame", "ping_frame", "pong_frame", "text_frame"]
 
 # Byte 0 (RFC 6455 section 5.2): FIN (0x80) | RSV1-3 = 0 | opcode.
 _FIN_TEXT: Final = 0x80 | 0x1
@@ -62,3 +63,41 @@ def frame(payload: str | bytes) -> bytes:
     if isinstance(payload, str):
         return text_frame(payload)
     return binary_frame(payload)
+
+
+# -- control frames (section 5.5): always final, payload at most 125 bytes --
+
+_CLOSE: Final = 0x80 | 0x8
+_PING: Final = 0x80 | 0x9
+_PONG: Final = 0x80 | 0xA
+_MAX_CONTROL: Final = 125
+
+
+def _control(first: int, payload: bytes) -> bytes:
+    if len(payload) > _MAX_CONTROL:
+        raise ValueError("control frame payload is limited to 125 bytes")
+    return bytes((first, len(payload))) + payload
+
+
+def ping_frame(payload: bytes = b"") -> bytes:
+    """A ping (opcode 0x9); the peer must answer with a pong echoing *payload*."""
+    return _control(_PING, payload)
+
+
+def pong_frame(payload: bytes = b"") -> bytes:
+    """A pong (opcode 0xA) answering a ping with the same *payload*."""
+    return _control(_PONG, payload)
+
+
+def close_frame(code: int | None = None, reason: str = "") -> bytes:
+    """A close frame (opcode 0x8, section 5.5.1) with an optional code and reason.
+
+    The reason is cut, on a character boundary, to fit the 123 bytes that
+    remain after the 2-byte code.
+    """
+    if code is None:
+        return _control(_CLOSE, b"")
+    data = reason.encode()
+    if len(data) > _MAX_CONTROL - 2:
+        data = data[: _MAX_CONTROL - 2].decode(errors="ignore").encode()
+    return _control(_CLOSE, struct.pack("!H", code) + data)

@@ -1,0 +1,127 @@
+"""The inbound frame parser against frames built by wsproto's client."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import pytest
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Request, TextMessage
+from wsproto.events import Ping as WsPing
+from wsproto.events import Pong as WsPong
+
+from broker.errors import CloseCode
+from broker.frame_parser import Close, FrameError, FrameParser, Ping, Pong
+
+
+def client() -> WSConnection:
+    c = WSConnection(ConnectionType.CLIENT)
+    s = WSConnection(ConnectionType.SERVER)
+    s.receive_data(c.send(Request(host="x", target="/ws")))
+    list(s.events())
+    c.receive_data(s.send(AcceptConnection()))
+    list(c.events())
+    return c
+
+
+def masked(first: int, payload: bytes, *, length: int | None = None) -> bytes:
+    """A hand-built masked frame (for inputs wsproto refuses to produce)."""
+    mask = os.urandom(4)
+    n = len(payload) if length is None else length
+    if n < 126:
+        head = bytes((first, 0x80 | n))
+    elif n <= 0xFFFF:
+        head = bytes((first, 0x80 | 126)) + struct.pack("!H", n)
+    else:
+        head = bytes((first, 0x80 | 127)) + struct.pack("!Q", n)
+    body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return head + mask + body
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 70000])
+def test_text_and_binary_of_every_length_class(size: int) -> None:
+    c = client()
+    text = "é" * (size // 2) + "x" * (size % 2)
+    blob = os.urandom(size)
+    data = c.send(TextMessage(data=text)) + c.send(BytesMessage(data=blob))
+    assert FrameParser(1 << 20).feed(data) == [text, blob]
+
+
+def test_byte_at_a_time_and_many_per_read() -> None:
+    c = client()
+    msgs = [f"message {i}" * (i % 7) for i in range(50)]
+    data = b"".join(c.send(TextMessage(data=m)) for m in msgs)
+    parser = FrameParser(1 << 20)
+    out = []
+    for i in range(len(data)):
+        out += parser.feed(data[i : i + 1])
+    assert out == msgs
+    assert FrameParser(1 << 20).feed(data) == msgs
+
+
+def test_fragments_with_interleaved_control_frames() -> None:
+    c = client()
+    data = (
+        c.send(TextMessage(data="hel", message_finished=False))
+        + c.send(WsPing(payload=b"p"))
+        + c.send(TextMessage(data="lo", message_finished=True))
+        + c.send(WsPong(payload=b"q"))
+    )
+    assert FrameParser(100).feed(data) == [Ping(b"p"), "hello", Pong(b"q")]
+
+
+def test_close_with_and_without_code_and_nothing_after() -> None:
+    c = client()
+    parser = FrameParser(100)
+    events = parser.feed(c.send(CloseConnection(code=1001, reason="bye")) + b"junk")
+    assert events == [Close(1001, "bye")]
+    assert parser.feed(b"more junk") == []
+    assert FrameParser(100).feed(masked(0x88, b"")) == [Close(1005, "")]
+
+
+@pytest.mark.parametrize(
+    ("data", "code"),
+    [
+        (bytes((0x81, 0x05)) + b"hello", CloseCode.PROTOCOL_ERROR),  # unmasked
+        (masked(0x81 | 0x40, b"x"), CloseCode.PROTOCOL_ERROR),  # RSV1
+        (masked(0x83, b"x"), CloseCode.PROTOCOL_ERROR),  # reserved data opcode
+        (masked(0x8B, b"x"), CloseCode.PROTOCOL_ERROR),  # reserved control opcode
+        (masked(0x80, b"x"), CloseCode.PROTOCOL_ERROR),  # continuation first
+        (masked(0x01, b"a") + masked(0x81, b"b"), CloseCode.PROTOCOL_ERROR),  # new msg in frag
+        (masked(0x09, b"x"), CloseCode.PROTOCOL_ERROR),  # fragmented ping
+        (masked(0x89, b"x" * 126), CloseCode.PROTOCOL_ERROR),  # long ping
+        (masked(0x81, b"\xff\xfe"), CloseCode.INVALID_PAYLOAD),  # bad UTF-8
+        (masked(0x01, b"\xe2\x82") + masked(0x80, b"\x28"), CloseCode.INVALID_PAYLOAD),
+        (masked(0x88, b"\x03"), CloseCode.PROTOCOL_ERROR),  # 1-byte close
+        (masked(0x88, struct.pack("!H", 1005)), CloseCode.PROTOCOL_ERROR),
+        (masked(0x88, struct.pack("!H", 999)), CloseCode.PROTOCOL_ERROR),
+        (masked(0x88, struct.pack("!H", 1000) + b"\xff"), CloseCode.INVALID_PAYLOAD),
+        (masked(0x82, b"", length=2**63), CloseCode.PROTOCOL_ERROR),  # length MSB set
+    ],
+)
+def test_violations_give_the_close_code(data: bytes, code: CloseCode) -> None:
+    with pytest.raises(FrameError) as info:
+        FrameParser(1000).feed(data)
+    assert info.value.code == code
+
+
+def test_too_big_is_detected_from_the_header_alone() -> None:
+    parser = FrameParser(1000)
+    header_only = masked(0x82, b"", length=10_000)[:8]  # header + mask, no payload yet
+    with pytest.raises(FrameError) as info:
+        parser.feed(header_only)
+    assert info.value.code == CloseCode.MESSAGE_TOO_BIG
+
+
+def test_too_big_counts_all_fragments() -> None:
+    parser = FrameParser(10)
+    parser.feed(masked(0x02, b"x" * 6))
+    with pytest.raises(FrameError) as info:
+        parser.feed(masked(0x80, b"x" * 6))
+    assert info.value.code == CloseCode.MESSAGE_TOO_BIG
+
+
+def test_valid_application_close_codes() -> None:
+    for code in (1000, 1011, 3000, 4999):
+        assert FrameParser(10).feed(masked(0x88, struct.pack("!H", code))) == [Close(code, "")]
