@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import ssl
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -81,9 +82,15 @@ def _check(path: str) -> int:
     if config is None:
         return 2
     from .plugin_host import PluginHost
+    from .server import make_ssl_context
 
     try:
         PluginHost.from_config(config)
+        if config.listener.tls:
+            make_ssl_context(config.listener.tls_cert, config.listener.tls_key)
+    except (ssl.SSLError, OSError) as e:
+        print(f"broker: configuration error: listener.tls_cert: cannot load: {e}", file=sys.stderr)
+        return 2
     except (ConfigError, PluginError) as e:
         print(f"broker: configuration error: {e}", file=sys.stderr)
         return 2

@@ -64,8 +64,8 @@ class LimitsConfig:
     max_connections: int = 10_000
     max_connections_per_ip: int = 1_000
     max_subscriptions: int = 1_000
-    #: Largest frame a client may send, in bytes (text is counted in
-    #: characters by trio-websocket, so UTF-8 text may reach 4x this in bytes).
+    #: Largest message a client may send, in bytes, after its fragments are
+    #: joined.
     max_message_size: int = 65_536
     #: Replies (ok/err/pong) a client may leave unread before it is closed.
     max_replies: int = 256
@@ -101,6 +101,14 @@ class QueueConfig:
     max_bytes: int = 1_048_576
     policy: Policy = Policy.DROP_OLDEST
     rules: tuple[QueueRuleConfig, ...] = ()
+
+    def connection_limits(self) -> tuple[int, int]:
+        """(messages, bytes) bounding one connection's whole queue: the largest
+        of the default and the rules, so no rule is cut short by the total."""
+        return (
+            max([self.max_messages, *(r.max_messages for r in self.rules)]),
+            max([self.max_bytes, *(r.max_bytes for r in self.rules)]),
+        )
 
     def default_rule(self) -> QueueRule:
         return QueueRule("default", self.policy, self.max_messages, self.max_bytes)
@@ -200,7 +208,8 @@ class _Table:
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value, ok = float(value), True
         if not ok:
-            raise ConfigError(self.key(name), f"expected {kind.__name__}, got {value!r}")
+            expected = {dict: "a table", list: "an array"}.get(kind, kind.__name__)
+            raise ConfigError(self.key(name), f"expected {expected}, got {value!r}")
         return cast(T, value)
 
     def positive(self, name: str, kind: type[T], default: T, *, zero: bool = False) -> T:

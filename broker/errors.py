@@ -60,6 +60,9 @@ class CloseCode(enum.IntEnum):
     MESSAGE_TOO_BIG = 1009
     #: The broker failed while serving this connection.
     INTERNAL_ERROR = 1011
+    #: Never sent: reported to hooks and logs when a connection ended without
+    #: a closing handshake (the peer vanished, or was cut as a slow consumer).
+    ABNORMAL = 1006
 
 
 class BrokerError(Exception):

@@ -61,7 +61,7 @@ class BrokerSpec:
         Called in the connection's task for every ``sub`` (with the pattern as
         *topic*) and for a ``pub`` to a topic the connection has not published
         to before; the answer for a publish is cached per connection and topic
-        until the configuration is reloaded. Per-message checks belong in
+        until the set of plugins changes (at a reload). Per-message checks belong in
         :meth:`broker_validate`.
 
         Return ``True`` (allow), ``False`` (deny) or ``None`` (no opinion).

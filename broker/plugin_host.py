@@ -117,6 +117,13 @@ class PluginHost:
         except pluggy.PluginValidationError as e:
             self.pm.unregister(name=name)
             raise PluginError(name, str(e)) from e
+        for impl in self.pm.get_hookcallers(plugin) or ():
+            for hookimpl in impl.get_hookimpls():
+                if hookimpl.plugin is plugin and (hookimpl.hookwrapper or hookimpl.wrapper):
+                    self.pm.unregister(name=name)
+                    raise PluginError(
+                        name, f"{impl.name}: hook wrappers are not supported (see docs/plugins.md)"
+                    )
         self.generation += 1
         self.has_validators = bool(self.pm.hook.broker_validate.get_hookimpls())
         self.observes_published = bool(self.pm.hook.broker_published.get_hookimpls())

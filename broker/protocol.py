@@ -22,7 +22,7 @@ Broker to client (:data:`Event`)::
     {"op": "ok",      "id": 1}            (after a pub also "seq": 7)
     {"op": "err",     "id": 3, "code": "forbidden", "message": "..."}
     {"op": "pong",    "id": 4}
-    {"op": "dropped", "topic": "trades.*", "count": 12}
+    {"op": "dropped", "topic": "trades.BTC-USD", "count": 12}
     {"op": "msg",     "topic": "trades.BTC-USD", "seq": 7, "data": {...}, "key": "k"}
 
 ``id`` is optional everywhere and is echoed back so a client can match replies

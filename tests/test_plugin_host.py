@@ -246,3 +246,14 @@ async def test_noauth_only_on_loopback() -> None:
     public = Handshake("/ws", {}, {}, ("10.0.0.1", 1), "0.0.0.0", False, False)
     result = await host.authenticate(public)
     assert isinstance(result, Reject) and result.status == 403
+
+
+@pytest.mark.parametrize("style", ["wrapper", "hookwrapper"])
+def test_hook_wrappers_are_refused(style: str) -> None:
+    class Wrapping:
+        @hookimpl(**{style: True})  # type: ignore[call-overload]
+        def broker_validate(self, topic: str) -> Any:
+            return (yield)
+
+    with pytest.raises(PluginError, match="wrappers are not supported"):
+        host_with().register(Wrapping(), "w")

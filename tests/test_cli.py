@@ -1,0 +1,304 @@
+"""The ``broker`` command as a user runs it: real subprocesses (``python -m
+broker``) against an in-process broker.
+
+The only polling is on broker state (has the subprocess subscribed yet?),
+bounded by ``WAIT``; nothing sleeps to synchronise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import ssl
+import subprocess
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import pytest
+import trio
+
+from broker import Action, Broker, Identity, hookimpl
+from broker.client import Message, Subscription, open_client
+from broker.plugin_host import PluginContext
+from tests.conftest import BrokerFactory
+
+EncodingName = Literal["json", "msgpack"]
+
+#: Bound on any single wait (a subprocess starts a Python interpreter).
+WAIT = 30.0
+
+ENCODINGS = pytest.mark.parametrize("encoding", ["json", "msgpack"])
+
+TOKEN = "alice-token-0123456789"
+TOKENS_CONFIG: dict[str, Any] = {
+    "plugins": {"enabled": ["tokens"]},
+    "plugin": {"tokens": {"tokens": [{"id": "alice", "token": TOKEN}]}},
+}
+
+
+class DenySecret:
+    """Denies every publish and subscribe on topics starting with ``secret``."""
+
+    @hookimpl
+    def broker_authorize(self, identity: Identity, action: Action, topic: str) -> bool | None:
+        return False if topic.startswith("secret") else None
+
+
+def deny_factory(settings: Mapping[str, Any], context: PluginContext) -> DenySecret:
+    return DenySecret()
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "BROKER_TOKEN"}
+    env.update(extra)
+    return env
+
+
+async def run_cli(
+    *args: str, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    with trio.fail_after(WAIT):
+        return await trio.run_process(
+            [sys.executable, "-m", "broker", *args],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env=cli_env() if env is None else env,
+        )
+
+
+class Running:
+    """A ``broker`` subprocess whose output is collected in the background."""
+
+    def __init__(self, process: trio.Process) -> None:
+        self.process = process
+        self.stdout = bytearray()
+        self.stderr = bytearray()
+        self.finished = trio.Event()
+
+    async def collect(self) -> None:
+        async def read(stream: Any, into: bytearray) -> None:
+            async for chunk in stream:
+                into += chunk
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read, self.process.stdout, self.stdout)
+                nursery.start_soon(read, self.process.stderr, self.stderr)
+            await self.process.wait()
+        finally:
+            if self.process.returncode is None:  # the test failed or timed out
+                self.process.kill()
+            self.finished.set()
+
+    async def wait(self) -> int:
+        with trio.fail_after(WAIT):
+            await self.finished.wait()
+        assert self.process.returncode is not None
+        return self.process.returncode
+
+    def lines(self) -> list[Any]:
+        return [json.loads(line) for line in self.stdout.decode().splitlines()]
+
+
+async def start_cli(nursery: trio.Nursery, *args: str) -> Running:
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "broker", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=cli_env(),
+    )
+    running = Running(process)
+    nursery.start_soon(running.collect)
+    return running
+
+
+async def wait_until(condition: Callable[[], bool], running: Running) -> None:
+    """Poll broker state until *condition* holds; fail early if the CLI exited."""
+    with trio.fail_after(WAIT):
+        while not condition():
+            assert not running.finished.is_set(), running.stderr.decode()
+            await trio.sleep(0.01)  # polling state, not sleeping to synchronise
+
+
+async def receive(subscription: Subscription) -> Any:
+    with trio.fail_after(WAIT):
+        return await subscription.receive()
+
+
+# -- pub -------------------------------------------------------------------------
+
+
+@ENCODINGS
+async def test_pub_prints_seq(start_broker: BrokerFactory, encoding: EncodingName) -> None:
+    broker = await start_broker()
+    async with open_client(broker.url) as client, client.subscribe("t.*") as sub:
+        done = await run_cli(
+            "pub", "t.x", '{"a": [1, 2]}', "--key", "k", "--url", broker.url, "--encoding", encoding
+        )
+        assert (done.returncode, done.stdout, done.stderr) == (0, b"seq 1\n", b"")
+        assert await receive(sub) == Message("t.x", 1, {"a": [1, 2]}, "k")
+        # Not JSON: sent as a string.
+        done = await run_cli("pub", "t.x", "hello", "--url", broker.url, "--encoding", encoding)
+        assert (done.returncode, done.stdout) == (0, b"seq 2\n")
+        assert await receive(sub) == Message("t.x", 2, "hello")
+
+
+async def test_pub_over_wss_with_cafile(
+    start_broker: BrokerFactory, tls_files: dict[str, str]
+) -> None:
+    tls = {"tls_cert": tls_files["tls_cert"], "tls_key": tls_files["tls_key"]}
+    broker = await start_broker({"listener": tls})
+    assert broker.url.startswith("wss://")
+    done = await run_cli("pub", "t", "1", "--url", broker.url, "--cafile", tls_files["ca"])
+    assert (done.returncode, done.stdout, done.stderr) == (0, b"seq 1\n", b"")
+
+
+async def test_pub_forbidden_topic_fails(start_broker: BrokerFactory) -> None:
+    broker = await start_broker(
+        {"plugins": {"enabled": ["deny", "noauth"]}}, factories={"deny": deny_factory}
+    )
+    done = await run_cli("pub", "secret.x", "1", "--url", broker.url)
+    assert done.returncode == 1
+    assert done.stdout == b""
+    assert done.stderr.decode() == "broker: forbidden: not allowed to publish to secret.x\n"
+
+
+@pytest.mark.parametrize("topic", ["a..b", "a.*"])
+async def test_pub_invalid_topic_fails(start_broker: BrokerFactory, topic: str) -> None:
+    broker = await start_broker()
+    done = await run_cli("pub", topic, "1", "--url", broker.url)
+    assert done.returncode == 1
+    assert done.stderr.decode().startswith("broker: bad_request: ")
+
+
+async def test_pub_token_from_option_or_environment(start_broker: BrokerFactory) -> None:
+    broker = await start_broker(TOKENS_CONFIG)
+    done = await run_cli("pub", "t", "1", "--url", broker.url, "--token", "not-the-token-0000")
+    assert done.returncode == 1
+    stderr = done.stderr.decode()
+    assert stderr.startswith("broker: cannot connect to ")
+    assert "401" in stderr
+    assert "invalid token" in stderr
+    done = await run_cli("pub", "t", "1", "--url", broker.url, "--token", TOKEN)
+    assert (done.returncode, done.stdout) == (0, b"seq 1\n")
+    done = await run_cli("pub", "t", "2", "--url", broker.url, env=cli_env(BROKER_TOKEN=TOKEN))
+    assert (done.returncode, done.stdout) == (0, b"seq 2\n")
+
+
+async def test_pub_nothing_listening_fails() -> None:
+    sock = trio.socket.socket()
+    await sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    done = await run_cli("pub", "t", "1", "--url", f"ws://127.0.0.1:{port}/ws")
+    assert done.returncode == 1
+    assert "cannot connect" in done.stderr.decode()
+    assert "refused" in done.stderr.decode().lower()
+
+
+async def test_pub_bad_url_is_usage_error() -> None:
+    done = await run_cli("pub", "t", "1", "--url", "http://127.0.0.1:1/ws")
+    assert done.returncode == 2
+    assert "ws://" in done.stderr.decode()
+
+
+# -- sub -------------------------------------------------------------------------
+
+
+@ENCODINGS
+async def test_sub_prints_json_lines_and_exits_after_count(
+    start_broker: BrokerFactory, nursery: trio.Nursery, encoding: EncodingName
+) -> None:
+    broker = await start_broker()
+    # Overlapping patterns: a.b matches both but is printed once.
+    sub = await start_cli(
+        nursery, "sub", "a.*", "a.>", "--count", "2", "--url", broker.url, "--encoding", encoding
+    )
+    await wait_until(lambda: broker.hub.router.pattern_count == 2, sub)
+    async with open_client(broker.url) as client:
+        await client.publish("a.b", {"n": 1}, key="k")
+        await client.publish("a.b.c", [2])
+    assert await sub.wait() == 0, sub.stderr.decode()
+    assert sub.lines() == [
+        {"topic": "a.b", "seq": 1, "data": {"n": 1}, "key": "k"},
+        {"topic": "a.b.c", "seq": 1, "data": [2]},
+    ]
+    assert broker.hub.router.pattern_count == 0
+
+
+async def test_sub_over_wss_with_cafile(
+    start_broker: BrokerFactory, nursery: trio.Nursery, tls_files: dict[str, str]
+) -> None:
+    tls = {"tls_cert": tls_files["tls_cert"], "tls_key": tls_files["tls_key"]}
+    broker = await start_broker({"listener": tls})
+    sub = await start_cli(
+        nursery, "sub", "t", "-n", "1", "--url", broker.url, "--cafile", tls_files["ca"]
+    )
+    await wait_until(lambda: broker.hub.router.pattern_count == 1, sub)
+    await publish_with_tls(broker, tls_files["ca"], "t", "x")
+    assert await sub.wait() == 0, sub.stderr.decode()
+    assert sub.lines() == [{"topic": "t", "seq": 1, "data": "x"}]
+
+
+async def publish_with_tls(broker: Broker, cafile: str, topic: str, data: Any) -> None:
+    context = ssl.create_default_context(cafile=cafile)
+    async with open_client(broker.url, ssl_context=context) as client:
+        await client.publish(topic, data)
+
+
+async def test_sub_ctrl_c_exits_130(start_broker: BrokerFactory, nursery: trio.Nursery) -> None:
+    broker = await start_broker()
+    sub = await start_cli(nursery, "sub", "t", "--url", broker.url)
+    await wait_until(lambda: broker.hub.router.pattern_count == 1, sub)
+    sub.process.send_signal(signal.SIGINT)
+    assert await sub.wait() == 130
+    assert b"Traceback" not in sub.stderr
+
+
+async def test_sub_broker_shutdown_exits_1(
+    start_broker: BrokerFactory, nursery: trio.Nursery
+) -> None:
+    broker = await start_broker()
+    sub = await start_cli(nursery, "sub", "t", "--url", broker.url)
+    await wait_until(lambda: broker.hub.router.pattern_count == 1, sub)
+    broker.stop()
+    assert await sub.wait() == 1
+    assert sub.stderr.decode() == (
+        "broker: disconnected: connection closed (1001): server shutting down\n"
+    )
+
+
+async def test_sub_forbidden_pattern_fails(start_broker: BrokerFactory) -> None:
+    broker = await start_broker(
+        {"plugins": {"enabled": ["deny", "noauth"]}}, factories={"deny": deny_factory}
+    )
+    done = await run_cli("sub", "public", "secret.*", "--url", broker.url)
+    assert done.returncode == 1
+    assert done.stderr.decode() == "broker: forbidden: not allowed to subscribe to secret.*\n"
+    assert broker.hub.router.pattern_count == 0
+
+
+# -- check-config ------------------------------------------------------------------
+
+
+async def test_check_config_accepts_a_good_file(tmp_path: Path) -> None:
+    path = tmp_path / "broker.toml"
+    path.write_text('[limits]\nmax_subscriptions = 10\n\n[queue]\npolicy = "conflate"\n')
+    done = await run_cli("check-config", "-c", str(path))
+    assert (done.returncode, done.stderr) == (0, b"")
+    assert done.stdout.decode() == f"{path}: OK\n"
+
+
+async def test_check_config_names_an_unknown_key(tmp_path: Path) -> None:
+    path = tmp_path / "broker.toml"
+    path.write_text("[limits]\nmax_subscriptionz = 10\n")
+    done = await run_cli("check-config", "-c", str(path))
+    assert done.returncode == 2
+    assert done.stdout == b""
+    stderr = done.stderr.decode()
+    assert "limits.max_subscriptionz" in stderr
+    assert "unknown key" in stderr
