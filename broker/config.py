@@ -208,7 +208,8 @@ class _Table:
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value, ok = float(value), True
         if not ok:
-            expected = {dict: "a table", list: "an array"}.get(kind, kind.__name__)
+            names: dict[type, str] = {dict: "a table", list: "an array"}
+            expected = names.get(kind, kind.__name__)
             raise ConfigError(self.key(name), f"expected {expected}, got {value!r}")
         return cast(T, value)
 

@@ -251,9 +251,10 @@ async def test_noauth_only_on_loopback() -> None:
 @pytest.mark.parametrize("style", ["wrapper", "hookwrapper"])
 def test_hook_wrappers_are_refused(style: str) -> None:
     class Wrapping:
-        @hookimpl(**{style: True})  # type: ignore[call-overload]
         def broker_validate(self, topic: str) -> Any:
             return (yield)
+
+        broker_validate = hookimpl(**{style: True})(broker_validate)  # type: ignore[call-overload]
 
     with pytest.raises(PluginError, match="wrappers are not supported"):
         host_with().register(Wrapping(), "w")
