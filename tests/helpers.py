@@ -1,0 +1,301 @@
+"""Wire-level test clients for the broker, written as a foreign client would be.
+
+* :class:`Client` wraps a ``trio_websocket`` connection and speaks the
+  protocol with plain ``json``/``msgpack``: no ``broker.client`` code.
+* :class:`RawClient` does the WebSocket handshake itself with a wsproto state
+  machine over a raw TCP socket. It can send hand-built frames (invalid
+  UTF-8...), shrink its receive buffer before connecting and simply stop
+  reading, which makes a slow consumer the broker cannot push data to.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+from urllib.parse import urlsplit
+
+import msgpack
+import trio
+import trio_websocket
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Event,
+    Ping,
+    RejectConnection,
+    Request,
+    TextMessage,
+)
+
+JSON = "broker.v1.json"
+MSGPACK = "broker.v1.msgpack"
+
+#: Generous bound on any single wait in these tests: a hang fails fast.
+WAIT = 5.0
+
+
+def dumps(obj: Any, subprotocol: str | None = JSON) -> str | bytes:
+    """Encode a command as the given subprotocol puts it on the wire."""
+    if subprotocol == MSGPACK:
+        packed: bytes = msgpack.packb(obj, use_bin_type=True)
+        return packed
+    return json.dumps(obj)
+
+
+def loads(payload: str | bytes) -> Any:
+    """Decode a broker frame: str is JSON (text frame), bytes is msgpack."""
+    if isinstance(payload, str):
+        return json.loads(payload)
+    return msgpack.unpackb(payload, raw=False)
+
+
+async def wait_until(predicate: Callable[[], bool], seconds: float = WAIT) -> None:
+    """Poll broker state (where no event exists to wait on) in a bounded loop."""
+    with trio.fail_after(seconds):
+        while not predicate():  # noqa: ASYNC110 - no event to wait on
+            await trio.sleep(0.005)
+
+
+class Client:
+    """A protocol client over a ``trio_websocket`` connection."""
+
+    def __init__(self, ws: trio_websocket.WebSocketConnection, subprotocol: str | None) -> None:
+        self.ws = ws
+        self.subprotocol = subprotocol
+
+    async def send(self, obj: Any) -> None:
+        await self.ws.send_message(dumps(obj, self.subprotocol))
+
+    async def recv(self, seconds: float = WAIT) -> dict[str, Any]:
+        with trio.fail_after(seconds):
+            message = await self.ws.get_message()
+        if self.subprotocol == MSGPACK:
+            assert isinstance(message, bytes), "msgpack subprotocol must use binary frames"
+        else:
+            assert isinstance(message, str), "JSON subprotocol must use text frames"
+        obj = loads(message)
+        assert isinstance(obj, dict)
+        return obj
+
+    async def request(self, obj: Any) -> dict[str, Any]:
+        await self.send(obj)
+        return await self.recv()
+
+    async def sub(self, pattern: str, id: int | str = "s") -> None:
+        reply = await self.request({"op": "sub", "id": id, "topic": pattern})
+        assert reply == {"op": "ok", "id": id}, reply
+
+    async def pub(self, topic: str, data: Any, id: int | str = "p", **extra: Any) -> int:
+        reply = await self.request({"op": "pub", "id": id, "topic": topic, "data": data, **extra})
+        assert reply["op"] == "ok" and reply["id"] == id, reply
+        seq = reply["seq"]
+        assert isinstance(seq, int)
+        return seq
+
+    async def assert_alive(self, id: int | str = "alive") -> None:
+        """ping -> pong: the connection still works and nothing else is pending."""
+        reply = await self.request({"op": "ping", "id": id})
+        assert reply == {"op": "pong", "id": id}, reply
+
+    async def expect_close(self, seconds: float = WAIT) -> trio_websocket.CloseReason:
+        """Read until the broker closes; return its close reason."""
+        with trio.fail_after(seconds):
+            while True:
+                try:
+                    await self.ws.get_message()
+                except trio_websocket.ConnectionClosed as e:
+                    reason = e.reason
+                    break
+        assert reason is not None
+        return reason
+
+
+@asynccontextmanager
+async def connect(
+    url: str,
+    subprotocol: str | None = JSON,
+    *,
+    headers: Sequence[tuple[bytes, bytes]] = (),
+    **kwargs: Any,
+) -> AsyncIterator[Client]:
+    """Open a :class:`Client`; *subprotocol* None proposes none."""
+    async with trio_websocket.open_websocket_url(
+        url,
+        subprotocols=[subprotocol] if subprotocol else None,
+        extra_headers=list(headers),
+        connect_timeout=WAIT,
+        disconnect_timeout=WAIT,
+        **kwargs,
+    ) as ws:
+        try:
+            assert ws.subprotocol == subprotocol
+            yield Client(ws, subprotocol)
+        finally:
+            # trio-websocket's client leaves its socket open when the broker
+            # closed first (it waits for a TCP close it never acts on).
+            await trio.aclose_forcefully(ws._stream)
+
+
+async def rejection(url: str, **kwargs: Any) -> trio_websocket.ConnectionRejected:
+    """Connect expecting the broker to refuse the handshake; return the refusal."""
+    try:
+        async with connect(url, **kwargs):
+            pass
+    except trio_websocket.ConnectionRejected as e:
+        return e
+    raise AssertionError("the handshake was accepted")
+
+
+def mask_frame(opcode: int, payload: bytes, *, fin: bool = True) -> bytes:
+    """A client (masked) frame built by hand, so it can carry anything."""
+    mask = os.urandom(4)
+    n = len(payload)
+    head = bytes([(0x80 if fin else 0) | opcode])
+    if n < 126:
+        head += bytes([0x80 | n])
+    elif n <= 0xFFFF:
+        head += bytes([0x80 | 126]) + n.to_bytes(2, "big")
+    else:
+        head += bytes([0x80 | 127]) + n.to_bytes(8, "big")
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return head + mask + masked
+
+
+class RawClient:
+    """A WebSocket client on a bare TCP socket, driven by wsproto."""
+
+    def __init__(self, stream: trio.SocketStream, ws: WSConnection, subprotocol: str | None):
+        self.stream = stream
+        self.wsp = ws
+        self.subprotocol = subprotocol
+        self._events: list[Event] = []
+        self._parts: list[Any] = []
+        self.eof = False
+
+    @classmethod
+    async def open(
+        cls,
+        url: str,
+        subprotocol: str | None = JSON,
+        *,
+        rcvbuf: int | None = None,
+    ) -> RawClient:
+        parts = urlsplit(url)
+        assert parts.hostname is not None and parts.port is not None
+        sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
+        if rcvbuf is not None:
+            # Before connect(), so the window advertised in the SYN is small.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        await sock.connect((parts.hostname, parts.port))
+        stream = trio.SocketStream(sock)
+        ws = WSConnection(ConnectionType.CLIENT)
+        self = cls(stream, ws, subprotocol)
+        request = Request(
+            host=parts.netloc,
+            target=parts.path or "/",
+            subprotocols=[subprotocol] if subprotocol else [],
+        )
+        await stream.send_all(ws.send(request))
+        event = await self.next_event()
+        if not isinstance(event, AcceptConnection):
+            await stream.aclose()
+            raise AssertionError(f"handshake not accepted: {event!r}")
+        return self
+
+    async def send_raw(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def send(self, obj: Any) -> None:
+        payload = dumps(obj, self.subprotocol)
+        if isinstance(payload, str):
+            data = self.wsp.send(TextMessage(data=payload))
+        else:
+            data = self.wsp.send(BytesMessage(data=payload))
+        await self.stream.send_all(data)
+
+    async def next_event(self, *, answer_pings: bool = True) -> Event:
+        """The next wsproto event, messages reassembled; None-free: raises on EOF."""
+        while True:
+            while self._events:
+                event = self._events.pop(0)
+                if isinstance(event, (TextMessage, BytesMessage)):
+                    self._parts.append(event.data)
+                    if not event.message_finished:
+                        continue
+                    if isinstance(event, TextMessage):
+                        event = TextMessage(data="".join(self._parts))
+                    else:
+                        event = BytesMessage(data=b"".join(self._parts))
+                    self._parts = []
+                elif isinstance(event, Ping) and answer_pings:
+                    await self.stream.send_all(self.wsp.send(event.response()))
+                return event
+            data = await self.stream.receive_some(65536)
+            if not data:
+                self.eof = True
+                raise EOFError("the broker closed the TCP connection")
+            self.wsp.receive_data(data)
+            self._events.extend(self.wsp.events())
+
+    async def recv(self, seconds: float = WAIT) -> dict[str, Any]:
+        """The next protocol message (pings are answered and skipped)."""
+        with trio.fail_after(seconds):
+            while True:
+                event = await self.next_event()
+                if isinstance(event, (TextMessage, BytesMessage)):
+                    data = event.data
+                    obj = loads(data if isinstance(data, str) else bytes(data))
+                    assert isinstance(obj, dict)
+                    return obj
+                if isinstance(event, Ping):
+                    continue
+                raise AssertionError(f"expected a message, got {event!r}")
+
+    async def expect_close(self, seconds: float = WAIT) -> CloseConnection:
+        """Skip messages until a close frame; return it."""
+        with trio.fail_after(seconds):
+            while True:
+                event = await self.next_event()
+                if isinstance(event, CloseConnection):
+                    return event
+                if isinstance(event, RejectConnection):
+                    raise AssertionError(f"unexpected {event!r}")
+
+    async def read_until_eof(self, seconds: float = WAIT) -> list[Event]:
+        """Everything the broker still sends until it drops the TCP connection."""
+        events: list[Event] = []
+        with trio.fail_after(seconds):
+            try:
+                while True:
+                    events.append(await self.next_event())
+            except (EOFError, trio.BrokenResourceError):
+                pass
+        return events
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+@asynccontextmanager
+async def raw_connect(
+    url: str, subprotocol: str | None = JSON, *, rcvbuf: int | None = None
+) -> AsyncIterator[RawClient]:
+    client = await RawClient.open(url, subprotocol, rcvbuf=rcvbuf)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago (for subprocess brokers)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
