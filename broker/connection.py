@@ -1,38 +1,50 @@
-"""One accepted client: a reader, a writer and a heartbeat under one nursery.
+"""One accepted client: its reader, its outbound queue and how it is written.
 
-* The **reader** takes complete messages from trio-websocket, decodes them
-  (:mod:`broker.protocol`) and runs each command to completion: authorize,
-  validate, publish, reply. Commands of one client are handled in order.
-* The **writer** sleeps until frames are queued in the connection's
-  :class:`~broker.outbox.Outbox`, then writes everything queued (``dropped``
-  notices first) with one ``send_all``. Nothing else writes data frames, so
-  a subscriber's frames leave in the order they were queued.
-* The **heartbeat** pings the client every ``ping_interval`` and drops it if
-  the pong does not come within ``ping_timeout``; a peer that stops reading
-  its socket is dropped the same way, since the ping cannot even be sent.
+The connection's own task is its **reader**: it reads from the socket, parses
+frames (:mod:`broker.frame_parser`), decodes commands (:mod:`broker.protocol`)
+and runs each to completion (authorize, validate, publish, reply). Commands of
+one client are handled in order.
 
-Whatever ends first (the peer closed, a protocol error that closes, a slow
-consumer, shutdown) calls :meth:`Connection.close`, which records the close
-code and cancels the nursery; :meth:`Connection.run` then removes the
-subscriptions and finishes the closing handshake within a bounded time.
+Writing is separate from reading and never makes a publisher wait:
+
+* Everything owed to the client (replies, messages, pings, the close frame)
+  is queued in its :class:`~broker.outbox.Outbox`, in order, and the
+  connection is marked dirty with the :class:`~broker.hub.Hub`.
+* Whoever queued it (the publisher's reader, a source, the heartbeat) calls
+  :meth:`Hub.flush` once its batch is done; for a plain TCP connection
+  :meth:`Connection.flush` then writes everything queued straight to the
+  socket with one non-blocking ``writev`` -- no task switch, one system call
+  for many frames (the way nats-server flushes its clients).
+* Only when the kernel buffer is full (a subscriber that reads slowly or not
+  at all) does the connection start its **writer** task, which waits for the
+  socket to become writable and drains the queue; until it finishes, flushes
+  leave that connection to it, so frames never reorder. Meanwhile the queue's
+  policy bounds what accumulates.
+* TLS connections cannot be written behind the TLS layer's back, so they
+  always write through a writer task that the flush wakes.
+
+:meth:`Connection.close` records the close code and cancels the reader;
+:meth:`Connection.run` then removes the subscriptions, drains (for a graceful
+close, bounded by ``limits.drain_timeout``), sends the close frame, waits
+briefly for the client's, and closes the socket.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from typing import TYPE_CHECKING, Any, Final
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from .auth import Action, ClientInfo, Identity
 from .errors import CloseCode, ErrorCode, ProtocolError
-from .frames import frame
+from .frame_parser import Close, FrameError, FrameParser, Ping, Pong
+from .frames import close_frame, frame, ping_frame, pong_frame
 from .outbox import Outbox
 from .plugin_host import ValidationFailed
 from .protocol import (
     Encoding,
-    Ping,
     Publish,
     RequestId,
     Subscribe,
@@ -43,7 +55,6 @@ from .protocol import (
     encode_ok,
     encode_pong,
 )
-from .transport import abort, is_open, send_frames
 
 if TYPE_CHECKING:
     from .server import Broker
@@ -52,19 +63,37 @@ __all__ = ["Connection"]
 
 log = logging.getLogger("broker.connection")
 
-#: How long the closing handshake may take before the TCP connection is cut.
+#: How long the closing handshake may take before the socket is closed.
 CLOSE_TIMEOUT: Final = 2.0
 #: Most topics whose publish authorization a connection remembers.
 PUBLISH_CACHE_SIZE: Final = 1024
+#: Bytes asked of the kernel per read.
+RECEIVE_SIZE: Final = 65536
+#: Deliveries after which a reader flushes even in the middle of a read, so a
+#: large burst of publishes does not hold every subscriber's first frame back.
+FLUSH_EVERY: Final = 20_000
+#: Most buffers in one writev (Linux IOV_MAX is 1024).
+MAX_IOV: Final = 512
+
+_WOULD_BLOCK: Final = (BlockingIOError, InterruptedError)
 
 
 class Connection:
-    """A client connection after a successful handshake."""
+    """A client connection after a successful handshake.
+
+    Args:
+        broker: the broker it belongs to.
+        stream: the connection's stream (a SocketStream, or an SSLStream).
+        conn_id: the id used in log lines.
+        identity: who it authenticated as.
+        encoding: JSON or msgpack, from the subprotocol.
+        peer: the client's (address, port).
+    """
 
     def __init__(
         self,
         broker: Broker,
-        ws: WebSocketConnection,
+        stream: trio.abc.Stream,
         *,
         conn_id: str,
         identity: Identity,
@@ -72,36 +101,53 @@ class Connection:
         peer: tuple[str, int],
     ) -> None:
         self.broker = broker
-        self.ws = ws
+        self.stream = stream
+        # A file descriptor for direct writes, for plain TCP only.
+        self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
         self.id = conn_id
         self.identity = identity
         self.encoding = encoding
         self.peer = peer
         self.info = ClientInfo(conn_id, identity, peer, encoding.value)
-        queue = broker.config.queue
-        limits = broker.config.limits
+        config = broker.config
+        max_messages, max_bytes = broker.config.queue.connection_limits()
         self.outbox = Outbox(
-            max_messages=queue.max_messages,
-            max_bytes=queue.max_bytes,
-            max_replies=limits.max_replies,
+            max_messages=max_messages,
+            max_bytes=max_bytes,
+            max_replies=broker.config.limits.max_replies,
         )
+        self.parser = FrameParser(config.limits.max_message_size)
         self.subscriptions: set[str] = set()
         self.close_code: int | None = None
         self.close_reason = ""
+        #: trio.current_time() of the last bytes received; the heartbeat
+        #: drops connections that stay silent too long.
+        self.last_seen = trio.current_time()
+        self.ping_outstanding = False
+        self.dirty = False  # queued in the hub's list of connections to flush
         self._drain = False
-        self._wakeup = trio.Event()
         self._scope: trio.CancelScope | None = None
-        self._write_incomplete = False
+        self._nursery: trio.Nursery | None = None
+        self._writer_running = False
+        self._writer_wakeup: trio.Event | None = None
+        self._unsent = b""  # the tail of a partial direct write; goes out first
+        self._writing = False  # an awaiting write is in progress
+        self._broken = False  # the socket failed or a write was cut mid-frame
+        self._peer_closed = False
+        self._finishing = False
         self._publish_allowed: dict[str, bool] = {}
         self._publish_generation = -1
 
     def __repr__(self) -> str:
         return f"<Connection {self.id} {self.identity.subject}@{self.peer[0]}:{self.peer[1]}>"
 
-    # -- hub side (synchronous, called from any task) -------------------------
+    # -- called by the hub and others (synchronous) ---------------------------
 
     def wake(self) -> None:
-        self._wakeup.set()
+        """Frames were queued: have the next :meth:`Hub.flush` write them."""
+        if not self.dirty:
+            self.dirty = True
+            self.broker.hub.dirty.append(self)
 
     def slow_consumer(self) -> None:
         if self.close_code is None:
@@ -111,6 +157,8 @@ class Connection:
                 self.outbox.stats().messages,
                 self.outbox.queued_bytes,
             )
+        # What is queued is not written; the close frame is tried (a slow
+        # reader may still get it), for CLOSE_TIMEOUT at most.
         self.close(CloseCode.POLICY_VIOLATION, "slow consumer: outbound queue full")
 
     def close(self, code: int, reason: str, *, drain: bool = False) -> None:
@@ -123,132 +171,280 @@ class Connection:
             self.close_code = code
             self.close_reason = reason
             self._drain = drain
+            # No new messages for a connection that is closing.
+            self._unsubscribe_all()
         if self._scope is not None:
             self._scope.cancel()
 
-    # -- the connection's tasks ------------------------------------------------
-
-    async def run(self) -> None:
-        """Serve the client until it or the broker closes the connection."""
-        plugins = self.broker.plugins
-        try:
-            async with trio.open_nursery() as nursery:
-                self._scope = nursery.cancel_scope
-                if self.close_code is not None:  # closed before we started
-                    nursery.cancel_scope.cancel()
-                await plugins.connected(self.info)
-                nursery.start_soon(self._reader)
-                nursery.start_soon(self._writer)
-                if self.broker.config.limits.ping_interval > 0:
-                    nursery.start_soon(self._heartbeat)
-        finally:
-            self._scope = None
-            for pattern in self.subscriptions:
-                self.broker.hub.unsubscribe(pattern, self)
-            with trio.move_on_after(
-                self.broker.config.limits.drain_timeout + CLOSE_TIMEOUT, shield=True
-            ):
-                await self._finish()
-                code = self.close_code if self.close_code is not None else CloseCode.NORMAL
-                await plugins.disconnected(self.info, int(code), self.close_reason)
-
-    async def _finish(self) -> None:
-        ws = self.ws
-        if self._write_incomplete:
-            await abort(ws)
+    def flush(self) -> None:
+        """Write what is queued now, without blocking (see the module doc)."""
+        self.dirty = False
+        if self._writer_running:
+            if self._writer_wakeup is not None:
+                self._writer_wakeup.set()
             return
-        if self._drain and is_open(ws):
-            with trio.move_on_after(self.broker.config.limits.drain_timeout):
-                try:
-                    while self.outbox.pending():
-                        await self._write_batch()
-                except ConnectionClosed:
-                    pass
-            if self._write_incomplete:
-                await abort(ws)
-                return
-        code = self.close_code if self.close_code is not None else CloseCode.NORMAL
-        with trio.move_on_after(CLOSE_TIMEOUT) as scope:
-            await ws.aclose(int(code), self.close_reason or None)
-        if scope.cancelled_caught:
-            await abort(ws)
+        if self._finishing:
+            return  # run()'s finish owns the socket now
+        if self._fd < 0 or not self._write_nowait():
+            self._start_writer()
 
-    async def _reader(self) -> None:
-        ws = self.ws
-        encoding = self.encoding
-        try:
-            while True:
-                message = await ws.get_message()
-                try:
-                    command = decode_command(message, encoding)
-                    if isinstance(command, Publish):
-                        await self._publish(command)
-                    elif isinstance(command, Subscribe):
-                        await self._subscribe(command)
-                    elif isinstance(command, Unsubscribe):
-                        await self._unsubscribe(command)
-                    else:
-                        assert isinstance(command, Ping)
-                        self._reply(encode_pong(command.id, encoding))
-                except ProtocolError as e:
-                    if e.close_code is not None:
-                        log.info("%s closing (%d): %s", self.id, e.close_code, e.message)
-                        self.close(e.close_code, e.message, drain=True)
-                        return
-                    self._error(e.request_id, e.code, e.message)
-        except ConnectionClosed:
-            reason = ws.closed
-            code = reason.code if reason is not None else CloseCode.NORMAL
-            text = (reason.reason or "") if reason is not None else ""
-            self.close(code, text)
+    def send_ping(self) -> None:
+        """Queue a ping (the heartbeat calls this, then flushes)."""
+        self.ping_outstanding = True
+        self._reply_frame(ping_frame())
 
-    async def _writer(self) -> None:
-        try:
-            while True:
-                self._wakeup = trio.Event()
-                if not self.outbox.pending():
-                    await self._wakeup.wait()
-                    continue
-                await self._write_batch()
-        except ConnectionClosed:
-            self.close(CloseCode.NORMAL, "")
+    # -- writing -----------------------------------------------------------------
 
-    async def _write_batch(self) -> None:
+    def _next_parts(self) -> list[bytes]:
         outbox = self.outbox
         parts = [
             frame(encode_dropped(topic, count, self.encoding))
             for topic, count in outbox.take_drops().items()
         ]
         parts += outbox.take(self.broker.config.limits.write_batch_bytes)
-        if not parts:
-            return
-        self._write_incomplete = True
-        await send_frames(self.ws, b"".join(parts))
-        self._write_incomplete = False
+        return parts
 
-    async def _heartbeat(self) -> None:
-        limits = self.broker.config.limits
+    def _write_nowait(self) -> bool:
+        """Write queued frames directly; False if the socket would block."""
+        if self._broken:
+            return True
         while True:
-            await trio.sleep(limits.ping_interval)
-            with trio.move_on_after(limits.ping_timeout) as scope:
+            parts = [self._unsent] if self._unsent else self._next_parts()
+            if not parts:
+                return True
+            self._unsent = b""
+            try:
+                # writev takes at most IOV_MAX buffers; join the rest.
+                if len(parts) > MAX_IOV:
+                    parts = [*parts[: MAX_IOV - 1], b"".join(parts[MAX_IOV - 1 :])]
+                written = os.writev(self._fd, parts)
+            except _WOULD_BLOCK:
+                written = 0
+            except OSError as e:
+                self._fail(e)
+                return True
+            total = sum(map(len, parts))
+            if written < total:
+                self._unsent = b"".join(parts)[written:]
+                return False
+
+    def _start_writer(self) -> None:
+        nursery = self._nursery
+        if nursery is None or self._writer_running:
+            return
+        self._writer_running = True
+        nursery.start_soon(self._writer)
+
+    async def _writer(self) -> None:
+        """Write what is queued with awaiting writes.
+
+        Plain TCP: runs only while the socket is backed up, then ends. TLS:
+        runs for the connection's life, woken by :meth:`flush`. Either way it
+        ends once the connection is closing and nothing is left to write.
+        """
+        try:
+            if self._fd >= 0:
+                while await self._write_some():
+                    pass
+                return
+            while True:
+                self._writer_wakeup = trio.Event()
+                if not await self._write_some():
+                    if self.close_code is not None:
+                        return
+                    await self._writer_wakeup.wait()
+        except Exception as e:
+            log.exception("%s writer failed", self.id)
+            self._fail(e)
+        finally:
+            self._writer_running = False
+            self._writer_wakeup = None
+            if self._writing:
+                # Cancelled part-way through send_all: the peer may hold half
+                # a frame, so nothing more may be written, not even a close.
+                self._broken = True
+
+    async def _write_some(self) -> bool:
+        """One awaiting write of what is queued; False when nothing was left."""
+        if self._broken:
+            return False
+        parts = [self._unsent] if self._unsent else self._next_parts()
+        if not parts:
+            return False
+        self._unsent = b""
+        self._writing = True
+        try:
+            await self.stream.send_all(b"".join(parts))
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            self._fail(e)
+            return False
+        self._writing = False
+        return True
+
+    def _fail(self, error: BaseException) -> None:
+        if not self._broken:
+            log.debug("%s write failed: %r", self.id, error)
+        self._broken = True
+        self._unsent = b""
+        self.close(CloseCode.ABNORMAL, "connection lost")
+
+    # -- the connection's task -----------------------------------------------------
+
+    async def run(self, initial: bytes = b"") -> None:
+        """Serve the client until it or the broker closes the connection.
+
+        *initial* is data that arrived with the handshake request.
+        """
+        plugins = self.broker.plugins
+        limits = self.broker.config.limits
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                with trio.CancelScope() as scope:
+                    self._scope = scope
+                    if self.close_code is not None:  # closed before we started
+                        scope.cancel()
+                    await plugins.connected(self.info)
+                    if self._fd < 0:
+                        self._start_writer()
+                    try:
+                        await self._reader(initial)
+                    except Exception:
+                        log.exception("%s internal error", self.id)
+                        self.close(CloseCode.INTERNAL_ERROR, "internal error", drain=True)
+                self._scope = None
+                self._unsubscribe_all()
+                if self._drain and not self._broken:
+                    # Let the writer finish what is queued, for a bounded time;
+                    # cancelling it mid-write would cost the close frame.
+                    nursery.cancel_scope.deadline = trio.current_time() + limits.drain_timeout
+                    if self._writer_running and self._writer_wakeup is not None:
+                        self._writer_wakeup.set()
+                    else:
+                        self._start_writer()
+                else:
+                    nursery.cancel_scope.cancel()
+        finally:
+            self._scope = None
+            self._nursery = None
+            self._finishing = True
+            self._unsubscribe_all()
+            with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
+                await self._finish()
+            code = self.close_code if self.close_code is not None else CloseCode.NORMAL
+            with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
+                await plugins.disconnected(self.info, int(code), self.close_reason)
+
+    def _unsubscribe_all(self) -> None:
+        hub = self.broker.hub
+        for pattern in self.subscriptions:
+            hub.unsubscribe(pattern, self)
+        self.subscriptions.clear()
+
+    async def _finish(self) -> None:
+        """Send the close frame and wait briefly for the client's; close the socket."""
+        stream = self.stream
+        try:
+            if self._writing:
+                self._broken = True  # cut mid-write by the drain deadline
+            if not self._broken:
+                if self._unsent:  # finish the frame a direct write cut short
+                    await stream.send_all(self._unsent)
+                    self._unsent = b""
+                code = self.close_code if self.close_code is not None else CloseCode.NORMAL
+                await stream.send_all(close_frame(int(code), self.close_reason))
+                if not self._peer_closed:
+                    await self._await_close()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _await_close(self) -> None:
+        """After our close frame: read until the client's, or until it hangs up."""
+        while True:
+            data = await self.stream.receive_some(RECEIVE_SIZE)
+            if not data:
+                return
+            try:
+                events = self.parser.feed(data)
+            except FrameError:
+                return
+            if any(isinstance(e, Close) for e in events):
+                return
+
+    async def _reader(self, initial: bytes | bytearray) -> None:
+        stream = self.stream
+        parser = self.parser
+        hub = self.broker.hub
+        data = initial
+        while True:
+            if data:
+                self.last_seen = trio.current_time()
                 try:
-                    await self.ws.ping()
-                except ConnectionClosed:
+                    events = parser.feed(data)
+                except FrameError as e:
+                    log.info("%s closing (%d): %s", self.id, e.code, e.reason)
+                    self.close(e.code, e.reason, drain=True)
                     return
-            if scope.cancelled_caught:
-                log.info("%s no pong within %ss; dropping", self.id, limits.ping_timeout)
-                self._write_incomplete = True  # never send a close frame: abort
-                self.close(CloseCode.POLICY_VIOLATION, "ping timeout")
+                for event in events:
+                    if isinstance(event, (str, bytes)):
+                        await self._command(event)
+                        if hub.pending > FLUSH_EVERY:
+                            hub.flush()
+                    elif isinstance(event, Ping):
+                        self._reply_frame(pong_frame(event.payload))
+                    elif isinstance(event, Pong):
+                        self.ping_outstanding = False
+                    else:
+                        assert isinstance(event, Close)
+                        self._peer_closed = True
+                        code = event.code if event.code != 1005 else CloseCode.NORMAL
+                        self.close(code, event.reason)
+                        return
+                    if self.close_code is not None:
+                        return
+                hub.flush()
+            try:
+                data = await stream.receive_some(RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._broken = True
+                self.close(CloseCode.ABNORMAL, "connection lost")
+                return
+            if not data:
+                self._broken = True  # TCP closed without a close frame
+                self.close(CloseCode.ABNORMAL, "connection lost")
                 return
 
     # -- commands ----------------------------------------------------------------
 
-    def _reply(self, payload: str | bytes) -> None:
-        if self.outbox.push_reply(frame(payload)):
+    async def _command(self, message: str | bytes) -> None:
+        try:
+            command = decode_command(message, self.encoding)
+            if isinstance(command, Publish):
+                await self._publish(command)
+            elif isinstance(command, Subscribe):
+                await self._subscribe(command)
+            elif isinstance(command, Unsubscribe):
+                await self._unsubscribe(command)
+            else:
+                self._reply(encode_pong(command.id, self.encoding))
+        except ProtocolError as e:
+            if e.close_code is not None:
+                log.info("%s closing (%d): %s", self.id, e.close_code, e.message)
+                self.close(e.close_code, e.message, drain=True)
+                return
+            self._error(e.request_id, e.code, e.message)
+
+    def _reply_frame(self, data: bytes) -> None:
+        if self.outbox.push_reply(data):
             self.wake()
         else:
             log.warning("%s closing: %d replies unread", self.id, self.outbox.max_replies)
             self.close(CloseCode.POLICY_VIOLATION, "too many unread replies")
+
+    def _reply(self, payload: str | bytes) -> None:
+        self._reply_frame(frame(payload))
 
     def _error(self, request_id: RequestId | None, code: ErrorCode, message: str) -> None:
         self._reply(encode_err(request_id, code, message, self.encoding))

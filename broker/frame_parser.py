@@ -40,7 +40,9 @@ _U64: Final = struct.Struct("!Q")
 
 #: Close codes a peer may put on the wire (RFC 6455 7.4.1 and the IANA
 #: registry); 1005, 1006 and 1015 are for local reporting only.
-_SENDABLE_CODES: Final = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014})
+_SENDABLE_CODES: Final = frozenset(
+    {1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014}
+)
 
 
 class FrameError(Exception):
@@ -99,7 +101,7 @@ class FrameParser:
         self._opcode: int | None = None  # of the fragmented message in progress
         self.closed = False
 
-    def feed(self, data: bytes) -> list[FrameEvent]:
+    def feed(self, data: bytes | bytearray) -> list[FrameEvent]:
         """Add bytes read from the socket; return the events they complete.
 
         Raises FrameError on a violation; the parser is then unusable. After

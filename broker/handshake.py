@@ -19,7 +19,13 @@ from typing import Final
 import h11
 from wsproto.utilities import generate_accept_token
 
-__all__ = ["HandshakeError", "HandshakeParser", "UpgradeRequest", "accept_response", "reject_response"]
+__all__ = [
+    "HandshakeError",
+    "HandshakeParser",
+    "UpgradeRequest",
+    "accept_response",
+    "reject_response",
+]
 
 #: Largest request head accepted (h11's own default, shared by most servers).
 MAX_REQUEST_HEAD: Final = 16 * 1024
@@ -34,9 +40,7 @@ class HandshakeError(Exception):
         headers: extra response headers (e.g. ``Sec-WebSocket-Version``).
     """
 
-    def __init__(
-        self, status: int, reason: str, headers: tuple[tuple[str, str], ...] = ()
-    ) -> None:
+    def __init__(self, status: int, reason: str, headers: tuple[tuple[str, str], ...] = ()) -> None:
         super().__init__(f"{status}: {reason}")
         self.status = status
         self.reason = reason
@@ -72,13 +76,13 @@ class HandshakeParser:
     def __init__(self) -> None:
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
 
-    def feed(self, data: bytes) -> UpgradeRequest | None:
+    def feed(self, data: bytes | bytearray) -> UpgradeRequest | None:
         """Return the request once complete, None if more bytes are needed.
 
         Raises HandshakeError if the request is malformed or not an upgrade.
         An empty *data* means the client closed the connection.
         """
-        self._h11.receive_data(data)
+        self._h11.receive_data(bytes(data))
         try:
             event = self._h11.next_event()
         except h11.RemoteProtocolError as e:
@@ -153,9 +157,7 @@ def _phrase(status: int) -> bytes:
         return b""
 
 
-def reject_response(
-    status: int, reason: str, headers: tuple[tuple[str, str], ...] = ()
-) -> bytes:
+def reject_response(status: int, reason: str, headers: tuple[tuple[str, str], ...] = ()) -> bytes:
     """An HTTP error response with *reason* as a text/plain body; closes."""
     conn = h11.Connection(h11.SERVER)
     body = (reason + "\n").encode()

@@ -6,6 +6,7 @@ matching subscriber uses, builds the WebSocket frame once, and hands the
 same ``bytes`` to every subscriber's :class:`~broker.outbox.Outbox`. It is
 synchronous: it never awaits, never spawns a task and never calls a plugin,
 so one slow subscriber cannot hold up a publisher or the other subscribers.
+:meth:`Hub.flush` then writes each subscriber's queued frames in one go.
 
 Publishing goes through a :class:`Backplane`, the one place a cluster
 backend takes over: :class:`LocalBackplane` numbers the message and delivers
@@ -35,7 +36,12 @@ class Subscriber(Hashable, Protocol):
     outbox: Outbox
 
     def wake(self) -> None:
-        """Frames were queued: let the writer run."""
+        """Frames were queued: have the next :meth:`Hub.flush` write them.
+
+        Implementations append themselves to :attr:`Hub.dirty` (once)."""
+
+    def flush(self) -> None:
+        """Write what is queued now, without blocking."""
 
     def slow_consumer(self) -> None:
         """A ``disconnect`` rule overflowed: close this subscriber."""
@@ -54,6 +60,10 @@ class Hub:
         #: an older one); the exact counts are in each Outbox.
         self.overflows = 0
         self.slow_consumers = 0
+        #: Subscribers with frames queued since the last flush (see flush()).
+        self.dirty: list[Subscriber] = []
+        #: Deliveries queued since the last flush.
+        self.pending = 0
 
     def configure(self, queue: QueueConfig) -> None:
         """Apply (new) queue rules; messages already queued keep theirs."""
@@ -103,7 +113,21 @@ class Hub:
                 self.overflows += 1
             sub.wake()
         self.delivered += len(subscribers)
+        self.pending += len(subscribers)
         return len(subscribers)
+
+    def flush(self) -> None:
+        """Write out every subscriber that has frames queued.
+
+        Whoever queues frames (a publishing connection after each read, a
+        source after each publish, the heartbeat) calls this once its batch
+        is done, so that each subscriber gets all of the batch in one write.
+        """
+        dirty = self.dirty
+        self.dirty = []
+        self.pending = 0
+        for sub in dirty:
+            sub.flush()
 
 
 class Backplane(Protocol):

@@ -8,15 +8,18 @@ outer one, accept loops in the inner one, so that :meth:`Broker.stop` can stop
 accepting first, then close every client with 1001 after a bounded drain,
 then cancel what is left.
 
-The accept path is ours rather than ``trio_websocket.serve_websocket`` so
-that it can bound the TLS handshake and the request together, read the TLS
-peer certificate, enforce connection limits and answer every refusal with an
-HTTP status and a reason.
+The accept path is our own (h11 parses the request, :mod:`broker.handshake`
+checks it), so that it can bound the TLS handshake and the request together,
+read the TLS peer certificate, enforce connection limits and answer every
+refusal with an HTTP status and a reason; and the accepted connection is our
+own too (:mod:`broker.connection`), so that frames built once are written to
+many sockets with one system call each.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import logging
 import ssl
@@ -25,12 +28,18 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import trio
-from trio_websocket import WebSocketRequest, wrap_server_stream
 
 from .auth import Handshake, Identity, Reject
 from .config import Config, is_loopback_host
 from .connection import Connection
 from .errors import CloseCode
+from .handshake import (
+    HandshakeError,
+    HandshakeParser,
+    UpgradeRequest,
+    accept_response,
+    reject_response,
+)
 from .hub import Backplane, Hub, LocalBackplane
 from .plugin_host import PluginHost
 from .protocol import SUBPROTOCOLS, Encoding
@@ -38,12 +47,6 @@ from .protocol import SUBPROTOCOLS, Encoding
 __all__ = ["Broker", "BrokerStats", "make_ssl_context"]
 
 log = logging.getLogger("broker.server")
-
-#: Complete inbound messages trio-websocket may buffer per connection. Each
-#: can be ``max_message_size``, so this bounds inbound memory per client; a
-#: few lets the parser get ahead of command handling without a task switch
-#: per message.
-INBOUND_QUEUE: int = 4
 
 
 @dataclass(slots=True)
@@ -131,6 +134,8 @@ class Broker:
             async with trio.open_nursery() as accepting:
                 for listener in listeners:
                     accepting.start_soon(self._accept_loop, listener, handlers)
+                if self.config.limits.ping_interval > 0:
+                    accepting.start_soon(self._heartbeat)
                 task_status.started(self)
                 await self._stop.wait()
                 accepting.cancel_scope.cancel()
@@ -177,91 +182,76 @@ class Broker:
                 self._idle.set()
 
     async def _serve_client(self, tcp: trio.SocketStream, peer: tuple[str, int]) -> None:
-        cfg = self.config
-        limits = cfg.limits
+        limits = self.config.limits
         stream: trio.abc.Stream = tcp
         cert: dict[str, Any] | None = None
-        async with trio.open_nursery() as nursery:  # holds trio-websocket's reader
-            with trio.move_on_after(limits.handshake_timeout) as timeout:
-                try:
-                    if self.ssl_context is not None:
-                        tls = trio.SSLStream(
-                            tcp, self.ssl_context, server_side=True, https_compatible=True
-                        )
-                        await tls.do_handshake()
-                        cert = tls.getpeercert() or None
-                        stream = tls
-                    request = await wrap_server_stream(
-                        nursery,
-                        stream,
-                        message_queue_size=INBOUND_QUEUE,
-                        max_message_size=limits.max_message_size,
-                        receive_buffer_size=None,
-                    )
-                except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError) as e:
-                    log.debug("handshake with %s:%d failed: %r", *peer, e)
-                    nursery.cancel_scope.cancel()
-                    return
-            if timeout.cancelled_caught:
-                log.info("handshake timeout from %s:%d", *peer)
-                self.stats.rejected["handshake_timeout"] += 1
-                nursery.cancel_scope.cancel()
-                return
+        request: UpgradeRequest | None = None
+        with trio.move_on_after(limits.handshake_timeout) as timeout:
             try:
-                accepted = await self._authenticate(request, peer, cert)
-            except Exception:
-                log.exception("handshake from %s:%d failed", *peer)
-                await self._reject(request, peer, Reject(500, "internal error"), "internal")
-                accepted = None
-            if accepted is not None:
-                identity, encoding, subprotocol = accepted
-                ws = await request.accept(subprotocol=subprotocol)
-                await self._run_connection(ws, identity, encoding, peer)
-            nursery.cancel_scope.cancel()
+                if self.ssl_context is not None:
+                    tls = trio.SSLStream(
+                        tcp, self.ssl_context, server_side=True, https_compatible=True
+                    )
+                    await tls.do_handshake()
+                    cert = tls.getpeercert() or None
+                    stream = tls
+                parser = HandshakeParser()
+                while request is None:
+                    request = parser.feed(await stream.receive_some(4096))
+            except HandshakeError as e:
+                self.stats.rejected["bad_request"] += 1
+                log.info("bad handshake from %s:%d: %d %s", *peer, e.status, e.reason)
+                await _send_quietly(stream, reject_response(e.status, e.reason, e.headers))
+                return
+            except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError) as e:
+                log.debug("handshake with %s:%d failed: %r", *peer, e)
+                return
+        if timeout.cancelled_caught or request is None:
+            log.info("handshake timeout from %s:%d", *peer)
+            self.stats.rejected["handshake_timeout"] += 1
+            return
+        try:
+            terms = await self._authenticate(request, peer, cert)
+        except Exception:
+            log.exception("handshake from %s:%d failed", *peer)
+            terms = Reject(500, "internal error")
+        if isinstance(terms, Reject):
+            await _send_quietly(stream, reject_response(terms.status, terms.reason))
+            return
+        identity, encoding, subprotocol = terms
+        try:
+            await stream.send_all(accept_response(request.key, subprotocol))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+        await self._run_connection(stream, identity, encoding, peer, request.trailing)
 
     async def _authenticate(
-        self, request: WebSocketRequest, peer: tuple[str, int], cert: dict[str, Any] | None
-    ) -> tuple[Identity, Encoding, str | None] | None:
-        """Check path, subprotocol, limits and credentials; reject or return the terms."""
+        self, request: UpgradeRequest, peer: tuple[str, int], cert: dict[str, Any] | None
+    ) -> tuple[Identity, Encoding, str | None] | Reject:
+        """Check path, subprotocol, limits and credentials: the terms, or a refusal."""
         cfg = self.config
-        url = urlsplit(request.path)
+        url = urlsplit(request.target)
         if url.path != cfg.listener.path:
-            await self._reject(
-                request, peer, Reject(404, f"no WebSocket endpoint at {url.path}"), "path"
-            )
-            return None
+            return self._refuse(peer, Reject(404, f"no WebSocket endpoint at {url.path}"), "path")
         subprotocol: str | None = None
         encoding = Encoding.JSON
-        proposed = request.proposed_subprotocols
-        if proposed:
-            known = [p for p in proposed if p in SUBPROTOCOLS]
+        if request.subprotocols:
+            known = [p for p in request.subprotocols if p in SUBPROTOCOLS]
             if not known:
                 supported = ", ".join(SUBPROTOCOLS)
-                await self._reject(
-                    request,
-                    peer,
-                    Reject(400, f"unsupported subprotocol; supported: {supported}"),
-                    "subprotocol",
-                )
-                return None
+                reject = Reject(400, f"unsupported subprotocol; supported: {supported}")
+                return self._refuse(peer, reject, "subprotocol")
             subprotocol = known[0]
             encoding = SUBPROTOCOLS[subprotocol]
         limits = cfg.limits
         # Sockets, not accepted connections: handshakes in progress count too.
         if self._sockets_open > limits.max_connections:
-            await self._reject(
-                request, peer, Reject(503, "too many connections"), "max_connections"
-            )
-            return None
+            return self._refuse(peer, Reject(503, "too many connections"), "max_connections")
         if self._per_ip[peer[0]] > limits.max_connections_per_ip:
-            await self._reject(
-                request, peer, Reject(429, "too many connections from this address"), "max_per_ip"
-            )
-            return None
+            reject = Reject(429, "too many connections from this address")
+            return self._refuse(peer, reject, "max_per_ip")
         headers: dict[str, str] = {}
-        for name, value in request.headers:
-            key = name.decode("latin-1").lower()
-            text = value.decode("latin-1")
+        for key, text in request.headers:
             headers[key] = f"{headers[key]}, {text}" if key in headers else text
         handshake = Handshake(
             path=url.path,
@@ -278,28 +268,29 @@ class Broker:
         with trio.move_on_after(limits.auth_timeout):
             decision = await self.plugins.authenticate(handshake)
         if isinstance(decision, Reject):
-            await self._reject(request, peer, decision, f"auth_{decision.status}")
-            return None
+            return self._refuse(peer, decision, f"auth_{decision.status}")
         return decision, encoding, subprotocol
 
-    async def _reject(
-        self, request: WebSocketRequest, peer: tuple[str, int], reject: Reject, why: str
-    ) -> None:
+    def _refuse(self, peer: tuple[str, int], reject: Reject, why: str) -> Reject:
         self.stats.rejected[why] += 1
         log.info("rejected %s:%d with %d: %s", *peer, reject.status, reject.reason)
-        body = reject.reason.encode() + b"\n"
-        with trio.move_on_after(2):
-            await request.reject(
-                reject.status,
-                extra_headers=[(b"Content-Type", b"text/plain; charset=utf-8")],
-                body=body,
-            )
+        return reject
 
     async def _run_connection(
-        self, ws: Any, identity: Identity, encoding: Encoding, peer: tuple[str, int]
+        self,
+        stream: trio.abc.Stream,
+        identity: Identity,
+        encoding: Encoding,
+        peer: tuple[str, int],
+        initial: bytes,
     ) -> None:
         conn = Connection(
-            self, ws, conn_id=f"c{next(self._ids)}", identity=identity, encoding=encoding, peer=peer
+            self,
+            stream,
+            conn_id=f"c{next(self._ids)}",
+            identity=identity,
+            encoding=encoding,
+            peer=peer,
         )
         self.stats.accepted += 1
         self.connections.add(conn)
@@ -314,7 +305,7 @@ class Broker:
         if self._stop.is_set():
             conn.close(CloseCode.GOING_AWAY, "server shutting down")
         try:
-            await conn.run()
+            await conn.run(initial)
         finally:
             self.connections.discard(conn)
             log.info(
@@ -324,6 +315,35 @@ class Broker:
                 conn.close_reason,
                 f", {conn.outbox.dropped_total} dropped" if conn.outbox.dropped_total else "",
             )
+
+    async def _heartbeat(self) -> None:
+        """Ping idle clients; drop those silent for ping_interval + ping_timeout.
+
+        One task for all connections: a client's activity is its
+        ``last_seen`` time, updated on every read, so only idle clients are
+        pinged and no per-connection timer exists.
+        """
+        limits = self.config.limits
+        interval = limits.ping_interval
+        while True:
+            await trio.sleep(interval / 2)
+            now = trio.current_time()
+            for conn in list(self.connections):
+                silent = now - conn.last_seen
+                if silent > interval + limits.ping_timeout:
+                    log.info("%s no pong within %ss; dropping", conn.id, limits.ping_timeout)
+                    conn.close(CloseCode.POLICY_VIOLATION, "ping timeout")
+                elif silent > interval and not conn.ping_outstanding:
+                    conn.send_ping()
+            self.hub.flush()
+
+
+async def _send_quietly(stream: trio.abc.Stream, data: bytes) -> None:
+    with (
+        trio.move_on_after(2),
+        contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
+    ):
+        await stream.send_all(data)
 
 
 def _peername(stream: trio.SocketStream) -> tuple[str, int]:

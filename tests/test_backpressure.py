@@ -18,7 +18,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import pytest
 import trio
 
 from broker import Broker
@@ -260,12 +259,6 @@ async def test_disconnect_policy_slow_client_sees_the_connection_end(
     assert broker.hub.slow_consumers >= 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Hub.slow_consumers counts overflowing deliveries, not slow consumers: "
-    "every delivery that reaches a connection already closed as slow, before its task "
-    "has unsubscribed it, counts it again",
-)
 async def test_slow_consumers_counts_each_slow_consumer_once(
     start_broker: BrokerFactory,
 ) -> None:

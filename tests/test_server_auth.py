@@ -603,12 +603,6 @@ async def test_socket_closed_before_the_handshake_is_freed_by_handshake_timeout(
     await connect_when_the_slot_is_free(broker, 2)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a client that hangs up before sending its WebSocket request keeps "
-    "its connection slot until handshake_timeout: trio-websocket's "
-    "wrap_server_stream never returns on EOF",
-)
 async def test_socket_closed_before_the_handshake_frees_its_slot(
     start_broker: BrokerFactory,
 ) -> None:

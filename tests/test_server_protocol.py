@@ -226,13 +226,6 @@ async def test_text_frame_on_msgpack_closes_1003(broker: Broker) -> None:
         assert "text" in (reason.reason or "")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a drain close (1003 here, 1001 on shutdown) cancels a writer that was "
-    "woken but has not written yet; Connection._write_batch has already set "
-    "_write_incomplete and taken the frames, so _finish aborts the TCP connection: "
-    "the queued pong is lost and the client sees 1006, about half the time",
-)
 async def test_replies_before_a_fatal_frame_are_delivered(broker: Broker) -> None:
     # One attempt loses the race about half the time: 30 make it certain.
     for _ in range(30):
@@ -259,8 +252,7 @@ INVALID_UTF8 = [
 async def test_invalid_utf8_text_frame_fails_the_connection(
     broker: Broker, frames: list[bytes]
 ) -> None:
-    """What the broker does today: it drops the TCP connection and records
-    1007 (what broker_disconnected observers see)."""
+    """The connection ends, and observers (broker_disconnected) see 1007."""
     async with raw_connect(broker.url) as raw:
         await raw.send({"op": "ping", "id": 1})
         assert await raw.recv() == {"op": "pong", "id": 1}
@@ -272,12 +264,6 @@ async def test_invalid_utf8_text_frame_fails_the_connection(
     assert conn.close_code == 1007
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="KNOWN LIMITATION (docs/protocol.md, close code 1007; RFC 6455 7.1.7 says "
-    "SHOULD send a Close frame): wsproto synthesises CloseConnection(1007) but leaves "
-    "its state OPEN, so trio-websocket sends no close frame and closes the TCP stream",
-)
 @pytest.mark.parametrize("frames", INVALID_UTF8)
 async def test_invalid_utf8_text_frame_closes_1007(broker: Broker, frames: list[bytes]) -> None:
     async with raw_connect(broker.url) as raw:
@@ -301,7 +287,7 @@ async def test_frame_over_max_message_size_closes_1009(start_broker: BrokerFacto
         await c.send({"op": "pub", "id": 2, "topic": "a", "data": "x" * 1000})
         reason = await c.expect_close()
         assert reason.code == 1009
-        assert reason.reason == "Exceeded maximum message size: 1000 bytes"
+        assert reason.reason == "message larger than 1000 bytes"
     await wait_until(lambda: not broker.connections)
     assert broker.hub.published == 1
 
