@@ -19,10 +19,14 @@ class FakeSubscriber:
         self.encoding = encoding
         self.outbox = Outbox(max_messages=max_messages, max_bytes=1 << 20)
         self.wakes = 0
+        self.flushes = 0
         self.slow = False
 
     def wake(self) -> None:
         self.wakes += 1
+
+    def flush(self) -> None:
+        self.flushes += 1
 
     def slow_consumer(self) -> None:
         self.slow = True
@@ -117,3 +121,17 @@ async def test_local_backplane_numbers_per_topic(n: int) -> None:
     seqs = [await plane.publish("a", i, None) for i in range(n)]
     assert seqs == list(range(1, n + 1))
     assert await plane.publish("b", 0, None) == 1
+
+
+def test_flush_writes_each_dirty_subscriber_once() -> None:
+    hub = make_hub()
+    a, b = FakeSubscriber(), FakeSubscriber()
+    hub.subscribe("t", a)
+    hub.subscribe("t", b)
+    hub.deliver("t", 1, 1, None)
+    hub.dirty.extend([a, b])  # what Connection.wake() does
+    assert hub.pending == 2
+    hub.flush()
+    assert (a.flushes, b.flushes) == (1, 1)
+    assert hub.pending == 0
+    assert hub.dirty == []
