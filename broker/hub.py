@@ -34,11 +34,10 @@ class Subscriber(Hashable, Protocol):
 
     encoding: Encoding
     outbox: Outbox
-
-    def wake(self) -> None:
-        """Frames were queued: have the next :meth:`Hub.flush` write them.
-
-        Implementations append themselves to :attr:`Hub.dirty` (once)."""
+    #: True while the subscriber is in :attr:`Hub.dirty`. The hub sets it
+    #: when it queues frames, and clears it before calling :meth:`flush`;
+    #: whoever else queues frames sets it the same way (see Connection.wake).
+    dirty: bool
 
     def flush(self) -> None:
         """Write what is queued now, without blocking."""
@@ -92,26 +91,39 @@ class Hub:
         return self.router.remove(pattern, subscriber)
 
     def deliver(self, topic: str, seq: int, data: Any, key: str | None) -> int:
-        """Queue one message for every subscriber of *topic*; returns how many."""
+        """Queue one message for every subscriber of *topic*; returns how many.
+
+        Subscribers that got frames are marked dirty; :meth:`flush` writes them.
+        """
         self.published += 1
         subscribers = self.router.match(topic)
         if not subscribers:
             return 0
         rule = self.rule_for(topic)
         frames: dict[Encoding, bytes] = {}
+        dirty = self.dirty
+        queued = PushResult.QUEUED
+        last_encoding: Encoding | None = None
+        data_frame = b""
         for sub in subscribers:
+            # Subscribers of one encoding share one frame; most share one encoding.
             encoding = sub.encoding
-            data_frame = frames.get(encoding)
-            if data_frame is None:
-                data_frame = frames[encoding] = frame(encode_msg(topic, seq, data, key, encoding))
+            if encoding is not last_encoding:
+                last_encoding = encoding
+                cached = frames.get(encoding)
+                if cached is None:
+                    cached = frames[encoding] = frame(encode_msg(topic, seq, data, key, encoding))
+                data_frame = cached
             result = sub.outbox.push(data_frame, topic, rule, key)
-            if result is PushResult.DISCONNECT:
-                self.slow_consumers += 1
-                sub.slow_consumer()
-                continue
-            if result is PushResult.DROPPED:
+            if result is not queued:
+                if result is PushResult.DISCONNECT:
+                    self.slow_consumers += 1
+                    sub.slow_consumer()
+                    continue
                 self.overflows += 1
-            sub.wake()
+            if not sub.dirty:
+                sub.dirty = True
+                dirty.append(sub)
         self.delivered += len(subscribers)
         self.pending += len(subscribers)
         return len(subscribers)
@@ -127,6 +139,7 @@ class Hub:
         self.dirty = []
         self.pending = 0
         for sub in dirty:
+            sub.dirty = False
             sub.flush()
 
 

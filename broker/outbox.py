@@ -35,7 +35,7 @@ from __future__ import annotations
 import enum
 from collections import deque
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 __all__ = [
     "OTHER_TOPICS",
@@ -60,7 +60,9 @@ class Policy(enum.StrEnum):
     DISCONNECT = "disconnect"
 
 
-@dataclass(frozen=True, slots=True)
+# eq=False: rules are compared and hashed by identity. Every push looks its
+# rule up in a dict, and hashing four fields per delivery showed in profiles.
+@dataclass(frozen=True, slots=True, eq=False)
 class QueueRule:
     """Limits and policy for the messages of the topics a rule covers.
 
@@ -83,24 +85,24 @@ class PushResult(enum.Enum):
     DISCONNECT = "disconnect"  # the rule's policy asks to close the connection
 
 
-class _Entry:
-    __slots__ = ("alive", "frame", "rule", "slot", "topic")
-
-    def __init__(
-        self, frame: bytes, topic: str | None, rule: QueueRule | None, slot: object
-    ) -> None:
-        self.frame = frame
-        self.topic = topic  # None for replies
-        self.rule = rule  # None for replies
-        self.slot = slot  # conflation key, or None
-        self.alive = True
+# A queued frame is a 4-item list, not an object: building one per delivery
+# is on the fan-out hot path, and a list costs a fraction of a class instance.
+#   [frame, topic, rule state, conflation slot]
+# frame is None once the entry was taken or dropped (a tombstone); topic,
+# state and slot are None for replies.
+_Entry = list[Any]
 
 
-@dataclass(slots=True)
 class _RuleState:
-    entries: deque[_Entry]
-    count: int = 0
-    size: int = 0
+    """Per-connection bookkeeping of one QueueRule."""
+
+    __slots__ = ("count", "entries", "rule", "size")
+
+    def __init__(self, rule: QueueRule) -> None:
+        self.rule = rule
+        self.entries: deque[_Entry] = deque()  # this rule's entries, FIFO
+        self.count = 0
+        self.size = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +143,7 @@ class Outbox:
         self.max_drop_topics = max_drop_topics
         self._fifo: deque[_Entry] = deque()
         self._rules: dict[QueueRule, _RuleState] = {}
+        self._last: _RuleState | None = None  # the rule state used last
         self._slots: dict[object, _Entry] = {}
         self._drops: dict[str, int] = {}
         self._count = 0
@@ -151,20 +154,48 @@ class Outbox:
 
     # -- producer side (the publish path; synchronous, never waits) ---------
 
-    def push(self, frame: bytes, topic: str, rule: QueueRule, key: str | None = None) -> PushResult:
+    def push(
+        self, frame: bytes, topic: str, rule: QueueRule, key: str | None = None
+    ) -> PushResult:
         """Queue one message frame, applying *rule* if a limit is hit."""
-        state = self._rules.get(rule)
-        if state is None:
-            state = self._rules[rule] = _RuleState(deque())
+        state = self._last
+        if state is None or state.rule is not rule:
+            state = self._rules.get(rule)
+            if state is None:
+                state = self._rules[rule] = _RuleState(rule)
+            self._last = state
+        size = len(frame)
+        if (
+            rule.policy is Policy.CONFLATE
+            or state.count >= rule.max_messages
+            or state.size + size > rule.max_bytes
+            or self._count >= self.max_messages
+            or self._size + size > self.max_bytes
+        ):
+            return self._push_full(frame, topic, state, key, size)
+        # The common case: room for it.
+        entry = [frame, topic, state, None]
+        self._fifo.append(entry)
+        state.entries.append(entry)
+        state.count += 1
+        state.size += size
+        self._count += 1
+        self._size += size
+        return PushResult.QUEUED
+
+    def _push_full(
+        self, frame: bytes, topic: str, state: _RuleState, key: str | None, size: int
+    ) -> PushResult:
+        """push() when conflating or when a limit is hit."""
+        rule = state.rule
         result = PushResult.QUEUED
         slot: object = None
         if rule.policy is Policy.CONFLATE:
             slot = (topic, key)
             old = self._slots.get(slot)
-            if old is not None and old.alive:
-                self._discard(old, state)
+            if old is not None and old[0] is not None:
+                self._discard(old)
                 result = PushResult.DROPPED
-        size = len(frame)
         if size > rule.max_bytes or size > self.max_bytes:
             # Can never fit: drop it without evicting anything else.
             self._count_drop(topic)
@@ -184,7 +215,7 @@ class Outbox:
                 self._count_drop(topic)
                 return PushResult.DROPPED
             result = PushResult.DROPPED
-        entry = _Entry(frame, topic, rule, slot)
+        entry = [frame, topic, state, slot]
         self._fifo.append(entry)
         state.entries.append(entry)
         state.count += 1
@@ -200,7 +231,7 @@ class Outbox:
         if self._replies >= self.max_replies:
             return False
         self._replies += 1
-        self._fifo.append(_Entry(frame, None, None, None))
+        self._fifo.append([frame, None, None, None])
         return True
 
     # -- consumer side (the connection's writer) -----------------------------
@@ -224,29 +255,30 @@ class Outbox:
         fifo = self._fifo
         while fifo and total < max_bytes:
             entry = fifo.popleft()
-            if not entry.alive:
+            frame = entry[0]
+            if frame is None:
                 self._dead -= 1
                 continue
-            entry.alive = False
-            frame = entry.frame
+            entry[0] = None
             frames.append(frame)
-            total += len(frame)
-            rule = entry.rule
-            if rule is None:
+            size = len(frame)
+            total += size
+            state: _RuleState | None = entry[2]
+            if state is None:
                 self._replies -= 1
                 continue
-            state = self._rules[rule]
             state.count -= 1
-            state.size -= len(frame)
-            # The rule's deque holds this entry at its left end (FIFO order is
-            # shared), unless dead entries precede it; pop lazily.
-            entries = state.entries
-            while entries and not entries[0].alive:
-                entries.popleft()
+            state.size -= size
             self._count -= 1
-            self._size -= len(frame)
-            if entry.slot is not None and self._slots.get(entry.slot) is entry:
-                del self._slots[entry.slot]
+            self._size -= size
+            # FIFO order is shared, so this entry is the first live one of its
+            # rule's deque: pop it and any tombstones before it.
+            entries = state.entries
+            while entries and entries[0][0] is None:
+                entries.popleft()
+            slot = entry[3]
+            if slot is not None and self._slots.get(slot) is entry:
+                del self._slots[slot]
         return frames
 
     def pending(self) -> bool:
@@ -276,24 +308,25 @@ class Outbox:
         entries = state.entries
         while entries:
             entry = entries.popleft()
-            if entry.alive:
-                self._discard(entry, state)
+            if entry[0] is not None:
+                self._discard(entry)
                 return True
         return False
 
-    def _discard(self, entry: _Entry, state: _RuleState) -> None:
+    def _discard(self, entry: _Entry) -> None:
         """Drop a queued message: it stays in the FIFO (and maybe in its rule's
         deque) as a tombstone, skipped when reached."""
-        entry.alive = False
-        size = len(entry.frame)
+        size = len(entry[0])
+        entry[0] = None
+        state: _RuleState = entry[2]
         state.count -= 1
         state.size -= size
         self._count -= 1
         self._size -= size
-        if entry.slot is not None and self._slots.get(entry.slot) is entry:
-            del self._slots[entry.slot]
-        assert entry.topic is not None
-        self._count_drop(entry.topic)
+        slot = entry[3]
+        if slot is not None and self._slots.get(slot) is entry:
+            del self._slots[slot]
+        self._count_drop(entry[1])
         self._dead += 1
         if self._dead > 64 and self._dead > 2 * len(self):
             self._compact()
@@ -309,7 +342,7 @@ class Outbox:
         # Tombstones keep the FIFO's order cheap to maintain; rebuilding when
         # they outnumber live entries keeps memory proportional to the bound
         # (amortised O(1) per drop) even for a subscriber that never reads.
-        self._fifo = deque(e for e in self._fifo if e.alive)
+        self._fifo = deque(e for e in self._fifo if e[0] is not None)
         for state in self._rules.values():
-            state.entries = deque(e for e in state.entries if e.alive)
+            state.entries = deque(e for e in state.entries if e[0] is not None)
         self._dead = 0

@@ -18,12 +18,9 @@ class FakeSubscriber:
     def __init__(self, encoding: Encoding = Encoding.JSON, max_messages: int = 100) -> None:
         self.encoding = encoding
         self.outbox = Outbox(max_messages=max_messages, max_bytes=1 << 20)
-        self.wakes = 0
+        self.dirty = False
         self.flushes = 0
         self.slow = False
-
-    def wake(self) -> None:
-        self.wakes += 1
 
     def flush(self) -> None:
         self.flushes += 1
@@ -51,7 +48,8 @@ def test_deliver_once_per_connection_even_with_overlapping_patterns() -> None:
         hub.subscribe(pattern, sub)
     assert hub.deliver("a.b", 1, {"x": 1}, None) == 1
     assert payloads(sub) == [{"op": "msg", "topic": "a.b", "seq": 1, "data": {"x": 1}}]
-    assert sub.wakes == 1
+    assert sub.dirty
+    assert hub.dirty == [sub]
 
 
 def test_frames_are_shared_between_subscribers_of_an_encoding() -> None:
@@ -129,9 +127,11 @@ def test_flush_writes_each_dirty_subscriber_once() -> None:
     hub.subscribe("t", a)
     hub.subscribe("t", b)
     hub.deliver("t", 1, 1, None)
-    hub.dirty.extend([a, b])  # what Connection.wake() does
-    assert hub.pending == 2
+    hub.deliver("t", 2, 2, None)
+    assert hub.dirty == [a, b]  # once each, however many frames
+    assert hub.pending == 4
     hub.flush()
     assert (a.flushes, b.flushes) == (1, 1)
+    assert not a.dirty
     assert hub.pending == 0
     assert hub.dirty == []
