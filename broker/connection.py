@@ -178,7 +178,6 @@ class Connection:
 
     def flush(self) -> None:
         """Write what is queued now, without blocking (see the module doc)."""
-        self.dirty = False
         if self._writer_running:
             if self._writer_wakeup is not None:
                 self._writer_wakeup.set()
