@@ -163,7 +163,7 @@ def test_tombstones_are_compacted_for_a_subscriber_that_never_reads() -> None:
     r = rule(Policy.CONFLATE, 10)
     for i in range(10_000):
         box.push(msg(i), "ticker", r, key=str(i % 3))
-    assert len(box._fifo) < 200  # bounded, not 10,000 tombstones
+    assert len(box._frames) < 200  # bounded, not 10,000 tombstones
     assert sorted(box.take(1 << 20)) == sorted([msg(9997), msg(9998), msg(9999)])
 
 
