@@ -104,6 +104,11 @@ class HandshakeParser:
             fields[name] = f"{fields[name]}, {value}" if name in fields else value
         if request.method != b"GET":
             raise HandshakeError(405, "WebSocket upgrades use GET", (("Allow", "GET"),))
+        if request.http_version != b"1.1":  # RFC 6455 4.1: HTTP/1.1 or higher
+            raise HandshakeError(400, "WebSocket upgrades need HTTP/1.1")
+        if "content-length" in fields or "transfer-encoding" in fields:
+            # A body would be read as WebSocket frames.
+            raise HandshakeError(400, "a WebSocket upgrade request has no body")
         if "websocket" not in _tokens(fields.get("upgrade", "")) or "upgrade" not in _tokens(
             fields.get("connection", "")
         ):

@@ -53,6 +53,8 @@ def test_trailing_bytes_are_kept() -> None:
         (GOOD.replace(b"Version: 13", b"Version: 8") + b"\r\n", 426),
         (GOOD.replace(b"dGhlIHNhbXBsZSBub25jZQ==", b"short") + b"\r\n", 400),
         (b"NOT HTTP\r\n\r\n", 400),
+        (GOOD.replace(b"HTTP/1.1", b"HTTP/1.0") + b"\r\n", 400),
+        (GOOD + b"Content-Length: 4\r\n\r\nbody", 400),
         (b"GET / HTTP/1.1\r\n" + b"X: " + b"a" * 20000, 431),  # head never ends
     ],
 )
