@@ -15,6 +15,7 @@ from .auth import Action as Action
 from .auth import ClientInfo as ClientInfo
 from .auth import Handshake as Handshake
 from .auth import Identity as Identity
+from .auth import Refusal as Refusal
 from .auth import Reject as Reject
 from .config import Config as Config
 from .config import config_from_dict as config_from_dict
@@ -23,7 +24,15 @@ from .errors import CloseCode as CloseCode
 from .errors import ConfigError as ConfigError
 from .errors import ErrorCode as ErrorCode
 from .errors import PluginError as PluginError
+from .errors import PublishError as PublishError
 from .hookspecs import hookimpl as hookimpl
 from .plugin_host import PluginContext as PluginContext
 from .plugin_host import PluginHost as PluginHost
 from .server import Broker as Broker
+from .sources import Backoff as Backoff
+from .sources import Publisher as Publisher
+from .sources import Source as Source
+from .sources import SourceError as SourceError
+from .topics import TopicError as TopicError
+from .topics import pattern_matches as pattern_matches
+from .topics import validate_pattern as validate_pattern

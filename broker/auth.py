@@ -2,8 +2,10 @@
 
 :class:`Handshake` is what a client presented when it connected,
 :class:`Identity` is who an authenticate hook decided it is, :class:`Reject`
-is how a hook turns a handshake down, and :class:`Action` names what
-authorize is asked about. All are immutable; none holds a socket.
+is how a hook turns a handshake down, :class:`Action` names what
+authorize is asked about, and :class:`Refusal` is how an authorize or validate
+hook refuses a command with a specific error code. All are immutable; none
+holds a socket.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ANONYMOUS", "Action", "ClientInfo", "Handshake", "Identity", "Reject"]
+from .errors import ErrorCode
+
+__all__ = ["ANONYMOUS", "Action", "ClientInfo", "Handshake", "Identity", "Refusal", "Reject"]
 
 
 class Action(enum.StrEnum):
@@ -65,6 +69,30 @@ class Reject:
 
 
 @dataclass(frozen=True, slots=True)
+class Refusal:
+    """An authorize or validate hook's "no" to one command, with its ``err`` code.
+
+    The client is answered ``err`` with *code* and *message*; with *close*,
+    the connection is then closed with 1008 (policy violation) and *message*
+    as the close reason, after that ``err`` has been written. A plain
+    ``False`` from ``broker_authorize`` is ``forbidden`` and a plain string
+    from ``broker_validate`` is ``invalid``: a Refusal is for the other cases,
+    such as ``rate_limited`` or ``too_large``. *message* is sent to the
+    client: keep it short, without secrets.
+    """
+
+    code: ErrorCode
+    message: str
+    close: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.code, ErrorCode):
+            raise TypeError("Refusal.code must be an ErrorCode")
+        if not isinstance(self.message, str):
+            raise TypeError("Refusal.message must be a string")
+
+
+@dataclass(frozen=True, slots=True)
 class Handshake:
     """The opening request of a WebSocket connection, as hooks see it.
 
@@ -77,8 +105,10 @@ class Handshake:
         listener_host: the address the listener is bound to.
         listener_loopback: True if that address is a loopback address.
         tls: True if the connection came over TLS.
-        peer_certificate: the verified client certificate
-            (``ssl.SSLSocket.getpeercert()`` form) or ``None``.
+        peer_certificate: the client certificate, verified against
+            ``[listener] tls_client_ca`` (``ssl.SSLSocket.getpeercert()``
+            form), or ``None`` when the client sent none or the listener does
+            not ask for one (``tls_client_auth = "none"``).
         subprotocol: the subprotocol the broker will accept.
     """
 

@@ -7,12 +7,15 @@ server error), 2 bad usage or bad configuration.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import logging
+import os
 import signal
-import ssl
+import socket
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -20,6 +23,10 @@ from . import __version__
 from .config import Config, load_config
 from .errors import ConfigError, PluginError
 from .log import setup_logging
+
+if TYPE_CHECKING:
+    from .server import Broker
+    from .systemd import Notifier
 
 __all__ = ["main"]
 
@@ -78,19 +85,11 @@ def _load(path: str | None) -> Config | None:
 
 
 def _check(path: str) -> int:
-    config = _load(path)
-    if config is None:
-        return 2
-    from .plugin_host import PluginHost
-    from .server import make_ssl_context
+    """Validate *path* exactly as a start or a reload would (broker.reload.prepare)."""
+    from .reload import prepare
 
     try:
-        PluginHost.from_config(config)
-        if config.listener.tls:
-            make_ssl_context(config.listener.tls_cert, config.listener.tls_key)
-    except (ssl.SSLError, OSError) as e:
-        print(f"broker: configuration error: listener.tls_cert: cannot load: {e}", file=sys.stderr)
-        return 2
+        prepare(path)
     except (ConfigError, PluginError) as e:
         print(f"broker: configuration error: {e}", file=sys.stderr)
         return 2
@@ -99,35 +98,85 @@ def _check(path: str) -> int:
 
 
 def _serve(path: str | None) -> int:
+    # SIGHUP's default action kills the process, and a `systemctl reload`
+    # (or a log rotation) may come before the event loop's receiver is in
+    # place: ignore it until then.
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     config = _load(path)
     if config is None:
         return 2
     setup_logging(config.log.level, config.log.format)
+    from . import systemd
+
+    # Read (and remove from the environment, so that nothing this process
+    # starts inherits them) what systemd passed.
+    notifier = systemd.Notifier.from_environ(os.environ)
+    watchdog = systemd.watchdog_interval(os.environ, os.getpid())
+    for name in ("WATCHDOG_USEC", "WATCHDOG_PID"):
+        os.environ.pop(name, None)
     try:
-        return trio.run(_serve_async, config)
+        sockets = systemd.adopt_sockets(systemd.listen_fds(os.environ, os.getpid()))
+    except (ValueError, OSError) as e:
+        log.error("cannot start: %s", e)
+        return 1
+    try:
+        return trio.run(_serve_async, config, notifier, sockets, watchdog)
     except (ConfigError, PluginError) as e:
         print(f"broker: configuration error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
         log.error("cannot start: %s", e)
         return 1
+    finally:
+        notifier.close()
 
 
-async def _serve_async(config: Config) -> int:
+#: Seconds between checks of the STATUS= line (sent when it changed).
+STATUS_INTERVAL = 1.0
+
+
+async def _serve_async(
+    config: Config,
+    notifier: Notifier,
+    sockets: dict[str, list[socket.socket]],
+    watchdog: float | None,
+) -> int:
     from .server import Broker
 
     # Install the signal receiver before anything slow: SIGTERM/SIGINT's
-    # default actions would kill the process without a drain.
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        broker = Broker(config)
+    # default actions would kill the process without a drain, SIGHUP's too.
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        broker = Broker(config, sockets=sockets)
         failed: BaseException | None = None
+        bad_config: BaseException | None = None
+        reload_send, reload_receive = trio.open_memory_channel[None](1)
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_on_signals, signals, broker, nursery.cancel_scope)
-                await broker.serve()
-                nursery.cancel_scope.cancel()
+                nursery.start_soon(
+                    _on_signals, signals, broker, nursery.cancel_scope, notifier, reload_send
+                )
+                # Returns once every listener is bound and the sources started.
+                await nursery.start(_run_broker, broker, nursery.cancel_scope)
+                if not broker.stopping:
+                    # Everything allocated so far (modules, config, plugins)
+                    # lives as long as the process: keep it out of every
+                    # garbage collection, whose full passes would otherwise
+                    # scan it and show up as latency spikes.
+                    gc.freeze()
+                    notifier.ready(_status(broker))
+                    log.info("ready")
+                    nursery.start_soon(_reloader, broker, notifier, reload_receive)
+                    nursery.start_soon(_status_updates, broker, notifier)
+                    if watchdog is not None:
+                        nursery.start_soon(_watchdog, broker, notifier, watchdog)
+        except* (ConfigError, PluginError) as group:
+            bad_config = group.exceptions[0]
         except* OSError as group:
             failed = group.exceptions[0]
+    if bad_config is not None:
+        print(f"broker: configuration error: {bad_config}", file=sys.stderr)
+        return 2
     if failed is not None:
         log.error("cannot serve: %s", failed)
         return 1
@@ -135,12 +184,101 @@ async def _serve_async(config: Config) -> int:
     return 0
 
 
-async def _on_signals(signals: Any, broker: Any, scope: trio.CancelScope) -> None:
+async def _run_broker(
+    broker: Broker,
+    scope: trio.CancelScope,
+    *,
+    task_status: trio.TaskStatus[Broker] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    await broker.serve(task_status=task_status)
+    scope.cancel()  # served and drained: stop the helper tasks too
+
+
+def _status(broker: Broker, prefix: str = "") -> str:
+    """The STATUS= line: what `systemctl status` shows."""
+    text = (
+        f"{len(broker.connections)} connections, "
+        f"{len(broker.hub.router)} subscriptions, {broker.hub.published} messages in"
+    )
+    last = broker.last_reload
+    if last is not None and not last.ok:
+        text += f"; last reload refused: {last.error}"
+    return prefix + text
+
+
+async def _on_signals(
+    signals: Any,
+    broker: Broker,
+    scope: trio.CancelScope,
+    notifier: Notifier,
+    reloads: trio.MemorySendChannel[None],
+) -> None:
     async for signum in signals:
         name = signal.Signals(signum).name
+        if signum == signal.SIGHUP:
+            if broker.stopping:
+                log.info("SIGHUP: stopping; not reloading")
+                continue
+            with contextlib.suppress(trio.WouldBlock):
+                reloads.send_nowait(None)  # one pending reload covers several signals
+            continue
         if broker.stopping:
             log.warning("second %s: stopping now", name)
             scope.cancel()
             return
         log.info("%s: draining and stopping", name)
+        notifier.stopping(f"draining {len(broker.connections)} connections")
         broker.stop()
+
+
+async def _reloader(
+    broker: Broker, notifier: Notifier, requests: trio.MemoryReceiveChannel[None]
+) -> None:
+    """Reload on each request, one at a time (notify-reload protocol)."""
+    from .reload import reload_broker
+
+    async for _ in requests:
+        if broker.stopping:
+            return
+        notifier.reloading("reloading configuration")
+        await reload_broker(broker)
+        if broker.stopping:
+            return
+        notifier.ready(_status(broker))
+
+
+async def _status_updates(broker: Broker, notifier: Notifier) -> None:
+    if not notifier.enabled:
+        return
+    last = _status(broker)
+    while not broker.stopping:
+        await trio.sleep(STATUS_INTERVAL)
+        text = _status(broker)
+        if text != last and not broker.stopping:
+            notifier.status(text)
+            last = text
+
+
+async def _watchdog(broker: Broker, notifier: Notifier, interval: float) -> None:
+    """WATCHDOG=1 every *interval* seconds while the event loop is healthy.
+
+    This task running shows the loop runs at all; the lag monitor's samples
+    show it keeps up: no ping while the last sample is stale (the monitor
+    itself is starved) or the lag exceeds *interval*. systemd then restarts
+    a broker that stays unhealthy for WatchdogSec.
+    """
+    from .server import LAG_INTERVAL
+
+    while True:
+        now = trio.current_time()
+        sampled = broker.loop_lag_at
+        stale = sampled is not None and now - sampled > LAG_INTERVAL + interval + 1.0
+        if not stale and broker.loop_lag < interval:
+            notifier.watchdog()
+        else:
+            log.warning(
+                "event loop unhealthy (lag %.3fs%s): withholding the watchdog ping",
+                broker.loop_lag,
+                ", lag monitor stalled" if stale else "",
+            )
+        await trio.sleep(interval)

@@ -62,6 +62,7 @@ from .errors import ErrorCode, ProtocolError
 from .outbox import OTHER_TOPICS
 from .protocol import (
     SUBPROTOCOLS,
+    Auth,
     Command,
     Encoding,
     Err,
@@ -452,6 +453,19 @@ class Client:
         start = trio.current_time()
         await self._request(Ping)
         return trio.current_time() - start
+
+    async def refresh(self, token: str) -> None:
+        """Present a new *token* (``auth``), e.g. a fresh JWT before the
+        current one expires; the broker closes the connection with 1008 at
+        the expiry of the identity it holds.
+
+        Raises:
+            Unauthorized: the broker refused the token (invalid, expired, for
+                another subject, or refresh not supported); the connection
+                keeps its current identity.
+            Disconnected: the connection is closed.
+        """
+        await self._request(lambda request_id: Auth(request_id, token))
 
     async def aclose(self) -> None:
         """Close the connection with code 1000 (idempotent).

@@ -25,6 +25,7 @@ from .outbox import Policy, QueueRule
 from .topics import TopicError, validate_pattern
 
 __all__ = [
+    "AdminConfig",
     "AuthorizationConfig",
     "Config",
     "LimitsConfig",
@@ -39,6 +40,9 @@ __all__ = [
 ]
 
 DEFAULT_PORT: Final = 8765
+DEFAULT_ADMIN_PORT: Final = 8766
+#: Shortest accepted ``[admin] token``.
+MIN_ADMIN_TOKEN_LENGTH: Final = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +55,10 @@ class ListenerConfig:
     tls_cert: str = ""
     tls_key: str = ""
     allow_insecure: bool = False
+    #: PEM bundle of the CAs that sign client certificates (mTLS).
+    tls_client_ca: str = ""
+    #: Whether TLS clients must present a certificate signed by tls_client_ca.
+    tls_client_auth: Literal["none", "optional", "required"] = "none"
 
     @property
     def tls(self) -> bool:
@@ -145,6 +153,20 @@ class LogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AdminConfig:
+    """``[admin]``: the HTTP listener for health checks, metrics and stats."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_ADMIN_PORT
+    #: When set, ``/metrics`` and ``/api/stats`` require ``Authorization:
+    #: Bearer TOKEN``; the health endpoints stay open.
+    token: str = field(default="", repr=False)
+    #: Allow the (plain HTTP) admin listener on a non-loopback address.
+    allow_insecure: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole configuration. Build it with :func:`load_config`."""
 
@@ -154,6 +176,7 @@ class Config:
     authorization: AuthorizationConfig = AuthorizationConfig()
     plugins: PluginsConfig = PluginsConfig()
     log: LogConfig = LogConfig()
+    admin: AdminConfig = AdminConfig()
     #: The file it came from, if any (relative paths in it resolve from here).
     source: Path | None = None
 
@@ -255,20 +278,42 @@ def _listener(t: _Table, source: Path | None) -> ListenerConfig:
     cert = _resolve(t.get("tls_cert", str, d.tls_cert), source)
     key = _resolve(t.get("tls_key", str, d.tls_key), source)
     insecure = t.get("allow_insecure", bool, d.allow_insecure)
+    client_ca = _resolve(t.get("tls_client_ca", str, d.tls_client_ca), source)
+    client_auth = t.choice("tls_client_auth", ("none", "optional", "required"), d.tls_client_auth)
     t.finish()
     if bool(cert) != bool(key):
         missing = "tls_key" if cert else "tls_cert"
         raise ConfigError(t.key(missing), "tls_cert and tls_key must be given together")
-    for name, value in (("tls_cert", cert), ("tls_key", key)):
+    for name, value in (("tls_cert", cert), ("tls_key", key), ("tls_client_ca", client_ca)):
         if value and not os.path.isfile(value):
             raise ConfigError(t.key(name), f"file not found: {value}")
+    if client_ca and not cert:
+        raise ConfigError(t.key("tls_client_ca"), "client certificates need tls_cert and tls_key")
+    if client_auth != "none" and not client_ca:
+        raise ConfigError(
+            t.key("tls_client_ca"), f"required when tls_client_auth is {client_auth!r}"
+        )
+    if client_ca and client_auth == "none":
+        raise ConfigError(
+            t.key("tls_client_auth"),
+            "must be 'optional' or 'required' when tls_client_ca is set",
+        )
     if not cert and not insecure and not is_loopback_host(host):
         raise ConfigError(
             t.key("host"),
             f"plain ws:// on non-loopback address {host!r}: configure tls_cert and "
             "tls_key, or set allow_insecure = true (e.g. behind a TLS proxy)",
         )
-    return ListenerConfig(host, port, path, cert, key, insecure)
+    return ListenerConfig(
+        host,
+        port,
+        path,
+        cert,
+        key,
+        insecure,
+        tls_client_ca=client_ca,
+        tls_client_auth=cast(Literal["none", "optional", "required"], client_auth),
+    )
 
 
 def _limits(t: _Table) -> LimitsConfig:
@@ -337,6 +382,27 @@ def _plugins(t: _Table, plugin_tables: object) -> PluginsConfig:
     return PluginsConfig(enabled, settings)
 
 
+def _admin(t: _Table) -> AdminConfig:
+    d = AdminConfig()
+    enabled = t.get("enabled", bool, d.enabled)
+    host = t.get("host", str, d.host)
+    port = t.get("port", int, d.port)
+    if not 0 <= port <= 65535:
+        raise ConfigError(t.key("port"), "must be between 0 and 65535")
+    token = t.get("token", str, d.token)
+    if token and len(token) < MIN_ADMIN_TOKEN_LENGTH:
+        raise ConfigError(t.key("token"), f"must be at least {MIN_ADMIN_TOKEN_LENGTH} characters")
+    insecure = t.get("allow_insecure", bool, d.allow_insecure)
+    t.finish()
+    if enabled and not insecure and not is_loopback_host(host):
+        raise ConfigError(
+            t.key("host"),
+            f"the admin listener is plain HTTP; on non-loopback address {host!r} set "
+            "allow_insecure = true (and a token), or keep it on loopback",
+        )
+    return AdminConfig(enabled, host, port, token, insecure)
+
+
 def config_from_dict(data: Mapping[str, Any], *, source: Path | None = None) -> Config:
     """Validate an already-parsed TOML document."""
     top = _Table(data, "")
@@ -358,5 +424,6 @@ def config_from_dict(data: Mapping[str, Any], *, source: Path | None = None) -> 
         format=cast(Literal["text", "json"], log_t.choice("format", ("text", "json"), "text")),
     )
     log_t.finish()
+    admin = _admin(_Table(top.get("admin", dict, {}), "admin"))
     top.finish()
-    return Config(listener, limits, queue, authorization, plugins, log, source)
+    return Config(listener, limits, queue, authorization, plugins, log, admin=admin, source=source)

@@ -7,7 +7,7 @@ one client are handled in order.
 
 Writing is separate from reading and never makes a publisher wait:
 
-* Everything owed to the client (replies, messages, pings, the close frame)
+* Everything owed to the client (replies, messages, pings, pongs)
   is queued in its :class:`~broker.outbox.Outbox`, in order, and the
   connection is marked dirty with the :class:`~broker.hub.Hub`.
 * Whoever queued it (the publisher's reader, a source, the heartbeat) calls
@@ -37,13 +37,14 @@ from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
-from .auth import Action, ClientInfo, Identity
+from .auth import Action, ClientInfo, Identity, Refusal, Reject
 from .errors import CloseCode, ErrorCode, ProtocolError
 from .frame_parser import Close, FrameError, FrameParser, Ping, Pong
 from .frames import close_frame, frame, ping_frame, pong_frame
 from .outbox import Outbox
 from .plugin_host import ValidationFailed
 from .protocol import (
+    Auth,
     Encoding,
     Publish,
     RequestId,
@@ -72,10 +73,20 @@ RECEIVE_SIZE: Final = 65536
 #: Deliveries after which a reader flushes even in the middle of a read, so a
 #: large burst of publishes does not hold every subscriber's first frame back.
 FLUSH_EVERY: Final = 20_000
+#: Reads processed back to back (without blocking) before a flush.
+MAX_READS_PER_FLUSH: Final = 16
 #: Most buffers in one writev (Linux IOV_MAX is 1024).
 MAX_IOV: Final = 512
 
 _WOULD_BLOCK: Final = (BlockingIOError, InterruptedError)
+
+#: The ``result`` label of broker_publishes_total for a refused ``pub``.
+_PUBLISH_RESULT: Final = {
+    ErrorCode.FORBIDDEN: "forbidden",
+    ErrorCode.RATE_LIMITED: "rate_limited",
+    ErrorCode.INVALID: "invalid",
+    ErrorCode.TOO_LARGE: "invalid",
+}
 
 
 class Connection:
@@ -135,8 +146,12 @@ class Connection:
         self._broken = False  # the socket failed or a write was cut mid-frame
         self._peer_closed = False
         self._finishing = False
+        self._no_more = False  # closing without a drain: take no new frames
         self._publish_allowed: dict[str, bool] = {}
         self._publish_generation = -1
+        #: WebSocket bytes read and written (before TLS), for metrics.
+        self.bytes_in = 0
+        self.bytes_out = 0
 
     def __repr__(self) -> str:
         return f"<Connection {self.id} {self.identity.subject}@{self.peer[0]}:{self.peer[1]}>"
@@ -182,8 +197,10 @@ class Connection:
             if self._writer_wakeup is not None:
                 self._writer_wakeup.set()
             return
-        if self._finishing:
-            return  # run()'s finish owns the socket now
+        if self._finishing or (self.close_code is not None and not self._drain):
+            # run()'s finish owns the socket now, or the connection is closing
+            # without a drain: what is queued is not written.
+            return
         if self._fd < 0 or not self._write_nowait():
             self._start_writer()
 
@@ -222,6 +239,7 @@ class Connection:
             except OSError as e:
                 self._fail(e)
                 return True
+            self.bytes_out += written
             total = sum(map(len, parts))
             if written < total:
                 self._unsent = b"".join(parts)[written:]
@@ -267,17 +285,24 @@ class Connection:
         """One awaiting write of what is queued; False when nothing was left."""
         if self._broken:
             return False
-        parts = [self._unsent] if self._unsent else self._next_parts()
-        if not parts:
+        if self._unsent:
+            parts = [self._unsent]
+        elif self._no_more:
             return False
+        else:
+            parts = self._next_parts()
+            if not parts:
+                return False
         self._unsent = b""
         self._writing = True
         try:
-            await self.stream.send_all(b"".join(parts))
+            data = b"".join(parts)
+            await self.stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
             self._fail(e)
             return False
         self._writing = False
+        self.bytes_out += len(data)
         return True
 
     def _fail(self, error: BaseException) -> None:
@@ -313,6 +338,7 @@ class Connection:
                         self.close(CloseCode.INTERNAL_ERROR, "internal error", drain=True)
                 self._scope = None
                 self._unsubscribe_all()
+                self.broker.hub.flush()  # what this reader queued for others
                 if self._drain and not self._broken:
                     # Let the writer finish what is queued, for a bounded time;
                     # cancelling it mid-write would cost the close frame.
@@ -322,7 +348,13 @@ class Connection:
                     else:
                         self._start_writer()
                 else:
-                    nursery.cancel_scope.cancel()
+                    # Queued frames are not written, but a write in progress
+                    # gets CLOSE_TIMEOUT to end, so that the close frame can
+                    # follow it (a slow consumer may still read its 1008).
+                    self._no_more = True
+                    nursery.cancel_scope.deadline = trio.current_time() + CLOSE_TIMEOUT
+                    if self._writer_wakeup is not None:
+                        self._writer_wakeup.set()
         finally:
             self._scope = None
             self._nursery = None
@@ -331,8 +363,9 @@ class Connection:
             with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
                 await self._finish()
             code = self.close_code if self.close_code is not None else CloseCode.NORMAL
-            with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
-                await plugins.disconnected(self.info, int(code), self.close_reason)
+            if plugins.pm.hook.broker_disconnected.get_hookimpls():
+                with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
+                    await plugins.disconnected(self.info, int(code), self.close_reason)
 
     def _unsubscribe_all(self) -> None:
         hub = self.broker.hub
@@ -357,7 +390,10 @@ class Connection:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
-            await trio.aclose_forcefully(stream)
+            if isinstance(stream, trio.SocketStream):
+                stream.socket.close()  # nothing to flush: no need to await
+            else:
+                await trio.aclose_forcefully(stream)
 
     async def _await_close(self) -> None:
         """After our close frame: read until the client's, or until it hangs up."""
@@ -377,15 +413,19 @@ class Connection:
         parser = self.parser
         hub = self.broker.hub
         data = initial
+        reads = 0
         while True:
             if data:
                 self.last_seen = trio.current_time()
+                self.bytes_in += len(data)
+                # Any traffic shows the client is alive; a new ping may go out
+                # the next time it falls silent.
+                self.ping_outstanding = False
+                violation: FrameError | None = None
                 try:
                     events = parser.feed(data)
                 except FrameError as e:
-                    log.info("%s closing (%d): %s", self.id, e.code, e.reason)
-                    self.close(e.code, e.reason, drain=True)
-                    return
+                    events, violation = e.events, e  # handle what came before it
                 for event in events:
                     if isinstance(event, (str, bytes)):
                         await self._command(event)
@@ -403,7 +443,35 @@ class Connection:
                         return
                     if self.close_code is not None:
                         return
+                if violation is not None:
+                    log.info("%s closing (%d): %s", self.id, violation.code, violation.reason)
+                    self.close(violation.code, violation.reason, drain=True)
+                    return
+                # Adaptive batching: a read that filled the whole buffer means
+                # more input is waiting; take it before flushing, so that under
+                # load each subscriber gets more frames per write (bounded, so
+                # that others get their turn and latency stays low).
+                if (
+                    len(data) >= RECEIVE_SIZE
+                    and self._fd >= 0
+                    and reads < MAX_READS_PER_FLUSH
+                    and hub.pending < FLUSH_EVERY
+                ):
+                    reads += 1
+                    try:
+                        data = os.read(self._fd, RECEIVE_SIZE)
+                    except _WOULD_BLOCK:
+                        pass
+                    except OSError:
+                        data = b""
+                    else:
+                        if data:
+                            continue
+                        self._broken = True  # TCP closed without a close frame
+                        self.close(CloseCode.ABNORMAL, "connection lost")
+                        return
                 hub.flush()
+            reads = 0
             try:
                 data = await stream.receive_some(RECEIVE_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -426,6 +494,8 @@ class Connection:
                 await self._subscribe(command)
             elif isinstance(command, Unsubscribe):
                 await self._unsubscribe(command)
+            elif isinstance(command, Auth):
+                await self._refresh(command)
             else:
                 self._reply(encode_pong(command.id, self.encoding))
         except ProtocolError as e:
@@ -448,6 +518,41 @@ class Connection:
     def _error(self, request_id: RequestId | None, code: ErrorCode, message: str) -> None:
         self._reply(encode_err(request_id, code, message, self.encoding))
 
+    def _refuse(self, request_id: RequestId | None, refusal: Refusal) -> None:
+        """Answer a plugin's refusal; count it; close if it says so."""
+        stats = self.broker.stats
+        if refusal.code is ErrorCode.FORBIDDEN:
+            stats.forbidden += 1
+        elif refusal.code is ErrorCode.RATE_LIMITED:
+            stats.rate_limited += 1
+        elif refusal.code in (ErrorCode.INVALID, ErrorCode.TOO_LARGE):
+            stats.invalid += 1
+        self._error(request_id, refusal.code, refusal.message)
+        if refusal.close:
+            log.info("%s closing (1008): %s", self.id, refusal.message)
+            self.close(CloseCode.POLICY_VIOLATION, refusal.message, drain=True)
+
+    async def _refresh(self, command: Auth) -> None:
+        """``auth``: replace the identity by the one a new token proves (same subject)."""
+        broker = self.broker
+        old = self.identity
+        decision: Identity | Reject = Reject(503, "authentication timed out")
+        with trio.move_on_after(broker.config.limits.auth_timeout):
+            decision = await broker.plugins.refresh(old, command.token)
+        if isinstance(decision, Reject):
+            log.info("%s refresh refused for %s: %s", self.id, old.subject, decision.reason)
+            self._error(command.id, ErrorCode.UNAUTHORIZED, decision.reason)
+            return
+        if self.close_code is not None:
+            return
+        self.identity = decision
+        self.info = ClientInfo(self.id, decision, self.peer, self.encoding.value)
+        # Decisions were made for the old identity (roles may have changed).
+        self._publish_allowed.clear()
+        broker.identity_changed()
+        log.info("%s refreshed its credentials (%s)", self.id, decision.subject)
+        self._reply(encode_ok(command.id, self.encoding))
+
     async def _subscribe(self, command: Subscribe) -> None:
         pattern = command.pattern
         broker = self.broker
@@ -458,10 +563,14 @@ class Connection:
         if len(self.subscriptions) >= limit:
             self._error(command.id, ErrorCode.LIMIT, f"too many subscriptions (max {limit})")
             return
-        if not await broker.plugins.authorize(self.identity, Action.SUBSCRIBE, pattern):
-            broker.stats.forbidden += 1
-            log.info("%s subscribe to %s forbidden for %s", self.id, pattern, self.identity.subject)
-            self._error(command.id, ErrorCode.FORBIDDEN, f"not allowed to subscribe to {pattern}")
+        decision = await broker.plugins.authorize_detail(
+            self.identity, Action.SUBSCRIBE, pattern, client=self.info
+        )
+        if decision is not True:
+            log.info("%s subscribe to %s refused for %s", self.id, pattern, self.identity.subject)
+            if decision is False:
+                decision = Refusal(ErrorCode.FORBIDDEN, f"not allowed to subscribe to {pattern}")
+            self._refuse(command.id, decision)
             return
         if self.close_code is not None:
             return
@@ -480,7 +589,8 @@ class Connection:
         self._reply(encode_ok(command.id, self.encoding))
         await self.broker.plugins.notify("broker_unsubscribed", client=self.info, pattern=pattern)
 
-    async def _may_publish(self, topic: str) -> bool:
+    async def _may_publish(self, topic: str) -> Refusal | None:
+        """None if this connection may publish to *topic*, else why not."""
         plugins = self.broker.plugins
         cache = self._publish_allowed
         if self._publish_generation != plugins.generation:
@@ -488,31 +598,43 @@ class Connection:
             self._publish_generation = plugins.generation
         allowed = cache.get(topic)
         if allowed is None:
-            allowed = await plugins.authorize(self.identity, Action.PUBLISH, topic)
+            decision = await plugins.authorize_detail(
+                self.identity, Action.PUBLISH, topic, client=self.info
+            )
+            if isinstance(decision, Refusal):
+                return decision  # a plugin's own refusal is never cached
+            allowed = decision
             if len(cache) >= PUBLISH_CACHE_SIZE:
                 cache.clear()
             cache[topic] = allowed
-        return allowed
+        if allowed:
+            return None
+        return Refusal(ErrorCode.FORBIDDEN, f"not allowed to publish to {topic}")
 
     async def _publish(self, command: Publish) -> None:
         broker = self.broker
         topic = command.topic
-        if not await self._may_publish(topic):
-            broker.stats.forbidden += 1
-            self._error(command.id, ErrorCode.FORBIDDEN, f"not allowed to publish to {topic}")
+        refusal = await self._may_publish(topic)
+        if refusal is not None:
+            broker.stats.publishes[_PUBLISH_RESULT.get(refusal.code, "error")] += 1
+            self._refuse(command.id, refusal)
             return
         data: Any = command.data
         if broker.plugins.has_validators:
             try:
-                reason = await broker.plugins.validate(self.identity, topic, data)
+                refusal = await broker.plugins.validate_detail(
+                    self.identity, topic, data, client=self.info
+                )
             except ValidationFailed:
+                broker.stats.publishes["error"] += 1
                 self._error(command.id, ErrorCode.INTERNAL, "validation failed")
                 return
-            if reason is not None:
-                broker.stats.invalid += 1
-                self._error(command.id, ErrorCode.INVALID, reason)
+            if refusal is not None:
+                broker.stats.publishes[_PUBLISH_RESULT.get(refusal.code, "error")] += 1
+                self._refuse(command.id, refusal)
                 return
         seq = await broker.backplane.publish(topic, data, command.key)
+        broker.stats.publishes["ok"] += 1
         if command.id is not None:
             self._reply(encode_ok(command.id, self.encoding, seq=seq))
         if broker.plugins.observes_published:

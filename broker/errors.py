@@ -18,6 +18,7 @@ __all__ = [
     "ErrorCode",
     "PluginError",
     "ProtocolError",
+    "PublishError",
 ]
 
 
@@ -56,12 +57,12 @@ class CloseCode(enum.IntEnum):
     INVALID_PAYLOAD = 1007
     #: Policy: slow consumer disconnected, too many unread replies, auth expired.
     POLICY_VIOLATION = 1008
-    #: A frame larger than ``max_message_size``.
+    #: A message larger than ``max_message_size`` (after joining fragments).
     MESSAGE_TOO_BIG = 1009
     #: The broker failed while serving this connection.
     INTERNAL_ERROR = 1011
     #: Never sent: reported to hooks and logs when a connection ended without
-    #: a closing handshake (the peer vanished, or was cut as a slow consumer).
+    #: a closing handshake (the peer vanished, or a write was cut mid-frame).
     ABNORMAL = 1006
 
 
@@ -112,3 +113,22 @@ class ProtocolError(BrokerError):
         self.message = message
         self.request_id = request_id
         self.close_code = close_code
+
+
+class PublishError(BrokerError):
+    """A publish made in-process (by a source, see :meth:`broker.Broker.publish`)
+    was refused.
+
+    Attributes:
+        code: why, as the ``err`` code a client would get: ``bad_request``
+            (bad topic, key or data), ``forbidden`` (authorization),
+            ``invalid`` (a validation hook) or ``internal`` (a validation hook
+            raised).
+        message: a short explanation (the validation hook's reason for
+            ``invalid``).
+    """
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message

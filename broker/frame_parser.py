@@ -46,12 +46,18 @@ _SENDABLE_CODES: Final = frozenset(
 
 
 class FrameError(Exception):
-    """The client broke the framing rules; close the connection with ``code``."""
+    """The client broke the framing rules; close the connection with ``code``.
+
+    ``events`` holds what the same :meth:`FrameParser.feed` call completed
+    before the violation: the client sent those first, so they are handled
+    before the connection is closed.
+    """
 
     def __init__(self, code: CloseCode, reason: str) -> None:
         super().__init__(f"{int(code)}: {reason}")
         self.code = code
         self.reason = reason
+        self.events: list[FrameEvent] = []
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +172,10 @@ class FrameParser:
                 message = self._data(opcode, fin, payload)
                 if message is not None:
                     events.append(message)
+        except FrameError as e:
+            e.events = events
+            self.closed = True
+            raise
         finally:
             view.release()
         if buf:

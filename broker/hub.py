@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 from .config import QueueConfig
 from .frames import frame
-from .outbox import Outbox, PushResult, QueueRule
+from .outbox import Outbox, Policy, PushResult, QueueRule
 from .protocol import Encoding, encode_msg
 from .router import Router
 from .topics import pattern_matches
@@ -58,6 +58,8 @@ class Hub:
         #: Deliveries that overflowed a queue and dropped a message (its own or
         #: an older one); the exact counts are in each Outbox.
         self.overflows = 0
+        #: The same, by the policy of the rule that applied (for metrics).
+        self.overflows_by_policy: dict[Policy, int] = dict.fromkeys(Policy, 0)
         self.slow_consumers = 0
         #: Subscribers with frames queued since the last flush (see flush()).
         self.dirty: list[Subscriber] = []
@@ -121,6 +123,7 @@ class Hub:
                     sub.slow_consumer()
                     continue
                 self.overflows += 1
+                self.overflows_by_policy[rule.policy] += 1
             if not sub.dirty:
                 sub.dirty = True
                 dirty.append(sub)

@@ -162,9 +162,7 @@ class Outbox:
 
     # -- producer side (the publish path; synchronous, never waits) ---------
 
-    def push(
-        self, frame: bytes, topic: str, rule: QueueRule, key: str | None = None
-    ) -> PushResult:
+    def push(self, frame: bytes, topic: str, rule: QueueRule, key: str | None = None) -> PushResult:
         """Queue one message frame, applying *rule* if a limit is hit."""
         state = self._last
         if state is None or state.rule is not rule:
@@ -185,9 +183,7 @@ class Outbox:
         self._append(frame, topic, state, None, size)
         return PushResult.QUEUED
 
-    def _append(
-        self, frame: bytes, topic: str, state: _RuleState, slot: object, size: int
-    ) -> None:
+    def _append(self, frame: bytes, topic: str, state: _RuleState, slot: object, size: int) -> None:
         frames = self._frames
         state.positions.append(self._base + len(frames))
         frames.append(frame)

@@ -28,9 +28,9 @@ from typing import Any
 
 import pluggy
 
-from .auth import Action, ClientInfo, Handshake, Identity, Reject
+from .auth import Action, ClientInfo, Handshake, Identity, Refusal, Reject
 from .config import Config
-from .errors import ConfigError, PluginError
+from .errors import ConfigError, ErrorCode, PluginError
 from .hookspecs import PROJECT, BrokerSpec
 
 __all__ = ["ENTRY_POINT_GROUP", "PluginContext", "PluginFactory", "PluginHost"]
@@ -68,6 +68,8 @@ class PluginHost:
         #: the publish path skips those calls entirely when none does.
         self.has_validators = False
         self.observes_published = False
+        #: The factories from_config was given, reused by a reload.
+        self.factories: Mapping[str, PluginFactory] = {}
 
     # -- set-up ----------------------------------------------------------------
 
@@ -81,6 +83,7 @@ class PluginHost:
         (for embedding and tests). Raises PluginError or ConfigError.
         """
         host = cls(default_allow=config.authorization.default == "allow")
+        host.factories = dict(factories or {})
         found = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
         for name in config.plugins.enabled:
             factory: object
@@ -103,7 +106,8 @@ class PluginHost:
             try:
                 plugin = factory(settings, PluginContext(name, config))
             except ConfigError as e:
-                raise ConfigError(f"plugin.{name}.{e.key}", e.reason) from None
+                key = f"plugin.{name}.{e.key}" if e.key else f"plugin.{name}"
+                raise ConfigError(key, e.reason) from None
             except Exception as e:
                 raise PluginError(name, f"failed to configure: {e!r}") from e
             host.register(plugin, name)
@@ -177,9 +181,31 @@ class PluginHost:
             return Reject(403, "authentication error")
         return Reject(401, "missing or invalid credentials")
 
-    async def authorize(self, identity: Identity, action: Action, topic: str) -> bool:
-        """Run broker_authorize: deny wins, then allow, then the default."""
-        kwargs = {"identity": identity, "action": action, "topic": topic}
+    async def authorize(
+        self,
+        identity: Identity,
+        action: Action,
+        topic: str,
+        *,
+        client: ClientInfo | None = None,
+    ) -> bool:
+        """Run broker_authorize: True if allowed (see :meth:`authorize_detail`)."""
+        return await self.authorize_detail(identity, action, topic, client=client) is True
+
+    async def authorize_detail(
+        self,
+        identity: Identity,
+        action: Action,
+        topic: str,
+        *,
+        client: ClientInfo | None = None,
+    ) -> bool | Refusal:
+        """Run broker_authorize: deny wins, then allow, then the default.
+
+        Returns True (allowed), False (denied: ``forbidden``, cacheable) or
+        the first :class:`Refusal` a plugin returned (not cacheable).
+        """
+        kwargs = {"identity": identity, "action": action, "topic": topic, "client": client}
         allowed = False
         for impl in self._impls("broker_authorize"):
             try:
@@ -193,25 +219,38 @@ class PluginHost:
                     identity.subject,
                 )
                 return False
-            if result is False:
-                return False
+            if result is False or isinstance(result, Refusal):
+                return result
             if result is True:
                 allowed = True
             elif result is not None:
                 log.error(
-                    "plugin %s: broker_authorize returned %r (not bool or None); denying",
+                    "plugin %s: broker_authorize returned %r (not bool, Refusal or None); denying",
                     impl.plugin_name,
                     type(result).__name__,
                 )
                 return False
         return allowed or self.default_allow
 
-    async def validate(self, identity: Identity, topic: str, data: Any) -> str | None:
-        """Run broker_validate: the first reason rejects.
+    async def validate(
+        self, identity: Identity, topic: str, data: Any, *, client: ClientInfo | None = None
+    ) -> str | None:
+        """Run broker_validate: the first refusal's message, or None.
 
         Raises ValidationFailed if an implementation raised.
         """
-        kwargs = {"identity": identity, "topic": topic, "data": data}
+        refusal = await self.validate_detail(identity, topic, data, client=client)
+        return None if refusal is None else refusal.message
+
+    async def validate_detail(
+        self, identity: Identity, topic: str, data: Any, *, client: ClientInfo | None = None
+    ) -> Refusal | None:
+        """Run broker_validate: the first answer rejects, as a :class:`Refusal`
+        (a plain reason becomes ``invalid``).
+
+        Raises ValidationFailed if an implementation raised.
+        """
+        kwargs = {"identity": identity, "topic": topic, "data": data, "client": client}
         for impl in self._impls("broker_validate"):
             try:
                 result = await self._call(impl, kwargs)
@@ -223,9 +262,85 @@ class PluginHost:
                     identity.subject,
                 )
                 raise ValidationFailed(impl.plugin_name) from e
-            if result is not None:
-                return str(result)
+            if result is None:
+                continue
+            if isinstance(result, Refusal):
+                return result
+            return Refusal(ErrorCode.INVALID, str(result))
         return None
+
+    async def refresh(self, identity: Identity, token: str) -> Identity | Reject:
+        """Run broker_refresh; always returns a decision (fails closed).
+
+        The new identity must have the same subject as *identity*. The
+        caller bounds it with ``limits.auth_timeout``.
+        """
+        kwargs = {"identity": identity, "token": token}
+        for impl in self._impls("broker_refresh"):
+            try:
+                result = await self._call(impl, kwargs)
+            except Exception:
+                log.exception(
+                    "plugin %s: broker_refresh raised; refusing the refresh for %s",
+                    impl.plugin_name,
+                    identity.subject,
+                )
+                return Reject(401, "authentication error")
+            if result is None:
+                continue
+            if isinstance(result, Reject):
+                return result
+            if not isinstance(result, Identity):
+                log.error(
+                    "plugin %s: broker_refresh returned %r (not Identity, Reject or None); "
+                    "refusing",
+                    impl.plugin_name,
+                    type(result).__name__,
+                )
+                return Reject(401, "authentication error")
+            if result.subject != identity.subject:
+                log.warning(
+                    "plugin %s: refresh for %s presented a token for another subject; refused",
+                    impl.plugin_name,
+                    identity.subject,
+                )
+                return Reject(403, "the token is for another subject")
+            if not result.plugin:
+                result = _with_plugin(result, impl.plugin_name)
+            return result
+        return Reject(401, "token refresh is not supported")
+
+    async def sources(self, broker: Any) -> list[tuple[str, Any]]:
+        """Run broker_sources: every source of every implementation, with the
+        name of the plugin that contributed it, in ``plugins.enabled`` order.
+
+        An implementation that raises, or returns something that is not an
+        iterable of sources (objects with ``name``, ``identity`` and ``run``),
+        is logged and contributes nothing; the broker starts anyway.
+        """
+        found: list[tuple[str, Any]] = []
+        for impl in self.pm.hook.broker_sources.get_hookimpls():
+            try:
+                result = await self._call(impl, {"broker": broker})
+                items = [] if result is None else list(result)
+            except Exception:
+                log.exception("plugin %s: broker_sources failed; no sources", impl.plugin_name)
+                continue
+            for item in items:
+                if not (
+                    isinstance(getattr(item, "name", None), str)
+                    and isinstance(getattr(item, "identity", None), Identity)
+                    and callable(getattr(item, "run", None))
+                ):
+                    log.error(
+                        "plugin %s: broker_sources returned %r, not a source "
+                        "(name, identity, run); ignored",
+                        impl.plugin_name,
+                        type(item).__name__,
+                    )
+                    continue
+                found.append((impl.plugin_name, item))
+        return found
 
     async def notify(self, hook: str, **kwargs: Any) -> None:
         """Call an observer hook on every implementation; errors are logged."""

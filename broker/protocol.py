@@ -16,6 +16,7 @@ Client to broker (:data:`Command`)::
     {"op": "unsub", "id": 2, "topic": "trades.*"}
     {"op": "pub",   "id": 3, "topic": "trades.BTC-USD", "data": {...}, "key": "k"}
     {"op": "ping",  "id": 4}
+    {"op": "auth",  "id": 5, "token": "eyJ..."}   (refresh the credentials)
 
 Broker to client (:data:`Event`)::
 
@@ -46,7 +47,7 @@ import json.encoder
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, NoReturn
 
 import msgpack
@@ -60,6 +61,7 @@ __all__ = [
     "MAX_ID_LENGTH",
     "MAX_KEY_LENGTH",
     "SUBPROTOCOLS",
+    "Auth",
     "Command",
     "Dropped",
     "Encoding",
@@ -74,6 +76,7 @@ __all__ = [
     "RequestId",
     "Subscribe",
     "Unsubscribe",
+    "check_publish",
     "decode_command",
     "decode_event",
     "encode_command",
@@ -167,7 +170,16 @@ class Ping:
     id: RequestId | None
 
 
-Command = Subscribe | Unsubscribe | Publish | Ping
+@dataclass(frozen=True, slots=True)
+class Auth:
+    """``auth``: present a new *token* for this connection (e.g. a fresh JWT
+    before the current one expires)."""
+
+    id: RequestId | None
+    token: str = field(repr=False)
+
+
+Command = Subscribe | Unsubscribe | Publish | Ping | Auth
 
 
 # --------------------------------------------------------------------------
@@ -464,7 +476,43 @@ def decode_command(frame: str | bytes, encoding: Encoding) -> Command:
     if op == "ping":
         return Ping(request_id)
 
+    if op == "auth":
+        token = obj.get("token", _MISSING)
+        if token is _MISSING:
+            raise _bad("missing field 'token'", request_id)
+        if type(token) is not str or not token:
+            raise _bad("token must be a non-empty string", request_id)
+        if _has_surrogate(token):
+            raise _bad("token must not contain lone surrogates", request_id)
+        return Auth(request_id, token)
+
     raise _bad(f"unknown op {_short(op)}", request_id)
+
+
+def check_publish(topic: object, data: Any, key: object = None) -> None:
+    """Check a publish that did not come through :func:`decode_command`.
+
+    For in-process publishers (sources, the HTTP API): the same rules as a
+    ``pub``: a valid topic, a key of 1 to :data:`MAX_KEY_LENGTH` characters or
+    ``None``, and ``data`` representable in both encodings. Lone surrogates
+    are always looked for, since *data* may come from anywhere.
+
+    Raises:
+        ProtocolError: BAD_REQUEST, with the same messages as a ``pub``.
+    """
+    try:
+        validate_topic(topic)
+    except TopicError as exc:
+        raise _bad(str(exc)) from None
+    if key is not None:
+        if type(key) is not str or not 0 < len(key) <= MAX_KEY_LENGTH:
+            raise _bad(_KEY_MESSAGE)
+        if _has_surrogate(key):
+            raise _bad("key must not contain lone surrogates")
+    try:
+        _check_data(data, 0, True)
+    except _Unrepresentable as exc:
+        raise _bad(exc.args[0]) from None
 
 
 def _with_id(fields: dict[str, Any], id: RequestId | None, encoding: Encoding) -> Payload:
@@ -547,6 +595,8 @@ def encode_command(command: Command, encoding: Encoding) -> Payload:
         fields = {"op": "unsub", "topic": command.pattern}
     elif isinstance(command, Ping):
         fields = {"op": "ping"}
+    elif isinstance(command, Auth):
+        fields = {"op": "auth", "token": command.token}
     else:
         raise TypeError(f"not a command: {command!r}")
     return _with_id(fields, command.id, encoding)

@@ -22,17 +22,21 @@ import collections
 import contextlib
 import itertools
 import logging
+import math
+import socket
 import ssl
+import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 import trio
 
-from .auth import Handshake, Identity, Reject
-from .config import Config, is_loopback_host
+from .admin import AdminServer
+from .auth import Action, Handshake, Identity, Refusal, Reject
+from .config import Config, ListenerConfig, is_loopback_host
 from .connection import Connection
-from .errors import CloseCode
+from .errors import CloseCode, ConfigError, ErrorCode, ProtocolError, PublishError
 from .handshake import (
     HandshakeError,
     HandshakeParser,
@@ -41,12 +45,21 @@ from .handshake import (
     reject_response,
 )
 from .hub import Backplane, Hub, LocalBackplane
-from .plugin_host import PluginHost
-from .protocol import SUBPROTOCOLS, Encoding
+from .log import CONNECTION_ID
+from .metrics import BrokerMetrics, source_statuses
+from .plugin_host import PluginHost, ValidationFailed
+from .protocol import SUBPROTOCOLS, Encoding, check_publish
+from .sources import Supervisor
 
-__all__ = ["Broker", "BrokerStats", "make_ssl_context"]
+if TYPE_CHECKING:
+    from .reload import ReloadResult
+
+__all__ = ["Broker", "BrokerStats", "make_ssl_context", "ssl_context_for"]
 
 log = logging.getLogger("broker.server")
+
+#: Most (identity, topic) pairs whose publish authorization Broker.publish remembers.
+PUBLISH_CACHE_SIZE = 4096
 
 
 @dataclass(slots=True)
@@ -57,14 +70,46 @@ class BrokerStats:
     rejected: collections.Counter[str] = field(default_factory=collections.Counter)
     forbidden: int = 0
     invalid: int = 0
+    rate_limited: int = 0
+    expired: int = 0
+    #: Client pub commands by result (ok, forbidden, invalid, rate_limited, error).
+    publishes: collections.Counter[str] = field(default_factory=collections.Counter)
+    #: Totals of connections that have closed (open ones are added at scrape).
+    bytes_in: int = 0
+    bytes_out: int = 0
+    messages_dropped: int = 0
 
 
-def make_ssl_context(cert: str, key: str) -> ssl.SSLContext:
-    """A server TLS context from PEM files, TLS 1.2 at the least."""
+def make_ssl_context(
+    cert: str, key: str, client_ca: str = "", client_auth: str = "none"
+) -> ssl.SSLContext:
+    """A server TLS context from PEM files, TLS 1.2 at the least.
+
+    With *client_ca* and *client_auth* ``"optional"`` or ``"required"``,
+    clients are asked for a certificate signed by one of those CAs; one that
+    does not verify fails the TLS handshake (as does none at all, when
+    required).
+    """
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(cert, key)
+    if client_ca and client_auth != "none":
+        ctx.load_verify_locations(cafile=client_ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED if client_auth == "required" else ssl.CERT_OPTIONAL
     return ctx
+
+
+def ssl_context_for(listener: ListenerConfig) -> ssl.SSLContext | None:
+    """The TLS context ``[listener]`` asks for (mTLS included), or None without TLS."""
+    if not listener.tls:
+        return None
+    return make_ssl_context(
+        listener.tls_cert, listener.tls_key, listener.tls_client_ca, listener.tls_client_auth
+    )
+
+
+#: Seconds between two event-loop lag samples.
+LAG_INTERVAL = 0.5
 
 
 class Broker:
@@ -73,25 +118,56 @@ class Broker:
     Args:
         config: the validated configuration.
         plugins: a plugin host; by default built from ``config.plugins``.
+        sockets: listening sockets to serve on instead of binding (socket
+            activation, see :mod:`broker.systemd`): ``"ws"`` for the
+            WebSocket listener, ``"admin"`` for the admin HTTP listener. They
+            are closed when the broker stops, never shut down.
     """
 
-    def __init__(self, config: Config, *, plugins: PluginHost | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        plugins: PluginHost | None = None,
+        sockets: dict[str, list[socket.socket]] | None = None,
+    ) -> None:
         self.config = config
         self.plugins = plugins if plugins is not None else PluginHost.from_config(config)
         self.hub = Hub(config.queue)
         self.backplane: Backplane = LocalBackplane(self.hub)
         self.stats = BrokerStats()
         self.connections: set[Connection] = set()
-        self.ssl_context: ssl.SSLContext | None = None
-        if config.listener.tls:
-            self.ssl_context = make_ssl_context(config.listener.tls_cert, config.listener.tls_key)
+        #: Read for every new TLS handshake; a reload replaces it.
+        self.ssl_context: ssl.SSLContext | None = ssl_context_for(config.listener)
         #: (host, port) of each bound socket, once serving.
         self.addresses: list[tuple[str, int]] = []
+        #: (host, port) of each admin HTTP socket, once serving.
+        self.admin_addresses: list[tuple[str, int]] = []
+        self.metrics = BrokerMetrics(self)
+        #: The last event-loop lag sample, in seconds, and when it was taken.
+        self.loop_lag = 0.0
+        self.loop_lag_at: float | None = None
+        #: The outcome of the last reload (broker.reload), if any.
+        self.last_reload: ReloadResult | None = None
+        self.started_at = time.time()
+        self._sockets = dict(sockets or {})
+        self._serving = False
+        # What the handshake tells plugins about the listener: from the
+        # config, or from the sockets actually served (socket activation).
+        self._listener_host = config.listener.host
+        self._listener_loopback = is_loopback_host(config.listener.host)
         self._sockets_open = 0
         self._per_ip: collections.Counter[str] = collections.Counter()
         self._ids = itertools.count(1)
         self._stop = trio.Event()
         self._idle = trio.Event()
+        self._expiry_wakeup = trio.Event()
+        #: One supervisor per source (see broker.sources), once serving.
+        self.sources: list[Supervisor] = []
+        # Broker.publish's authorization cache: (id(identity), topic) ->
+        # (identity, allowed); the identity is kept so its id is not reused.
+        self._publish_allowed: dict[tuple[int, str], tuple[Identity, bool]] = {}
+        self._publish_generation = -1
 
     @property
     def port(self) -> int:
@@ -109,9 +185,163 @@ class Broker:
     def stopping(self) -> bool:
         return self._stop.is_set()
 
+    @property
+    def sockets_open(self) -> int:
+        """Client TCP connections open, handshakes in progress included."""
+        return self._sockets_open
+
+    @property
+    def admin_url(self) -> str:
+        host, port = self.admin_addresses[0]
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{port}"
+
+    def readiness(self) -> tuple[bool, list[str]]:
+        """(ready, reasons it is not): what ``/readyz`` answers.
+
+        Ready once every listener is up and the sources started, while every
+        source is running and the cluster backend (if any) is reachable; not
+        while shutting down.
+        """
+        reasons: list[str] = []
+        if self.stopping:
+            reasons.append("shutting down")
+        elif not self._serving:
+            reasons.append("starting")
+        for status in source_statuses(self):
+            if not status["running"]:
+                reasons.append(f"source {status['name']} is {status['state']}")
+        healthy: Any = getattr(self.backplane, "healthy", None)
+        if callable(healthy):
+            try:
+                healthy = healthy()
+            except Exception:
+                log.exception("backplane health check raised")
+                healthy = False
+        if healthy is False:
+            reasons.append("cluster backend unreachable")
+        return not reasons, reasons
+
+    def stats_snapshot(self) -> dict[str, Any]:
+        """The broker's numbers as plain JSON values (``/api/stats``)."""
+        from . import __version__
+
+        stats = self.stats
+        hub = self.hub
+        connections = list(self.connections)
+        ready, reasons = self.readiness()
+        sources: list[dict[str, Any]] = []
+        for status in source_statuses(self):
+            sources.append(status)
+        return {
+            "version": __version__,
+            "uptime_seconds": round(time.time() - self.started_at, 3),
+            "ready": ready,
+            "not_ready_reasons": reasons,
+            "stopping": self.stopping,
+            "listeners": [f"{h}:{p}" for h, p in self.addresses],
+            "admin_listeners": [f"{h}:{p}" for h, p in self.admin_addresses],
+            "tls": self.ssl_context is not None,
+            "connections": len(connections),
+            "sockets_open": self._sockets_open,
+            "subscriptions": sum(len(c.subscriptions) for c in connections),
+            "subscription_patterns": hub.router.pattern_count,
+            "accepted": stats.accepted,
+            "rejected": dict(sorted(stats.rejected.items())),
+            "publishes": dict(sorted(stats.publishes.items())),
+            "forbidden": stats.forbidden,
+            "invalid": stats.invalid,
+            "rate_limited": stats.rate_limited,
+            "expired": stats.expired,
+            "messages_in": hub.published,
+            "messages_out": hub.delivered,
+            "bytes_in": stats.bytes_in + sum(c.bytes_in for c in connections),
+            "bytes_out": stats.bytes_out + sum(c.bytes_out for c in connections),
+            "messages_dropped": stats.messages_dropped
+            + sum(c.outbox.dropped_total for c in connections),
+            "overflows": hub.overflows,
+            "slow_consumers": hub.slow_consumers,
+            "queued_frames": sum(len(c.outbox) for c in connections),
+            "loop_lag_seconds": round(self.loop_lag, 6),
+            "plugins": list(self.config.plugins.enabled),
+            "plugin_generation": self.plugins.generation,
+            "sources": sources,
+            "last_reload": self.last_reload.as_dict() if self.last_reload else None,
+        }
+
     def stop(self) -> None:
         """Begin a graceful shutdown (idempotent, callable from any task)."""
         self._stop.set()
+
+    # -- publishing from inside the process (sources) ------------------------------
+
+    async def publish(
+        self, identity: Identity, topic: str, data: Any, key: str | None = None
+    ) -> int:
+        """Publish *data* on *topic* as *identity*; return the message's ``seq``.
+
+        What a client's ``pub`` goes through, for sources and other
+        in-process publishers: the topic, key and data checks of the protocol,
+        ``broker_authorize`` (cached per identity and topic, like a
+        connection's), ``broker_validate``, the backplane, then the
+        subscribers are written at once and ``broker_published`` observers
+        run.
+
+        Raises:
+            PublishError: ``bad_request``, ``forbidden`` (or a plugin's
+                Refusal code), ``invalid`` or ``internal``.
+        """
+        try:
+            check_publish(topic, data, key)
+        except ProtocolError as e:
+            raise PublishError(e.code, e.message) from None
+        plugins = self.plugins
+        cache = self._publish_allowed
+        if self._publish_generation != plugins.generation:
+            cache.clear()
+            self._publish_generation = plugins.generation
+        cached = cache.get((id(identity), topic))
+        if cached is not None and cached[0] is identity:
+            allowed: bool | Refusal = cached[1]
+        else:
+            allowed = await plugins.authorize_detail(identity, Action.PUBLISH, topic)
+            if isinstance(allowed, bool):  # a Refusal is never cached
+                if len(cache) >= PUBLISH_CACHE_SIZE:
+                    cache.clear()
+                cache[(id(identity), topic)] = (identity, allowed)
+        if allowed is not True:
+            if isinstance(allowed, Refusal):
+                raise PublishError(allowed.code, allowed.message)
+            self.stats.forbidden += 1
+            raise PublishError(ErrorCode.FORBIDDEN, f"not allowed to publish to {topic}")
+        if plugins.has_validators:
+            try:
+                refusal = await plugins.validate_detail(identity, topic, data)
+            except ValidationFailed:
+                raise PublishError(ErrorCode.INTERNAL, "validation failed") from None
+            if refusal is not None:
+                if refusal.code is ErrorCode.INVALID:
+                    self.stats.invalid += 1
+                raise PublishError(refusal.code, refusal.message)
+        seq = await self.backplane.publish(topic, data, key)
+        self.hub.flush()
+        if plugins.observes_published:
+            await plugins.notify(
+                "broker_published", identity=identity, topic=topic, seq=seq, data=data, key=key
+            )
+        return seq
+
+    async def _start_sources(self, nursery: trio.Nursery) -> None:
+        """Collect the plugins' sources and run each under a supervisor."""
+        seen: set[tuple[str, str]] = set()
+        for plugin, source in await self.plugins.sources(self):
+            if (plugin, source.name) in seen:
+                log.error("plugin %s: two sources named %r; ignoring one", plugin, source.name)
+                continue
+            seen.add((plugin, source.name))
+            supervisor = Supervisor(source, self, plugin=plugin)
+            self.sources.append(supervisor)
+            nursery.start_soon(supervisor.run, name=f"source {supervisor.label}")
 
     # -- serving ---------------------------------------------------------------
 
@@ -120,28 +350,97 @@ class Broker:
     ) -> None:
         """Bind, serve until :meth:`stop`, then drain and close every client."""
         cfg = self.config.listener
-        listeners = await trio.open_tcp_listeners(cfg.port, host=cfg.host)
+        inherited = "ws" in self._sockets
+        listeners = await self._listeners("ws", cfg.host, cfg.port)
         self.addresses = [_sockname(lst) for lst in listeners]
+        if inherited:
+            self._listener_host = self.addresses[0][0]
+            self._listener_loopback = all(is_loopback_host(h) for h, _ in self.addresses)
+            if not (cfg.tls or cfg.allow_insecure or self._listener_loopback):
+                for listener in listeners:
+                    await trio.aclose_forcefully(listener)
+                raise ConfigError(
+                    "listener.tls_cert",
+                    f"socket activation passed non-loopback {self._listener_host} for plain "
+                    "ws://: configure tls_cert and tls_key, or set allow_insecure = true",
+                )
         if cfg.tls:
             mode = "TLS"
-        elif is_loopback_host(cfg.host):
+        elif self._listener_loopback:
             mode = "plain, loopback only"
         else:
             mode = "plain (allow_insecure)"
+        origin = ", socket activation" if inherited else ""
         for host, port in self.addresses:
-            log.info("listening on %s:%d%s (%s)", host, port, cfg.path, mode)
-        async with trio.open_nursery() as handlers:
-            async with trio.open_nursery() as accepting:
+            shown = f"[{host}]" if ":" in host else host
+            log.info("listening on %s:%d%s (%s%s)", shown, port, cfg.path, mode, origin)
+        admin_cfg = self.config.admin
+        admin_listeners: list[trio.SocketListener] = []
+        if "admin" in self._sockets or admin_cfg.enabled:
+            try:
+                admin_listeners = await self._listeners("admin", admin_cfg.host, admin_cfg.port)
+            except BaseException:
                 for listener in listeners:
-                    accepting.start_soon(self._accept_loop, listener, handlers)
-                if self.config.limits.ping_interval > 0:
+                    await trio.aclose_forcefully(listener)
+                raise
+            self.admin_addresses = [_sockname(lst) for lst in admin_listeners]
+            for host, port in self.admin_addresses:
+                log.info("admin HTTP on %s:%d (/healthz /readyz /metrics /api/stats)", host, port)
+        try:
+            async with trio.open_nursery() as handlers:
+                # Sources, the admin endpoints and the lag monitor run in the
+                # handlers nursery: they stay up during the drain.
+                handlers.start_soon(self._lag_monitor)
+                if admin_listeners:
+                    handlers.start_soon(AdminServer(self).serve, admin_listeners, handlers)
+                await self._start_sources(handlers)
+                async with trio.open_nursery() as accepting:
+                    for listener in listeners:
+                        accepting.start_soon(self._accept_loop, listener, handlers)
                     accepting.start_soon(self._heartbeat)
-                task_status.started(self)
-                await self._stop.wait()
-                accepting.cancel_scope.cancel()
-            for listener in listeners:
-                await listener.aclose()
-            await self._drain(handlers)
+                    accepting.start_soon(self._expire_identities)
+                    # Only now (listeners bound, admin up, sources started)
+                    # does serve report started: `broker serve` then sends
+                    # READY=1. Anything that must be up before READY starts
+                    # above this line.
+                    self._serving = True
+                    task_status.started(self)
+                    await self._stop.wait()
+                    accepting.cancel_scope.cancel()
+                for listener in listeners:
+                    await listener.aclose()
+                await self._drain(handlers)
+        finally:
+            self._serving = False
+            with trio.CancelScope(shield=True):
+                for listener in [*listeners, *admin_listeners]:
+                    await listener.aclose()  # closed, never shut down (socket activation)
+
+    async def _listeners(self, name: str, host: str, port: int) -> list[trio.SocketListener]:
+        """Listeners for *name*: the inherited sockets, or freshly bound ones."""
+        inherited = self._sockets.get(name)
+        if not inherited:
+            return await trio.open_tcp_listeners(port, host=host)
+        listeners = []
+        for sock in inherited:
+            sock.setblocking(False)
+            listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
+        return listeners
+
+    async def _lag_monitor(self) -> None:
+        """Sample the event loop's lag: how late a timer fires.
+
+        A saturated or blocked loop runs every timer late; the samples feed
+        ``broker_event_loop_lag_seconds`` and gate the systemd watchdog.
+        """
+        while True:
+            start = trio.current_time()
+            await trio.sleep(LAG_INTERVAL)
+            now = trio.current_time()
+            lag = max(0.0, now - start - LAG_INTERVAL)
+            self.loop_lag = lag
+            self.loop_lag_at = now
+            self.metrics.loop_lag.observe(lag)
 
     async def _accept_loop(self, listener: trio.SocketListener, handlers: trio.Nursery) -> None:
         await trio.serve_listeners(self._handle_stream, [listener], handler_nursery=handlers)
@@ -169,8 +468,16 @@ class Broker:
             return
         self._sockets_open += 1
         self._per_ip[peer[0]] += 1
+        # Every line logged for this connection carries its id (broker.log).
+        CONNECTION_ID.set(f"c{next(self._ids)}")
         try:
-            await self._serve_client(stream, peer)
+            # The handshake's objects (h11 state, parsed headers) are freed
+            # when _serve_client returns; only the connection lives on.
+            started = trio.current_time()
+            accepted = await self._serve_client(stream, peer)
+            self.metrics.handshake_duration.observe(trio.current_time() - started)
+            if accepted is not None:
+                await self._run_connection(*accepted)
         except Exception:
             log.exception("unexpected error serving %s:%d", *peer)
         finally:
@@ -181,7 +488,11 @@ class Broker:
             if self._stop.is_set() and not self._sockets_open:
                 self._idle.set()
 
-    async def _serve_client(self, tcp: trio.SocketStream, peer: tuple[str, int]) -> None:
+    async def _serve_client(
+        self, tcp: trio.SocketStream, peer: tuple[str, int]
+    ) -> tuple[Connection, bytes] | None:
+        """TLS, the opening handshake and authentication: the accepted
+        connection and the bytes that came after the request, or None."""
         limits = self.config.limits
         stream: trio.abc.Stream = tcp
         cert: dict[str, Any] | None = None
@@ -202,14 +513,17 @@ class Broker:
                 self.stats.rejected["bad_request"] += 1
                 log.info("bad handshake from %s:%d: %d %s", *peer, e.status, e.reason)
                 await _send_quietly(stream, reject_response(e.status, e.reason, e.headers))
-                return
+                return None
             except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError) as e:
+                # The TLS handshake failed, or the client left mid-request.
+                failed_tls = stream is tcp and self.ssl_context is not None
+                self.stats.rejected["tls" if failed_tls else "closed"] += 1
                 log.debug("handshake with %s:%d failed: %r", *peer, e)
-                return
+                return None
         if timeout.cancelled_caught or request is None:
             log.info("handshake timeout from %s:%d", *peer)
             self.stats.rejected["handshake_timeout"] += 1
-            return
+            return None
         try:
             terms = await self._authenticate(request, peer, cert)
         except Exception:
@@ -217,13 +531,21 @@ class Broker:
             terms = Reject(500, "internal error")
         if isinstance(terms, Reject):
             await _send_quietly(stream, reject_response(terms.status, terms.reason))
-            return
+            return None
         identity, encoding, subprotocol = terms
         try:
             await stream.send_all(accept_response(request.key, subprotocol))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return
-        await self._run_connection(stream, identity, encoding, peer, request.trailing)
+            return None
+        conn = Connection(
+            self,
+            stream,
+            conn_id=CONNECTION_ID.get() or f"c{next(self._ids)}",
+            identity=identity,
+            encoding=encoding,
+            peer=peer,
+        )
+        return conn, request.trailing
 
     async def _authenticate(
         self, request: UpgradeRequest, peer: tuple[str, int], cert: dict[str, Any] | None
@@ -258,8 +580,8 @@ class Broker:
             query={k: tuple(v) for k, v in parse_qs(url.query).items()},
             headers=headers,
             peer=peer,
-            listener_host=cfg.listener.host,
-            listener_loopback=is_loopback_host(cfg.listener.host),
+            listener_host=self._listener_host,
+            listener_loopback=self._listener_loopback,
             tls=self.ssl_context is not None,
             peer_certificate=cert,
             subprotocol=subprotocol,
@@ -276,24 +598,12 @@ class Broker:
         log.info("rejected %s:%d with %d: %s", *peer, reject.status, reject.reason)
         return reject
 
-    async def _run_connection(
-        self,
-        stream: trio.abc.Stream,
-        identity: Identity,
-        encoding: Encoding,
-        peer: tuple[str, int],
-        initial: bytes,
-    ) -> None:
-        conn = Connection(
-            self,
-            stream,
-            conn_id=f"c{next(self._ids)}",
-            identity=identity,
-            encoding=encoding,
-            peer=peer,
-        )
+    async def _run_connection(self, conn: Connection, initial: bytes) -> None:
+        identity, peer, encoding = conn.identity, conn.peer, conn.encoding
         self.stats.accepted += 1
         self.connections.add(conn)
+        if identity.expires_at is not None:
+            self.identity_changed()
         log.info(
             "%s connected from %s:%d as %s (%s, %s)",
             conn.id,
@@ -308,6 +618,10 @@ class Broker:
             await conn.run(initial)
         finally:
             self.connections.discard(conn)
+            stats = self.stats
+            stats.bytes_in += conn.bytes_in
+            stats.bytes_out += conn.bytes_out
+            stats.messages_dropped += conn.outbox.dropped_total
             log.info(
                 "%s disconnected (%s %s)%s",
                 conn.id,
@@ -316,6 +630,36 @@ class Broker:
                 f", {conn.outbox.dropped_total} dropped" if conn.outbox.dropped_total else "",
             )
 
+    def identity_changed(self) -> None:
+        """A connection's identity, or its expiry, changed: re-plan the expiry task."""
+        self._expiry_wakeup.set()
+
+    async def _expire_identities(self) -> None:
+        """Close connections whose ``identity.expires_at`` has passed (1008).
+
+        Independent of the heartbeat (which ``ping_interval = 0`` turns off):
+        sleeps until the soonest expiry, and is woken when a connection with
+        an expiring identity is accepted or refreshed. Wall-clock times
+        (``time.time()``, as in JWTs); it wakes at least once a minute in case
+        the clock is stepped.
+        """
+        while True:
+            self._expiry_wakeup = trio.Event()
+            now = time.time()
+            soonest = math.inf
+            for conn in list(self.connections):
+                expires_at = conn.identity.expires_at
+                if expires_at is None or conn.close_code is not None:
+                    continue
+                if expires_at <= now:
+                    self.stats.expired += 1
+                    log.info("%s authentication expired (%s)", conn.id, conn.identity.subject)
+                    conn.close(CloseCode.POLICY_VIOLATION, "authentication expired")
+                else:
+                    soonest = min(soonest, expires_at)
+            with trio.move_on_after(min(soonest - now, 60.0)):
+                await self._expiry_wakeup.wait()
+
     async def _heartbeat(self) -> None:
         """Ping idle clients; drop those silent for ping_interval + ping_timeout.
 
@@ -323,10 +667,15 @@ class Broker:
         ``last_seen`` time, updated on every read, so only idle clients are
         pinged and no per-connection timer exists.
         """
-        limits = self.config.limits
-        interval = limits.ping_interval
         while True:
+            # Read on each round: a reload may change them (0 turns pings off).
+            interval = self.config.limits.ping_interval
+            if interval <= 0:
+                await trio.sleep(1.0)
+                continue
             await trio.sleep(interval / 2)
+            limits = self.config.limits
+            interval = limits.ping_interval or interval
             now = trio.current_time()
             for conn in list(self.connections):
                 silent = now - conn.last_seen

@@ -34,7 +34,7 @@ from broker.topics import MAX_TOKENS, MAX_TOPIC_LENGTH
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
-DOC_NAMES = ("protocol.md", "configuration.md", "plugins.md", "architecture.md")
+DOC_NAMES = ("protocol.md", "configuration.md", "plugins.md", "architecture.md", "operations.md")
 
 _HEADING = re.compile(r"^(#{1,6})\s")
 _CELL_SEP = re.compile(r"(?<!\\)\|")
@@ -158,6 +158,7 @@ TABLES: dict[str, list[dataclasses.Field[Any]]] = {
         f for f in dataclasses.fields(config_module.PluginsConfig) if f.name == "enabled"
     ],
     "[log]": list(dataclasses.fields(config_module.LogConfig)),
+    "[admin]": list(dataclasses.fields(config_module.AdminConfig)),
 }
 
 KEYS = [(table, f) for table, fields in TABLES.items() for f in fields]

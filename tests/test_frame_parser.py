@@ -125,3 +125,12 @@ def test_too_big_counts_all_fragments() -> None:
 def test_valid_application_close_codes() -> None:
     for code in (1000, 1011, 3000, 4999):
         assert FrameParser(10).feed(masked(0x88, struct.pack("!H", code))) == [Close(code, "")]
+
+
+def test_messages_before_a_violation_are_kept() -> None:
+    c = client()
+    data = c.send(TextMessage(data="first")) + masked(0x81, b"\xff")
+    with pytest.raises(FrameError) as info:
+        FrameParser(100).feed(data)
+    assert info.value.events == ["first"]
+    assert info.value.code == CloseCode.INVALID_PAYLOAD

@@ -42,7 +42,8 @@ async def serve(tmp_path: Path, toml: str) -> AsyncIterator[tuple[trio.Process, 
     """Run ``broker serve`` on a free loopback port; yield (process, url, log file)."""
     port = free_port()
     config = tmp_path / "broker.toml"
-    config.write_text(f'[listener]\nhost = "127.0.0.1"\nport = {port}\n{toml}')
+    # The admin listener on port 0 too, so that runs never collide.
+    config.write_text(f'[listener]\nhost = "127.0.0.1"\nport = {port}\n{toml}\n[admin]\nport = 0\n')
     log = tmp_path / "stderr.log"
     with log.open("wb") as stderr:
         process = await trio.lowlevel.open_process(
@@ -186,6 +187,7 @@ async def test_stop_with_a_slow_consumer_is_bounded() -> None:
     config = config_from_dict(
         {
             "listener": {"port": 0},
+            "admin": {"port": 0},
             "queue": {"max_messages": 10, "max_bytes": 100_000},
             "limits": {"drain_timeout": 0.5},
         }

@@ -18,13 +18,19 @@ token is hashed with SHA-256 and compared with *every* configured digest with
 :func:`hmac.compare_digest`, so the time taken does not depend on which
 entry (if any) matched. A matching token yields ``Identity(id, roles)``; a
 token that matches nothing is rejected with 401; no token at all is left to
-the next plugin (e.g. ``noauth`` on loopback).
+the next plugin (e.g. ``noauth`` on loopback), and so is an unknown token
+that is a JWT (three base64url segments, the first a JSON header with
+``alg``): that kind of credential is the ``jwt`` plugin's, whichever of the
+two is asked first.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -32,7 +38,7 @@ from typing import Any, Final
 
 from broker import ConfigError, Handshake, Identity, PluginContext, Reject, hookimpl
 
-__all__ = ["MIN_TOKEN_LENGTH", "StaticTokens", "create"]
+__all__ = ["MIN_TOKEN_LENGTH", "StaticTokens", "create", "looks_like_jwt"]
 
 #: Shortest plain-text token accepted in the config.
 MIN_TOKEN_LENGTH: Final = 16
@@ -62,8 +68,22 @@ class StaticTokens:
             if hmac.compare_digest(digest, entry.digest):
                 found = entry.identity
         if found is None:
+            if looks_like_jwt(token):
+                return None  # not our kind of credential: leave it to the jwt plugin
             return Reject(401, "invalid token")
         return found
+
+
+def looks_like_jwt(token: str) -> bool:
+    """True if *token* has the shape of a JWS compact serialization."""
+    parts = token.split(".")
+    if len(parts) != 3 or not parts[0]:
+        return False
+    try:
+        header = json.loads(base64.urlsafe_b64decode(parts[0] + "=" * (-len(parts[0]) % 4)))
+    except (binascii.Error, ValueError):
+        return False
+    return isinstance(header, dict) and "alg" in header
 
 
 def create(settings: Mapping[str, Any], context: PluginContext) -> StaticTokens:

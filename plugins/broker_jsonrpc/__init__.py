@@ -1,0 +1,219 @@
+"""jsonrpc: JSON-RPC 2.0 WebSocket subscriptions (``eth_subscribe``) into topics.
+
+Configuration (every key in docs/sources.md)::
+
+    [plugins]
+    enabled = ["noauth", "jsonrpc"]
+
+    [[plugin.jsonrpc.sources]]
+    name = "mainnet"
+    urls = ["wss://node-a.example/ws", "wss://node-b.example/ws"]   # failover
+    idle_timeout = 60.0
+
+    [[plugin.jsonrpc.sources.subscriptions]]
+    params = ["newHeads"]
+    topic = "eth.blocks"
+
+    [[plugin.jsonrpc.sources.subscriptions]]
+    params = ["logs", { address = "0xA0b86991c6218b36c1d19D4a2e9Eb0cE3606eB48" }]
+    topic = "eth.logs.{params.result.address|lower}"
+
+Each connection sends every subscription's call (``{"jsonrpc": "2.0", "id":
+N, "method": "eth_subscribe", "params": [...]}``), waits for every answer,
+then maps each notification (``{"method": "eth_subscription", "params":
+{"subscription": ID, "result": ...}}``) of those subscriptions to a topic.
+Notifications of any other subscription id (an earlier connection's, say)
+are ignored, so a reconnect never forwards a notification twice. A silent
+upstream, a dropped connection or an error answer ends the session; the
+supervisor reconnects (to the next URL) after its backoff.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+import trio
+
+from broker import Broker, Identity, PluginContext, PublishError, hookimpl
+from broker.mapping import MappingError, MessageMapping, parse_mapping
+from broker.settings import Settings
+from broker.sources import (
+    Backoff,
+    Publisher,
+    SourceError,
+    SourceOptions,
+    parse_source_options,
+    unique_names,
+)
+from broker.upstream import Upstream, UpstreamConnection, UpstreamOptions, parse_upstream_options
+
+__all__ = ["JsonRpcPlugin", "JsonRpcSource", "Subscription", "create"]
+
+PLUGIN: Final = "jsonrpc"
+
+
+@dataclass(frozen=True, slots=True)
+class Subscription:
+    """One subscribe call and how its notifications are mapped."""
+
+    method: str
+    params: tuple[Any, ...]
+    mapping: MessageMapping
+
+
+@dataclass(frozen=True, slots=True)
+class SourceConfig:
+    options: SourceOptions
+    upstream: UpstreamOptions
+    subscriptions: tuple[Subscription, ...]
+    request_timeout: float
+    notification_method: str
+
+
+def _decode(raw: str | bytes) -> Any:
+    text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+    return json.loads(text)
+
+
+class JsonRpcSource:
+    """One upstream node (with failover URLs) and its subscriptions."""
+
+    def __init__(self, config: SourceConfig) -> None:
+        self.config = config
+        self.name = config.options.name
+        self.identity: Identity = config.options.identity
+        self.backoff: Backoff = config.options.backoff
+        self.upstream = Upstream(config.upstream)
+        #: Subscription id -> subscription, for the current connection only.
+        self.active: dict[str | int, Subscription] = {}
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "url": self.upstream.display,
+            "subscriptions": {str(k): list(v.params[:1]) for k, v in self.active.items()},
+        }
+
+    async def run(self, publisher: Publisher) -> None:
+        try:
+            await self.upstream.run(lambda conn: self._session(conn, publisher))
+        finally:
+            self.active = {}
+
+    async def _session(self, conn: UpstreamConnection, publisher: Publisher) -> None:
+        config = self.config
+        active: dict[str | int, Subscription] = {}
+        self.active = active
+        pending: dict[int, Subscription] = {}
+        for request_id, call in enumerate(config.subscriptions, 1):
+            pending[request_id] = call
+            await conn.send_json(
+                {"jsonrpc": "2.0", "id": request_id, "method": call.method, "params": call.params}
+            )
+        deadline = trio.current_time() + config.request_timeout
+        while True:
+            with trio.move_on_at(deadline if pending else math.inf) as waited:
+                raw = await conn.receive()
+            if waited.cancelled_caught:
+                first = next(iter(pending.values()))
+                raise SourceError(
+                    f"{conn.display}: no answer to {first.method} within "
+                    f"{config.request_timeout:g} s"
+                )
+            try:
+                message = _decode(raw)
+            except (ValueError, RecursionError):
+                publisher.skip(f"{conn.display} sent a message that is not JSON")
+                continue
+            for item in message if isinstance(message, list) else [message]:
+                if not isinstance(item, dict):
+                    publisher.skip(f"{conn.display} sent JSON that is not an object")
+                    continue
+                if "id" in item and ("result" in item or "error" in item):
+                    self._answer(conn, item, pending, active)
+                    if not pending:
+                        publisher.ready()
+                    continue
+                if item.get("method") != config.notification_method:
+                    publisher.ignore(f"not a {config.notification_method} notification")
+                    continue
+                params = item.get("params")
+                sub_id = params.get("subscription") if isinstance(params, dict) else None
+                sub = active.get(sub_id) if isinstance(sub_id, str | int) else None
+                if sub is None:
+                    publisher.ignore(f"notification for subscription {sub_id!r}, not a current one")
+                    continue
+                try:
+                    topic, data, key = sub.mapping.apply(item)
+                except MappingError as e:
+                    publisher.skip(str(e))
+                    continue
+                with contextlib.suppress(PublishError):  # counted and logged by the publisher
+                    await publisher.publish(topic, data, key)
+
+    def _answer(
+        self,
+        conn: UpstreamConnection,
+        answer: dict[str, Any],
+        pending: dict[int, Subscription],
+        active: dict[str | int, Subscription],
+    ) -> None:
+        request_id = answer.get("id")
+        sub = pending.pop(request_id, None) if type(request_id) is int else None
+        if sub is None:
+            return  # not one of ours
+        if "error" in answer:
+            error = answer["error"]
+            detail = error.get("message") if isinstance(error, dict) else error
+            raise SourceError(
+                f"{conn.display}: {sub.method} {json.dumps(sub.params[:1])} failed: {detail}"
+            )
+        sub_id = answer.get("result")
+        if type(sub_id) is not str and type(sub_id) is not int:
+            raise SourceError(
+                f"{conn.display}: {sub.method} answered {sub_id!r}, not a subscription id"
+            )
+        active[sub_id] = sub
+
+
+class JsonRpcPlugin:
+    """Contributes one :class:`JsonRpcSource` per ``[[plugin.jsonrpc.sources]]``."""
+
+    def __init__(self, configs: list[SourceConfig]) -> None:
+        self.configs = configs
+
+    @hookimpl
+    def broker_sources(self, broker: Broker) -> list[JsonRpcSource]:
+        return [JsonRpcSource(config) for config in self.configs]
+
+
+def _subscription(t: Settings) -> Subscription:
+    method = t.text("method", "eth_subscribe")
+    params = t.array("params")
+    mapping = parse_mapping(t, default_data="{params.result}", allow_match=False)
+    t.finish()
+    return Subscription(method, tuple(params), mapping)
+
+
+def _source(t: Settings, context: PluginContext) -> SourceConfig:
+    options = parse_source_options(t, context.name)
+    upstream = parse_upstream_options(t, source_file=context.config.source)
+    subscriptions = tuple(_subscription(s) for s in t.tables("subscriptions", empty=False))
+    request_timeout = t.number("request_timeout", 10.0)
+    notification_method = t.text("notification_method", "eth_subscription")
+    t.finish()
+    return SourceConfig(options, upstream, subscriptions, request_timeout, notification_method)
+
+
+def create(settings: Mapping[str, Any], context: PluginContext) -> JsonRpcPlugin:
+    """Plugin factory (entry point ``jsonrpc``)."""
+    t = Settings(settings)
+    tables = t.tables("sources", empty=False)
+    t.finish()
+    configs = [_source(s, context) for s in tables]
+    unique_names([c.options for c in configs], "sources")
+    return JsonRpcPlugin(configs)

@@ -1,0 +1,421 @@
+"""The admin HTTP listener: health, readiness, Prometheus metrics, JSON stats.
+
+Metrics are parsed with prometheus-client's own parsers and compared with
+traffic generated here over real sockets; each broker has its own registry.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+import trio
+import trio_websocket
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
+from prometheus_client.parser import text_string_to_metric_families
+
+from broker import Broker, Identity, PluginContext, config_from_dict, hookimpl
+from broker.errors import ConfigError
+from broker.metrics import PUBLISH_RESULTS
+from tests.conftest import BrokerFactory
+from tests.helpers import connect, raw_connect, wait_until
+from tests.service import http_get
+
+TOKEN = "admin-token-0123456789"
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def samples(text: str) -> Samples:
+    """Every sample of a text exposition: (name, sorted labels) -> value."""
+    out: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def value(found: Samples, name: str, **labels: str) -> float:
+    return found[(name, tuple(sorted(labels.items())))]
+
+
+async def get(
+    broker: Broker, target: str, *, headers: tuple[tuple[str, str], ...] = (), method: str = "GET"
+) -> tuple[int, dict[str, str], bytes]:
+    host, port = broker.admin_addresses[0]
+    return await http_get(host, port, target, headers, method)
+
+
+async def scrape(broker: Broker) -> Samples:
+    status, headers, body = await get(broker, "/metrics")
+    assert status == 200
+    assert headers["content-type"].startswith("text/plain; version=0.0.4")
+    return samples(body.decode())
+
+
+class Policy:
+    """Test plugin: no publishing to secret.*, and data "bad" is invalid."""
+
+    @hookimpl
+    def broker_authorize(self, identity: Identity, action: str, topic: str) -> bool | None:
+        return False if topic.startswith("secret.") else None
+
+    @hookimpl
+    def broker_validate(self, identity: Identity, topic: str, data: Any) -> str | None:
+        return "bad data" if data == "bad" else None
+
+
+def policy_factory(settings: Mapping[str, Any], context: PluginContext) -> Policy:
+    return Policy()
+
+
+# -- health -------------------------------------------------------------------------
+
+
+async def test_healthz(start_broker: BrokerFactory) -> None:
+    broker = await start_broker()
+    status, headers, body = await get(broker, "/healthz")
+    assert (status, body) == (200, b"ok\n")
+    assert headers["content-type"].startswith("text/plain")
+    assert headers["cache-control"] == "no-store"
+
+
+async def test_readyz_when_serving(start_broker: BrokerFactory) -> None:
+    broker = await start_broker()
+    status, _, body = await get(broker, "/readyz")
+    assert (status, body) == (200, b"ready\n")
+
+
+class FakeSupervisor:
+    """A source supervisor as broker.sources holds them."""
+
+    def __init__(self, state: str) -> None:
+        self.label = "feeds/ticker"
+        self.state = state
+        self.restarts = 3
+
+    def status(self) -> dict[str, Any]:
+        return {"name": "ticker", "state": self.state, "restarts": self.restarts}
+
+
+async def test_readyz_is_503_while_a_source_is_not_running(start_broker: BrokerFactory) -> None:
+    broker = await start_broker()
+    source = FakeSupervisor("backing_off")
+    broker.sources.append(source)  # type: ignore[arg-type]
+    status, _, body = await get(broker, "/readyz")
+    assert (status, body) == (503, b"source feeds/ticker is backing_off\n")
+    found = await scrape(broker)
+    assert value(found, "broker_source_up", source="feeds/ticker") == 0
+    assert value(found, "broker_source_state", source="feeds/ticker", state="backing_off") == 1
+    assert value(found, "broker_source_restarts_total", source="feeds/ticker") == 3
+    assert value(found, "broker_ready") == 0
+    source.state = "running"
+    status, _, body = await get(broker, "/readyz")
+    assert (status, body) == (200, b"ready\n")
+    assert value(await scrape(broker), "broker_source_up", source="feeds/ticker") == 1
+
+
+async def test_readyz_is_503_when_the_cluster_backend_is_unreachable(
+    start_broker: BrokerFactory,
+) -> None:
+    broker = await start_broker()
+    healthy = False
+
+    class Backplane:
+        async def publish(self, topic: str, data: Any, key: str | None) -> int:
+            raise NotImplementedError
+
+        def healthy(self) -> bool:
+            return healthy
+
+    broker.backplane = Backplane()
+    status, _, body = await get(broker, "/readyz")
+    assert (status, body) == (503, b"cluster backend unreachable\n")
+    healthy = True
+    assert (await get(broker, "/readyz"))[0] == 200
+
+
+async def test_not_ready_before_serving_and_once_stopping() -> None:
+    broker = Broker(config_from_dict({"listener": {"port": 0}, "admin": {"port": 0}}))
+    assert broker.readiness() == (False, ["starting"])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(broker.serve)
+        assert broker.readiness() == (True, [])
+        broker.stop()
+        assert broker.readiness() == (False, ["shutting down"])
+
+
+# -- HTTP details -----------------------------------------------------------------
+
+
+async def test_unknown_path_is_404_and_other_methods_405(start_broker: BrokerFactory) -> None:
+    broker = await start_broker()
+    status, _, body = await get(broker, "/nope")
+    assert status == 404
+    assert b"/healthz" in body
+    status, headers, _ = await get(broker, "/metrics", method="POST")
+    assert status == 405
+    assert headers["allow"] == "GET, HEAD"
+
+
+async def test_head_has_no_body(start_broker: BrokerFactory) -> None:
+    broker = await start_broker()
+    status, headers, body = await get(broker, "/healthz", method="HEAD")
+    assert (status, body) == (200, b"")
+    assert headers["content-length"] == "3"
+
+
+async def test_malformed_request_is_400(start_broker: BrokerFactory) -> None:
+    broker = await start_broker()
+    host, port = broker.admin_addresses[0]
+    stream = await trio.open_tcp_stream(host, port)
+    async with stream:
+        await stream.send_all(b"NOT HTTP\r\n\r\n")
+        data = b""
+        with trio.fail_after(5):
+            while chunk := await stream.receive_some(4096):
+                data += chunk
+    assert data.startswith(b"HTTP/1.1 400 ")
+
+
+async def test_keep_alive_serves_several_requests(start_broker: BrokerFactory) -> None:
+    broker = await start_broker()
+    host, port = broker.admin_addresses[0]
+    stream = await trio.open_tcp_stream(host, port)
+    async with stream:
+        request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+        await stream.send_all(request + request)
+        data = b""
+        with trio.fail_after(5):
+            while data.count(b"ok\n") < 2:
+                data += await stream.receive_some(4096)
+    assert data.count(b"HTTP/1.1 200 ") == 2
+
+
+async def test_admin_listener_can_be_disabled(start_broker: BrokerFactory) -> None:
+    broker = await start_broker({"admin": {"enabled": False}})
+    assert broker.admin_addresses == []
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ({"host": "0.0.0.0"}, "admin.host: the admin listener is plain HTTP"),
+        ({"token": "short"}, "admin.token: must be at least 16 characters"),
+        ({"port": 70000}, "admin.port: must be between 0 and 65535"),
+        ({"tokn": TOKEN}, "admin.tokn: unknown key"),
+    ],
+)
+def test_admin_config_errors(table: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"admin": table})
+    assert str(info.value).startswith(message)
+
+
+def test_admin_on_a_public_address_takes_allow_insecure() -> None:
+    config = config_from_dict(
+        {"admin": {"host": "0.0.0.0", "allow_insecure": True, "token": TOKEN}}
+    )
+    assert config.admin.host == "0.0.0.0"
+    assert TOKEN not in repr(config)  # never in a log line or a traceback
+
+
+# -- the token ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/metrics", "/api/stats"])
+async def test_token_protects_metrics_and_stats(start_broker: BrokerFactory, path: str) -> None:
+    broker = await start_broker({"admin": {"token": TOKEN}})
+    status, headers, _ = await get(broker, path)
+    assert status == 401
+    assert headers["www-authenticate"].startswith("Bearer")
+    wrong = (("Authorization", "Bearer " + TOKEN[:-1] + "x"),)
+    assert (await get(broker, path, headers=wrong))[0] == 401
+    assert (await get(broker, path, headers=(("Authorization", TOKEN),)))[0] == 401
+    right = (("Authorization", "bearer " + TOKEN),)  # the scheme is case-insensitive
+    assert (await get(broker, path, headers=right))[0] == 200
+
+
+async def test_health_endpoints_stay_open_with_a_token(start_broker: BrokerFactory) -> None:
+    broker = await start_broker({"admin": {"token": TOKEN}})
+    assert (await get(broker, "/healthz"))[0] == 200
+    assert (await get(broker, "/readyz"))[0] == 200
+
+
+# -- metrics against generated traffic --------------------------------------------
+
+
+async def test_metrics_count_the_traffic(start_broker: BrokerFactory) -> None:
+    broker = await start_broker(
+        {
+            "plugins": {"enabled": ["noauth", "ratelimit", "policy"]},
+            "plugin": {"ratelimit": {"publish_rate": 0.01, "publish_burst": 5}},
+            "queue": {
+                "rules": [
+                    {"pattern": "d.>", "policy": "drop-newest", "max_messages": 2},
+                    {"pattern": "k.>", "policy": "disconnect", "max_messages": 1},
+                ]
+            },
+        },
+        factories={"policy": policy_factory},
+    )
+    url = broker.url
+    with pytest.raises(trio_websocket.ConnectionRejected):
+        async with connect(url.replace("/ws", "/elsewhere")):
+            pass
+    async with (
+        connect(url) as sub1,
+        connect(url) as sub2,
+        connect(url) as pub,
+        connect(url) as limited,
+        connect(url) as dropper,
+    ):
+        await sub1.sub("t.*", id=1)
+        await sub1.sub("x.y", id=2)
+        await sub2.sub("t.a")
+        for i in range(3):
+            await pub.pub("t.a", i)
+        for client in (sub1, sub2):
+            assert [(await client.recv())["data"] for _ in range(3)] == [0, 1, 2]
+        forbidden = await pub.request({"op": "pub", "id": 9, "topic": "secret.x", "data": 1})
+        assert forbidden["code"] == "forbidden"
+        invalid = await pub.request({"op": "pub", "id": 10, "topic": "t.a", "data": "bad"})
+        assert invalid["code"] == "invalid"
+        for i in range(5):
+            await limited.pub("u.v", i)
+        refused = await limited.request({"op": "pub", "id": 11, "topic": "u.v", "data": 5})
+        assert refused["code"] == "rate_limited"
+        # Overflow a drop-newest rule: 5 deliveries in one tick, 2 fit.
+        await dropper.sub("d.x")
+        for seq in range(1, 6):
+            broker.hub.deliver("d.x", seq, "x", None)
+        broker.hub.flush()
+        assert [(await dropper.recv())["op"] for _ in range(3)] == ["dropped", "msg", "msg"]
+        # And a disconnect rule: a slow consumer.
+        async with raw_connect(url) as slow:
+            await slow.send({"op": "sub", "id": 1, "topic": "k.x"})
+            assert await slow.recv() == {"op": "ok", "id": 1}
+            broker.hub.deliver("k.x", 1, "x", None)
+            broker.hub.deliver("k.x", 2, "x", None)
+            assert (await slow.expect_close()).code == 1008
+        await wait_until(lambda: len(broker.connections) == 5)
+
+        found = await scrape(broker)
+        stats = json.loads((await get(broker, "/api/stats"))[2])
+
+    def v(name: str, **labels: str) -> float:
+        return value(found, name, **labels)
+
+    assert v("broker_connections") == 5
+    assert v("broker_connections_accepted_total") == 6
+    assert v("broker_connections_rejected_total", reason="path") == 1
+    # One handshake observed per TCP connection, accepted or refused.
+    assert v("broker_handshake_duration_seconds_count") == 7
+    assert v("broker_subscriptions", kind="exact") == 3  # x.y, t.a, d.x
+    assert v("broker_subscriptions", kind="wildcard") == 1  # t.*
+    assert v("broker_subscription_patterns") == 4
+    assert v("broker_publishes_total", result="ok") == 3 + 5
+    assert v("broker_publishes_total", result="forbidden") == 1
+    assert v("broker_publishes_total", result="invalid") == 1
+    assert v("broker_publishes_total", result="rate_limited") == 1
+    assert v("broker_publishes_total", result="error") == 0
+    # In: 3 + 5 published, 5 + 2 delivered by hand. Out: 3 x 2 subscribers,
+    # 5 to dropper (3 of them dropped) and 2 to the slow one (1 refused).
+    assert v("broker_messages_in_total") == 3 + 5 + 5 + 2
+    assert v("broker_messages_out_total") == 3 * 2 + 5 + 2
+    assert v("broker_deliveries_dropped_total", policy="drop-newest") == 3
+    assert v("broker_deliveries_dropped_total", policy="drop-oldest") == 0
+    assert v("broker_deliveries_dropped_total", policy="disconnect") == 1
+    assert v("broker_messages_dropped_total") == 3
+    assert v("broker_slow_consumer_disconnects_total") == 1
+    assert v("broker_bytes_in_total") == stats["bytes_in"] > 0
+    assert v("broker_bytes_out_total") == stats["bytes_out"] > 0
+    # The queue-depth histogram covers every open connection.
+    assert v("broker_subscriber_queue_depth_bucket", le="+Inf") == 5
+    assert v("broker_reloads_total", result="ok") == 0
+    assert v("broker_reloads_total", result="failed") == 0
+    assert v("broker_info", version=stats["version"]) == 1
+    assert v("broker_ready") == 1
+    assert ("broker_event_loop_lag_seconds_count", ()) in found
+    assert v("process_open_fds") > 0
+
+    assert stats["connections"] == 5
+    assert stats["accepted"] == 6
+    assert stats["publishes"] == {"forbidden": 1, "invalid": 1, "ok": 8, "rate_limited": 1}
+    assert stats["rejected"] == {"path": 1}
+    assert stats["ready"] is True
+
+    # Low cardinality: no topic, pattern, client id or address as a label.
+    values = {label for (_, labels) in found for (_, label) in labels}
+    for forbidden_value in ("t.a", "t.*", "secret.x", "u.v", "c1", "c2", "anonymous", "127.0.0.1"):
+        assert forbidden_value not in values
+    assert {result for (name, labels) in found for (k, result) in labels if k == "result"} >= set(
+        PUBLISH_RESULTS
+    )
+
+
+async def test_openmetrics_when_the_scraper_asks(start_broker: BrokerFactory) -> None:
+    broker = await start_broker()
+    headers = (("Accept", "application/openmetrics-text; version=1.0.0"),)
+    status, response_headers, body = await get(broker, "/metrics", headers=headers)
+    assert status == 200
+    assert response_headers["content-type"].startswith("application/openmetrics-text")
+    families = {f.name: f for f in openmetrics_families(body.decode())}  # type: ignore[no-untyped-call]
+    assert families["broker_subscriber_queue_depth"].type == "gaugehistogram"
+    assert families["broker_connections_accepted"].type == "counter"
+
+
+async def test_each_broker_has_its_own_registry(start_broker: BrokerFactory) -> None:
+    one = await start_broker()
+    two = await start_broker()
+    async with connect(one.url) as client:
+        await client.assert_alive()
+        assert value(await scrape(one), "broker_connections") == 1
+        assert value(await scrape(two), "broker_connections") == 0
+
+
+async def test_event_loop_lag_is_sampled(start_broker: BrokerFactory) -> None:
+    broker = await start_broker()
+    await wait_until(lambda: broker.loop_lag_at is not None)
+    found = await scrape(broker)
+    assert value(found, "broker_event_loop_lag_seconds_count") >= 1
+    assert math.isfinite(value(found, "broker_event_loop_lag_seconds_sum"))
+
+
+async def test_api_stats(start_broker: BrokerFactory) -> None:
+    broker = await start_broker()
+    async with connect(broker.url) as client:
+        await client.sub("a.*")
+        status, headers, body = await get(broker, "/api/stats")
+    assert status == 200
+    assert headers["content-type"] == "application/json"
+    stats = json.loads(body)
+    assert stats["connections"] == 1
+    assert stats["subscriptions"] == 1
+    assert stats["listeners"] == [f"127.0.0.1:{broker.port}"]
+    assert stats["tls"] is False
+    assert stats["last_reload"] is None
+    assert stats["sources"] == []
+
+
+async def test_failed_tls_handshakes_are_counted(
+    start_broker: BrokerFactory, tls_files: dict[str, str]
+) -> None:
+    broker = await start_broker(
+        {"listener": {"tls_cert": tls_files["tls_cert"], "tls_key": tls_files["tls_key"]}}
+    )
+    stream = await trio.open_tcp_stream("127.0.0.1", broker.port)
+    async with stream:
+        await stream.send_all(b"GET /ws HTTP/1.1\r\n\r\n")  # plain HTTP to a TLS port
+        with trio.fail_after(5):
+            while await stream.receive_some(4096):
+                pass
+    await wait_until(lambda: broker.stats.rejected["tls"] == 1)
+    found = await scrape(broker)
+    assert value(found, "broker_connections_rejected_total", reason="tls") == 1
+    assert value(found, "broker_handshake_duration_seconds_count") == 1
