@@ -27,6 +27,7 @@ import resource
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -150,7 +151,13 @@ class Broker:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode}: {self.tail()}")
             try:
-                with socket.create_connection(("127.0.0.1", self.launch.ws_port), timeout=2) as s:
+                with socket.create_connection(("127.0.0.1", self.launch.ws_port), timeout=2) as raw:
+                    s = raw
+                    if self.launch.tls:
+                        ctx = ssl.create_default_context()
+                        ctx.check_hostname = False
+                        ctx.verify_mode = ssl.CERT_NONE  # the bench's own throw-away cert
+                        s = ctx.wrap_socket(raw)
                     s.sendall(request)
                     if s.recv(64).startswith(b"HTTP/1.1 "):
                         return
@@ -309,6 +316,7 @@ def run_one(
         broker_pid=broker.pid,
         clk_tck=os.sysconf("SC_CLK_TCK"),
         path=launch.path,
+        tls=launch.tls,
     )
     try:
         res = run_loadgen(cfg, args.gen_cpu, loadgen_timeout(cfg))
@@ -735,6 +743,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="plugins: tokens auth + a validation hook (bench/bench_plugins.py)",
     )
     ap.add_argument("--python", default=default_python(), help="interpreter for our broker")
+    ap.add_argument(
+        "--tls",
+        action="store_true",
+        help="our broker on wss:// with a throw-away certificate (use with --brokers broker)",
+    )
     ap.add_argument("--idle-connections", type=int, default=0, help="override idle-10000's count")
     ap.add_argument("--broker-cpu", default="0")
     ap.add_argument("--gen-cpu", default="1")
@@ -780,8 +793,11 @@ def main(argv: list[str] | None = None) -> int:
     idle_n = max([scenario_config(s, args)["n"] for s in scenarios] + [1000])
     nofile = raise_open_files(idle_n + 200)
 
+    if args.tls and brokers != ["broker"]:
+        ap_error = "--tls measures our broker alone: use --brokers broker"
+        raise SystemExit(f"run.py: {ap_error}")
     settings = Settings(
-        python=args.python, encoding=args.encoding, broker_config=args.broker_config
+        python=args.python, encoding=args.encoding, broker_config=args.broker_config, tls=args.tls
     )
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(args.out) if args.out else BENCH / "results" / f"run-{stamp}.json"
@@ -798,6 +814,7 @@ def main(argv: list[str] | None = None) -> int:
             "repeats": args.repeats,
             "encoding": args.encoding,
             "broker_config": args.broker_config,
+            "tls": args.tls,
             "python": args.python,
             "broker_cpu": args.broker_cpu,
             "gen_cpu": args.gen_cpu,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ class Settings:
     python: str  # interpreter for our broker
     encoding: str = "json"  # json | msgpack: the generator's protocol for our broker
     broker_config: str = "default"  # default | plugins
+    tls: bool = False  # our broker on wss:// (a trustme certificate)
 
 
 @dataclass
@@ -42,6 +44,7 @@ class Launch:
     path: str  # WebSocket request path (and query)
     env: dict[str, str] = field(default_factory=dict)
     cwd: Path | None = None
+    tls: bool = False  # the generator connects with TLS (wss://)
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,26 @@ def _broker(settings: Settings, workdir: Path) -> Launch:
         'level = "warning"',
         "",
     ]
+    if settings.tls:
+        cert, key = workdir / "cert.pem", workdir / "key.pem"
+        # A throw-away CA and certificate, made by trustme (a test dependency
+        # of the project, so in the broker's interpreter).
+        subprocess.run(
+            [
+                settings.python,
+                "-c",
+                "import sys, trustme; c = trustme.CA().issue_cert('127.0.0.1');"
+                "c.cert_chain_pems[0].write_to_path(sys.argv[1]);"
+                "c.private_key_pem.write_to_path(sys.argv[2])",
+                str(cert),
+                str(key),
+            ],
+            check=True,
+        )
+        conf[conf.index('path = "/ws"') + 1 : conf.index('path = "/ws"') + 1] = [
+            f'tls_cert = "{cert}"',
+            f'tls_key = "{key}"',
+        ]
     path = "/ws"
     if settings.broker_config == "plugins":
         conf += [
@@ -106,7 +129,7 @@ def _broker(settings: Settings, workdir: Path) -> Launch:
     else:
         argv = [settings.python, "-m", "broker", "serve", "-c", str(toml)]
     protocol = "broker-msgpack" if settings.encoding == "msgpack" else "broker"
-    return Launch(argv, port, protocol, path=path, cwd=ROOT)
+    return Launch(argv, port, protocol, path=path, cwd=ROOT, tls=settings.tls)
 
 
 # ---------------------------------------------------------------- nats-server

@@ -101,6 +101,42 @@ class Connection:
         peer: the client's (address, port).
     """
 
+    # Slots: one of these lives per connection (tens of thousands); an
+    # instance __dict__ would cost about a kilobyte more each.
+    __slots__ = (
+        "_broken",
+        "_drain",
+        "_fd",
+        "_finishing",
+        "_no_more",
+        "_nursery",
+        "_peer_closed",
+        "_publish_allowed",
+        "_publish_generation",
+        "_scope",
+        "_unsent",
+        "_writer_running",
+        "_writer_wakeup",
+        "_writing",
+        "broker",
+        "bytes_in",
+        "bytes_out",
+        "close_code",
+        "close_reason",
+        "dirty",
+        "encoding",
+        "id",
+        "identity",
+        "info",
+        "last_seen",
+        "outbox",
+        "parser",
+        "peer",
+        "ping_outstanding",
+        "stream",
+        "subscriptions",
+    )
+
     def __init__(
         self,
         broker: Broker,
@@ -447,12 +483,13 @@ class Connection:
                     log.info("%s closing (%d): %s", self.id, violation.code, violation.reason)
                     self.close(violation.code, violation.reason, drain=True)
                     return
-                # Adaptive batching: a read that filled the whole buffer means
-                # more input is waiting; take it before flushing, so that under
-                # load each subscriber gets more frames per write (bounded, so
-                # that others get their turn and latency stays low).
+                # Adaptive batching: before flushing, take what input is
+                # already waiting (one more non-blocking read, and more while
+                # reads come back full), so that under load each subscriber
+                # gets many frames per write; idle, it costs one EAGAIN.
+                # Bounded, so others get their turn and latency stays low.
                 if (
-                    len(data) >= RECEIVE_SIZE
+                    (len(data) >= RECEIVE_SIZE or reads == 0)
                     and self._fd >= 0
                     and reads < MAX_READS_PER_FLUSH
                     and hub.pending < FLUSH_EVERY

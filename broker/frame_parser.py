@@ -99,6 +99,8 @@ class FrameParser:
             fragments, that is accepted.
     """
 
+    __slots__ = ("_buf", "_opcode", "_parts", "_size", "closed", "max_message_size")
+
     def __init__(self, max_message_size: int) -> None:
         self.max_message_size = max_message_size
         self._buf = bytearray()

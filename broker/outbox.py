@@ -121,6 +121,28 @@ class Outbox:
             on further topics are reported under :data:`OTHER_TOPICS`.
     """
 
+    __slots__ = (
+        "_base",
+        "_conflated",
+        "_count",
+        "_dead",
+        "_drops",
+        "_frames",
+        "_head",
+        "_last",
+        "_replies",
+        "_rules",
+        "_size",
+        "_slots",
+        "_states",
+        "_topics",
+        "dropped_total",
+        "max_bytes",
+        "max_drop_topics",
+        "max_messages",
+        "max_replies",
+    )
+
     # Layout. The FIFO is four parallel lists, one slot per queued frame:
     # the frame (None once taken or dropped: a tombstone), its topic and rule
     # state (None for replies) and its conflation slot. A push appends to

@@ -191,7 +191,7 @@ function waitAcks(c, n, timeoutMs = cfg.connect_timeout_s * 1000) {
 }
 
 async function open(idx, role, { waitHello = true } = {}) {
-  const c = await wsConnect({ host: cfg.host, port: cfg.port, path: PATH, subprotocol: SUBPROTOCOL, timeoutMs: cfg.connect_timeout_s * 1000 });
+  const c = await wsConnect({ host: cfg.host, port: cfg.port, path: PATH, subprotocol: SUBPROTOCOL, timeoutMs: cfg.connect_timeout_s * 1000, useTls: !!cfg.tls });
   Object.assign(c, { idx, role, acks: 0, wanted: 0, ackWaiter: null, dropped: 0 });
   allConns.add(c);
   c.onmessage = proto.reader(c, sinkFor(c));

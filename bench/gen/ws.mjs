@@ -14,6 +14,7 @@
 // (rare: none of the measured brokers fragments small messages).
 
 import net from 'node:net';
+import tls from 'node:tls';
 import { createHash, randomBytes, randomFillSync } from 'node:crypto';
 
 const ACCEPT_GUID = '258EAFA5-E914-47DA-95CA-C5AB0DC85B11';
@@ -278,24 +279,34 @@ export class WsConn {
 
 // Open a WebSocket connection; resolves with a WsConn once the server's 101
 // response has been checked.
-export function wsConnect({ host, port, path, subprotocol = null, timeoutMs = 15000 }) {
+export function wsConnect({ host, port, path, subprotocol = null, timeoutMs = 15000, useTls = false }) {
   return new Promise((resolve, reject) => {
     const key = randomBytes(16).toString('base64');
     const expectAccept = createHash('sha1').update(key + ACCEPT_GUID).digest('base64');
     let conn = null;
     let head = null; // response bytes until the blank line
     let settled = false;
-    const socket = net.connect({
-      host,
-      port,
-      onread: {
-        buffer: SHARED_READ,
-        callback(nread, buf) {
-          if (conn !== null) conn._feed(buf, 0, nread);
-          else onResponseBytes(buf, nread);
-        },
-      },
-    });
+    // wss:// (the benchmark's throw-away certificate is not verified): TLS
+    // sockets take no `onread` buffer, so their chunks come as 'data' events.
+    const socket = useTls
+      ? tls.connect({ host, port, rejectUnauthorized: false })
+      : net.connect({
+          host,
+          port,
+          onread: {
+            buffer: SHARED_READ,
+            callback(nread, buf) {
+              if (conn !== null) conn._feed(buf, 0, nread);
+              else onResponseBytes(buf, nread);
+            },
+          },
+        });
+    if (useTls) {
+      socket.on('data', (chunk) => {
+        if (conn !== null) conn._feed(chunk, 0, chunk.length);
+        else onResponseBytes(chunk, chunk.length);
+      });
+    }
     const timer = setTimeout(() => fail(new Error('handshake timeout')), timeoutMs);
     function fail(err) {
       if (settled) return;
@@ -312,7 +323,7 @@ export function wsConnect({ host, port, path, subprotocol = null, timeoutMs = 15
       if (conn !== null) conn._gone(1006);
       else fail(new Error('connection closed during the handshake'));
     });
-    socket.on('connect', () => {
+    socket.on(useTls ? 'secureConnect' : 'connect', () => {
       socket.setNoDelay(true);
       let req =
         `GET ${path} HTTP/1.1\r\nHost: ${host}:${port}\r\n` +
