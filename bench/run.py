@@ -665,7 +665,9 @@ def render(results: dict[str, Any]) -> str:
             L.append(f"| {label[b]} | " + " | ".join(cells) + " |")
         L.append("")
 
-    failed = [(s, b, m["errors"]) for s in scenarios for b in brokers if S[s][b].get("errors")]
+    failed = [
+        (s, b, S[s][b]["errors"]) for s in scenarios for b in brokers if S[s][b].get("errors")
+    ]
     if failed:
         L.append("### Failed runs")
         L.append("")

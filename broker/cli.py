@@ -14,7 +14,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -25,10 +25,11 @@ from .errors import ConfigError, PluginError
 from .log import setup_logging
 
 if TYPE_CHECKING:
+    from .plugin_host import PluginFactory
     from .server import Broker
     from .systemd import Notifier
 
-__all__ = ["main"]
+__all__ = ["main", "serve"]
 
 log = logging.getLogger("broker")
 
@@ -97,7 +98,13 @@ def _check(path: str) -> int:
     return 0
 
 
-def _serve(path: str | None) -> int:
+def serve(path: str | None, *, factories: Mapping[str, PluginFactory] | None = None) -> int:
+    """``broker serve -c PATH``, for embedding: *factories* add plugins that
+    are not installed as entry points (see PluginHost.from_config)."""
+    return _serve(path, factories)
+
+
+def _serve(path: str | None, factories: Mapping[str, PluginFactory] | None = None) -> int:
     # SIGHUP's default action kills the process, and a `systemctl reload`
     # (or a log rotation) may come before the event loop's receiver is in
     # place: ignore it until then.
@@ -121,7 +128,7 @@ def _serve(path: str | None) -> int:
         log.error("cannot start: %s", e)
         return 1
     try:
-        return trio.run(_serve_async, config, notifier, sockets, watchdog)
+        return trio.run(_serve_async, config, notifier, sockets, watchdog, factories)
     except (ConfigError, PluginError) as e:
         print(f"broker: configuration error: {e}", file=sys.stderr)
         return 2
@@ -141,13 +148,16 @@ async def _serve_async(
     notifier: Notifier,
     sockets: dict[str, list[socket.socket]],
     watchdog: float | None,
+    factories: Mapping[str, PluginFactory] | None = None,
 ) -> int:
+    from .plugin_host import PluginHost
     from .server import Broker
 
     # Install the signal receiver before anything slow: SIGTERM/SIGINT's
     # default actions would kill the process without a drain, SIGHUP's too.
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        broker = Broker(config, sockets=sockets)
+        plugins = PluginHost.from_config(config, factories=factories) if factories else None
+        broker = Broker(config, sockets=sockets, plugins=plugins)
         failed: BaseException | None = None
         bad_config: BaseException | None = None
         reload_send, reload_receive = trio.open_memory_channel[None](1)

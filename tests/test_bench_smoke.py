@@ -25,11 +25,21 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def test_fanout_against_our_broker(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "variant",
+    [
+        pytest.param([], id="default"),
+        # the launcher that adds the benchmark's validation plugin, with tokens
+        pytest.param(["--broker-config", "plugins"], id="plugins"),
+        pytest.param(["--tls"], id="wss"),
+    ],
+)
+def test_fanout_against_our_broker(tmp_path: Path, variant: list[str]) -> None:
     out = tmp_path / "run.json"
     argv = [
         sys.executable,
         str(RUN),
+        *variant,
         "--quick",
         "--duration",
         "1",
