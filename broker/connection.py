@@ -66,6 +66,8 @@ log = logging.getLogger("broker.connection")
 
 #: How long the closing handshake may take before the socket is closed.
 CLOSE_TIMEOUT: Final = 2.0
+#: The shared empty cache of a connection that has not published yet.
+_NO_CACHE: Final[dict[str, bool]] = {}
 #: Most topics whose publish authorization a connection remembers.
 PUBLISH_CACHE_SIZE: Final = 1024
 #: Bytes asked of the kernel per read.
@@ -183,7 +185,7 @@ class Connection:
         self._peer_closed = False
         self._finishing = False
         self._no_more = False  # closing without a drain: take no new frames
-        self._publish_allowed: dict[str, bool] = {}
+        self._publish_allowed: dict[str, bool] = _NO_CACHE  # own dict on first publish
         self._publish_generation = -1
         #: WebSocket bytes read and written (before TLS), for metrics.
         self.bytes_in = 0
@@ -509,6 +511,9 @@ class Connection:
                         return
                 hub.flush()
             reads = 0
+            # Hold nothing while waiting (an idle connection's whole cost).
+            data = b""
+            events = []
             try:
                 data = await stream.receive_some(RECEIVE_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -641,7 +646,9 @@ class Connection:
             if isinstance(decision, Refusal):
                 return decision  # a plugin's own refusal is never cached
             allowed = decision
-            if len(cache) >= PUBLISH_CACHE_SIZE:
+            if cache is _NO_CACHE:
+                cache = self._publish_allowed = {}
+            elif len(cache) >= PUBLISH_CACHE_SIZE:
                 cache.clear()
             cache[topic] = allowed
         if allowed:

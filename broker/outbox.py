@@ -35,7 +35,7 @@ from __future__ import annotations
 import enum
 from collections import deque
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 __all__ = [
     "OTHER_TOPICS",
@@ -77,6 +77,10 @@ class QueueRule:
     policy: Policy
     max_messages: int
     max_bytes: int
+
+
+#: The shared empty dict that stands for "none yet" (never written to).
+_EMPTY: Final[dict[Any, Any]] = {}
 
 
 class PushResult(enum.Enum):
@@ -174,8 +178,11 @@ class Outbox:
         self._head = 0  # list index of the next frame to take
         self._rules: dict[QueueRule, _RuleState] = {}
         self._last: _RuleState | None = None  # the rule state used last
-        self._conflated: dict[object, int] = {}  # conflation slot -> position
-        self._drops: dict[str, int] = {}
+        # Most connections never conflate nor drop: both start as the shared
+        # empty dict and get their own on first write (an idle connection's
+        # memory is what bounds how many a broker holds).
+        self._conflated: dict[object, int] = _EMPTY  # conflation slot -> position
+        self._drops: dict[str, int] = _EMPTY
         self._count = 0
         self._size = 0
         self._replies = 0
@@ -250,6 +257,8 @@ class Outbox:
                 return PushResult.DROPPED
             result = PushResult.DROPPED
         if slot is not None:
+            if self._conflated is _EMPTY:
+                self._conflated = {}
             self._conflated[slot] = self._base + len(self._frames)
         self._append(frame, topic, state, slot, size)
         return result
@@ -271,7 +280,7 @@ class Outbox:
         """Return and clear the pending drop counts, by topic."""
         drops = self._drops
         if drops:
-            self._drops = {}
+            self._drops = _EMPTY
         return drops
 
     def take(self, max_bytes: int) -> list[bytes]:
@@ -382,6 +391,8 @@ class Outbox:
     def _count_drop(self, topic: str) -> None:
         self.dropped_total += 1
         drops = self._drops
+        if drops is _EMPTY:
+            drops = self._drops = {}
         if topic not in drops and len(drops) >= self.max_drop_topics:
             topic = OTHER_TOPICS
         drops[topic] = drops.get(topic, 0) + 1
@@ -422,4 +433,5 @@ class Outbox:
                 self._slots.append(slots[i])
         for state in self._rules.values():
             state.positions = deque(moved[p] for p in state.positions if p in moved)
-        self._conflated = {s: moved[p] for s, p in self._conflated.items() if p in moved}
+        conflated = {s: moved[p] for s, p in self._conflated.items() if p in moved}
+        self._conflated = conflated or _EMPTY
