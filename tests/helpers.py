@@ -13,12 +13,13 @@ from __future__ import annotations
 import json
 import os
 import socket
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import msgpack
+import pytest
 import trio
 import trio_websocket
 from wsproto import ConnectionType, WSConnection
@@ -32,6 +33,8 @@ from wsproto.events import (
     Request,
     TextMessage,
 )
+
+from broker import Action, Identity, PluginContext, hookimpl
 
 JSON = "broker.v1.json"
 MSGPACK = "broker.v1.msgpack"
@@ -299,3 +302,28 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+# -- shared by the client and CLI tests ----------------------------------------
+
+EncodingName = Literal["json", "msgpack"]
+
+ENCODINGS = pytest.mark.parametrize("encoding", ["json", "msgpack"])
+
+TOKEN = "alice-token-0123456789"
+TOKENS_CONFIG: dict[str, Any] = {
+    "plugins": {"enabled": ["tokens"]},
+    "plugin": {"tokens": {"tokens": [{"id": "alice", "token": TOKEN}]}},
+}
+
+
+class DenySecret:
+    """Denies every publish and subscribe on topics starting with ``secret``."""
+
+    @hookimpl
+    def broker_authorize(self, identity: Identity, action: Action, topic: str) -> bool | None:
+        return False if topic.startswith("secret") else None
+
+
+def deny_factory(settings: Mapping[str, Any], context: PluginContext) -> DenySecret:
+    return DenySecret()

@@ -15,40 +15,18 @@ import subprocess
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import pytest
 import trio
 
-from broker import Action, Broker, Identity, hookimpl
+from broker import Broker
 from broker.client import Message, Subscription, open_client
-from broker.plugin_host import PluginContext
 from tests.conftest import BrokerFactory
-
-EncodingName = Literal["json", "msgpack"]
+from tests.helpers import ENCODINGS, TOKEN, TOKENS_CONFIG, EncodingName, deny_factory
 
 #: Bound on any single wait (a subprocess starts a Python interpreter).
 WAIT = 30.0
-
-ENCODINGS = pytest.mark.parametrize("encoding", ["json", "msgpack"])
-
-TOKEN = "alice-token-0123456789"
-TOKENS_CONFIG: dict[str, Any] = {
-    "plugins": {"enabled": ["tokens"]},
-    "plugin": {"tokens": {"tokens": [{"id": "alice", "token": TOKEN}]}},
-}
-
-
-class DenySecret:
-    """Denies every publish and subscribe on topics starting with ``secret``."""
-
-    @hookimpl
-    def broker_authorize(self, identity: Identity, action: Action, topic: str) -> bool | None:
-        return False if topic.startswith("secret") else None
-
-
-def deny_factory(settings: Mapping[str, Any], context: PluginContext) -> DenySecret:
-    return DenySecret()
 
 
 def cli_env(**extra: str) -> dict[str, str]:

@@ -8,14 +8,12 @@ from __future__ import annotations
 import logging
 import math
 import ssl
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
 
 import pytest
 import trio
 
-from broker import Action, Broker, Identity, hookimpl
+from broker import Broker
 from broker.client import (
     BadRequest,
     Client,
@@ -30,33 +28,11 @@ from broker.client import (
     Subscription,
     open_client,
 )
-from broker.plugin_host import PluginContext
 from tests.conftest import BrokerFactory
-
-EncodingName = Literal["json", "msgpack"]
+from tests.helpers import ENCODINGS, TOKEN, TOKENS_CONFIG, EncodingName, deny_factory
 
 #: Bound on any single wait: a hang fails fast instead of at pytest-timeout.
 WAIT = 10.0
-
-ENCODINGS = pytest.mark.parametrize("encoding", ["json", "msgpack"])
-
-TOKEN = "alice-token-0123456789"
-TOKENS_CONFIG: dict[str, Any] = {
-    "plugins": {"enabled": ["tokens"]},
-    "plugin": {"tokens": {"tokens": [{"id": "alice", "token": TOKEN}]}},
-}
-
-
-class DenySecret:
-    """Denies every publish and subscribe on topics starting with ``secret``."""
-
-    @hookimpl
-    def broker_authorize(self, identity: Identity, action: Action, topic: str) -> bool | None:
-        return False if topic.startswith("secret") else None
-
-
-def deny_factory(settings: Mapping[str, Any], context: PluginContext) -> DenySecret:
-    return DenySecret()
 
 
 @dataclass
