@@ -34,15 +34,20 @@ import logging
 import random
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Generic, Protocol, TypeVar
 
 import trio
 
 from .auth import Identity
 from .errors import ConfigError, PublishError
+from .hookspecs import hookimpl
 from .settings import REQUIRED, Settings
+
+if TYPE_CHECKING:
+    from .plugin_host import PluginContext
+    from .server import Broker
 
 __all__ = [
     "Backoff",
@@ -52,9 +57,11 @@ __all__ = [
     "SourceError",
     "SourceOptions",
     "SourceState",
+    "SourcesPlugin",
     "Supervisor",
     "describe_error",
     "parse_source_options",
+    "sources_plugin",
     "unique_names",
 ]
 
@@ -424,3 +431,40 @@ def unique_names(options: list[SourceOptions], key: str) -> None:
         if opt.name in seen:
             raise ConfigError(f"{key}[{i}].name", f"another source is named {opt.name!r}")
         seen.add(opt.name)
+
+
+class _HasOptions(Protocol):
+    @property
+    def options(self) -> SourceOptions: ...
+
+
+C = TypeVar("C", bound=_HasOptions)
+
+
+class SourcesPlugin(Generic[C]):
+    """A plugin that contributes one source per ``[[plugin.NAME.sources]]`` table."""
+
+    def __init__(self, configs: list[C], make: Callable[[C], Source]) -> None:
+        self.configs = configs
+        self._make = make
+
+    @hookimpl
+    def broker_sources(self, broker: Broker) -> list[Source]:
+        return [self._make(config) for config in self.configs]
+
+
+def sources_plugin(
+    settings: Mapping[str, Any],
+    context: PluginContext,
+    parse: Callable[[Settings, PluginContext], C],
+    make: Callable[[C], Source],
+) -> SourcesPlugin[C]:
+    """The factory body shared by the built-in source plugins: read the
+    ``sources`` array (at least one table), parse each table with *parse*,
+    refuse duplicate names, and contribute ``make(config)`` for each."""
+    t = Settings(settings)
+    tables = t.tables("sources", empty=False)
+    t.finish()
+    configs = [parse(table, context) for table in tables]
+    unique_names([c.options for c in configs], "sources")
+    return SourcesPlugin(configs, make)

@@ -43,7 +43,7 @@ from typing import Any, Final
 
 import trio
 
-from broker import Broker, ConfigError, Identity, PluginContext, PublishError, hookimpl
+from broker import ConfigError, Identity, PluginContext, PublishError
 from broker.mapping import MappingError, MessageMapping, parse_mappings, select
 from broker.settings import Settings
 from broker.sources import (
@@ -52,11 +52,12 @@ from broker.sources import (
     Publisher,
     SourceError,
     SourceOptions,
+    SourcesPlugin,
     parse_source_options,
-    unique_names,
+    sources_plugin,
 )
 
-__all__ = ["CommandPlugin", "CommandSource", "create"]
+__all__ = ["CommandSource", "create"]
 
 log = logging.getLogger("broker.plugins.command")
 
@@ -194,17 +195,6 @@ class CommandSource:
                 self._stderr.warning("source %s: stderr: %s", self.name, text)
 
 
-class CommandPlugin:
-    """Contributes one :class:`CommandSource` per ``[[plugin.command.sources]]``."""
-
-    def __init__(self, configs: list[SourceConfig]) -> None:
-        self.configs = configs
-
-    @hookimpl
-    def broker_sources(self, broker: Broker) -> list[CommandSource]:
-        return [CommandSource(config) for config in self.configs]
-
-
 def _source(t: Settings, context: PluginContext) -> SourceConfig:
     options = parse_source_options(t, context.name)
     command = t.strings("command", empty=False)
@@ -229,11 +219,6 @@ def _source(t: Settings, context: PluginContext) -> SourceConfig:
     return SourceConfig(options, command, cwd, tuple(env), mappings, max_line_length, stop_timeout)
 
 
-def create(settings: Mapping[str, Any], context: PluginContext) -> CommandPlugin:
+def create(settings: Mapping[str, Any], context: PluginContext) -> SourcesPlugin[SourceConfig]:
     """Plugin factory (entry point ``command``)."""
-    t = Settings(settings)
-    tables = t.tables("sources", empty=False)
-    t.finish()
-    configs = [_source(s, context) for s in tables]
-    unique_names([c.options for c in configs], "sources")
-    return CommandPlugin(configs)
+    return sources_plugin(settings, context, _source, CommandSource)

@@ -39,7 +39,7 @@ from typing import Any, Final
 
 import trio
 
-from broker import Broker, Identity, PluginContext, PublishError, hookimpl
+from broker import Identity, PluginContext, PublishError
 from broker.mapping import MappingError, MessageMapping, parse_mapping
 from broker.settings import Settings
 from broker.sources import (
@@ -47,12 +47,13 @@ from broker.sources import (
     Publisher,
     SourceError,
     SourceOptions,
+    SourcesPlugin,
     parse_source_options,
-    unique_names,
+    sources_plugin,
 )
 from broker.upstream import Upstream, UpstreamConnection, UpstreamOptions, parse_upstream_options
 
-__all__ = ["JsonRpcPlugin", "JsonRpcSource", "Subscription", "create"]
+__all__ = ["JsonRpcSource", "Subscription", "create"]
 
 PLUGIN: Final = "jsonrpc"
 
@@ -180,17 +181,6 @@ class JsonRpcSource:
         active[sub_id] = sub
 
 
-class JsonRpcPlugin:
-    """Contributes one :class:`JsonRpcSource` per ``[[plugin.jsonrpc.sources]]``."""
-
-    def __init__(self, configs: list[SourceConfig]) -> None:
-        self.configs = configs
-
-    @hookimpl
-    def broker_sources(self, broker: Broker) -> list[JsonRpcSource]:
-        return [JsonRpcSource(config) for config in self.configs]
-
-
 def _subscription(t: Settings) -> Subscription:
     method = t.text("method", "eth_subscribe")
     params = t.array("params")
@@ -209,11 +199,6 @@ def _source(t: Settings, context: PluginContext) -> SourceConfig:
     return SourceConfig(options, upstream, subscriptions, request_timeout, notification_method)
 
 
-def create(settings: Mapping[str, Any], context: PluginContext) -> JsonRpcPlugin:
+def create(settings: Mapping[str, Any], context: PluginContext) -> SourcesPlugin[SourceConfig]:
     """Plugin factory (entry point ``jsonrpc``)."""
-    t = Settings(settings)
-    tables = t.tables("sources", empty=False)
-    t.finish()
-    configs = [_source(s, context) for s in tables]
-    unique_names([c.options for c in configs], "sources")
-    return JsonRpcPlugin(configs)
+    return sources_plugin(settings, context, _source, JsonRpcSource)

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-from broker import Broker, ConfigError, Identity, PluginContext, PublishError, hookimpl
+from broker import ConfigError, Identity, PluginContext, PublishError
 from broker.mapping import MappingError, MessageMapping, parse_mapping, select
 from broker.settings import Settings
 from broker.sources import (
@@ -45,11 +45,12 @@ from broker.sources import (
     Publisher,
     SourceError,
     SourceOptions,
+    SourcesPlugin,
     parse_source_options,
-    unique_names,
+    sources_plugin,
 )
 
-__all__ = ["RedisPlugin", "RedisSource", "create"]
+__all__ = ["RedisSource", "create"]
 
 PLUGIN: Final = "redis"
 
@@ -170,17 +171,6 @@ def _text(value: object) -> str:
     return str(value)
 
 
-class RedisPlugin:
-    """Contributes one :class:`RedisSource` per ``[[plugin.redis.sources]]``."""
-
-    def __init__(self, configs: list[SourceConfig]) -> None:
-        self.configs = configs
-
-    @hookimpl
-    def broker_sources(self, broker: Broker) -> list[RedisSource]:
-        return [RedisSource(config) for config in self.configs]
-
-
 def _source(t: Settings, context: PluginContext) -> SourceConfig:
     options = parse_source_options(t, context.name)
     url = t.text("url", "redis://127.0.0.1:6379/0")
@@ -214,15 +204,6 @@ def _source(t: Settings, context: PluginContext) -> SourceConfig:
     )
 
 
-def create(settings: Mapping[str, Any], context: PluginContext) -> RedisPlugin:
+def create(settings: Mapping[str, Any], context: PluginContext) -> SourcesPlugin[SourceConfig]:
     """Plugin factory (entry point ``redis``)."""
-    try:
-        import coredis  # noqa: F401
-    except ImportError:
-        raise ConfigError("", "needs coredis: pip install 'trio-broker[redis]'") from None
-    t = Settings(settings)
-    tables = t.tables("sources", empty=False)
-    t.finish()
-    configs = [_source(s, context) for s in tables]
-    unique_names([c.options for c in configs], "sources")
-    return RedisPlugin(configs)
+    return sources_plugin(settings, context, _source, RedisSource)

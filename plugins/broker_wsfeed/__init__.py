@@ -37,13 +37,20 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from broker import Broker, ConfigError, Identity, PluginContext, PublishError, hookimpl
+from broker import ConfigError, Identity, PluginContext, PublishError
 from broker.mapping import MappingError, MessageMapping, parse_mappings, select
 from broker.settings import Settings
-from broker.sources import Backoff, Publisher, SourceOptions, parse_source_options, unique_names
+from broker.sources import (
+    Backoff,
+    Publisher,
+    SourceOptions,
+    SourcesPlugin,
+    parse_source_options,
+    sources_plugin,
+)
 from broker.upstream import Upstream, UpstreamConnection, UpstreamOptions, parse_upstream_options
 
-__all__ = ["WsFeedPlugin", "WsFeedSource", "create"]
+__all__ = ["WsFeedSource", "create"]
 
 PLUGIN: Final = "wsfeed"
 
@@ -97,17 +104,6 @@ class WsFeedSource:
                 await publisher.publish(topic, data, key)
 
 
-class WsFeedPlugin:
-    """Contributes one :class:`WsFeedSource` per ``[[plugin.wsfeed.sources]]``."""
-
-    def __init__(self, configs: list[SourceConfig]) -> None:
-        self.configs = configs
-
-    @hookimpl
-    def broker_sources(self, broker: Broker) -> list[WsFeedSource]:
-        return [WsFeedSource(config) for config in self.configs]
-
-
 def _source(t: Settings, context: PluginContext) -> SourceConfig:
     options = parse_source_options(t, context.name)
     upstream = parse_upstream_options(t, source_file=context.config.source)
@@ -124,11 +120,6 @@ def _source(t: Settings, context: PluginContext) -> SourceConfig:
     return SourceConfig(options, upstream, tuple(frames), mappings)
 
 
-def create(settings: Mapping[str, Any], context: PluginContext) -> WsFeedPlugin:
+def create(settings: Mapping[str, Any], context: PluginContext) -> SourcesPlugin[SourceConfig]:
     """Plugin factory (entry point ``wsfeed``)."""
-    t = Settings(settings)
-    tables = t.tables("sources", empty=False)
-    t.finish()
-    configs = [_source(s, context) for s in tables]
-    unique_names([c.options for c in configs], "sources")
-    return WsFeedPlugin(configs)
+    return sources_plugin(settings, context, _source, WsFeedSource)
