@@ -42,7 +42,6 @@ from .errors import CloseCode, ErrorCode, ProtocolError
 from .frame_parser import Close, FrameError, FrameParser, Ping, Pong
 from .frames import close_frame, frame, ping_frame, pong_frame
 from .outbox import Outbox
-from .plugin_host import ValidationFailed
 from .protocol import (
     Auth,
     Encoding,
@@ -89,12 +88,6 @@ MAX_IOV: Final = 512
 _WOULD_BLOCK: Final = (BlockingIOError, InterruptedError)
 
 #: The ``result`` label of broker_publishes_total for a refused ``pub``.
-_PUBLISH_RESULT: Final = {
-    ErrorCode.FORBIDDEN: "forbidden",
-    ErrorCode.RATE_LIMITED: "rate_limited",
-    ErrorCode.INVALID: "invalid",
-    ErrorCode.TOO_LARGE: "invalid",
-}
 
 
 class Connection:
@@ -702,27 +695,16 @@ class Connection:
     async def _publish(self, command: Publish) -> None:
         broker = self.broker
         topic = command.topic
+        data: Any = command.data
         refusal = await self._may_publish(topic)
+        if refusal is None:
+            refusal = await broker.validate_publish(self.identity, topic, data, self.info)
         if refusal is not None:
-            broker.stats.publishes[_PUBLISH_RESULT.get(refusal.code, "error")] += 1
+            broker.count_publish(refusal)
             self._refuse(command.id, refusal)
             return
-        data: Any = command.data
-        if broker.plugins.has_validators:
-            try:
-                refusal = await broker.plugins.validate_detail(
-                    self.identity, topic, data, client=self.info
-                )
-            except ValidationFailed:
-                broker.stats.publishes["error"] += 1
-                self._error(command.id, ErrorCode.INTERNAL, "validation failed")
-                return
-            if refusal is not None:
-                broker.stats.publishes[_PUBLISH_RESULT.get(refusal.code, "error")] += 1
-                self._refuse(command.id, refusal)
-                return
         seq = await broker.backplane.publish(topic, data, command.key)
-        broker.stats.publishes["ok"] += 1
+        broker.count_publish(None)
         if command.id is not None:
             self._reply(encode_ok(command.id, self.encoding, seq=seq))
         if broker.plugins.observes_published:

@@ -27,13 +27,13 @@ import socket
 import ssl
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qs, urlsplit
 
 import trio
 
 from .admin import AdminServer
-from .auth import Action, Handshake, Identity, Refusal, Reject
+from .auth import Action, ClientInfo, Handshake, Identity, Refusal, Reject
 from .config import Config, ListenerConfig, is_loopback_host
 from .connection import Connection
 from .errors import CloseCode, ConfigError, ErrorCode, ProtocolError, PublishError
@@ -60,6 +60,15 @@ log = logging.getLogger("broker.server")
 
 #: Most (identity, topic) pairs whose publish authorization Broker.publish remembers.
 PUBLISH_CACHE_SIZE = 4096
+
+
+#: The ``result`` label of ``publishes`` for each refusal code (others: "error").
+_PUBLISH_RESULT: Final = {
+    ErrorCode.FORBIDDEN: "forbidden",
+    ErrorCode.RATE_LIMITED: "rate_limited",
+    ErrorCode.INVALID: "invalid",
+    ErrorCode.TOO_LARGE: "invalid",
+}
 
 
 @dataclass(slots=True)
@@ -309,27 +318,45 @@ class Broker:
                 if len(cache) >= PUBLISH_CACHE_SIZE:
                     cache.clear()
                 cache[(id(identity), topic)] = (identity, allowed)
-        if allowed is not True:
-            if isinstance(allowed, Refusal):
-                raise PublishError(allowed.code, allowed.message)
+        refusal: Refusal | None
+        if allowed is True:
+            refusal = await self.validate_publish(identity, topic, data, None)
+        elif isinstance(allowed, Refusal):
+            refusal = allowed
+        else:
             self.stats.forbidden += 1
-            raise PublishError(ErrorCode.FORBIDDEN, f"not allowed to publish to {topic}")
-        if plugins.has_validators:
-            try:
-                refusal = await plugins.validate_detail(identity, topic, data)
-            except ValidationFailed:
-                raise PublishError(ErrorCode.INTERNAL, "validation failed") from None
-            if refusal is not None:
-                if refusal.code is ErrorCode.INVALID:
-                    self.stats.invalid += 1
-                raise PublishError(refusal.code, refusal.message)
+            refusal = Refusal(ErrorCode.FORBIDDEN, f"not allowed to publish to {topic}")
+        if refusal is not None:
+            if refusal.code is ErrorCode.INVALID:
+                self.stats.invalid += 1
+            self.count_publish(refusal)
+            raise PublishError(refusal.code, refusal.message)
         seq = await self.backplane.publish(topic, data, key)
+        self.count_publish(None)
         self.hub.flush()
         if plugins.observes_published:
             await plugins.notify(
                 "broker_published", identity=identity, topic=topic, seq=seq, data=data, key=key
             )
         return seq
+
+    async def validate_publish(
+        self, identity: Identity, topic: str, data: Any, client: ClientInfo | None
+    ) -> Refusal | None:
+        """Run broker_validate for an authorized publish: None to accept, else
+        the refusal (a validator that raised refuses with ``internal``)."""
+        if not self.plugins.has_validators:
+            return None
+        try:
+            return await self.plugins.validate_detail(identity, topic, data, client=client)
+        except ValidationFailed:
+            return Refusal(ErrorCode.INTERNAL, "validation failed")
+
+    def count_publish(self, refusal: Refusal | None) -> None:
+        """Count one publish, by result, for ``publishes{result}`` (clients' and
+        sources' alike): None for a published message, else its refusal."""
+        result = "ok" if refusal is None else _PUBLISH_RESULT.get(refusal.code, "error")
+        self.stats.publishes[result] += 1
 
     async def _start_sources(self, nursery: trio.Nursery) -> None:
         """Collect the plugins' sources and run each under a supervisor."""

@@ -31,7 +31,7 @@ from broker.mapping import MappingError, MessageMapping, Template, parse_mapping
 from broker.settings import Settings
 from broker.sources import Backoff, Publisher, SourceState, Supervisor, describe_error
 from tests.conftest import BrokerFactory
-from tests.helpers import connect, wait_until
+from tests.helpers import connect, deny_factory, wait_until
 
 BOT = Identity("bot", plugin="test")
 
@@ -753,3 +753,18 @@ def test_sources_doc_links_resolve() -> None:
         assert path.is_file(), target
         if anchor:
             assert anchor in anchors(path), f"no heading for {target or 'sources.md'}#{anchor}"
+
+
+async def test_broker_publish_is_counted_by_result_like_a_clients(
+    start_broker: BrokerFactory,
+) -> None:
+    """Sources' publishes feed the same publishes{result} counters as clients'."""
+    broker = await start_broker(
+        {"plugins": {"enabled": ["deny", "noauth"]}}, factories={"deny": deny_factory}
+    )
+    source = Identity("source:test")
+    await broker.publish(source, "prices.x", 1)
+    with pytest.raises(PublishError):
+        await broker.publish(source, "secret.x", 1)
+    assert broker.stats.publishes["ok"] == 1
+    assert broker.stats.publishes["forbidden"] == 1
