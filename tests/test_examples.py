@@ -50,13 +50,22 @@ async def test_market_data_example(start_broker: BrokerFactory, nursery: trio.Nu
 
     seen: dict[str, dict[str, Any]] = {}
     async with connect(broker.url) as client:
-        for pattern in ("trades.>", "book.>", "candles.>"):
-            await client.sub(pattern, id=pattern)
+        patterns = ("trades.>", "book.>", "candles.>")
+        for pattern in patterns:
+            await client.send({"op": "sub", "id": pattern, "topic": pattern})
+        # The feed is live: deliveries on the first pattern may arrive before
+        # the later subscriptions are acknowledged, so read both kinds.
+        acked: set[str] = set()
         with trio.fail_after(1.5):
-            while not {"trades", "book", "candles"} <= {t.split(".")[0] for t in seen}:
+            while acked != set(patterns) or not {"trades", "book", "candles"} <= {
+                t.split(".")[0] for t in seen
+            }:
                 msg = await client.recv()
                 if msg["op"] == "msg":
                     seen.setdefault(msg["topic"], msg)
+                else:
+                    assert msg["op"] == "ok" and msg["id"] in patterns, msg
+                    acked.add(msg["id"])
     symbols = {"BTC-USD", "ETH-USD", "SOL-USD"}
     assert {t.split(".", 1)[1] for t in seen} <= symbols
     trade = next(m for t, m in seen.items() if t.startswith("trades."))
