@@ -29,12 +29,13 @@ as a client's ``pub``.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import random
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Generic, Protocol, TypeVar
 
@@ -43,6 +44,7 @@ import trio
 from .auth import Identity
 from .errors import ConfigError, PublishError
 from .hookspecs import hookimpl
+from .mapping import MappingError, MessageMapping, select
 from .settings import REQUIRED, Settings
 
 if TYPE_CHECKING:
@@ -61,6 +63,7 @@ __all__ = [
     "Supervisor",
     "describe_error",
     "parse_source_options",
+    "publish_mapped",
     "sources_plugin",
     "unique_names",
 ]
@@ -108,6 +111,29 @@ class Publisher(Protocol):
         """Count (``ignored``) a message no mapping is meant for (heartbeats,
         acknowledgements); logged at debug level only."""
         ...
+
+
+async def publish_mapped(
+    publisher: Publisher, mappings: Iterable[MessageMapping], message: Any
+) -> None:
+    """Publish *message* through the first of *mappings* that matches it.
+
+    A message no mapping matches is ignored (``ignored``), one its mapping
+    cannot turn into a topic and data is skipped (``skipped``, with the
+    reason); a publish the broker refuses is counted and logged by the
+    publisher. Never raises for the message's sake.
+    """
+    mapping = select(mappings, message)
+    if mapping is None:
+        publisher.ignore("no mapping matches")
+        return
+    try:
+        topic, data, key = mapping.apply(message)
+    except MappingError as e:
+        publisher.skip(str(e))
+        return
+    with contextlib.suppress(PublishError):  # counted and logged by the publisher
+        await publisher.publish(topic, data, key)
 
 
 class Source(Protocol):

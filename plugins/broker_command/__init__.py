@@ -29,7 +29,6 @@ if a shell is wanted), with the broker's environment plus ``env``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -43,8 +42,8 @@ from typing import Any, Final
 
 import trio
 
-from broker import ConfigError, Identity, PluginContext, PublishError
-from broker.mapping import MappingError, MessageMapping, parse_mappings, select
+from broker import ConfigError, Identity, PluginContext
+from broker.mapping import MessageMapping, parse_mappings
 from broker.settings import Settings
 from broker.sources import (
     Backoff,
@@ -54,6 +53,7 @@ from broker.sources import (
     SourceOptions,
     SourcesPlugin,
     parse_source_options,
+    publish_mapped,
     sources_plugin,
 )
 
@@ -172,17 +172,7 @@ class CommandSource:
         except (ValueError, RecursionError):
             publisher.skip(f"a line that is not JSON: {line[:80]!r}")
             return
-        mapping = select(self.config.mappings, message)
-        if mapping is None:
-            publisher.ignore("no mapping matches")
-            return
-        try:
-            topic, data, key = mapping.apply(message)
-        except MappingError as e:
-            publisher.skip(str(e))
-            return
-        with contextlib.suppress(PublishError):  # counted and logged by the publisher
-            await publisher.publish(topic, data, key)
+        await publish_mapped(publisher, self.config.mappings, message)
 
     async def _log_stderr(self, stream: trio.abc.ReceiveStream) -> None:
         async with stream:

@@ -30,15 +30,14 @@ subscribers), so the buffer stays small.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-from broker import ConfigError, Identity, PluginContext, PublishError
-from broker.mapping import MappingError, MessageMapping, parse_mapping, select
+from broker import ConfigError, Identity, PluginContext
+from broker.mapping import MessageMapping, parse_mapping
 from broker.settings import Settings
 from broker.sources import (
     Backoff,
@@ -47,6 +46,7 @@ from broker.sources import (
     SourceOptions,
     SourcesPlugin,
     parse_source_options,
+    publish_mapped,
     sources_plugin,
 )
 
@@ -152,17 +152,7 @@ class RedisSource:
             "pattern": None if pattern is None else _text(pattern),
             "data": data,
         }
-        mapping = select(self.config.mappings, root)
-        if mapping is None:
-            publisher.ignore("no mapping matches")
-            return
-        try:
-            topic, payload, key = mapping.apply(root)
-        except MappingError as e:
-            publisher.skip(str(e))
-            return
-        with contextlib.suppress(PublishError):  # counted and logged by the publisher
-            await publisher.publish(topic, payload, key)
+        await publish_mapped(publisher, self.config.mappings, root)
 
 
 def _text(value: object) -> str:

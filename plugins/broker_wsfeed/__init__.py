@@ -31,14 +31,13 @@ silent upstream is reconnected by the supervisor after its backoff, and the
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from broker import ConfigError, Identity, PluginContext, PublishError
-from broker.mapping import MappingError, MessageMapping, parse_mappings, select
+from broker import ConfigError, Identity, PluginContext
+from broker.mapping import MessageMapping, parse_mappings
 from broker.settings import Settings
 from broker.sources import (
     Backoff,
@@ -46,6 +45,7 @@ from broker.sources import (
     SourceOptions,
     SourcesPlugin,
     parse_source_options,
+    publish_mapped,
     sources_plugin,
 )
 from broker.upstream import Upstream, UpstreamConnection, UpstreamOptions, parse_upstream_options
@@ -91,17 +91,7 @@ class WsFeedSource:
             except (ValueError, RecursionError):
                 publisher.skip(f"{conn.display} sent a frame that is not JSON")
                 continue
-            mapping = select(mappings, message)
-            if mapping is None:
-                publisher.ignore("no mapping matches")
-                continue
-            try:
-                topic, data, key = mapping.apply(message)
-            except MappingError as e:
-                publisher.skip(str(e))
-                continue
-            with contextlib.suppress(PublishError):  # counted and logged by the publisher
-                await publisher.publish(topic, data, key)
+            await publish_mapped(publisher, mappings, message)
 
 
 def _source(t: Settings, context: PluginContext) -> SourceConfig:
