@@ -3,9 +3,10 @@
 * :class:`Client` wraps a ``trio_websocket`` connection and speaks the
   protocol with plain ``json``/``msgpack``: no ``broker.client`` code.
 * :class:`RawClient` does the WebSocket handshake itself with a wsproto state
-  machine over a raw TCP socket. It can send hand-built frames (invalid
-  UTF-8...), shrink its receive buffer before connecting and simply stop
-  reading, which makes a slow consumer the broker cannot push data to.
+  machine over a raw TCP socket (or TLS over one, for ``wss://``). It can
+  send hand-built frames (invalid UTF-8...), shrink its receive buffer before
+  connecting and simply stop reading, which makes a slow consumer the broker
+  cannot push data to.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import ssl
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Literal
@@ -173,8 +175,16 @@ def mask_frame(opcode: int, payload: bytes, *, fin: bool = True) -> bytes:
 class RawClient:
     """A WebSocket client on a bare TCP socket, driven by wsproto."""
 
-    def __init__(self, stream: trio.SocketStream, ws: WSConnection, subprotocol: str | None):
-        self.stream = stream
+    def __init__(
+        self,
+        stream: trio.SocketStream,
+        ws: WSConnection,
+        subprotocol: str | None,
+        tls: trio.SSLStream[trio.SocketStream] | None = None,
+    ):
+        self.stream = stream  # the TCP connection
+        #: What is written and read: the TCP stream, or TLS over it.
+        self.io: trio.abc.Stream = tls if tls is not None else stream
         self.wsp = ws
         self.subprotocol = subprotocol
         self._events: list[Event] = []
@@ -188,7 +198,9 @@ class RawClient:
         subprotocol: str | None = JSON,
         *,
         rcvbuf: int | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> RawClient:
+        """Connect to a ``ws://`` URL, or to a ``wss://`` one with *ssl_context*."""
         parts = urlsplit(url)
         assert parts.hostname is not None and parts.port is not None
         sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
@@ -197,22 +209,25 @@ class RawClient:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         await sock.connect((parts.hostname, parts.port))
         stream = trio.SocketStream(sock)
+        tls = None
+        if ssl_context is not None:
+            tls = trio.SSLStream(stream, ssl_context, server_hostname=parts.hostname)
         ws = WSConnection(ConnectionType.CLIENT)
-        self = cls(stream, ws, subprotocol)
+        self = cls(stream, ws, subprotocol, tls)
         request = Request(
             host=parts.netloc,
             target=parts.path or "/",
             subprotocols=[subprotocol] if subprotocol else [],
         )
-        await stream.send_all(ws.send(request))
+        await self.io.send_all(ws.send(request))
         event = await self.next_event()
         if not isinstance(event, AcceptConnection):
-            await stream.aclose()
+            await self.aclose()
             raise AssertionError(f"handshake not accepted: {event!r}")
         return self
 
     async def send_raw(self, data: bytes) -> None:
-        await self.stream.send_all(data)
+        await self.io.send_all(data)
 
     async def send(self, obj: Any) -> None:
         payload = dumps(obj, self.subprotocol)
@@ -220,7 +235,7 @@ class RawClient:
             data = self.wsp.send(TextMessage(data=payload))
         else:
             data = self.wsp.send(BytesMessage(data=payload))
-        await self.stream.send_all(data)
+        await self.io.send_all(data)
 
     async def next_event(self, *, answer_pings: bool = True) -> Event:
         """The next wsproto event, messages reassembled; None-free: raises on EOF."""
@@ -237,13 +252,13 @@ class RawClient:
                         event = BytesMessage(data=b"".join(self._parts))
                     self._parts = []
                 elif isinstance(event, Ping) and answer_pings:
-                    await self.stream.send_all(self.wsp.send(event.response()))
+                    await self.io.send_all(self.wsp.send(event.response()))
                 return event
-            data = await self.stream.receive_some(65536)
+            data = await self.io.receive_some(65536)
             if not data:
                 self.eof = True
                 raise EOFError("the broker closed the TCP connection")
-            self.wsp.receive_data(data)
+            self.wsp.receive_data(bytes(data))
             self._events.extend(self.wsp.events())
 
     async def recv(self, seconds: float = WAIT) -> dict[str, Any]:
@@ -282,14 +297,21 @@ class RawClient:
         return events
 
     async def aclose(self) -> None:
-        await self.stream.aclose()
+        if self.io is self.stream:
+            await self.stream.aclose()
+        else:  # no close_notify: the broker may not be reading any more
+            await trio.aclose_forcefully(self.io)
 
 
 @asynccontextmanager
 async def raw_connect(
-    url: str, subprotocol: str | None = JSON, *, rcvbuf: int | None = None
+    url: str,
+    subprotocol: str | None = JSON,
+    *,
+    rcvbuf: int | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> AsyncIterator[RawClient]:
-    client = await RawClient.open(url, subprotocol, rcvbuf=rcvbuf)
+    client = await RawClient.open(url, subprotocol, rcvbuf=rcvbuf, ssl_context=ssl_context)
     try:
         yield client
     finally:
