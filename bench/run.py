@@ -67,10 +67,30 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "idle-10000": {"scenario": "idle", "n": 10000},
     # 8 KiB payloads: in a few seconds the slow subscriber is offered more
     # than loopback socket buffers hold, so the broker's own policy shows.
-    # 500 deliveries outstanding (5 messages) keep the readers' backlog small.
-    # 14 s measured: NATS only disconnects a slow consumer after its 10 s
+    # First 8 s with every subscriber reading (the control), then 14 s with
+    # one not reading: NATS only disconnects a slow consumer after its 10 s
     # write deadline.
-    "slow-100": {"scenario": "slow", "n": 100, "payload": 8192, "inflight": 500, "duration_s": 14},
+    # slow-100: closed loop, as fast as the broker goes; 500 deliveries
+    # outstanding (5 messages) keep the readers' backlog small.
+    "slow-100": {
+        "scenario": "slow",
+        "n": 100,
+        "payload": 8192,
+        "inflight": 500,
+        "control_s": 8,
+        "duration_s": 14,
+    },
+    # slow-100-paced: open loop at 500 publishes/s = 50,000 deliveries/s of
+    # 8 KiB (400 MiB/s) to the readers, a load below saturation, where how
+    # steady the readers stay says what the slow one does to them.
+    "slow-100-paced": {
+        "scenario": "slow",
+        "n": 100,
+        "payload": 8192,
+        "slow_rate": 500,
+        "control_s": 8,
+        "duration_s": 14,
+    },
     "connect-rate": {
         "scenario": "connect",
         "n": 1,
@@ -84,7 +104,8 @@ SCENARIOS: dict[str, dict[str, Any]] = {
 }
 # --quick: shorter windows for the scenarios that set their own
 QUICK = {
-    "slow-100": {"duration_s": 4, "slow_drain_s": 3},
+    "slow-100": {"control_s": 2, "duration_s": 4, "slow_drain_s": 3},
+    "slow-100-paced": {"control_s": 2, "duration_s": 4, "slow_drain_s": 3},
     "connect-rate": {"duration_s": 2},
 }
 
@@ -234,7 +255,8 @@ def run_loadgen(cfg: dict[str, Any], cpu: str | None, timeout: float) -> dict[st
 
 def loadgen_timeout(cfg: dict[str, Any]) -> float:
     # above the generator's own hard deadline (see loadgen.mjs)
-    phases = cfg["warmup_s"] + cfg["duration_s"] + cfg.get("slow_drain_s", 10)
+    phases = cfg["warmup_s"] + cfg.get("control_s", 8) + cfg["duration_s"]
+    phases += cfg.get("slow_drain_s", 10)
     return phases + 45 + 2 + 60 + cfg["n"] / 200
 
 
@@ -293,6 +315,8 @@ def scenario_config(name: str, args: argparse.Namespace) -> dict[str, Any]:
     # an explicit --duration/--warmup wins over a scenario's own
     if args.duration_given:
         cfg["duration_s"] = args.duration
+        if "control_s" in cfg:
+            cfg["control_s"] = min(cfg["control_s"], args.duration)
     if args.warmup_given:
         cfg["warmup_s"] = args.warmup
     if name == "idle-10000" and args.idle_connections:
@@ -344,6 +368,8 @@ def brief(res: dict[str, Any]) -> str:
         "connections_per_s",
         "readers_deliveries_per_s",
         "readers_worst_over_median",
+        "control_worst_over_median",
+        "readers_vs_control",
         "rss_growth_kb",
         "slow_disconnected",
         "broker_cpu",
@@ -353,11 +379,47 @@ def brief(res: dict[str, Any]) -> str:
     return json.dumps({k: res[k] for k in keys if k in res})
 
 
+# ---------------------------------------------------------------- steadiness
+SPIN = """
+import json, sys, time
+end = time.monotonic() + float(sys.argv[1])
+out = []
+while True:
+    t = time.monotonic()
+    if t + 1 > end:
+        break
+    stop, n = t + 1, 0
+    while time.monotonic() < stop:
+        for _ in range(1000):
+            pass
+        n += 1
+    out.append(n)
+print(json.dumps(out))
+"""
+
+
+def steadiness(cpu: str | None, seconds: float) -> dict[str, Any]:
+    """How steady one core of this machine is: a CPU-bound loop alone on
+    the broker's core, its work per second. At saturation no process pinned
+    there can be steadier than this, so it is the yardstick for the slow
+    scenarios' worst-second figures."""
+    argv = (["taskset", "-c", cpu] if cpu is not None else []) + [sys.executable, "-c", SPIN]
+    p = subprocess.run([*argv, str(seconds)], capture_output=True, text=True, timeout=seconds + 30)
+    series: list[int] = json.loads(p.stdout or "[]")
+    med = statistics.median(series) if series else None
+    return {
+        "per_second": series,
+        "worst_over_median": round(min(series) / med, 3) if med else None,
+    }
+
+
 # ---------------------------------------------------------------- calibration
 def calibrate(args: argparse.Namespace, settings: Settings, workdir: Path) -> dict[str, Any]:
     """The load generator's own ceiling: (1) against trivial.mjs in stream
     mode (pre-built frames, ~zero server cost per delivery), per protocol;
-    (2) against trivial.mjs in route mode (one socket write per delivery)."""
+    (2) against trivial.mjs in route mode (one socket write per delivery);
+    (3) connect-rate against gen/trio_floor.py, the floor under any Trio
+    server."""
     stream = []
     for protocol in ("broker", "broker-msgpack", "nats", "mqtt"):
         for n in (100, 1000):
@@ -379,7 +441,10 @@ def calibrate(args: argparse.Namespace, settings: Settings, workdir: Path) -> di
         res = run_one("trivial", name, args, settings, workdir)
         log(f"  route  {name:15s}: {brief(res)}")
         route.append({"scenario": name, "result": res})
-    return {"stream": stream, "route": route}
+    # (3) what Trio itself costs per connection: gen/trio_floor.py
+    floor = run_one("trio-floor", "connect-rate", args, settings, workdir)
+    log(f"  trio-floor connect-rate   : {brief(floor)}")
+    return {"stream": stream, "route": route, "trio_floor": floor}
 
 
 # ---------------------------------------------------------------- summaries
@@ -482,6 +547,17 @@ def cpu(m: dict[str, Any]) -> str:
 
 def mib(kb: Any) -> str:
     return f"{kb / 1024:.1f}" if number(kb) else "-"
+
+
+def lowest(m: dict[str, Any], key: str) -> Any:
+    """The lowest value over the repeats (the median's range, or the value)."""
+    r = m.get(f"{key}_range")
+    return r[0] if r else m.get(key)
+
+
+def highest(m: dict[str, Any], key: str) -> Any:
+    r = m.get(f"{key}_range")
+    return r[1] if r else m.get(key)
 
 
 def slow_outcome(m: dict[str, Any]) -> str:
@@ -601,16 +677,22 @@ def render(results: dict[str, Any]) -> str:
             )
         L.append("")
 
-    for s in [s for s in scenarios if kinds[s] == "slow"]:
-        L.append(
-            f"### {s}: 100 reading subscribers + 1 that stops reading, 8 KiB payloads, closed loop"
+    slow = [s for s in scenarios if kinds[s] == "slow"]
+    for s in slow:
+        conf = meta.get("scenario_configs", {}).get(s, SCENARIOS.get(s, {}))
+        rate = conf.get("slow_rate", 0)
+        how = (
+            f"open loop at {num(rate * conf.get('n', 100))} deliveries/s"
+            if rate
+            else "closed loop (as fast as the broker goes)"
         )
+        L.append(f"### {s}: 100 reading subscribers + 1 that stops reading, 8 KiB payloads, {how}")
         L.append("")
         L.append(
-            f"| broker | readers deliveries/s{rhead} | worst 1-s / median "
-            "| RSS growth MiB | cpu b/g | the slow subscriber |"
+            f"| broker | readers deliveries/s{rhead} | ÷ control | worst 1-s ÷ median "
+            "| same, control | worst reader | extra RSS MiB | cpu b/g | the slow subscriber |"
         )
-        L.append("|---|" + "---|" * (5 + len(refs)))
+        L.append("|---|" + "---|" * (8 + len(refs)))
         for b in brokers:
             m = S[s][b]
             L.append(
@@ -618,13 +700,35 @@ def render(results: dict[str, Any]) -> str:
                 + " | ".join(
                     [
                         *rcols(s, b, "readers_deliveries_per_s"),
-                        num(m.get("readers_worst_over_median"), 2),
-                        mib(m.get("rss_growth_kb")),
+                        num(m.get("readers_vs_control"), 2),
+                        num(lowest(m, "readers_worst_over_median"), 2),
+                        num(lowest(m, "control_worst_over_median"), 2),
+                        num(lowest(m, "readers_each_worst_over_median"), 2),
+                        mib(highest(m, "rss_growth_kb")),
                         cpu(m),
                         slow_outcome(m),
                     ]
                 )
                 + " |"
+            )
+        L.append("")
+    if slow:
+        L.append(
+            "Each run measures a control phase first (every subscriber reading, same load), "
+            "then the phase with one subscriber not reading: `÷ control` is the readers' median "
+            "second with the slow one over their median second without it; the steadiness "
+            "columns are the lowest over the repeats (the readers together, then the worst "
+            "single reader against its own median); `extra RSS` is the broker's peak RSS with "
+            "the slow one over its peak in the control, the highest over the repeats."
+        )
+        st = [x["worst_over_median"] for x in results.get("steadiness", []) if x.get("per_second")]
+        if st:
+            L.append("")
+            L.append(
+                "This machine's own steadiness: a CPU-bound loop alone on the broker's core "
+                f"does, in its worst second, {min(st):.2f} to {max(st):.2f} of its median second's "
+                "work (one measurement per repeat). A broker at saturation (cpu ≈ 1.0) "
+                "cannot be steadier than that."
             )
         L.append("")
 
@@ -715,6 +819,19 @@ def render(results: dict[str, Any]) -> str:
                 if not r.get("ok"):
                     val = f"failed: {r.get('error')}"
                 L.append(f"| {x['scenario']} | {val} | {cpu(r)} |")
+            L.append("")
+        floor = cal.get("trio_floor")
+        if floor:
+            val = (
+                f"{num(floor.get('connections_per_s'))} connections/s"
+                if floor.get("ok")
+                else f"failed: {floor.get('error')}"
+            )
+            L.append(
+                "`connect-rate` against `gen/trio_floor.py` (a Trio server that only does the "
+                f"handshake bytes, the ping and the close; not a broker): {val}, "
+                f"cpu b/g {cpu(floor)}."
+            )
             L.append("")
     return "\n".join(L)
 
@@ -824,6 +941,7 @@ def main(argv: list[str] | None = None) -> int:
             "versions": versions(args.python),
         },
         "calibration": None,
+        "steadiness": [],
         "runs": [],
     }
 
@@ -840,7 +958,13 @@ def main(argv: list[str] | None = None) -> int:
             log("== calibration: the load generator's ceiling")
             results["calibration"] = calibrate(args, settings, workdir)
             save()
+        slow_kind = [s for s in scenarios if SCENARIOS[s]["scenario"] == "slow"]
         for rep in range(1, args.repeats + 1):
+            if slow_kind:
+                st = steadiness(args.broker_cpu, 4 if args.quick else 10)
+                results["steadiness"].append(st)
+                save()
+                log(f"[{rep}/{args.repeats}] steadiness of the broker's core: {st}")
             for s in scenarios:
                 # rotate the broker order each repeat so drift favours none
                 k = (rep - 1) % len(brokers)

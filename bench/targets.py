@@ -180,6 +180,12 @@ def _trivial(settings: Settings, workdir: Path) -> Launch:
     return Launch(argv, port, "broker", "/ws")
 
 
+def _trio_floor(settings: Settings, workdir: Path) -> Launch:
+    port = free_port()
+    argv = [settings.python, str(GEN / "trio_floor.py"), "--port", str(port)]
+    return Launch(argv, port, "broker", "/ws")
+
+
 TARGETS: dict[str, Target] = {
     t.name: t
     for t in [
@@ -201,6 +207,12 @@ TARGETS: dict[str, Target] = {
             "CALIBRATION: gen/trivial.mjs --mode route, one socket write per delivery (not a broker)",
             _trivial,
             ("node",),
+        ),
+        Target(
+            "trio-floor",
+            "CALIBRATION: gen/trio_floor.py, the least a Trio server does per connection "
+            "(connect-rate only; not a broker)",
+            _trio_floor,
         ),
     ]
 }

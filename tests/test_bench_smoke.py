@@ -1,9 +1,10 @@
 """Smoke test of the benchmark harness (bench/): one tiny run against our broker.
 
-Runs ``bench/run.py`` for the ``fanout-100`` scenario only, with a 1 s window
-and no warm-up, against our broker alone, and checks that the load generator
-reported deliveries and that the results file is valid JSON. Skipped where
-the benchmark's prerequisites (Node, nats-server) are not installed.
+Runs ``bench/run.py`` for the ``fanout-100`` scenario (and once for
+``slow-100-paced``) with 1 s windows and no warm-up, against our broker
+alone, and checks that the load generator reported deliveries and that the
+results file is valid JSON. Skipped where the benchmark's prerequisites
+(Node, nats-server) are not installed.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,6 +27,25 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+def run_bench(
+    tmp_path: Path, args: list[str], timeout: float, brokers: str = "broker"
+) -> tuple[dict[str, Any], str]:
+    """Run bench/run.py (against our broker alone by default): its results
+    JSON and stdout."""
+    out = tmp_path / "run.json"
+    argv = [sys.executable, str(RUN), *args, "--quick", "--duration", "1", "--warmup", "0"]
+    argv += ["--brokers", brokers, "--python", sys.executable, "--out", str(out)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # run.py stops the broker and the generator on SIGTERM
+        stdout, stderr = proc.communicate(timeout=15)
+        pytest.fail(f"bench/run.py took more than {timeout} s:\n{stderr[-2000:]}")
+    assert proc.returncode == 0, stderr[-2000:]
+    return json.loads(out.read_text()), stdout
+
+
 @pytest.mark.parametrize(
     "variant",
     [
@@ -35,35 +56,7 @@ pytestmark = pytest.mark.skipif(
     ],
 )
 def test_fanout_against_our_broker(tmp_path: Path, variant: list[str]) -> None:
-    out = tmp_path / "run.json"
-    argv = [
-        sys.executable,
-        str(RUN),
-        *variant,
-        "--quick",
-        "--duration",
-        "1",
-        "--warmup",
-        "0",
-        "--brokers",
-        "broker",
-        "--scenarios",
-        "fanout-100",
-        "--python",
-        sys.executable,
-        "--out",
-        str(out),
-    ]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.terminate()  # run.py stops the broker and the generator on SIGTERM
-        stdout, stderr = proc.communicate(timeout=15)
-        pytest.fail(f"bench/run.py took more than 20 s:\n{stderr[-2000:]}")
-    assert proc.returncode == 0, stderr[-2000:]
-
-    results = json.loads(out.read_text())
+    results, stdout = run_bench(tmp_path, [*variant, "--scenarios", "fanout-100"], 20)
     [run] = results["runs"]
     assert run["broker"] == "broker"
     assert run["scenario"] == "fanout-100"
@@ -73,3 +66,34 @@ def test_fanout_against_our_broker(tmp_path: Path, variant: list[str]) -> None:
     assert res["unexpected_closes"] == 0
     assert results["summary"]["fanout-100"]["broker"]["ok_runs"] == 1
     assert "fanout-100" in stdout  # the markdown table
+
+
+def test_slow_scenario_has_a_control_phase(tmp_path: Path) -> None:
+    results, stdout = run_bench(tmp_path, ["--scenarios", "slow-100-paced"], 40)
+    [steady] = results["steadiness"]
+    assert steady["per_second"] and 0 < steady["worst_over_median"] <= 1
+    [run] = results["runs"]
+    res = run["result"]
+    assert res["ok"] is True, res
+    assert res["loop"] == "open"
+    assert res["offered_deliveries_per_s"] == 50_000
+    # both phases measured, the readers served in both, nobody else cut
+    assert res["control_deliveries_per_s"] > 0
+    assert res["readers_deliveries_per_s"] > 0
+    assert res["control_per_second"] and res["readers_per_second"]
+    assert 0 < res["readers_each_worst_over_median"] <= 1
+    assert res["other_unexpected_closes"] == 0
+    assert res["slow_disconnected"] is False  # our broker keeps it and drops
+    assert isinstance(res["rss_growth_kb"], int)
+    assert "slow-100-paced" in stdout and "control" in stdout
+
+
+def test_trio_floor_answers_the_connect_scenario(tmp_path: Path) -> None:
+    """The calibration server for connect-rate (bench/gen/trio_floor.py)."""
+    results, stdout = run_bench(tmp_path, ["--scenarios", "connect-rate"], 20, "trio-floor")
+    [run] = results["runs"]
+    res = run["result"]
+    assert res["ok"] is True, res
+    assert res["connections_per_s"] > 0
+    assert res["failed"] == 0
+    assert "trio-floor" in stdout

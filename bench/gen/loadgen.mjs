@@ -12,9 +12,11 @@
 //            latency = receive time - send time in the payload -> p50/p99/max
 //   idle     n connections, each subscribed to its own topic, then idle
 //            -> broker RSS growth per connection, connect rate
-//   slow     n reading subscribers + 1 that stops reading after the barrier;
-//            closed loop on the readers -> their rate, its stability, broker
-//            RSS growth, and what happened to the slow one
+//   slow     n reading subscribers + 1 more; a control phase in which all
+//            read, then one stops reading; closed loop on the readers, or
+//            open loop at `slow_rate` publishes/s -> the readers' rate and
+//            its steadiness in both phases, the broker's extra RSS, and what
+//            happened to the slow one
 //   connect  open + handshake + one protocol round trip + close, as fast as
 //            possible with bounded concurrency            -> connections/s
 //   stream   n subscribers and no publisher, against the calibration server
@@ -47,6 +49,8 @@ const cfg = {
   barrier_timeout_s: 45,
   settle_s: 2, // idle: wait before the "after" RSS sample
   slow_drain_s: 10, // slow: how long the slow subscriber may read at the end
+  control_s: 8, // slow: the phase before, with every subscriber reading
+  slow_rate: 0, // slow: publishes/s (open loop); 0: closed loop on `inflight`
   deadline_s: 0, // 0: computed from the durations
   ...JSON.parse(process.argv[2] || '{}'),
 };
@@ -80,7 +84,7 @@ function fatal(msg) {
 
 const deadlineS =
   cfg.deadline_s ||
-  cfg.warmup_s + cfg.duration_s + cfg.barrier_timeout_s + cfg.settle_s + cfg.slow_drain_s + 30 + cfg.n / 200;
+  cfg.warmup_s + cfg.control_s + cfg.duration_s + cfg.barrier_timeout_s + cfg.settle_s + cfg.slow_drain_s + 30 + cfg.n / 200;
 setTimeout(() => {
   report({ ok: false, error: `hard deadline of ${Math.round(deadlineS)} s exceeded` });
   setTimeout(() => process.exit(3), 1000).unref();
@@ -545,6 +549,98 @@ async function runIdle() {
   };
 }
 
+// Publish to `topic` at `rate` messages/s whatever the deliveries (open
+// loop), counting each publish in `loop` as `perPublish` deliveries owed.
+// A publisher whose socket holds more than 64 MiB unsent skips publishes
+// (counted) rather than grow without bound.
+function startPaced(pub, rate, perPublish, topic) {
+  Object.assign(loop, { on: false, received: 0, expected: 0, published: 0, lost: 0, perPublish, topic, pub });
+  const paced = { skipped: 0, timer: null, on: true };
+  const start = performance.now();
+  let due0 = 0;
+  const tick = () => {
+    if (!paced.on) return;
+    const due = Math.floor(((performance.now() - start) / 1000) * rate) + 1;
+    while (due0 < due) {
+      due0++;
+      if (pub.buffered > 64 << 20) {
+        paced.skipped++;
+        continue;
+      }
+      proto.publish(pub, topic(), stampPayload());
+      loop.published++;
+      loop.expected += perPublish;
+    }
+    paced.timer = setTimeout(tick, Math.max(0, start + (due0 * 1000) / rate - performance.now()));
+  };
+  tick();
+  paced.stop = () => {
+    paced.on = false;
+    clearTimeout(paced.timer);
+  };
+  return paced;
+}
+
+// Per-subscriber deliveries in each full second, for subscribers 0..n-1.
+function perSecondEach(n) {
+  const series = Array.from({ length: n }, () => []);
+  let prev = gotBy.slice(0, n);
+  const timer = setInterval(() => {
+    const now = gotBy.slice(0, n);
+    for (let i = 0; i < n; i++) series[i].push(now[i] - prev[i]);
+    prev = now;
+  }, 1000);
+  return { series, stop: () => clearInterval(timer) };
+}
+
+// One measured phase of the slow scenario: the readers' rate, its
+// steadiness (overall and per reader) and the broker's RSS.
+async function slowPhase(n, seconds) {
+  const rssStart = brokerRssKb();
+  let rssMax = rssStart;
+  const sampleRss = () => {
+    const r = brokerRssKb();
+    if (r != null && (rssMax == null || r > rssMax)) rssMax = r;
+  };
+  const rssTimer = setInterval(sampleRss, 250);
+  const r0 = loop.received;
+  const c0 = cpuMark();
+  const ps = perSecond(() => loop.received);
+  const each = perSecondEach(n);
+  await sleep(seconds * 1000);
+  const c1 = cpuMark();
+  ps.stop();
+  each.stop();
+  clearInterval(rssTimer);
+  sampleRss();
+  const r1 = loop.received;
+  const med = median(ps.series);
+  const worst = ps.series.length ? Math.min(...ps.series) : null;
+  // each reader's worst second over its own median second; the worst reader
+  let eachWorst = null;
+  for (const xs of each.series) {
+    const m = median(xs);
+    if (!m) continue;
+    const v = Math.min(...xs) / m;
+    if (eachWorst === null || v < eachWorst) eachWorst = v;
+  }
+  return {
+    deliveries_per_s: Math.round((r1 - r0) / ((c1.t - c0.t) / 1000)),
+    per_second: ps.series,
+    worst_second: worst,
+    median_second: med,
+    worst_over_median: med ? round(worst / med, 3) : null,
+    each_worst_over_median: round(eachWorst, 3),
+    rss_start_kb: rssStart,
+    rss_max_kb: rssMax,
+    ...cpuBetween(c0, c1),
+  };
+}
+
+// Two phases on one broker, same load: first every subscriber reads (the
+// control), then one stops reading. What the slow one costs the others is
+// the difference between the phases; the control also shows how steady the
+// readers are on this machine with nobody slow.
 async function runSlow() {
   const n = cfg.n; // readers; index n is the slow subscriber
   gotBy = new Uint32Array(n + 1);
@@ -561,26 +657,17 @@ async function runSlow() {
   await subscribeAll(subs, () => 't0');
   const pub = await open(n + 1, ROLE_PUB);
   await barrier(pub, subs, () => 't0');
+  const paced = cfg.slow_rate > 0 ? startPaced(pub, cfg.slow_rate, n, () => 't0') : null;
+  if (!paced) startLoop(pub, n, () => 't0');
+  await sleep(cfg.warmup_s * 1000);
+  const control = await slowPhase(n, cfg.control_s);
   slow.pause(); // from now on it never reads: kernel buffers fill, then the broker's
-  await sleep(200);
   const slowBase = slowGot;
   const droppedBase = slow.dropped;
-  const rssStart = brokerRssKb();
-  let rssMax = rssStart;
-  const rssTimer = setInterval(() => {
-    const r = brokerRssKb();
-    if (r != null && (rssMax == null || r > rssMax)) rssMax = r;
-  }, 250);
-  startLoop(pub, n, () => 't0');
-  await sleep(cfg.warmup_s * 1000);
-  const r0 = loop.received;
-  const c0 = cpuMark();
-  const ps = perSecond(() => loop.received);
-  await sleep(cfg.duration_s * 1000);
-  const c1 = cpuMark();
-  ps.stop();
-  const r1 = loop.received;
-  const published = loop.published;
+  const p0 = loop.published;
+  const run = await slowPhase(n, cfg.duration_s);
+  const published = loop.published - p0;
+  if (paced) paced.stop();
   await stopLoop();
   const slowGone = slow.closed;
   const rssEnd = brokerRssKb();
@@ -597,20 +684,28 @@ async function runSlow() {
     if (got === last && performance.now() - lastDeliveryAt > 1000) break;
     last = got;
   }
-  clearInterval(rssTimer);
   const received = slowGot - slowBase;
-  const secs = (c1.t - c0.t) / 1000;
-  const med = median(ps.series);
-  const worst = ps.series.length ? Math.min(...ps.series) : null;
+  const ratio = (a, b) => (a != null && b ? round(a / b, 3) : null);
   return {
     ok: true,
     readers: n,
     payload_bytes: cfg.payload,
-    readers_deliveries_per_s: Math.round((r1 - r0) / secs),
-    readers_per_second: ps.series,
-    readers_worst_second: worst,
-    readers_median_second: med,
-    readers_worst_over_median: med ? round(worst / med, 3) : null,
+    loop: paced ? 'open' : 'closed',
+    offered_deliveries_per_s: paced ? cfg.slow_rate * n : null,
+    publishes_skipped: paced ? paced.skipped : 0,
+    // with the slow subscriber (the measured window)
+    readers_deliveries_per_s: run.deliveries_per_s,
+    readers_per_second: run.per_second,
+    readers_worst_second: run.worst_second,
+    readers_median_second: run.median_second,
+    readers_worst_over_median: run.worst_over_median,
+    readers_each_worst_over_median: run.each_worst_over_median,
+    // the control phase before it, everyone reading
+    control_deliveries_per_s: control.deliveries_per_s,
+    control_per_second: control.per_second,
+    control_worst_over_median: control.worst_over_median,
+    control_each_worst_over_median: control.each_worst_over_median,
+    readers_vs_control: ratio(run.median_second, control.median_second),
     readers_lost: loop.lost + Math.max(0, loop.expected - loop.received),
     published,
     slow_offered_mib: round((published * cfg.payload) / 1048576, 1),
@@ -623,11 +718,19 @@ async function runSlow() {
     slow_disconnected_during_run: slowGone,
     slow_close_code: slow.closed ? slow.closeCode : null,
     other_unexpected_closes: closes.filter((x) => x.role !== ROLE_SLOW).length,
-    rss_start_kb: rssStart,
-    rss_max_kb: rssMax,
+    // RSS: the peak with the slow subscriber over the peak without it (same
+    // load, so transient buffers count in both), and the raw figures
+    rss_growth_kb: run.rss_max_kb != null && control.rss_max_kb != null ? run.rss_max_kb - control.rss_max_kb : null,
+    rss_growth_in_window_kb: run.rss_max_kb != null && run.rss_start_kb != null ? run.rss_max_kb - run.rss_start_kb : null,
+    control_rss_growth_kb:
+      control.rss_max_kb != null && control.rss_start_kb != null ? control.rss_max_kb - control.rss_start_kb : null,
+    rss_start_kb: control.rss_start_kb,
+    control_rss_max_kb: control.rss_max_kb,
+    rss_max_kb: run.rss_max_kb,
     rss_end_kb: rssEnd,
-    rss_growth_kb: rssStart != null && rssMax != null ? rssMax - rssStart : null,
-    ...cpuBetween(c0, c1),
+    broker_cpu: run.broker_cpu,
+    gen_cpu: run.gen_cpu,
+    control_broker_cpu: control.broker_cpu,
   };
 }
 
