@@ -669,9 +669,8 @@ class Connection:
         """``auth``: replace the identity by the one a new token proves (same subject)."""
         broker = self.broker
         old = self.identity
-        decision: Identity | Reject = Reject(503, "authentication timed out")
-        with trio.move_on_after(broker.config.limits.auth_timeout):
-            decision = await broker.plugins.refresh(old, command.token)
+        deadline = trio.current_time() + broker.config.limits.auth_timeout
+        decision = await broker.plugins.refresh(old, command.token, deadline)
         if isinstance(decision, Reject):
             log.info("%s refresh refused for %s: %s", self.id, old.subject, decision.reason)
             self._error(command.id, ErrorCode.UNAUTHORIZED, decision.reason)

@@ -127,9 +127,9 @@ class HandshakeParser:
                 raise ValueError
         except (ValueError, binascii.Error):
             raise HandshakeError(400, "invalid Sec-WebSocket-Key") from None
-        # h11 considers the request done; the bytes after it belong to the
-        # WebSocket connection (RFC 6455 4.2.1: frames may follow at once).
-        self._h11.send(h11.InformationalResponse(status_code=101, headers=[]))
+        # The bytes after the request head belong to the WebSocket
+        # connection (RFC 6455 4.2.1: frames may follow at once). h11 has
+        # paused on the upgrade and left them unprocessed in its buffer.
         trailing, _closed = self._h11.trailing_data
         return UpgradeRequest(
             target=request.target.decode("latin-1"),

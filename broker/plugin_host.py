@@ -27,6 +27,7 @@ from importlib.metadata import entry_points
 from typing import Any
 
 import pluggy
+import trio
 
 from .auth import Action, ClientInfo, Handshake, Identity, Refusal, Reject
 from .config import Config
@@ -53,6 +54,15 @@ PluginFactory = Callable[[Mapping[str, Any], PluginContext], object]
 
 class ValidationFailed(Exception):
     """broker_validate raised; the message is rejected with ``internal``."""
+
+
+#: The reason of the refusal when authentication plugins overrun
+#: ``limits.auth_timeout`` (HTTP 503 at a handshake).
+AUTH_TIMED_OUT = "authentication timed out"
+
+
+class _TimedOut(Exception):
+    """An awaitable hook implementation overran its deadline."""
 
 
 class PluginHost:
@@ -148,15 +158,34 @@ class PluginHost:
             result = await result
         return result
 
-    async def authenticate(self, handshake: Handshake) -> Identity | Reject:
+    @staticmethod
+    async def _call_by(impl: pluggy.HookImpl, kwargs: Mapping[str, Any], deadline: float) -> Any:
+        """:meth:`_call`, with the awaiting (if any) bounded by *deadline*.
+
+        Raises _TimedOut when the deadline passes. A synchronous result
+        needs no cancel scope: entering one is a measurable share of a
+        handshake's cost, and a plain function cannot be interrupted anyway.
+        """
+        result = impl.function(*[kwargs[name] for name in impl.argnames])
+        if inspect.isawaitable(result):
+            with trio.move_on_at(deadline):
+                return await result
+            raise _TimedOut
+        return result
+
+    async def authenticate(self, handshake: Handshake, deadline: float) -> Identity | Reject:
         """Run broker_authenticate; always returns a decision (fails closed).
 
-        The caller bounds it with ``limits.auth_timeout``.
+        All implementations together must be done by *deadline* (trio's
+        clock; the caller adds ``limits.auth_timeout``); past it the decision
+        is ``Reject(503, "authentication timed out")``.
         """
         kwargs = {"handshake": handshake}
         for impl in self._impls("broker_authenticate"):
             try:
-                result = await self._call(impl, kwargs)
+                result = await self._call_by(impl, kwargs, deadline)
+            except _TimedOut:
+                return Reject(503, AUTH_TIMED_OUT)
             except Exception:
                 log.exception(
                     "plugin %s: broker_authenticate raised; rejecting %s:%s",
@@ -269,16 +298,19 @@ class PluginHost:
             return Refusal(ErrorCode.INVALID, str(result))
         return None
 
-    async def refresh(self, identity: Identity, token: str) -> Identity | Reject:
+    async def refresh(self, identity: Identity, token: str, deadline: float) -> Identity | Reject:
         """Run broker_refresh; always returns a decision (fails closed).
 
-        The new identity must have the same subject as *identity*. The
-        caller bounds it with ``limits.auth_timeout``.
+        The new identity must have the same subject as *identity*. All
+        implementations together must be done by *deadline*, as in
+        :meth:`authenticate`.
         """
         kwargs = {"identity": identity, "token": token}
         for impl in self._impls("broker_refresh"):
             try:
-                result = await self._call(impl, kwargs)
+                result = await self._call_by(impl, kwargs, deadline)
+            except _TimedOut:
+                return Reject(503, AUTH_TIMED_OUT)
             except Exception:
                 log.exception(
                     "plugin %s: broker_refresh raised; refusing the refresh for %s",

@@ -639,9 +639,8 @@ class Broker:
             peer_certificate=cert,
             subprotocol=subprotocol,
         )
-        decision: Identity | Reject = Reject(503, "authentication timed out")
-        with trio.move_on_after(limits.auth_timeout):
-            decision = await self.plugins.authenticate(handshake)
+        deadline = trio.current_time() + limits.auth_timeout
+        decision = await self.plugins.authenticate(handshake, deadline)
         if isinstance(decision, Reject):
             return self._refuse(peer, decision, f"auth_{decision.status}")
         return decision, encoding, subprotocol

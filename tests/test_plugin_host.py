@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import pytest
+import trio
 
 from broker import (
     ConfigError,
@@ -31,6 +32,12 @@ HS = Handshake(
     tls=False,
 )
 ALICE = Identity("alice")
+AUTH_TIMEOUT = 5.0
+
+
+def by_timeout() -> float:
+    """The deadline a broker passes: limits.auth_timeout from now."""
+    return trio.current_time() + AUTH_TIMEOUT
 
 
 def host_with(*plugins: object, default: str = "allow") -> PluginHost:
@@ -71,34 +78,89 @@ class Authz:
 async def test_first_authenticate_result_wins_in_call_order() -> None:
     # pluggy calls the last registered first.
     host = host_with(Auth(Identity("first")), Auth(None), Auth(Identity("last")))
-    result = await host.authenticate(HS)
+    result = await host.authenticate(HS, by_timeout())
     assert isinstance(result, Identity)
     assert result.subject == "last"
     assert result.plugin == "p2"
 
 
 async def test_async_authenticate_is_awaited() -> None:
-    result = await host_with(AsyncAuth(Identity("bob"))).authenticate(HS)
+    result = await host_with(AsyncAuth(Identity("bob"))).authenticate(HS, by_timeout())
     assert isinstance(result, Identity) and result.subject == "bob"
 
 
 async def test_async_none_does_not_win() -> None:
     host = host_with(Auth(Identity("sync")), AsyncAuth(None))
-    result = await host.authenticate(HS)
+    result = await host.authenticate(HS, by_timeout())
     assert isinstance(result, Identity) and result.subject == "sync"
 
 
 async def test_no_opinion_is_401() -> None:
-    result = await host_with(Auth(None)).authenticate(HS)
+    result = await host_with(Auth(None)).authenticate(HS, by_timeout())
     assert result == Reject(401, "missing or invalid credentials")
 
 
 @pytest.mark.parametrize("bad", [RuntimeError("boom"), "not an identity"])
 async def test_authenticate_fails_closed(bad: Any, caplog: pytest.LogCaptureFixture) -> None:
     host = host_with(Auth(Identity("would-accept")), Auth(bad))
-    result = await host.authenticate(HS)
+    result = await host.authenticate(HS, by_timeout())
     assert isinstance(result, Reject) and result.status == 403
     assert "p1" in caplog.text
+
+
+class SlowAuth:
+    """Answers *result* after *delay* seconds (of the test's clock)."""
+
+    def __init__(self, delay: float, result: Any = None) -> None:
+        self.delay = delay
+        self.result = result
+
+    @hookimpl
+    async def broker_authenticate(self, handshake: Handshake) -> Any:
+        await trio.sleep(self.delay)
+        return self.result
+
+
+async def test_authenticate_past_its_timeout_is_503(autojump_clock: trio.abc.Clock) -> None:
+    start = trio.current_time()
+    result = await host_with(SlowAuth(3600, Identity("late"))).authenticate(HS, by_timeout())
+    assert result == Reject(503, "authentication timed out")
+    assert trio.current_time() - start == pytest.approx(AUTH_TIMEOUT)
+
+
+async def test_authenticate_timeout_is_for_all_implementations_together(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # Called last first: 3 s for no opinion, then 3 s more for an identity.
+    host = host_with(SlowAuth(3, Identity("too late")), SlowAuth(3, None))
+    assert await host.authenticate(HS, by_timeout()) == Reject(503, "authentication timed out")
+    host = host_with(SlowAuth(2, Identity("in time")), SlowAuth(2, None))
+    result = await host.authenticate(HS, by_timeout())
+    assert isinstance(result, Identity) and result.subject == "in time"
+
+
+async def test_a_plain_function_returning_an_awaitable_is_bounded_too(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    class ReturnsCoroutine:
+        @hookimpl
+        def broker_authenticate(self, handshake: Handshake) -> Any:
+            # A coroutine from a plain function: still awaited, still bounded.
+            return trio.sleep_forever()  # noqa: ASYNC105
+
+    result = await host_with(ReturnsCoroutine()).authenticate(HS, by_timeout())
+    assert result == Reject(503, "authentication timed out")
+
+
+async def test_refresh_past_its_timeout_is_refused(autojump_clock: trio.abc.Clock) -> None:
+    class SlowRefresh:
+        @hookimpl
+        async def broker_refresh(self, identity: Identity, token: str) -> Any:
+            await trio.sleep(3600)
+            return identity
+
+    result = await host_with(SlowRefresh()).refresh(ALICE, "t", by_timeout())
+    assert result == Reject(503, "authentication timed out")
 
 
 @pytest.mark.parametrize(
@@ -230,21 +292,25 @@ async def test_tokens_plugin_matches_plain_and_hashed() -> None:
     def hs(headers: dict[str, str], query: dict[str, tuple[str, ...]]) -> Handshake:
         return Handshake("/ws", query, headers, ("127.0.0.1", 1), "127.0.0.1", True, False)
 
-    who = await host.authenticate(hs({"authorization": "Bearer plain-token-0123456"}, {}))
-    assert isinstance(who, Identity) and who.subject == "plain" and who.roles == {"r"}
-    who = await host.authenticate(hs({}, {"token": ("hashed-secret",)}))
-    assert isinstance(who, Identity) and who.subject == "hashed" and who.plugin == "tokens"
-    assert await host.authenticate(hs({"authorization": "Bearer wrong"}, {})) == Reject(
-        401, "invalid token"
+    who = await host.authenticate(
+        hs({"authorization": "Bearer plain-token-0123456"}, {}), by_timeout()
     )
-    assert (await host.authenticate(hs({}, {}))) == Reject(401, "missing or invalid credentials")
+    assert isinstance(who, Identity) and who.subject == "plain" and who.roles == {"r"}
+    who = await host.authenticate(hs({}, {"token": ("hashed-secret",)}), by_timeout())
+    assert isinstance(who, Identity) and who.subject == "hashed" and who.plugin == "tokens"
+    assert await host.authenticate(
+        hs({"authorization": "Bearer wrong"}, {}), by_timeout()
+    ) == Reject(401, "invalid token")
+    assert (await host.authenticate(hs({}, {}), by_timeout())) == Reject(
+        401, "missing or invalid credentials"
+    )
 
 
 async def test_noauth_only_on_loopback() -> None:
     host = PluginHost.from_config(config_from_dict({}))
-    assert await host.authenticate(HS) == Identity("anonymous", plugin="noauth")
+    assert await host.authenticate(HS, by_timeout()) == Identity("anonymous", plugin="noauth")
     public = Handshake("/ws", {}, {}, ("10.0.0.1", 1), "0.0.0.0", False, False)
-    result = await host.authenticate(public)
+    result = await host.authenticate(public, by_timeout())
     assert isinstance(result, Reject) and result.status == 403
 
 
