@@ -24,7 +24,8 @@ Writing is separate from reading and never makes a publisher wait:
   rest of the batch, ``_unsent``; TLS: the ciphertext the stream kept) and
   drains the queue; until it finishes, flushes leave that connection to it,
   so frames never reorder. Meanwhile the queue's policy bounds what
-  accumulates.
+  accumulates; what a write has taken but the socket not accepted counts
+  against the same bound (``Outbox.in_flight``).
 
 :meth:`Connection.close` records the close code and cancels the reader;
 :meth:`Connection.run` then removes the subscriptions, drains (for a graceful
@@ -280,6 +281,7 @@ class Connection:
             elif outbox.pending():
                 parts = self._next_parts()
             else:
+                outbox.in_flight = 0
                 return True
             try:
                 if len(parts) == 1:
@@ -297,7 +299,8 @@ class Connection:
             self.bytes_out += written
             total = sum(map(len, parts))
             if written < total:
-                self._unsent = b"".join(parts)[written:]
+                self._unsent = _tail(parts, written)
+                outbox.in_flight = len(self._unsent)
                 return False
 
     def _send_nowait_tls(self, tls: TLSStream) -> bool:
@@ -315,7 +318,9 @@ class Connection:
             # held by the stream and goes out first (see _write_some).
             self.bytes_out += len(data)
             if not done:
+                outbox.in_flight = tls.unsent
                 return False
+        outbox.in_flight = 0
         return True
 
     def _start_writer(self) -> None:
@@ -359,14 +364,18 @@ class Connection:
                 return False
             # TLS: send_all writes the ciphertext the stream holds first.
             data = parts[0] if len(parts) == 1 else b"".join(parts)
+            del parts  # the frames themselves need not outlive the write
         self._unsent = b""
         self._writing = True
+        outbox = self.outbox
+        outbox.in_flight = len(data) + (self._tls.unsent if self._tls is not None else 0)
         try:
             await self.stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
             self._fail(e)
             return False
         self._writing = False
+        outbox.in_flight = 0
         self.bytes_out += len(data)
         return True
 
@@ -375,6 +384,7 @@ class Connection:
             log.debug("%s write failed: %r", self.id, error)
         self._broken = True
         self._unsent = b""
+        self.outbox.in_flight = 0
         self.close(CloseCode.ABNORMAL, "connection lost")
 
     # -- the connection's task -----------------------------------------------------
@@ -769,3 +779,16 @@ class Connection:
                 data=data,
                 key=command.key,
             )
+
+
+def _tail(parts: list[bytes], written: int) -> bytes:
+    """What a write of *parts* left unwritten after *written* bytes, joined.
+
+    One copy of the rest, skipping the parts already written whole (no copy
+    of the whole batch first).
+    """
+    for i, part in enumerate(parts):
+        if written < len(part):
+            return b"".join([memoryview(part)[written:], *parts[i + 1 :]])
+        written -= len(part)
+    return b""

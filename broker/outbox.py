@@ -119,7 +119,7 @@ class Outbox:
 
     Args:
         max_messages: most queued messages in total (replies not counted).
-        max_bytes: most queued message bytes in total.
+        max_bytes: most message bytes in total, queued or :attr:`in_flight`.
         max_replies: most queued replies; past it :meth:`push_reply` fails.
         max_drop_topics: most distinct topics with a pending drop count; drops
             on further topics are reported under :data:`OTHER_TOPICS`.
@@ -141,6 +141,7 @@ class Outbox:
         "_states",
         "_topics",
         "dropped_total",
+        "in_flight",
         "max_bytes",
         "max_drop_topics",
         "max_messages",
@@ -188,6 +189,12 @@ class Outbox:
         self._replies = 0
         self._dead = 0  # tombstones between _head and the end
         self.dropped_total = 0
+        #: Bytes taken from the queue that the socket has not accepted yet,
+        #: set by the connection (a partial write's tail, TLS ciphertext the
+        #: kernel did not take, a writer task's batch). They count against
+        #: ``max_bytes``: for a subscriber that stops reading, queue and
+        #: write in progress together hold at most ``max_bytes``.
+        self.in_flight = 0
 
     # -- producer side (the publish path; synchronous, never waits) ---------
 
@@ -205,7 +212,7 @@ class Outbox:
             or state.count >= rule.max_messages
             or state.size + size > rule.max_bytes
             or self._count >= self.max_messages
-            or self._size + size > self.max_bytes
+            or self._size + self.in_flight + size > self.max_bytes
         ):
             return self._push_full(frame, topic, state, key, size)
         # The common case: room for it.
@@ -241,11 +248,18 @@ class Outbox:
             # Can never fit: drop it without evicting anything else.
             self._count_drop(topic)
             return PushResult.DROPPED
+        if size + self.in_flight > self.max_bytes:
+            # No room until the write in progress is done, even if the
+            # queue were emptied: the queue is full, evicting would not help.
+            if rule.policy is Policy.DISCONNECT:
+                return PushResult.DISCONNECT
+            self._count_drop(topic)
+            return PushResult.DROPPED
         while (
             state.count >= rule.max_messages
             or state.size + size > rule.max_bytes
             or self._count >= self.max_messages
-            or self._size + size > self.max_bytes
+            or self._size + self.in_flight + size > self.max_bytes
         ):
             policy = rule.policy
             if policy is Policy.DISCONNECT:

@@ -16,6 +16,7 @@ import pytest
 import trio
 
 from broker import Broker
+from broker.connection import _tail
 from tests.conftest import BrokerFactory
 from tests.helpers import JSON, MSGPACK, RawClient, connect, mask_frame, raw_connect, wait_until
 
@@ -125,3 +126,9 @@ async def test_partial_writes_resume_without_corruption(start_broker: BrokerFact
         assert broker.hub.overflows == 0
     finally:
         await slow.aclose()
+
+
+@pytest.mark.parametrize("written", range(0, 12))
+def test_the_tail_of_a_partial_write_is_exactly_what_was_not_written(written: int) -> None:
+    parts = [b"abc", b"", b"defg", b"hijk"]
+    assert _tail(parts, written) == b"".join(parts)[written:]

@@ -125,6 +125,47 @@ def test_message_larger_than_bound_is_dropped() -> None:
     assert box.take(1 << 20) == [msg(0)]
 
 
+def test_bytes_in_flight_count_against_the_bound() -> None:
+    # What the connection took for a write the socket has not accepted yet
+    # is memory as much as the queue is: together they stay within max_bytes.
+    box = Outbox(max_messages=100, max_bytes=40)
+    r = rule(Policy.DROP_OLDEST, 100)
+    for i in range(4):
+        assert box.push(msg(i), "t", r) is PushResult.QUEUED
+    assert box.take(20) == [msg(0), msg(1)]
+    box.in_flight = 15  # the unwritten tail of those two
+    assert box.push(msg(4), "t", r) is PushResult.DROPPED  # 20 + 15 + 10 > 40
+    assert box.queued_bytes + box.in_flight <= 40
+    box.in_flight = 0  # written
+    assert box.push(msg(5), "t", r) is PushResult.QUEUED
+    assert box.take_drops() == {"t": 1}
+    assert box.take(1 << 20) == [msg(3), msg(4), msg(5)]
+
+
+@pytest.mark.parametrize("policy", [Policy.DROP_OLDEST, Policy.CONFLATE])
+def test_no_room_beside_the_write_in_flight_drops_without_evicting(policy: Policy) -> None:
+    box = Outbox(max_messages=100, max_bytes=40)
+    r = rule(policy, 100)
+    box.push(msg(0), "a", r)
+    box.in_flight = 35
+    # Even an empty queue would not make room for it: nothing is evicted.
+    assert box.push(msg(1), "b", r) is PushResult.DROPPED
+    assert box.take_drops() == {"b": 1}
+    assert box.take(1 << 20) == [msg(0)]
+
+
+def test_no_room_beside_the_write_in_flight_disconnects_under_that_policy() -> None:
+    box = Outbox(max_messages=100, max_bytes=40)
+    r = rule(Policy.DISCONNECT, 100)
+    box.push(msg(0), "t", r)
+    box.in_flight = 35
+    assert box.push(msg(1), "t", r) is PushResult.DISCONNECT
+    box.in_flight = 25
+    assert box.push(msg(1), "t", r) is PushResult.DISCONNECT  # 10 + 25 + 10 > 40
+    box.in_flight = 0
+    assert box.push(msg(1), "t", r) is PushResult.QUEUED
+
+
 def test_per_rule_limits_do_not_touch_other_rules() -> None:
     box = Outbox(max_messages=100, max_bytes=10_000)
     book = QueueRule("book.>", Policy.DROP_OLDEST, 2, 10_000)
@@ -179,6 +220,7 @@ def test_invalid_limits() -> None:
         st.one_of(
             st.tuples(st.just("push"), st.sampled_from(["a", "b", "c"]), st.integers(1, 40)),
             st.tuples(st.just("take"), st.just(""), st.integers(1, 100)),
+            st.tuples(st.just("in_flight"), st.just(""), st.integers(0, 150)),
         ),
         max_size=200,
     ),
@@ -194,8 +236,14 @@ def test_accounting_property(policy: Policy, ops: list[tuple[str, str, int]]) ->
     for op, topic, size in ops:
         if op == "push":
             n += 1
+            before = box.queued_bytes
             box.push(f"{topic}{n:06d}".encode().ljust(size, b"."), topic, r)
             pushed[topic] = pushed.get(topic, 0) + 1
+            # A push never takes the queue past what the write in flight
+            # leaves of the bound.
+            assert box.queued_bytes <= before or box.queued_bytes + box.in_flight <= 120
+        elif op == "in_flight":
+            box.in_flight = size
         else:
             for t, c in box.take_drops().items():
                 dropped[t] = dropped.get(t, 0) + c
