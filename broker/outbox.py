@@ -236,16 +236,9 @@ class Outbox:
     ) -> PushResult:
         """push() when conflating or when a limit is hit."""
         rule = state.rule
-        result = PushResult.QUEUED
-        slot: object = None
-        if rule.policy is Policy.CONFLATE:
-            slot = (topic, key)
-            old = self._conflated.get(slot)
-            if old is not None and self._frames[old - self._base] is not None:
-                self._discard(old - self._base)
-                result = PushResult.DROPPED
         if size > rule.max_bytes or size > self.max_bytes:
-            # Can never fit: drop it without evicting anything else.
+            # Can never fit: drop it without evicting anything else (not
+            # even the message it would conflate).
             self._count_drop(topic)
             return PushResult.DROPPED
         if size + self.in_flight > self.max_bytes:
@@ -255,6 +248,14 @@ class Outbox:
                 return PushResult.DISCONNECT
             self._count_drop(topic)
             return PushResult.DROPPED
+        result = PushResult.QUEUED
+        slot: object = None
+        if rule.policy is Policy.CONFLATE:
+            slot = (topic, key)
+            old = self._conflated.get(slot)
+            if old is not None and self._frames[old - self._base] is not None:
+                self._discard(old - self._base)
+                result = PushResult.DROPPED
         while (
             state.count >= rule.max_messages
             or state.size + size > rule.max_bytes

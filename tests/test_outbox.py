@@ -142,15 +142,18 @@ def test_bytes_in_flight_count_against_the_bound() -> None:
     assert box.take(1 << 20) == [msg(3), msg(4), msg(5)]
 
 
-@pytest.mark.parametrize("policy", [Policy.DROP_OLDEST, Policy.CONFLATE])
-def test_no_room_beside_the_write_in_flight_drops_without_evicting(policy: Policy) -> None:
+@pytest.mark.parametrize(("policy", "topic"), [(Policy.DROP_OLDEST, "b"), (Policy.CONFLATE, "a")])
+def test_no_room_beside_the_write_in_flight_drops_without_evicting(
+    policy: Policy, topic: str
+) -> None:
     box = Outbox(max_messages=100, max_bytes=40)
     r = rule(policy, 100)
     box.push(msg(0), "a", r)
     box.in_flight = 35
-    # Even an empty queue would not make room for it: nothing is evicted.
-    assert box.push(msg(1), "b", r) is PushResult.DROPPED
-    assert box.take_drops() == {"b": 1}
+    # Even an empty queue would not make room for it: nothing is evicted,
+    # not even the older message of the same topic it would conflate.
+    assert box.push(msg(1), topic, r) is PushResult.DROPPED
+    assert box.take_drops() == {topic: 1}
     assert box.take(1 << 20) == [msg(0)]
 
 
