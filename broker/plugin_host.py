@@ -152,26 +152,24 @@ class PluginHost:
         return reversed(caller.get_hookimpls())
 
     @staticmethod
-    async def _call(impl: pluggy.HookImpl, kwargs: Mapping[str, Any]) -> Any:
-        result = impl.function(*[kwargs[name] for name in impl.argnames])
-        if inspect.isawaitable(result):
-            result = await result
-        return result
+    async def _call(
+        impl: pluggy.HookImpl, kwargs: Mapping[str, Any], deadline: float | None = None
+    ) -> Any:
+        """Call one implementation, awaiting its result if it is awaitable.
 
-    @staticmethod
-    async def _call_by(impl: pluggy.HookImpl, kwargs: Mapping[str, Any], deadline: float) -> Any:
-        """:meth:`_call`, with the awaiting (if any) bounded by *deadline*.
-
-        Raises _TimedOut when the deadline passes. A synchronous result
-        needs no cancel scope: entering one is a measurable share of a
-        handshake's cost, and a plain function cannot be interrupted anyway.
+        With a *deadline*, the awaiting is bounded by it and _TimedOut is
+        raised when it passes. A synchronous result needs no cancel scope:
+        entering one is a measurable share of a handshake's cost, and a plain
+        function cannot be interrupted anyway.
         """
         result = impl.function(*[kwargs[name] for name in impl.argnames])
-        if inspect.isawaitable(result):
-            with trio.move_on_at(deadline):
-                return await result
-            raise _TimedOut
-        return result
+        if not inspect.isawaitable(result):
+            return result
+        if deadline is None:
+            return await result
+        with trio.move_on_at(deadline):
+            return await result
+        raise _TimedOut
 
     async def authenticate(self, handshake: Handshake, deadline: float) -> Identity | Reject:
         """Run broker_authenticate; always returns a decision (fails closed).
@@ -183,7 +181,7 @@ class PluginHost:
         kwargs = {"handshake": handshake}
         for impl in self._impls("broker_authenticate"):
             try:
-                result = await self._call_by(impl, kwargs, deadline)
+                result = await self._call(impl, kwargs, deadline)
             except _TimedOut:
                 return Reject(503, AUTH_TIMED_OUT)
             except Exception:
@@ -308,7 +306,7 @@ class PluginHost:
         kwargs = {"identity": identity, "token": token}
         for impl in self._impls("broker_refresh"):
             try:
-                result = await self._call_by(impl, kwargs, deadline)
+                result = await self._call(impl, kwargs, deadline)
             except _TimedOut:
                 return Reject(503, AUTH_TIMED_OUT)
             except Exception:
