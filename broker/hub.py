@@ -8,10 +8,9 @@ synchronous: it never awaits, never spawns a task and never calls a plugin,
 so one slow subscriber cannot hold up a publisher or the other subscribers.
 :meth:`Hub.flush` then writes each subscriber's queued frames in one go.
 
-Publishing goes through a :class:`Backplane`, the one place a cluster
-backend takes over: :class:`LocalBackplane` numbers the message and delivers
-it in-process; a Redis backplane would number it in Redis, publish it there
-and call :meth:`Hub.deliver` when it comes back, on every node alike.
+The hub is the node's :class:`~broker.engine.Delivery`: an engine calls
+:meth:`Hub.deliver` for every publication this node must deliver, local or
+remote alike, and :meth:`Hub.flush` once a batch is queued.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ from .protocol import Encoding, encode_msg
 from .router import Router
 from .topics import pattern_matches
 
-__all__ = ["Backplane", "Hub", "LocalBackplane", "Subscriber"]
+__all__ = ["Hub", "Subscriber"]
 
 
 class Subscriber(Hashable, Protocol):
@@ -144,30 +143,3 @@ class Hub:
         for sub in dirty:
             sub.dirty = False
             sub.flush()
-
-
-class Backplane(Protocol):
-    """Where publishes go; implementations deliver through :meth:`Hub.deliver`."""
-
-    async def publish(self, topic: str, data: Any, key: str | None) -> int:
-        """Publish and return the message's per-topic ``seq``."""
-        ...
-
-
-class LocalBackplane:
-    """Single-node backplane: numbers messages per topic and delivers in-process.
-
-    ``seq`` starts at 1 for each topic and grows by one per message; the
-    counters live as long as the process (history and recovery, later, build
-    on them).
-    """
-
-    def __init__(self, hub: Hub) -> None:
-        self.hub = hub
-        self._seq: dict[str, int] = {}
-
-    async def publish(self, topic: str, data: Any, key: str | None) -> int:
-        seq = self._seq.get(topic, 0) + 1
-        self._seq[topic] = seq
-        self.hub.deliver(topic, seq, data, key)
-        return seq

@@ -10,7 +10,7 @@ A reload is all or nothing, in two steps:
    the key and the reason; the running configuration stays in force.
    ``broker check-config`` runs this same step.
 2. :func:`apply` swaps the prepared objects in, synchronously (no other task
-   runs in between): ``broker.config``, ``broker.plugins`` (its generation
+   runs in between): the runtime's config and plugins (:meth:`Runtime.swap`; the generation
    is bumped past the old one, so connections drop cached authorization
    decisions), ``broker.ssl_context`` (read for every new TLS handshake),
    the hub's queue rules, and the log level and format.
@@ -232,8 +232,7 @@ def apply(broker: Broker, prepared: Prepared) -> None:
     # Connections cache authorization per plugin generation: make sure the
     # new host's is one they have never seen.
     plugins.generation = max(plugins.generation, broker.plugins.generation) + 1
-    broker.config = new
-    broker.plugins = plugins
+    broker.runtime.swap(new, plugins)
     broker.ssl_context = prepared.ssl_context
     broker.hub.configure(new.queue)
     if old.log != new.log:

@@ -1,7 +1,7 @@
 """The broker: listeners, the opening handshake, and an orderly shutdown.
 
 :class:`Broker` owns the routing :class:`~broker.hub.Hub`, the
-:class:`~broker.hub.Backplane` publishes go through, the
+:class:`~broker.engine.Engine` publishes go through, the
 :class:`~broker.plugin_host.PluginHost` and the set of open connections.
 :meth:`Broker.serve` runs three nested nurseries: connection handlers in the
 outer one, accept loops in the inner one, so that :meth:`Broker.stop` can stop
@@ -28,17 +28,18 @@ import os
 import socket
 import ssl
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qs, urlsplit
 
 import trio
 
 from .admin import AdminServer
-from .auth import Action, ClientInfo, Handshake, Identity, Refusal, Reject
+from .auth import Handshake, Identity, Refusal, Reject
 from .config import Config, ListenerConfig, is_loopback_host
-from .connection import Connection
-from .errors import CloseCode, ConfigError, ErrorCode, ProtocolError, PublishError
+from .connection import CLOSE_TIMEOUT, Connection
+from .engine import Engine, Flusher, Interest, MemoryEngine
+from .errors import CloseCode, ConfigError, PublishError
 from .handshake import (
     HandshakeError,
     HandshakeParser,
@@ -46,54 +47,29 @@ from .handshake import (
     accept_response,
     reject_response,
 )
-from .hub import Backplane, Hub, LocalBackplane
+from .hub import Hub
 from .log import CONNECTION_ID
 from .metrics import BrokerMetrics, source_statuses
-from .plugin_host import PluginHost, ValidationFailed
-from .protocol import SUBPROTOCOLS, Encoding, check_publish
+from .plugin_host import PluginHost
+from .protocol import SUBPROTOCOLS, Encoding
+from .publish import Origin, PublishPipeline, check
+from .runtime import Runtime
+from .session import SessionServices
 from .sources import Supervisor
+from .stats import BrokerStats
 from .tls import TLSStream
 
 if TYPE_CHECKING:
     from .reload import ReloadResult
 
-__all__ = ["Broker", "BrokerStats", "make_ssl_context", "ssl_context_for"]
+__all__ = ["Broker", "BrokerStats", "make_ssl_context", "ssl_context_for"]  # BrokerStats: re-export
 
 log = logging.getLogger("broker.server")
 
-#: Most (identity, topic) pairs whose publish authorization Broker.publish remembers.
-PUBLISH_CACHE_SIZE = 4096
 #: accept() errors that mean the process or the system is out of a resource
 #: (descriptors, memory): retry after ACCEPT_RETRY seconds, as trio does.
 ACCEPT_CAPACITY_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 ACCEPT_RETRY: Final = 0.1
-
-
-#: The ``result`` label of ``publishes`` for each refusal code (others: "error").
-_PUBLISH_RESULT: Final = {
-    ErrorCode.FORBIDDEN: "forbidden",
-    ErrorCode.RATE_LIMITED: "rate_limited",
-    ErrorCode.INVALID: "invalid",
-    ErrorCode.TOO_LARGE: "invalid",
-}
-
-
-@dataclass(slots=True)
-class BrokerStats:
-    """Counters since start (``Hub`` counts the fan-out)."""
-
-    accepted: int = 0
-    rejected: collections.Counter[str] = field(default_factory=collections.Counter)
-    forbidden: int = 0
-    invalid: int = 0
-    rate_limited: int = 0
-    expired: int = 0
-    #: Client pub commands by result (ok, forbidden, invalid, rate_limited, error).
-    publishes: collections.Counter[str] = field(default_factory=collections.Counter)
-    #: Totals of connections that have closed (open ones are added at scrape).
-    bytes_in: int = 0
-    bytes_out: int = 0
-    messages_dropped: int = 0
 
 
 def make_ssl_context(
@@ -146,12 +122,30 @@ class Broker:
         *,
         plugins: PluginHost | None = None,
         sockets: dict[str, list[socket.socket]] | None = None,
+        engine: Callable[[Hub], Engine] = MemoryEngine,
+        close_timeout: float = CLOSE_TIMEOUT,
     ) -> None:
-        self.config = config
-        self.plugins = plugins if plugins is not None else PluginHost.from_config(config)
+        #: The configuration and plugins in force (a reload swaps both).
+        self.runtime = Runtime(
+            config, plugins if plugins is not None else PluginHost.from_config(config)
+        )
         self.hub = Hub(config.queue)
-        self.backplane: Backplane = LocalBackplane(self.hub)
+        #: Where publishes go and publications come from (see broker.engine).
+        self.engine: Engine = engine(self.hub)
+        self.interest = Interest(self.engine)
         self.stats = BrokerStats()
+        self.pipeline = PublishPipeline(self.runtime, self.engine, self.stats)
+        self._services = SessionServices(
+            runtime=self.runtime,
+            pipeline=self.pipeline,
+            hub=self.hub,
+            interest=self.interest,
+            stats=self.stats,
+            identity_changed=self.identity_changed,
+        )
+        self._close_timeout = close_timeout
+        #: Flushes what in-process publishers (sources) queued, once they wait.
+        self.flusher = Flusher(self.hub)
         self.connections: set[Connection] = set()
         #: Read for every new TLS handshake; a reload replaces it.
         self.ssl_context: ssl.SSLContext | None = ssl_context_for(config.listener)
@@ -180,10 +174,19 @@ class Broker:
         self._expiry_wakeup = trio.Event()
         #: One supervisor per source (see broker.sources), once serving.
         self.sources: list[Supervisor] = []
-        # Broker.publish's authorization cache: (id(identity), topic) ->
-        # (identity, allowed); the identity is kept so its id is not reused.
-        self._publish_allowed: dict[tuple[int, str], tuple[Identity, bool]] = {}
-        self._publish_generation = -1
+        # Broker.publish's publishers, one per identity (id -> (identity, origin);
+        # the identity is kept so its id is not reused).
+        self._origins: dict[int, tuple[Identity, Origin]] = {}
+
+    @property
+    def config(self) -> Config:
+        """The configuration in force."""
+        return self.runtime.config
+
+    @property
+    def plugins(self) -> PluginHost:
+        """The plugin host in force."""
+        return self.runtime.plugins
 
     @property
     def port(self) -> int:
@@ -227,14 +230,12 @@ class Broker:
         for status in source_statuses(self):
             if not status["running"]:
                 reasons.append(f"source {status['name']} is {status['state']}")
-        healthy: Any = getattr(self.backplane, "healthy", None)
-        if callable(healthy):
-            try:
-                healthy = healthy()
-            except Exception:
-                log.exception("backplane health check raised")
-                healthy = False
-        if healthy is False:
+        try:
+            healthy = self.engine.healthy()
+        except Exception:
+            log.exception("engine health check raised")
+            healthy = False
+        if not healthy:
             reasons.append("cluster backend unreachable")
         return not reasons, reasons
 
@@ -296,74 +297,31 @@ class Broker:
     ) -> int:
         """Publish *data* on *topic* as *identity*; return the message's ``seq``.
 
-        What a client's ``pub`` goes through, for sources and other
-        in-process publishers: the topic, key and data checks of the protocol,
-        ``broker_authorize`` (cached per identity and topic, like a
-        connection's), ``broker_validate``, the backplane, then the
-        subscribers are written at once and ``broker_published`` observers
-        run.
+        For embedding programs: the protocol's shape checks, then the one
+        publish pipeline (:mod:`broker.publish`) a client's ``pub`` takes. The
+        subscribers are written once the caller next waits.
 
         Raises:
             PublishError: ``bad_request``, ``forbidden`` (or a plugin's
                 Refusal code), ``invalid`` or ``internal``.
         """
-        try:
-            check_publish(topic, data, key)
-        except ProtocolError as e:
-            raise PublishError(e.code, e.message) from None
-        plugins = self.plugins
-        cache = self._publish_allowed
-        if self._publish_generation != plugins.generation:
-            cache.clear()
-            self._publish_generation = plugins.generation
-        cached = cache.get((id(identity), topic))
-        if cached is not None and cached[0] is identity:
-            allowed: bool | Refusal = cached[1]
-        else:
-            allowed = await plugins.authorize_detail(identity, Action.PUBLISH, topic)
-            if isinstance(allowed, bool):  # a Refusal is never cached
-                if len(cache) >= PUBLISH_CACHE_SIZE:
-                    cache.clear()
-                cache[(id(identity), topic)] = (identity, allowed)
-        refusal: Refusal | None
-        if allowed is True:
-            refusal = await self.validate_publish(identity, topic, data, None)
-        elif isinstance(allowed, Refusal):
-            refusal = allowed
-        else:
-            self.stats.forbidden += 1
-            refusal = Refusal(ErrorCode.FORBIDDEN, f"not allowed to publish to {topic}")
-        if refusal is not None:
-            if refusal.code is ErrorCode.INVALID:
-                self.stats.invalid += 1
-            self.count_publish(refusal)
-            raise PublishError(refusal.code, refusal.message)
-        seq = await self.backplane.publish(topic, data, key)
-        self.count_publish(None)
-        self.hub.flush()
-        if plugins.observes_published:
-            await plugins.notify(
-                "broker_published", identity=identity, topic=topic, seq=seq, data=data, key=key
-            )
-        return seq
+        result = check(topic, data, key) or await self.pipeline.publish(
+            self.origin_for(identity), topic, data, key
+        )
+        if isinstance(result, Refusal):
+            raise PublishError(result.code, result.message)
+        self.flusher.request()
+        return result
 
-    async def validate_publish(
-        self, identity: Identity, topic: str, data: Any, client: ClientInfo | None
-    ) -> Refusal | None:
-        """Run broker_validate for an authorized publish: None to accept, else
-        the refusal (a validator that raised refuses with ``internal``)."""
-        if not self.plugins.has_validators:
-            return None
-        try:
-            return await self.plugins.validate_detail(identity, topic, data, client=client)
-        except ValidationFailed:
-            return Refusal(ErrorCode.INTERNAL, "validation failed")
-
-    def count_publish(self, refusal: Refusal | None) -> None:
-        """Count one publish, by result, for ``publishes{result}`` (clients' and
-        sources' alike): None for a published message, else its refusal."""
-        result = "ok" if refusal is None else _PUBLISH_RESULT.get(refusal.code, "error")
-        self.stats.publishes[result] += 1
+    def origin_for(self, identity: Identity) -> Origin:
+        """The in-process publisher for *identity* (its authorization answers
+        are remembered while it publishes)."""
+        entry = self._origins.get(id(identity))
+        if entry is None or entry[0] is not identity:
+            if len(self._origins) >= 64:
+                self._origins.clear()
+            entry = self._origins[id(identity)] = (identity, Origin(identity))
+        return entry[1]
 
     async def _start_sources(self, nursery: trio.Nursery) -> None:
         """Collect the plugins' sources and run each under a supervisor."""
@@ -424,6 +382,8 @@ class Broker:
             async with trio.open_nursery() as handlers:
                 # Sources, the admin endpoints and the lag monitor run in the
                 # handlers nursery: they stay up during the drain.
+                await handlers.start(self.engine.run)
+                handlers.start_soon(self.flusher.run)
                 handlers.start_soon(self._lag_monitor)
                 if admin_listeners:
                     handlers.start_soon(AdminServer(self).serve, admin_listeners, handlers)
@@ -591,12 +551,13 @@ class Broker:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return None
         conn = Connection(
-            self,
+            self._services,
             stream,
             conn_id=CONNECTION_ID.get() or f"c{next(self._ids)}",
             identity=identity,
             encoding=encoding,
             peer=peer,
+            close_timeout=self._close_timeout,
         )
         return conn, request.trailing
 

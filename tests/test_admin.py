@@ -20,6 +20,7 @@ from prometheus_client.openmetrics.parser import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from broker import Broker, Identity, PluginContext, config_from_dict, hookimpl
+from broker.engine import MemoryEngine
 from broker.errors import ConfigError
 from broker.metrics import PUBLISH_RESULTS
 from tests.conftest import BrokerFactory
@@ -126,14 +127,11 @@ async def test_readyz_is_503_when_the_cluster_backend_is_unreachable(
     broker = await start_broker()
     healthy = False
 
-    class Backplane:
-        async def publish(self, topic: str, data: Any, key: str | None) -> int:
-            raise NotImplementedError
-
+    class Unreachable(MemoryEngine):
         def healthy(self) -> bool:
             return healthy
 
-    broker.backplane = Backplane()
+    broker.engine = Unreachable(broker.hub)
     status, _, body = await get(broker, "/readyz")
     assert (status, body) == (503, b"cluster backend unreachable\n")
     healthy = True

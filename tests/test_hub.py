@@ -9,7 +9,8 @@ import msgpack
 import pytest
 
 from broker import config_from_dict
-from broker.hub import Hub, LocalBackplane
+from broker.engine import MemoryEngine
+from broker.hub import Hub
 from broker.outbox import Outbox
 from broker.protocol import Encoding
 
@@ -113,9 +114,9 @@ def test_disconnect_rule_calls_slow_consumer_and_others_still_get_it() -> None:
 
 
 @pytest.mark.parametrize("n", [1, 3])
-async def test_local_backplane_numbers_per_topic(n: int) -> None:
+async def test_memory_engine_numbers_per_topic(n: int) -> None:
     hub = make_hub()
-    plane = LocalBackplane(hub)
+    plane = MemoryEngine(hub)
     seqs = [await plane.publish("a", i, None) for i in range(n)]
     assert seqs == list(range(1, n + 1))
     assert await plane.publish("b", 0, None) == 1

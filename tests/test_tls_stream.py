@@ -681,7 +681,7 @@ async def test_stop_with_a_slow_wss_consumer_is_bounded(
         with trio.fail_after(WAIT):
             while broker.hub.overflows == 0:
                 await pub.pub("t", "x" * 8192)
-        assert slow_conn._tls is not None and slow_conn._tls.unsent > 0
+        assert slow_conn.writer.tls is not None and slow_conn.writer.tls.unsent > 0
         start = trio.current_time()
         broker.stop()
         assert (await pub.expect_close()).code == 1001
