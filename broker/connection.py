@@ -231,7 +231,6 @@ class Connection:
         services = self._services
         plugins = services.runtime.plugins
         writer = self.writer
-        gone: list[str] = []
         try:
             async with trio.open_nursery() as nursery:
                 writer.nursery = nursery
@@ -246,7 +245,7 @@ class Connection:
                         log.exception("%s internal error", self.id)
                         self.close(CloseCode.INTERNAL_ERROR, "internal error", drain=True)
                 self._scope = None
-                gone += self.session.unsubscribe_all()
+                self.session.unsubscribe_all()
                 self._hub.flush()  # what this reader queued for others
                 if self._drain and not writer.broken:
                     # Let the writer finish what is queued, for a bounded time;
@@ -264,12 +263,11 @@ class Connection:
             self._scope = None
             writer.nursery = None
             self._finishing = True
-            gone += self.session.unsubscribe_all()
+            self.session.unsubscribe_all()
             with trio.move_on_after(self._close_timeout, shield=True):
                 await self._finish()
                 # The engine hears of the patterns nobody here needs any more.
-                for pattern in gone:
-                    await services.interest.settle(pattern)
+                await self.session.settle()
             code = self.close_code if self.close_code is not None else CloseCode.NORMAL
             if plugins.pm.hook.broker_disconnected.get_hookimpls():
                 with trio.move_on_after(self._close_timeout, shield=True):

@@ -82,7 +82,16 @@ class SessionHost(Subscriber, Protocol):
 class Session:
     """One client's commands, handled in order (see the module doc)."""
 
-    __slots__ = ("encoding", "host", "identity", "info", "origin", "services", "subscriptions")
+    __slots__ = (
+        "_released",
+        "encoding",
+        "host",
+        "identity",
+        "info",
+        "origin",
+        "services",
+        "subscriptions",
+    )
 
     def __init__(
         self, host: SessionHost, services: SessionServices, identity: Identity, encoding: Encoding
@@ -94,6 +103,7 @@ class Session:
         self.info = ClientInfo(host.id, identity, host.peer, encoding.value)
         self.origin = Origin(identity, self.info)
         self.subscriptions: set[str] = set()
+        self._released: list[str] | None = None
 
     async def command(self, message: str | bytes) -> None:
         """Decode and run one message; bad input is answered ``err`` (or
@@ -196,19 +206,25 @@ class Session:
             "broker_unsubscribed", client=self.info, pattern=pattern
         )
 
-    def unsubscribe_all(self) -> list[str]:
+    def unsubscribe_all(self) -> None:
         """Leave every subscription now (a closing connection): no message is
-        queued for it afterwards. Returns the patterns whose last local
-        subscriber this was, for :meth:`Interest.settle`."""
+        queued for it afterwards. The engine hears of the patterns nobody on
+        this node needs any more in :meth:`settle`."""
         services = self.services
         hub, interest = services.hub, services.interest
-        gone = []
         for pattern in self.subscriptions:
             hub.unsubscribe(pattern, self.host)
             if interest.release_nowait(pattern):
-                gone.append(pattern)
+                if self._released is None:
+                    self._released = []
+                self._released.append(pattern)
         self.subscriptions.clear()
-        return gone
+
+    async def settle(self) -> None:
+        """Tell the engine of what :meth:`unsubscribe_all` released."""
+        released, self._released = self._released, None
+        for pattern in released or ():
+            await self.services.interest.settle(pattern)
 
     async def _refresh(self, command: Auth) -> None:
         """``auth``: replace the identity by the one a new token proves (same subject)."""

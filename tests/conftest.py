@@ -44,12 +44,15 @@ async def start_broker(nursery: trio.Nursery) -> AsyncIterator[BrokerFactory]:
         *,
         factories: Mapping[str, PluginFactory] | None = None,
         source: Path | None = None,
+        **broker_options: Any,
     ) -> Broker:
         # Port 0 for the admin listener too: several brokers may run at once.
         base = {"listener": {"host": "127.0.0.1", "port": 0}, "admin": {"port": 0}}
         data = merge(base, config or {})
         cfg = config_from_dict(data, source=source)
-        broker = Broker(cfg, plugins=PluginHost.from_config(cfg, factories=factories))
+        broker = Broker(
+            cfg, plugins=PluginHost.from_config(cfg, factories=factories), **broker_options
+        )
         await nursery.start(broker.serve)
         brokers.append(broker)
         return broker

@@ -1,0 +1,281 @@
+"""The engine seam stays correct when the engine awaits.
+
+The whole broker runs over :class:`YieldingEngine`, an engine shaped like a
+remote one (Redis): a publish yields to other tasks (trio checkpoints, a
+random number of them) before and after the atomic step that assigns the
+``seq`` and appends the publication to an ordered stream; a task of the
+engine's own reads that stream and hands each publication to the hub,
+yielding at random points between them; subscribing and unsubscribing
+interest yield too, and the stream carries a topic to this node only while
+the node has told the engine it wants it, as a pub/sub channel does.
+
+Whatever interleaves, every subscriber must get every topic's messages
+exactly once, in ``seq`` order, with each publisher's messages in the order
+it sent them.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict, deque
+from typing import Any
+
+import pytest
+import trio
+
+from broker.engine import Delivery, Interest, MemoryEngine
+from broker.topics import pattern_matches
+from tests.conftest import BrokerFactory
+from tests.helpers import Client, connect, wait_until
+
+
+class YieldingEngine:
+    """An engine that awaits at random points (see the module doc)."""
+
+    def __init__(self, delivery: Delivery, seed: int) -> None:
+        self._delivery = delivery
+        self._rng = random.Random(seed)
+        self._seq: dict[str, int] = {}
+        self._stream: deque[tuple[str, int, Any, str | None]] = deque()
+        self._more = trio.Event()
+        self.interest: set[str] = set()
+        self.published = 0
+
+    async def _yield(self, most: int = 3) -> None:
+        for _ in range(self._rng.randint(0, most)):
+            await trio.lowlevel.checkpoint()
+
+    async def publish(self, topic: str, data: Any, key: str | None) -> int:
+        await self._yield()
+        # The atomic step: number the message and fix its place in the stream.
+        seq = self._seq.get(topic, 0) + 1
+        self._seq[topic] = seq
+        self._stream.append((topic, seq, data, key))
+        self._more.set()
+        self.published += 1
+        await self._yield()
+        return seq
+
+    async def subscribe(self, pattern: str) -> None:
+        await self._yield()
+        self.interest.add(pattern)
+        await self._yield()
+
+    async def unsubscribe(self, pattern: str) -> None:
+        await self._yield()
+        self.interest.discard(pattern)
+        await self._yield()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            await self._more.wait()
+            self._more = trio.Event()
+            while self._stream:
+                topic, seq, data, key = self._stream.popleft()
+                # A pub/sub channel brings this node only what it asked for.
+                if any(pattern_matches(p, topic) for p in self.interest):
+                    self._delivery.deliver(topic, seq, data, key)
+                if self._rng.random() < 0.3:
+                    self._delivery.flush()
+                    await self._yield()
+            self._delivery.flush()
+
+    def healthy(self) -> bool:
+        return True
+
+
+TOPICS = ["t.a", "t.b", "t.c"]
+PATTERNS = ["t.a", "t.b", "t.*", "t.>"]
+PUBLISHERS = 4
+PER_PUBLISHER = 150
+
+
+async def collect(client: Client, expected: int) -> list[dict[str, Any]]:
+    got: list[dict[str, Any]] = []
+    while len(got) < expected:
+        event = await client.recv()
+        assert event["op"] == "msg", event
+        got.append(event)
+    return got
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_order_and_exactly_once_over_an_awaiting_engine(
+    start_broker: BrokerFactory, seed: int
+) -> None:
+    engines: list[YieldingEngine] = []
+
+    def make(delivery: Delivery) -> YieldingEngine:
+        engines.append(YieldingEngine(delivery, seed))
+        return engines[-1]
+
+    broker = await start_broker({"queue": {"max_messages": 10_000}}, engine=make)
+    rng = random.Random(seed)
+    # What each publisher will send, topic by topic, decided up front.
+    plan = [[rng.choice(TOPICS) for _ in range(PER_PUBLISHER)] for _ in range(PUBLISHERS)]
+    per_topic: defaultdict[str, int] = defaultdict(int)
+    for topics in plan:
+        for topic in topics:
+            per_topic[topic] += 1
+    results: dict[str, list[dict[str, Any]]] = {}
+
+    async def subscriber(pattern: str, ready: trio.Event) -> None:
+        async with connect(broker.url) as client:
+            await client.sub(pattern)
+            ready.set()
+            expected = sum(n for t, n in per_topic.items() if pattern_matches(pattern, t))
+            results[pattern] = await collect(client, expected)
+
+    async def publisher(index: int) -> None:
+        async with connect(broker.url) as client:
+            for n, topic in enumerate(plan[index]):
+                message = {"op": "pub", "topic": topic, "data": [index, n]}
+                if n % 10 == 9:  # now and then wait for an ack, as real clients do
+                    await client.pub(topic, [index, n], id=n)
+                else:
+                    await client.send(message)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            for pattern in PATTERNS:
+                ready = trio.Event()
+                nursery.start_soon(subscriber, pattern, ready)
+                await ready.wait()
+            async with trio.open_nursery() as publishers:
+                for index in range(PUBLISHERS):
+                    publishers.start_soon(publisher, index)
+
+    assert engines[0].published == PUBLISHERS * PER_PUBLISHER
+    for pattern, events in results.items():
+        by_topic: dict[str, list[int]] = defaultdict(list)
+        last_of_publisher: dict[tuple[str, int], int] = {}
+        for event in events:
+            topic = event["topic"]
+            assert pattern_matches(pattern, topic)
+            by_topic[topic].append(event["seq"])
+            index, n = event["data"]
+            # Each publisher's messages arrive in the order it sent them.
+            assert last_of_publisher.get((topic, index), -1) < n
+            last_of_publisher[(topic, index)] = n
+        for topic, seqs in by_topic.items():
+            # Every message of the topic, once, in seq order.
+            assert seqs == list(range(1, per_topic[topic] + 1)), (pattern, topic)
+
+
+async def test_a_subscriber_joining_mid_stream_gets_a_gapless_suffix(
+    start_broker: BrokerFactory,
+) -> None:
+    engines: list[YieldingEngine] = []
+
+    def make(delivery: Delivery) -> YieldingEngine:
+        engines.append(YieldingEngine(delivery, 7))
+        return engines[-1]
+
+    broker = await start_broker({"queue": {"max_messages": 10_000}}, engine=make)
+    total = 400
+    joined: list[int] = []
+
+    async def publisher(started: trio.Event) -> None:
+        async with connect(broker.url) as client:
+            for n in range(total):
+                await client.send({"op": "pub", "topic": "t.x", "data": n})
+                if n == 50:
+                    started.set()
+            await client.pub("t.x", "end", id="last")
+
+    async def late(started: trio.Event) -> None:
+        async with connect(broker.url) as client:
+            await started.wait()
+            await client.sub("t.*")
+            while True:
+                event = await client.recv()
+                if event["data"] == "end":
+                    break
+                joined.append(event["seq"])
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            started = trio.Event()
+            nursery.start_soon(late, started)
+            nursery.start_soon(publisher, started)
+    # Whatever it missed before its ok, from then on nothing is skipped.
+    assert joined == list(range(joined[0], joined[0] + len(joined)))
+    assert joined[-1] == total
+
+
+async def test_interest_tells_the_engine_on_first_and_last_subscriber(
+    start_broker: BrokerFactory,
+) -> None:
+    engines: list[YieldingEngine] = []
+
+    def make(delivery: Delivery) -> YieldingEngine:
+        engines.append(YieldingEngine(delivery, 3))
+        return engines[-1]
+
+    broker = await start_broker(engine=make)
+    engine = engines[0]
+    async with connect(broker.url) as a, connect(broker.url) as b:
+        await a.sub("x.>")
+        await b.sub("x.>")
+        assert engine.interest == {"x.>"}
+        await a.request({"op": "unsub", "id": 1, "topic": "x.>"})
+        assert engine.interest == {"x.>"}  # b still needs it
+        await b.request({"op": "unsub", "id": 1, "topic": "x.>"})
+        assert engine.interest == set()
+        await a.sub("y")
+    # A connection that closes gives its patterns up too.
+    await wait_until(lambda: not engine.interest)
+
+
+async def test_interest_converges_when_changes_interleave() -> None:
+    """Many tasks subscribing and unsubscribing one pattern at once, over an
+    engine that yields inside every change: the engine ends up told exactly
+    the patterns that still have subscribers."""
+
+    class Engine(MemoryEngine):
+        def __init__(self) -> None:
+            super().__init__(_NullDelivery())
+            self.told: set[str] = set()
+            self.calls = 0
+
+        async def subscribe(self, pattern: str) -> None:
+            self.calls += 1
+            await trio.lowlevel.checkpoint()
+            assert pattern not in self.told
+            self.told.add(pattern)
+
+        async def unsubscribe(self, pattern: str) -> None:
+            self.calls += 1
+            await trio.lowlevel.checkpoint()
+            assert pattern in self.told
+            self.told.discard(pattern)
+
+    engine = Engine()
+    interest = Interest(engine)
+    rng = random.Random(5)
+    held: list[str] = []
+
+    async def churn(seed: int) -> None:
+        mine = random.Random(seed)
+        for _ in range(50):
+            pattern = mine.choice(["a", "b"])
+            await interest.acquire(pattern)
+            assert pattern in engine.told  # never before the engine confirmed
+            if mine.random() < 0.6:
+                await interest.release(pattern)
+            else:
+                held.append(pattern)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(8):
+            nursery.start_soon(churn, rng.randrange(1000))
+    assert engine.told == set(held)
+
+
+class _NullDelivery:
+    def deliver(self, topic: str, seq: int, data: Any, key: str | None) -> int:
+        return 0
+
+    def flush(self) -> None:
+        pass
