@@ -8,31 +8,37 @@ and :func:`load_config`; clients use :mod:`broker.client`.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from broker.core.config import Config as Config
+from broker.core.config import config_from_dict as config_from_dict
+from broker.core.config import is_loopback_host as is_loopback_host
+from broker.core.config import load_config as load_config
+from broker.core.errors import CloseCode as CloseCode
+from broker.core.errors import ConfigError as ConfigError
+from broker.core.errors import ErrorCode as ErrorCode
+from broker.core.errors import PluginError as PluginError
+from broker.core.errors import PublishError as PublishError
+from broker.core.settings import REQUIRED as REQUIRED
+from broker.core.settings import Settings as Settings
+from broker.core.topics import MAX_TOKENS as MAX_TOKENS
+from broker.core.topics import TopicError as TopicError
+from broker.core.topics import pattern_matches as pattern_matches
+from broker.core.topics import validate_pattern as validate_pattern
+from broker.core.values import ANONYMOUS as ANONYMOUS
+from broker.core.values import Action as Action
+from broker.core.values import ClientInfo as ClientInfo
+from broker.core.values import Handshake as Handshake
+from broker.core.values import Identity as Identity
+from broker.core.values import Refusal as Refusal
+from broker.core.values import Reject as Reject
+from broker.core.version import VERSION
+from broker.io.tls import make_ssl_context as make_ssl_context
+from broker.plugin.hookspecs import hookimpl as hookimpl
+from broker.plugin.host import PluginContext as PluginContext
+from broker.plugin.host import PluginHost as PluginHost
+from broker.server.broker import Broker as Broker
+from broker.sources.supervisor import Backoff as Backoff
+from broker.sources.supervisor import Publisher as Publisher
+from broker.sources.supervisor import Source as Source
+from broker.sources.supervisor import SourceError as SourceError
 
-from .auth import ANONYMOUS as ANONYMOUS
-from .auth import Action as Action
-from .auth import ClientInfo as ClientInfo
-from .auth import Handshake as Handshake
-from .auth import Identity as Identity
-from .auth import Refusal as Refusal
-from .auth import Reject as Reject
-from .config import Config as Config
-from .config import config_from_dict as config_from_dict
-from .config import load_config as load_config
-from .errors import CloseCode as CloseCode
-from .errors import ConfigError as ConfigError
-from .errors import ErrorCode as ErrorCode
-from .errors import PluginError as PluginError
-from .errors import PublishError as PublishError
-from .hookspecs import hookimpl as hookimpl
-from .plugin_host import PluginContext as PluginContext
-from .plugin_host import PluginHost as PluginHost
-from .server import Broker as Broker
-from .sources import Backoff as Backoff
-from .sources import Publisher as Publisher
-from .sources import Source as Source
-from .sources import SourceError as SourceError
-from .topics import TopicError as TopicError
-from .topics import pattern_matches as pattern_matches
-from .topics import validate_pattern as validate_pattern
+__version__ = VERSION

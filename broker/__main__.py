@@ -1,5 +1,5 @@
 """``python -m broker``: the same as the ``broker`` command."""
 
-from .cli import main
+from broker.cli import main
 
 raise SystemExit(main())

@@ -19,15 +19,15 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from . import __version__
-from .config import Config, load_config
-from .errors import ConfigError, PluginError
-from .log import setup_logging
+from broker import __version__
+from broker.core.config import Config, load_config
+from broker.core.errors import ConfigError, PluginError
+from broker.core.log import setup_logging
 
 if TYPE_CHECKING:
-    from .plugin_host import PluginFactory
-    from .server import Broker
-    from .systemd import Notifier
+    from broker.ops.systemd import Notifier
+    from broker.plugin.host import PluginFactory
+    from broker.server.broker import Broker
 
 __all__ = ["main", "serve"]
 
@@ -70,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args.config)
     if args.command == "check-config":
         return _check(args.config)
-    from .client_cli import run_pub, run_sub
+    from broker.client.cli import run_pub, run_sub
 
     if args.command == "pub":
         return run_pub(args)
@@ -87,7 +87,7 @@ def _load(path: str | None) -> Config | None:
 
 def _check(path: str) -> int:
     """Validate *path* exactly as a start or a reload would (broker.reload.prepare)."""
-    from .reload import prepare
+    from broker.ops.reload import prepare
 
     try:
         prepare(path)
@@ -114,7 +114,7 @@ def _serve(path: str | None, factories: Mapping[str, PluginFactory] | None = Non
     if config is None:
         return 2
     setup_logging(config.log.level, config.log.format)
-    from . import systemd
+    from broker.ops import systemd
 
     # Read (and remove from the environment, so that nothing this process
     # starts inherits them) what systemd passed.
@@ -150,8 +150,8 @@ async def _serve_async(
     watchdog: float | None,
     factories: Mapping[str, PluginFactory] | None = None,
 ) -> int:
-    from .plugin_host import PluginHost
-    from .server import Broker
+    from broker.plugin.host import PluginHost
+    from broker.server.broker import Broker
 
     # Install the signal receiver before anything slow: SIGTERM/SIGINT's
     # default actions would kill the process without a drain, SIGHUP's too.
@@ -245,7 +245,7 @@ async def _reloader(
     broker: Broker, notifier: Notifier, requests: trio.MemoryReceiveChannel[None]
 ) -> None:
     """Reload on each request, one at a time (notify-reload protocol)."""
-    from .reload import reload_broker
+    from broker.ops.reload import reload_broker
 
     async for _ in requests:
         if broker.stopping:
@@ -277,7 +277,7 @@ async def _watchdog(broker: Broker, notifier: Notifier, interval: float) -> None
     itself is starved) or the lag exceeds *interval*. systemd then restarts
     a broker that stays unhealthy for WatchdogSec.
     """
-    from .server import LAG_INTERVAL
+    from broker.server.broker import LAG_INTERVAL
 
     while True:
         now = trio.current_time()

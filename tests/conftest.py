@@ -18,7 +18,7 @@ import trio
 import trustme
 
 from broker import Broker, PluginHost, config_from_dict
-from broker.plugin_host import PluginFactory
+from broker.plugin.host import PluginFactory
 
 BrokerFactory = Callable[..., Awaitable[Broker]]
 

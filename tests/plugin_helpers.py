@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from broker import Handshake, Identity, PluginContext, hookimpl
-from broker.plugin_host import PluginFactory
+from broker.plugin.host import PluginFactory
 
 #: An HS256 secret (at least 32 bytes).
 SECRET = "a-shared-secret-of-at-least-32-bytes!!"

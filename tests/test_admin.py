@@ -20,9 +20,9 @@ from prometheus_client.openmetrics.parser import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from broker import Broker, Identity, PluginContext, config_from_dict, hookimpl
+from broker.core.errors import ConfigError
 from broker.engine import MemoryEngine
-from broker.errors import ConfigError
-from broker.metrics import PUBLISH_RESULTS
+from broker.ops.metrics import PUBLISH_RESULTS
 from tests.conftest import BrokerFactory
 from tests.helpers import connect, raw_connect, wait_until
 from tests.service import http_get

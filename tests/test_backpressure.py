@@ -21,7 +21,7 @@ from typing import Any
 import trio
 
 from broker import Broker
-from broker.connection import Connection
+from broker.server.connection import Connection
 from tests.conftest import BrokerFactory
 from tests.helpers import RawClient, connect, raw_connect, wait_until
 

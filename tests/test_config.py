@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from broker import ConfigError, config_from_dict, load_config
-from broker.config import Config
+from broker.core.config import Config
 
 ROOT = Path(__file__).resolve().parent.parent
 

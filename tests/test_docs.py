@@ -19,18 +19,18 @@ from typing import Any
 import pytest
 
 import broker
-from broker import config as config_module
-from broker.errors import CloseCode, ErrorCode
-from broker.hookspecs import PROJECT, BrokerSpec
-from broker.outbox import Policy
-from broker.protocol import (
+from broker.core import config as config_module
+from broker.core.errors import CloseCode, ErrorCode
+from broker.core.outbox import Policy
+from broker.core.protocol import (
     MAX_DATA_DEPTH,
     MAX_ID,
     MAX_ID_LENGTH,
     MAX_KEY_LENGTH,
     SUBPROTOCOLS,
 )
-from broker.topics import MAX_TOKENS, MAX_TOPIC_LENGTH
+from broker.core.topics import MAX_TOKENS, MAX_TOPIC_LENGTH
+from broker.plugin.hookspecs import PROJECT, BrokerSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -140,7 +140,7 @@ def test_public_plugin_api_is_documented_and_importable(name: str) -> None:
 
 
 def test_plugin_entry_point_group_is_documented() -> None:
-    from broker.plugin_host import ENTRY_POINT_GROUP
+    from broker.plugin.host import ENTRY_POINT_GROUP
 
     assert f"[project.entry-points.{ENTRY_POINT_GROUP}]" in doc("plugins.md")
 

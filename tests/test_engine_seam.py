@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 import trio
 
+from broker.core.topics import pattern_matches
 from broker.engine import Delivery, Interest, MemoryEngine
-from broker.topics import pattern_matches
 from tests.conftest import BrokerFactory
 from tests.helpers import Client, connect, wait_until
 

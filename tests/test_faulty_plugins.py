@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from broker import Broker, hookimpl
-from broker.hookspecs import BrokerSpec
+from broker.plugin.hookspecs import BrokerSpec
 from tests.conftest import BrokerFactory
 from tests.helpers import Client, connect, rejection, wait_until
 

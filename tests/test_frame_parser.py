@@ -11,8 +11,8 @@ from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Requ
 from wsproto.events import Ping as WsPing
 from wsproto.events import Pong as WsPong
 
-from broker.errors import CloseCode
-from broker.frame_parser import Close, FrameError, FrameParser, Ping, Pong
+from broker.core.errors import CloseCode
+from broker.core.frame_parser import Close, FrameError, FrameParser, Ping, Pong
 
 
 def client() -> WSConnection:

@@ -17,7 +17,7 @@ from wsproto.events import (
     TextMessage,
 )
 
-from broker.frames import binary_frame, frame, text_frame
+from broker.core.frames import binary_frame, frame, text_frame
 
 # Around every boundary of RFC 6455 section 5.2's three length encodings.
 LENGTHS = [0, 1, 125, 126, 127, 65535, 65536, 70000]

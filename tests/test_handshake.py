@@ -6,7 +6,7 @@ import pytest
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, RejectConnection, RejectData, Request
 
-from broker.handshake import HandshakeError, HandshakeParser, accept_response, reject_response
+from broker.core.handshake import HandshakeError, HandshakeParser, accept_response, reject_response
 
 GOOD = (
     b"GET /ws?token=t HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\n"

@@ -16,7 +16,7 @@ import pytest
 import trio
 
 from broker import Broker
-from broker.writer import _tail
+from broker.io.writer import _tail
 from tests.conftest import BrokerFactory
 from tests.helpers import JSON, MSGPACK, RawClient, connect, mask_frame, raw_connect, wait_until
 

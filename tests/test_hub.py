@@ -9,10 +9,10 @@ import msgpack
 import pytest
 
 from broker import config_from_dict
+from broker.core.hub import Hub
+from broker.core.outbox import Outbox
+from broker.core.protocol import Encoding
 from broker.engine import MemoryEngine
-from broker.hub import Hub
-from broker.outbox import Outbox
-from broker.protocol import Encoding
 
 
 class FakeSubscriber:

@@ -13,7 +13,7 @@ import pytest
 import trio
 import trio_websocket
 
-from broker.log import (
+from broker.core.log import (
     CONNECTION_ID,
     JsonFormatter,
     TextFormatter,

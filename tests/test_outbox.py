@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.outbox import OTHER_TOPICS, Outbox, Policy, PushResult, QueueRule
+from broker.core.outbox import OTHER_TOPICS, Outbox, Policy, PushResult, QueueRule
 
 
 def rule(policy: Policy, max_messages: int = 3, max_bytes: int = 10_000) -> QueueRule:

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker import Action, ConfigError, Identity, PluginHost, config_from_dict
-from broker.topics import MAX_TOKENS, pattern_matches
+from broker.core.topics import MAX_TOKENS, pattern_matches
 from tests.conftest import BrokerFactory
 from tests.helpers import connect
 from tests.plugin_helpers import (

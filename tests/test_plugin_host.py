@@ -19,8 +19,8 @@ from broker import (
     config_from_dict,
     hookimpl,
 )
-from broker.auth import Action
-from broker.plugin_host import ValidationFailed
+from broker.core.values import Action
+from broker.plugin.host import ValidationFailed
 
 HS = Handshake(
     path="/ws",

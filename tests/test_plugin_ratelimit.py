@@ -12,7 +12,7 @@ import trio
 from broker_ratelimit import Limits, RateLimiter, TokenBucket, create
 
 from broker import ConfigError, Identity, PluginContext, PluginHost, config_from_dict
-from broker.plugin_host import PluginFactory
+from broker.plugin.host import PluginFactory
 from tests.conftest import BrokerFactory
 from tests.helpers import MSGPACK, connect, wait_until
 from tests.plugin_helpers import as_user, header_auth, tls_listener

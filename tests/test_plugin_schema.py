@@ -12,7 +12,7 @@ import pytest
 from broker_schema import SchemaValidator, json_path
 
 from broker import ConfigError, Identity, PluginHost, config_from_dict
-from broker.errors import PublishError
+from broker.core.errors import PublishError
 from tests.conftest import BrokerFactory
 from tests.helpers import MSGPACK, connect
 from tests.plugin_helpers import tls_listener
@@ -227,7 +227,7 @@ def test_config_errors(tmp_path: Path, settings: dict[str, Any], key: str, reaso
 
 
 async def test_a_reload_recompiles_the_schemas(start_broker: BrokerFactory, tmp_path: Path) -> None:
-    from broker.reload import reload_broker
+    from broker.ops.reload import reload_broker
 
     write(tmp_path, "price.json", {"properties": {"price": {"type": "number"}}})
     document = {

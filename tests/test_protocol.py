@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.errors import CloseCode, ErrorCode, ProtocolError
-from broker.protocol import (
+from broker.core.errors import CloseCode, ErrorCode, ProtocolError
+from broker.core.protocol import (
     MAX_DATA_DEPTH,
     MAX_ID,
     MAX_ID_LENGTH,

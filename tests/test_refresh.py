@@ -20,8 +20,8 @@ from broker import (
     Reject,
     hookimpl,
 )
-from broker.errors import ErrorCode, ProtocolError
-from broker.protocol import Auth, Encoding, decode_command, encode_command
+from broker.core.errors import ErrorCode, ProtocolError
+from broker.core.protocol import Auth, Encoding, decode_command, encode_command
 from tests.conftest import BrokerFactory
 from tests.helpers import WAIT, connect, wait_until
 from tests.plugin_helpers import SECRET, bearer, claims, hs256, plugin_factory, tls_listener

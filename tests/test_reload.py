@@ -24,7 +24,7 @@ import trustme
 
 from broker import Broker, Identity, PluginContext, PluginHost, hookimpl, load_config
 from broker.cli import main
-from broker.reload import prepare, reload_broker
+from broker.ops.reload import prepare, reload_broker
 from broker.sources import Publisher
 from tests.helpers import connect, free_port
 from tests.service import open_notify_socket, run_broker

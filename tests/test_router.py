@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from broker.router import Router, S, _Node
-from broker.topics import pattern_matches, validate_pattern, validate_topic
+from broker.core.router import Router, S, _Node
+from broker.core.topics import pattern_matches, validate_pattern, validate_topic
 
 
 def node_count(router: Router[S]) -> int:

@@ -28,7 +28,7 @@ from broker import (
     config_from_dict,
     hookimpl,
 )
-from broker.plugin_host import PluginContext, PluginFactory
+from broker.plugin.host import PluginContext, PluginFactory
 from tests.conftest import BrokerFactory
 from tests.helpers import (
     MSGPACK,

@@ -16,7 +16,7 @@ import trio
 import trio_websocket
 
 from broker import Broker, CloseCode, config_from_dict
-from broker.connection import CLOSE_TIMEOUT
+from broker.server.connection import CLOSE_TIMEOUT
 from tests.conftest import BrokerFactory
 from tests.helpers import WAIT, connect, free_port, raw_connect, wait_until
 

@@ -13,7 +13,7 @@ import trio
 from broker_command import CommandSource, create
 
 from broker import Broker, ConfigError, config_from_dict
-from broker.plugin_host import PluginContext
+from broker.plugin.host import PluginContext
 from broker.sources import Supervisor
 from tests.conftest import BrokerFactory
 from tests.helpers import Client, connect, wait_until

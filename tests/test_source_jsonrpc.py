@@ -15,7 +15,7 @@ import trio
 from broker_jsonrpc import create
 
 from broker import Broker, ConfigError, config_from_dict
-from broker.plugin_host import PluginContext
+from broker.plugin.host import PluginContext
 from broker.sources import Supervisor
 from tests.conftest import BrokerFactory
 from tests.fake_jsonrpc import FakeNode, head, transfer_log

@@ -17,7 +17,7 @@ import pytest
 import trio
 
 from broker import Broker, ConfigError, config_from_dict
-from broker.plugin_host import PluginContext
+from broker.plugin.host import PluginContext
 from broker.sources import Supervisor
 from tests.conftest import BrokerFactory
 from tests.helpers import Client, connect, free_port, wait_until

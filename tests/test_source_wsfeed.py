@@ -20,7 +20,7 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request
 
 from broker import Broker, ConfigError, config_from_dict
-from broker.plugin_host import PluginContext
+from broker.plugin.host import PluginContext
 from broker.sources import Supervisor
 from tests.conftest import BrokerFactory
 from tests.helpers import Client, connect, wait_until

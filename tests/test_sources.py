@@ -27,8 +27,8 @@ from broker import (
     config_from_dict,
     hookimpl,
 )
-from broker.mapping import MappingError, MessageMapping, Template, parse_mapping, select
-from broker.settings import Settings
+from broker.core.mapping import MappingError, MessageMapping, Template, parse_mapping, select
+from broker.core.settings import Settings
 from broker.sources import Backoff, Publisher, SourceState, Supervisor, describe_error
 from tests.conftest import BrokerFactory
 from tests.helpers import connect, deny_factory, wait_until

@@ -24,8 +24,8 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request
 
 from broker import Broker, config_from_dict
-from broker.errors import ConfigError
-from broker.systemd import (
+from broker.core.errors import ConfigError
+from broker.ops.systemd import (
     ListenFd,
     Notifier,
     adopt_sockets,

@@ -25,9 +25,8 @@ import trio.testing
 import trustme
 
 from broker import Broker, CloseCode
-from broker.connection import CLOSE_TIMEOUT, Connection
-from broker.server import make_ssl_context
-from broker.tls import TLSStream
+from broker.io.tls import TLSStream, make_ssl_context
+from broker.server.connection import CLOSE_TIMEOUT, Connection
 from tests.conftest import BrokerFactory
 from tests.helpers import (
     JSON,

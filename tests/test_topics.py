@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from broker.topics import (
+from broker.core.topics import (
     MAX_TOKENS,
     MAX_TOPIC_LENGTH,
     Pattern,

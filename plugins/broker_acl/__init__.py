@@ -53,8 +53,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from broker import Action, ConfigError, Identity, PluginContext, hookimpl
-from broker.topics import TopicError, validate_pattern
+from broker import (
+    Action,
+    ConfigError,
+    Identity,
+    PluginContext,
+    TopicError,
+    hookimpl,
+    validate_pattern,
+)
 
 from .matcher import covers, intersects, matches_any
 

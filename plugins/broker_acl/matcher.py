@@ -31,7 +31,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Final
 
-from broker.topics import MAX_TOKENS, pattern_matches
+from broker import MAX_TOKENS, pattern_matches
 
 __all__ = ["OTHER", "covers", "intersects", "matches_any"]
 

@@ -42,16 +42,16 @@ from typing import Any, Final
 
 import trio
 
-from broker import ConfigError, Identity, PluginContext
-from broker.mapping import MessageMapping, parse_mappings
-from broker.settings import Settings
+from broker import ConfigError, Identity, PluginContext, Settings
 from broker.sources import (
     Backoff,
     LogLimiter,
+    MessageMapping,
     Publisher,
     SourceError,
     SourceOptions,
     SourcesPlugin,
+    parse_mappings,
     parse_source_options,
     publish_mapped,
     sources_plugin,

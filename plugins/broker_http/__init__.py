@@ -54,9 +54,17 @@ from typing import Any, Final, NoReturn
 import h11
 import trio
 
-from broker import Broker, ConfigError, ErrorCode, Identity, PluginContext, PublishError, hookimpl
-from broker.config import is_loopback_host
-from broker.settings import Settings
+from broker import (
+    Broker,
+    ConfigError,
+    ErrorCode,
+    Identity,
+    PluginContext,
+    PublishError,
+    Settings,
+    hookimpl,
+    is_loopback_host,
+)
 from broker.sources import Backoff, Publisher, SourceError, SourceOptions, parse_source_options
 
 __all__ = ["MIN_KEY_LENGTH", "HttpPlugin", "HttpSource", "create"]
@@ -201,7 +209,7 @@ class HttpSource:
         self.connections = 0
         self._ssl: ssl.SSLContext | None = None
         if config.tls_cert:
-            from broker.server import make_ssl_context
+            from broker import make_ssl_context
 
             self._ssl = make_ssl_context(config.tls_cert, config.tls_key)
 

@@ -39,19 +39,23 @@ from typing import Any, Final
 
 import trio
 
-from broker import Identity, PluginContext, PublishError
-from broker.mapping import MappingError, MessageMapping, parse_mapping
-from broker.settings import Settings
+from broker import Identity, PluginContext, PublishError, Settings
 from broker.sources import (
     Backoff,
+    MappingError,
+    MessageMapping,
     Publisher,
     SourceError,
     SourceOptions,
     SourcesPlugin,
+    Upstream,
+    UpstreamConnection,
+    UpstreamOptions,
+    parse_mapping,
     parse_source_options,
+    parse_upstream_options,
     sources_plugin,
 )
-from broker.upstream import Upstream, UpstreamConnection, UpstreamOptions, parse_upstream_options
 
 __all__ = ["JsonRpcSource", "Subscription", "create"]
 

@@ -14,8 +14,16 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from broker import ANONYMOUS, ConfigError, Handshake, Identity, PluginContext, Reject, hookimpl
-from broker.config import is_loopback_host
+from broker import (
+    ANONYMOUS,
+    ConfigError,
+    Handshake,
+    Identity,
+    PluginContext,
+    Reject,
+    hookimpl,
+    is_loopback_host,
+)
 
 __all__ = ["NoAuth", "create"]
 

@@ -36,15 +36,15 @@ from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-from broker import ConfigError, Identity, PluginContext
-from broker.mapping import MessageMapping, parse_mapping
-from broker.settings import Settings
+from broker import ConfigError, Identity, PluginContext, Settings
 from broker.sources import (
     Backoff,
+    MessageMapping,
     Publisher,
     SourceError,
     SourceOptions,
     SourcesPlugin,
+    parse_mapping,
     parse_source_options,
     publish_mapped,
     sources_plugin,

@@ -48,8 +48,17 @@ from typing import Any, Final
 import fastjsonschema
 import jsonschema
 
-from broker import ConfigError, ErrorCode, Identity, PluginContext, Refusal, hookimpl
-from broker.topics import TopicError, pattern_matches, validate_pattern
+from broker import (
+    ConfigError,
+    ErrorCode,
+    Identity,
+    PluginContext,
+    Refusal,
+    TopicError,
+    hookimpl,
+    pattern_matches,
+    validate_pattern,
+)
 
 __all__ = ["RULE_SETTINGS", "SETTINGS", "SchemaRule", "SchemaValidator", "create", "json_path"]
 

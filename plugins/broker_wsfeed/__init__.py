@@ -36,19 +36,22 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from broker import ConfigError, Identity, PluginContext
-from broker.mapping import MessageMapping, parse_mappings
-from broker.settings import Settings
+from broker import ConfigError, Identity, PluginContext, Settings
 from broker.sources import (
     Backoff,
+    MessageMapping,
     Publisher,
     SourceOptions,
     SourcesPlugin,
+    Upstream,
+    UpstreamConnection,
+    UpstreamOptions,
+    parse_mappings,
     parse_source_options,
+    parse_upstream_options,
     publish_mapped,
     sources_plugin,
 )
-from broker.upstream import Upstream, UpstreamConnection, UpstreamOptions, parse_upstream_options
 
 __all__ = ["WsFeedSource", "create"]
 

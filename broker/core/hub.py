@@ -1,0 +1,145 @@
+"""Fan-out: from one published message to every matching subscriber's queue.
+
+The :class:`Hub` owns the routing table. :meth:`Hub.deliver` is the hot path:
+it looks the topic up once, encodes the message once per encoding that a
+matching subscriber uses, builds the WebSocket frame once, and hands the
+same ``bytes`` to every subscriber's :class:`~broker.outbox.Outbox`. It is
+synchronous: it never awaits, never spawns a task and never calls a plugin,
+so one slow subscriber cannot hold up a publisher or the other subscribers.
+:meth:`Hub.flush` then writes each subscriber's queued frames in one go.
+
+The hub is the node's :class:`~broker.engine.Delivery`: an engine calls
+:meth:`Hub.deliver` for every publication this node must deliver, local or
+remote alike, and :meth:`Hub.flush` once a batch is queued.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from typing import Any, Protocol
+
+from broker.core.config import QueueConfig
+from broker.core.frames import frame
+from broker.core.outbox import Outbox, Policy, PushResult, QueueRule
+from broker.core.protocol import Encoding, encode_msg
+from broker.core.router import Router
+from broker.core.topics import pattern_matches
+
+__all__ = ["Hub", "Subscriber"]
+
+
+class Subscriber(Hashable, Protocol):
+    """What the hub needs from a connection."""
+
+    encoding: Encoding
+    outbox: Outbox
+    #: True while the subscriber is in :attr:`Hub.dirty`. The hub sets it
+    #: when it queues frames, and clears it before calling :meth:`flush`;
+    #: whoever else queues frames sets it the same way (see Connection.wake).
+    dirty: bool
+
+    def flush(self) -> None:
+        """Write what is queued now, without blocking."""
+
+    def slow_consumer(self) -> None:
+        """A ``disconnect`` rule overflowed: close this subscriber."""
+
+
+class Hub:
+    """The routing table and the synchronous fan-out."""
+
+    def __init__(self, queue: QueueConfig, *, rule_cache_size: int = 4096) -> None:
+        self.router: Router[Subscriber] = Router()
+        self._rule_cache_size = rule_cache_size
+        self.configure(queue)
+        self.published = 0
+        self.delivered = 0
+        #: Deliveries that overflowed a queue and dropped a message (its own or
+        #: an older one); the exact counts are in each Outbox.
+        self.overflows = 0
+        #: The same, by the policy of the rule that applied (for metrics).
+        self.overflows_by_policy: dict[Policy, int] = dict.fromkeys(Policy, 0)
+        self.slow_consumers = 0
+        #: Subscribers with frames queued since the last flush (see flush()).
+        self.dirty: list[Subscriber] = []
+        #: Deliveries queued since the last flush.
+        self.pending = 0
+
+    def configure(self, queue: QueueConfig) -> None:
+        """Apply (new) queue rules; messages already queued keep theirs."""
+        self._default_rule = queue.default_rule()
+        self._rules = queue.queue_rules()
+        self._rule_cache: dict[str, QueueRule] = {}
+
+    def rule_for(self, topic: str) -> QueueRule:
+        """The first ``[[queue.rules]]`` entry matching *topic*, else the default."""
+        rule = self._rule_cache.get(topic)
+        if rule is None:
+            rule = self._default_rule
+            for pattern, candidate in self._rules:
+                if pattern_matches(pattern, topic):
+                    rule = candidate
+                    break
+            if len(self._rule_cache) >= self._rule_cache_size:
+                self._rule_cache.clear()
+            self._rule_cache[topic] = rule
+        return rule
+
+    def subscribe(self, pattern: str, subscriber: Subscriber) -> bool:
+        return self.router.add(pattern, subscriber)
+
+    def unsubscribe(self, pattern: str, subscriber: Subscriber) -> bool:
+        return self.router.remove(pattern, subscriber)
+
+    def deliver(self, topic: str, seq: int, data: Any, key: str | None) -> int:
+        """Queue one message for every subscriber of *topic*; returns how many.
+
+        Subscribers that got frames are marked dirty; :meth:`flush` writes them.
+        """
+        self.published += 1
+        subscribers = self.router.match(topic)
+        if not subscribers:
+            return 0
+        rule = self.rule_for(topic)
+        frames: dict[Encoding, bytes] = {}
+        dirty = self.dirty
+        queued = PushResult.QUEUED
+        last_encoding: Encoding | None = None
+        data_frame = b""
+        for sub in subscribers:
+            # Subscribers of one encoding share one frame; most share one encoding.
+            encoding = sub.encoding
+            if encoding is not last_encoding:
+                last_encoding = encoding
+                cached = frames.get(encoding)
+                if cached is None:
+                    cached = frames[encoding] = frame(encode_msg(topic, seq, data, key, encoding))
+                data_frame = cached
+            result = sub.outbox.push(data_frame, topic, rule, key)
+            if result is not queued:
+                if result is PushResult.DISCONNECT:
+                    self.slow_consumers += 1
+                    sub.slow_consumer()
+                    continue
+                self.overflows += 1
+                self.overflows_by_policy[rule.policy] += 1
+            if not sub.dirty:
+                sub.dirty = True
+                dirty.append(sub)
+        self.delivered += len(subscribers)
+        self.pending += len(subscribers)
+        return len(subscribers)
+
+    def flush(self) -> None:
+        """Write out every subscriber that has frames queued.
+
+        Whoever queues frames (a publishing connection after each read, a
+        source after each publish, the heartbeat) calls this once its batch
+        is done, so that each subscriber gets all of the batch in one write.
+        """
+        dirty = self.dirty
+        self.dirty = []
+        self.pending = 0
+        for sub in dirty:
+            sub.dirty = False
+            sub.flush()

@@ -1,0 +1,668 @@
+"""Protocol v1: a sans-I/O codec for the broker's wire format.
+
+Like h11 and wsproto, this module does no I/O and knows nothing of trio: it
+turns WebSocket message payloads into typed commands and events and back.
+The caller owns the socket.
+
+Two subprotocols carry the same messages (negotiated with
+``Sec-WebSocket-Protocol``, see :data:`SUBPROTOCOLS`):
+
+* ``broker.v1.json``: text frames, one JSON object each;
+* ``broker.v1.msgpack``: binary frames, one msgpack map each, same keys.
+
+Client to broker (:data:`Command`)::
+
+    {"op": "sub",   "id": 1, "topic": "trades.*"}
+    {"op": "unsub", "id": 2, "topic": "trades.*"}
+    {"op": "pub",   "id": 3, "topic": "trades.BTC-USD", "data": {...}, "key": "k"}
+    {"op": "ping",  "id": 4}
+    {"op": "auth",  "id": 5, "token": "eyJ..."}   (refresh the credentials)
+
+Broker to client (:data:`Event`)::
+
+    {"op": "ok",      "id": 1}            (after a pub also "seq": 7)
+    {"op": "err",     "id": 3, "code": "forbidden", "message": "..."}
+    {"op": "pong",    "id": 4}
+    {"op": "dropped", "topic": "trades.BTC-USD", "count": 12}
+    {"op": "msg",     "topic": "trades.BTC-USD", "seq": 7, "data": {...}, "key": "k"}
+
+``id`` is optional everywhere and is echoed back so a client can match replies
+to requests; ``key`` is optional on ``pub``/``msg``. A JSON ``null`` ``id`` or
+``key`` means the same as an absent one. Unknown fields are ignored so that
+newer clients can talk to older brokers.
+
+Every message is published once but delivered in both encodings, so ``data``
+must survive both: :func:`decode_command` rejects, on either subprotocol, any
+``data`` that :func:`encode_msg` could not re-encode (bytes, msgpack ext
+types, non-string map keys, NaN/infinity, integers outside the 64-bit range,
+lone surrogates, nesting deeper than :data:`MAX_DATA_DEPTH`). Checking that
+once at the door means the fan-out hot path can never fail.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import json.encoder
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Final, NoReturn
+
+import msgpack
+
+from broker.core.errors import CloseCode, ErrorCode, ProtocolError
+from broker.core.topics import TopicError, validate_pattern, validate_topic
+
+__all__ = [
+    "MAX_DATA_DEPTH",
+    "MAX_ID",
+    "MAX_ID_LENGTH",
+    "MAX_KEY_LENGTH",
+    "SUBPROTOCOLS",
+    "Auth",
+    "Command",
+    "Dropped",
+    "Encoding",
+    "Err",
+    "Event",
+    "Msg",
+    "Ok",
+    "Payload",
+    "Ping",
+    "Pong",
+    "Publish",
+    "RequestId",
+    "Subscribe",
+    "Unsubscribe",
+    "check_publish",
+    "decode_command",
+    "decode_event",
+    "encode_command",
+    "encode_dropped",
+    "encode_err",
+    "encode_msg",
+    "encode_ok",
+    "encode_pong",
+]
+
+
+class Encoding(enum.StrEnum):
+    """How messages are serialized on one connection."""
+
+    JSON = "json"
+    MSGPACK = "msgpack"
+
+
+#: ``Sec-WebSocket-Protocol`` values the broker accepts, and their encoding.
+SUBPROTOCOLS: Final[dict[str, Encoding]] = {
+    "broker.v1.json": Encoding.JSON,
+    "broker.v1.msgpack": Encoding.MSGPACK,
+}
+
+#: A client-chosen request id, echoed back in ``ok``/``err``/``pong``.
+RequestId = int | str
+#: A message payload: ``str`` for JSON (text frame), ``bytes`` for msgpack
+#: (binary frame). :mod:`broker.frames` wraps it into a WebSocket frame.
+Payload = str | bytes
+
+#: Longest ``key`` of a ``pub``, in characters.
+MAX_KEY_LENGTH: Final = 256
+#: Longest string ``id``, in characters.
+MAX_ID_LENGTH: Final = 64
+#: Largest integer ``id``: 2**53 - 1, so that JavaScript clients, whose numbers
+#: are doubles, can echo every id exactly.
+MAX_ID: Final = 2**53 - 1
+#: Deepest nesting of lists/objects inside ``data``. Far beyond real payloads,
+#: far below the interpreter's recursion limit, so neither the checks here nor
+#: ``json.dumps`` in :func:`encode_msg` can hit a ``RecursionError``.
+MAX_DATA_DEPTH: Final = 100
+
+# msgpack integers are at most 64 bits; JSON ones are unbounded. An integer
+# outside this range would make msgpack's Packer raise OverflowError.
+_MIN_INT: Final = -(2**63)
+_MAX_INT: Final = 2**64 - 1
+
+_SURROGATE_RE: Final = re.compile("[\ud800-\udfff]")
+
+_ID_MESSAGE: Final = (
+    f"id must be an integer from 0 to 2**53-1 or a string of 1 to {MAX_ID_LENGTH} characters"
+)
+_KEY_MESSAGE: Final = f"key must be a string of 1 to {MAX_KEY_LENGTH} characters"
+
+
+# --------------------------------------------------------------------------
+# Commands (client -> broker)
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribe:
+    """``sub``: deliver messages whose topic matches *pattern*."""
+
+    id: RequestId | None
+    pattern: str
+
+
+@dataclass(frozen=True, slots=True)
+class Unsubscribe:
+    """``unsub``: stop a subscription made with the same *pattern*."""
+
+    id: RequestId | None
+    pattern: str
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    """``pub``: publish *data* (any JSON value, ``None`` included) on *topic*."""
+
+    id: RequestId | None
+    topic: str
+    data: Any
+    key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """``ping``: ask for a ``pong`` (liveness check at the protocol level)."""
+
+    id: RequestId | None
+
+
+@dataclass(frozen=True, slots=True)
+class Auth:
+    """``auth``: present a new *token* for this connection (e.g. a fresh JWT
+    before the current one expires)."""
+
+    id: RequestId | None
+    token: str = field(repr=False)
+
+
+Command = Subscribe | Unsubscribe | Publish | Ping | Auth
+
+
+# --------------------------------------------------------------------------
+# Events (broker -> client)
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Ok:
+    """The command with this *id* succeeded; *seq* is set for a ``pub``."""
+
+    id: RequestId | None
+    seq: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Err:
+    """A command failed. *code* is kept as a ``str`` (not :class:`ErrorCode`)
+    so that a client does not break when a newer broker adds codes."""
+
+    id: RequestId | None
+    code: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    """Answer to a ``ping``."""
+
+    id: RequestId | None
+
+
+@dataclass(frozen=True, slots=True)
+class Dropped:
+    """The broker dropped *count* messages for subscription *topic* because
+    the client did not read fast enough."""
+
+    topic: str
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Msg:
+    """A published message. *seq* is the broker's per-topic sequence number."""
+
+    topic: str
+    seq: int
+    data: Any
+    key: str | None = None
+
+
+Event = Ok | Err | Pong | Dropped | Msg
+
+
+# --------------------------------------------------------------------------
+# Low-level (de)serialization
+# --------------------------------------------------------------------------
+
+# Sentinel for "field absent": ``None`` is a legal value of ``data``.
+_MISSING: Final[Any] = object()
+
+
+class _ExtTypeError(Exception):
+    """Raised from msgpack's ext_hook: ext types have no JSON equivalent."""
+
+
+class _NotAllowedConstant(Exception):
+    """Raised from json's parse_constant on NaN, Infinity and -Infinity."""
+
+
+def _reject_ext(code: int, data: bytes) -> NoReturn:
+    raise _ExtTypeError(code)
+
+
+def _reject_constant(name: str) -> NoReturn:
+    # Python's json accepts these non-standard literals by default; we would
+    # then re-emit them (or fail with allow_nan=False) on the way out.
+    raise _NotAllowedConstant(name)
+
+
+# One decoder/encoder built up front: json.loads/json.dumps with non-default
+# arguments would build a new JSONDecoder/JSONEncoder on every call.
+_json_decode: Final = json.JSONDecoder(parse_constant=_reject_constant).decode
+_json_encode: Final = json.JSONEncoder(
+    separators=(",", ":"), ensure_ascii=False, allow_nan=False
+).encode
+# The C string encoder used by _json_encode itself (ensure_ascii=False flavour).
+_json_string: Final = json.encoder.encode_basestring
+
+# Reused for every message: cheaper than msgpack.packb, which builds a Packer
+# per call. A Packer is not reentrant, but it never calls back into Python
+# here (no ``default`` hook) and the broker is single-threaded. With
+# autoreset (the default) pack() returns the bytes and clears the buffer,
+# also when it raises.
+_packer: Final = msgpack.Packer(use_bin_type=True)
+_pack: Final[Callable[[Any], bytes]] = _packer.pack
+
+
+def _bad(message: str, request_id: RequestId | None = None) -> ProtocolError:
+    return ProtocolError(ErrorCode.BAD_REQUEST, message, request_id=request_id)
+
+
+def _short(text: str, limit: int = 32) -> str:
+    """repr() of client text for an error message: quoted, escaped, bounded."""
+    if len(text) > limit:
+        return repr(text[:limit]) + "..."
+    return repr(text)
+
+
+def _has_surrogate(text: str) -> bool:
+    # isascii() is O(1) for str, so the common case costs nothing.
+    return not text.isascii() and _SURROGATE_RE.search(text) is not None
+
+
+def _load(frame: str | bytes, encoding: Encoding) -> Any:
+    """Deserialize one payload, mapping every failure to a ProtocolError."""
+    if encoding is Encoding.JSON:
+        if not isinstance(frame, str):
+            raise ProtocolError(
+                ErrorCode.BAD_REQUEST,
+                "binary frame on the JSON subprotocol",
+                close_code=CloseCode.UNSUPPORTED_DATA,
+            )
+        try:
+            return _json_decode(frame)
+        except json.JSONDecodeError as exc:
+            raise _bad(f"malformed JSON: {exc.msg} at position {exc.pos}") from None
+        except _NotAllowedConstant as exc:
+            raise _bad(f"malformed JSON: {exc} is not allowed") from None
+        except RecursionError:
+            raise _bad("malformed JSON: nested too deeply") from None
+        except ValueError:
+            # Not a JSONDecodeError: int() refused a huge literal
+            # (sys.get_int_max_str_digits()).
+            raise _bad("malformed JSON: number too long") from None
+    if isinstance(frame, str):
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST,
+            "text frame on the msgpack subprotocol",
+            close_code=CloseCode.UNSUPPORTED_DATA,
+        )
+    try:
+        return msgpack.unpackb(frame, raw=False, strict_map_key=True, ext_hook=_reject_ext)
+    except _ExtTypeError:
+        raise _bad("malformed msgpack: ext types are not allowed") from None
+    except msgpack.ExtraData:
+        raise _bad("malformed msgpack: extra bytes after the object") from None
+    except UnicodeDecodeError:
+        raise _bad("malformed msgpack: a string is not valid UTF-8") from None
+    except Exception:
+        # msgpack raises a zoo of types (ValueError, OutOfData, StackError,
+        # FormatError, TypeError...) whose texts are not meant for clients.
+        raise _bad("malformed msgpack") from None
+
+
+class _Unrepresentable(Exception):
+    """``data`` cannot be re-encoded in both encodings; args[0] is the message."""
+
+
+_NOT_JSON: Final = "data must be JSON-representable ({})"
+_TOO_DEEP: Final = f"data is nested deeper than {MAX_DATA_DEPTH} levels"
+_INT_RANGE: Final = "data must be msgpack-representable (integer outside the 64-bit range)"
+_SURROGATE: Final = _NOT_JSON.format("lone surrogate in a string")
+
+
+def _check_data(value: Any, depth: int, text_escapes: bool) -> None:
+    """Raise _Unrepresentable unless *value* encodes in JSON and msgpack.
+
+    Recursive, bounded by MAX_DATA_DEPTH. Dispatch on the exact type: both
+    decoders only produce exact built-in types, and ``bool`` must not pass as
+    ``int``. *text_escapes* enables the lone-surrogate check, needed only when
+    the JSON text contained ``\\u`` escapes (valid UTF-8 cannot encode a
+    surrogate, and msgpack strings are strictly UTF-8 decoded).
+    """
+    t = type(value)
+    if t is str:
+        if text_escapes and _has_surrogate(value):
+            raise _Unrepresentable(_SURROGATE)
+    elif t is int:
+        # JSON integers are unbounded; msgpack's Packer would raise
+        # OverflowError outside this range.
+        if not _MIN_INT <= value <= _MAX_INT:
+            raise _Unrepresentable(_INT_RANGE)
+    elif t is float:
+        # From msgpack, or from an overflowing JSON literal such as 1e400.
+        if not math.isfinite(value):
+            raise _Unrepresentable(_NOT_JSON.format("NaN or infinite number"))
+    elif t is dict:
+        if depth >= MAX_DATA_DEPTH:
+            raise _Unrepresentable(_TOO_DEEP)
+        for k, v in value.items():
+            if type(k) is not str:
+                raise _Unrepresentable(_NOT_JSON.format("map keys must be strings"))
+            if text_escapes and _has_surrogate(k):
+                raise _Unrepresentable(_SURROGATE)
+            _check_data(v, depth + 1, text_escapes)
+    elif t is list:
+        if depth >= MAX_DATA_DEPTH:
+            raise _Unrepresentable(_TOO_DEEP)
+        for v in value:
+            _check_data(v, depth + 1, text_escapes)
+    elif value is not None and t is not bool:
+        # bytes, msgpack Timestamp (ext -1 bypasses ext_hook), ...
+        raise _Unrepresentable(_NOT_JSON.format(f"{t.__name__} is not allowed"))
+
+
+def _read_id(obj: dict[Any, Any]) -> RequestId | None:
+    """The command's ``id``, validated; None when absent or null."""
+    request_id: object = obj.get("id")
+    if request_id is None:
+        return None
+    # type() rather than isinstance(): bool is an int subclass, and an id of
+    # true would be a client bug worth reporting.
+    if type(request_id) is int:
+        if 0 <= request_id <= MAX_ID:
+            return request_id
+    elif type(request_id) is str and 0 < len(request_id) <= MAX_ID_LENGTH:
+        if _has_surrogate(request_id):
+            raise _bad("id must not contain lone surrogates")
+        return request_id
+    raise _bad(_ID_MESSAGE)
+
+
+# --------------------------------------------------------------------------
+# Broker side: decode commands, encode events
+# --------------------------------------------------------------------------
+
+
+def decode_command(frame: str | bytes, encoding: Encoding) -> Command:
+    """Parse one client message.
+
+    *frame* is the message payload as the WebSocket layer delivered it: a
+    ``str`` for a text message, ``bytes`` for a binary one. Fields the
+    protocol does not know are ignored (forward compatibility); a ``null``
+    ``id`` or ``key`` counts as absent.
+
+    Raises:
+        ProtocolError: with ``code`` BAD_REQUEST for anything invalid. Once
+            the ``id`` has been read, it is set as ``request_id`` so the
+            ``err`` reply can be correlated. A frame of the wrong type for the
+            subprotocol also sets ``close_code`` UNSUPPORTED_DATA: the client
+            speaks something else entirely, so the connection is closed.
+    """
+    obj = _load(frame, encoding)
+    if type(obj) is not dict:
+        raise _bad("frame must be an object")
+    # Read the id before anything else so that every later error carries it.
+    request_id = _read_id(obj)
+    op = obj.get("op", _MISSING)
+    if op is _MISSING:
+        raise _bad("missing field 'op'", request_id)
+    if type(op) is not str:
+        raise _bad("op must be a string", request_id)
+
+    if op == "pub":
+        topic = obj.get("topic", _MISSING)
+        if topic is _MISSING:
+            raise _bad("missing field 'topic'", request_id)
+        try:
+            validate_topic(topic)
+        except TopicError as exc:
+            raise _bad(str(exc), request_id) from None
+        data = obj.get("data", _MISSING)
+        if data is _MISSING:
+            raise _bad("missing field 'data'", request_id)
+        # Surrogates can only enter through \u escapes of a JSON text: real
+        # text frames are valid UTF-8 (wsproto checks), msgpack strings are
+        # decoded strictly.
+        escapes = isinstance(frame, str) and "\\u" in frame
+        try:
+            _check_data(data, 0, escapes)
+        except _Unrepresentable as exc:
+            raise _bad(exc.args[0], request_id) from None
+        key = obj.get("key")
+        if key is not None:
+            if type(key) is not str or not 0 < len(key) <= MAX_KEY_LENGTH:
+                raise _bad(_KEY_MESSAGE, request_id)
+            if _has_surrogate(key):
+                raise _bad("key must not contain lone surrogates", request_id)
+        return Publish(request_id, topic, data, key)
+
+    if op == "sub" or op == "unsub":
+        pattern = obj.get("topic", _MISSING)
+        if pattern is _MISSING:
+            raise _bad("missing field 'topic'", request_id)
+        try:
+            validate_pattern(pattern)
+        except TopicError as exc:
+            raise _bad(str(exc), request_id) from None
+        if op == "sub":
+            return Subscribe(request_id, pattern)
+        return Unsubscribe(request_id, pattern)
+
+    if op == "ping":
+        return Ping(request_id)
+
+    if op == "auth":
+        token = obj.get("token", _MISSING)
+        if token is _MISSING:
+            raise _bad("missing field 'token'", request_id)
+        if type(token) is not str or not token:
+            raise _bad("token must be a non-empty string", request_id)
+        if _has_surrogate(token):
+            raise _bad("token must not contain lone surrogates", request_id)
+        return Auth(request_id, token)
+
+    raise _bad(f"unknown op {_short(op)}", request_id)
+
+
+def check_publish(topic: object, data: Any, key: object = None) -> None:
+    """Check a publish that did not come through :func:`decode_command`.
+
+    For in-process publishers (sources, the HTTP API): the same rules as a
+    ``pub``: a valid topic, a key of 1 to :data:`MAX_KEY_LENGTH` characters or
+    ``None``, and ``data`` representable in both encodings. Lone surrogates
+    are always looked for, since *data* may come from anywhere.
+
+    Raises:
+        ProtocolError: BAD_REQUEST, with the same messages as a ``pub``.
+    """
+    try:
+        validate_topic(topic)
+    except TopicError as exc:
+        raise _bad(str(exc)) from None
+    if key is not None:
+        if type(key) is not str or not 0 < len(key) <= MAX_KEY_LENGTH:
+            raise _bad(_KEY_MESSAGE)
+        if _has_surrogate(key):
+            raise _bad("key must not contain lone surrogates")
+    try:
+        _check_data(data, 0, True)
+    except _Unrepresentable as exc:
+        raise _bad(exc.args[0]) from None
+
+
+def _with_id(fields: dict[str, Any], id: RequestId | None, encoding: Encoding) -> Payload:
+    # Not the hot path: clarity over speed. "id" goes second, after "op".
+    if id is not None:
+        fields = {"op": fields.pop("op"), "id": id, **fields}
+    if encoding is Encoding.JSON:
+        return _json_encode(fields)
+    return _pack(fields)
+
+
+def encode_ok(id: RequestId | None, encoding: Encoding, *, seq: int | None = None) -> Payload:
+    """``{"op":"ok","id":N}`` (no ``id`` when *id* is None).
+
+    For a ``pub``, *seq* is the sequence number the message got; it is added
+    as ``"seq":S`` so the publisher learns where its message landed.
+    """
+    if seq is None:
+        return _with_id({"op": "ok"}, id, encoding)
+    return _with_id({"op": "ok", "seq": seq}, id, encoding)
+
+
+def encode_err(id: RequestId | None, code: ErrorCode, message: str, encoding: Encoding) -> Payload:
+    """``{"op":"err","id":N,"code":C,"message":M}`` (no ``id`` when None)."""
+    return _with_id({"op": "err", "code": str(code), "message": message}, id, encoding)
+
+
+def encode_pong(id: RequestId | None, encoding: Encoding) -> Payload:
+    """``{"op":"pong","id":N}`` (no ``id`` when *id* is None)."""
+    return _with_id({"op": "pong"}, id, encoding)
+
+
+def encode_dropped(topic: str, count: int, encoding: Encoding) -> Payload:
+    """``{"op":"dropped","topic":T,"count":N}``."""
+    return _with_id({"op": "dropped", "topic": topic, "count": count}, None, encoding)
+
+
+def encode_msg(topic: str, seq: int, data: Any, key: str | None, encoding: Encoding) -> Payload:
+    """``{"op":"msg","topic":T,"seq":S,"data":D}``, plus ``"key"`` when not None.
+
+    The hot path: called once per published message and encoding, never per
+    subscriber. *topic* must have passed :func:`~broker.topics.validate_topic`
+    and *data* :func:`decode_command` (or be equally tame); then this cannot
+    fail.
+    """
+    if encoding is Encoding.JSON:
+        # A validated topic is ASCII letters, digits, '_', '-', ':' and '.':
+        # nothing JSON would escape, so it goes in verbatim.
+        head = '{"op":"msg","topic":"' + topic + '","seq":' + str(seq) + ',"data":'
+        if key is None:
+            return head + _json_encode(data) + "}"
+        return head + _json_encode(data) + ',"key":' + _json_string(key) + "}"
+    if key is None:
+        return _pack({"op": "msg", "topic": topic, "seq": seq, "data": data})
+    return _pack({"op": "msg", "topic": topic, "seq": seq, "data": data, "key": key})
+
+
+# --------------------------------------------------------------------------
+# Client side: encode commands, decode events
+# --------------------------------------------------------------------------
+
+
+def encode_command(command: Command, encoding: Encoding) -> Payload:
+    """Serialize *command* for the broker (``id``/``key`` omitted when None).
+
+    No validation: the broker is the authority and answers with ``err``.
+
+    Raises:
+        ValueError, TypeError, OverflowError: *data* of a Publish cannot be
+            serialized in *encoding* (e.g. NaN, a set, a huge int).
+    """
+    fields: dict[str, Any]
+    if isinstance(command, Publish):
+        fields = {"op": "pub", "topic": command.topic, "data": command.data}
+        if command.key is not None:
+            fields["key"] = command.key
+    elif isinstance(command, Subscribe):
+        fields = {"op": "sub", "topic": command.pattern}
+    elif isinstance(command, Unsubscribe):
+        fields = {"op": "unsub", "topic": command.pattern}
+    elif isinstance(command, Ping):
+        fields = {"op": "ping"}
+    elif isinstance(command, Auth):
+        fields = {"op": "auth", "token": command.token}
+    else:
+        raise TypeError(f"not a command: {command!r}")
+    return _with_id(fields, command.id, encoding)
+
+
+def _event_id(obj: dict[Any, Any]) -> RequestId | None:
+    request_id = obj.get("id")
+    if request_id is None or type(request_id) in (int, str):
+        return request_id
+    raise _bad("id must be an integer or a string")
+
+
+def _event_str(obj: dict[Any, Any], name: str) -> str:
+    value = obj.get(name, _MISSING)
+    if type(value) is not str:
+        raise _bad(f"missing field {name!r}" if value is _MISSING else f"{name} must be a string")
+    return value
+
+
+def _event_int(obj: dict[Any, Any], name: str) -> int:
+    value = obj.get(name, _MISSING)
+    if type(value) is not int or value < 0:
+        if value is _MISSING:
+            raise _bad(f"missing field {name!r}")
+        raise _bad(f"{name} must be a non-negative integer")
+    return value
+
+
+def decode_event(frame: str | bytes, encoding: Encoding) -> Event:
+    """Parse one broker message (client side).
+
+    Unknown fields are ignored. ``data`` is not checked beyond being present:
+    the broker already did.
+
+    Raises:
+        ProtocolError: BAD_REQUEST when the frame is malformed; for a frame of
+            the wrong type ``close_code`` is UNSUPPORTED_DATA, as on the
+            broker side.
+    """
+    obj = _load(frame, encoding)
+    if type(obj) is not dict:
+        raise _bad("frame must be an object")
+    op = obj.get("op", _MISSING)
+    if op is _MISSING:
+        raise _bad("missing field 'op'")
+    if type(op) is not str:
+        raise _bad("op must be a string")
+
+    if op == "msg":
+        topic = _event_str(obj, "topic")
+        seq = _event_int(obj, "seq")
+        data = obj.get("data", _MISSING)
+        if data is _MISSING:
+            raise _bad("missing field 'data'")
+        key = obj.get("key")
+        if key is not None and type(key) is not str:
+            raise _bad("key must be a string")
+        return Msg(topic, seq, data, key)
+    if op == "ok":
+        if obj.get("seq") is None:
+            return Ok(_event_id(obj))
+        return Ok(_event_id(obj), _event_int(obj, "seq"))
+    if op == "err":
+        return Err(_event_id(obj), _event_str(obj, "code"), _event_str(obj, "message"))
+    if op == "pong":
+        return Pong(_event_id(obj))
+    if op == "dropped":
+        return Dropped(_event_str(obj, "topic"), _event_int(obj, "count"))
+    raise _bad(f"unknown op {_short(op)}")

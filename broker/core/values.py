@@ -1,0 +1,149 @@
+"""Values exchanged with the authentication and authorization hooks.
+
+:class:`Handshake` is what a client presented when it connected,
+:class:`Identity` is who an authenticate hook decided it is, :class:`Reject`
+is how a hook turns a handshake down, :class:`Action` names what
+authorize is asked about, and :class:`Refusal` is how an authorize or validate
+hook refuses a command with a specific error code. All are immutable; none
+holds a socket.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from broker.core.errors import ErrorCode
+
+__all__ = ["ANONYMOUS", "Action", "ClientInfo", "Handshake", "Identity", "Refusal", "Reject"]
+
+
+class Action(enum.StrEnum):
+    PUBLISH = "publish"
+    SUBSCRIBE = "subscribe"
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who a connection (or a source) is.
+
+    Attributes:
+        subject: a stable id for the user or service (``sub`` of a JWT, a
+            token's ``id``, a certificate's CN). Appears in logs.
+        roles: role names that authorization rules refer to.
+        claims: any other attributes the authenticating plugin wants to pass
+            on to authorization (never logged).
+        expires_at: Unix time after which the identity is no longer valid, or
+            ``None``.
+        plugin: the name of the plugin that authenticated it.
+    """
+
+    subject: str
+    roles: frozenset[str] = frozenset()
+    claims: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    expires_at: float | None = None
+    plugin: str = ""
+
+
+#: The identity of a client on a listener that requires no authentication.
+ANONYMOUS = Identity("anonymous", plugin="noauth")
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """An authenticate hook's "no": the handshake is answered with *status*.
+
+    Use 401 when credentials are missing or wrong, 403 when they are valid
+    but not allowed here. *reason* goes into the HTTP response body, so keep
+    it short and never include the credential.
+    """
+
+    status: int
+    reason: str
+
+    def __post_init__(self) -> None:
+        if not 400 <= self.status <= 599:
+            raise ValueError("Reject.status must be an HTTP error status (4xx/5xx)")
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """An authorize or validate hook's "no" to one command, with its ``err`` code.
+
+    The client is answered ``err`` with *code* and *message*; with *close*,
+    the connection is then closed with 1008 (policy violation) and *message*
+    as the close reason, after that ``err`` has been written. A plain
+    ``False`` from ``broker_authorize`` is ``forbidden`` and a plain string
+    from ``broker_validate`` is ``invalid``: a Refusal is for the other cases,
+    such as ``rate_limited`` or ``too_large``. *message* is sent to the
+    client: keep it short, without secrets.
+    """
+
+    code: ErrorCode
+    message: str
+    close: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.code, ErrorCode):
+            raise TypeError("Refusal.code must be an ErrorCode")
+        if not isinstance(self.message, str):
+            raise TypeError("Refusal.message must be a string")
+
+
+@dataclass(frozen=True, slots=True)
+class Handshake:
+    """The opening request of a WebSocket connection, as hooks see it.
+
+    Attributes:
+        path: the request path without the query string.
+        query: query parameters; each name maps to all its values.
+        headers: request headers, names lower-cased; repeated headers are
+            joined with ``", "``.
+        peer: the client's (address, port).
+        listener_host: the address the listener is bound to.
+        listener_loopback: True if that address is a loopback address.
+        tls: True if the connection came over TLS.
+        peer_certificate: the client certificate, verified against
+            ``[listener] tls_client_ca`` (``ssl.SSLSocket.getpeercert()``
+            form), or ``None`` when the client sent none or the listener does
+            not ask for one (``tls_client_auth = "none"``).
+        subprotocol: the subprotocol the broker will accept.
+    """
+
+    path: str
+    query: Mapping[str, tuple[str, ...]] = field(repr=False)
+    headers: Mapping[str, str] = field(repr=False)
+    peer: tuple[str, int]
+    listener_host: str
+    listener_loopback: bool
+    tls: bool
+    peer_certificate: Mapping[str, Any] | None = None
+    subprotocol: str | None = None
+
+    def bearer_token(self) -> str | None:
+        """The token from ``Authorization: Bearer T``, else from ``?token=T``."""
+        auth = self.headers.get("authorization", "")
+        scheme, _, value = auth.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+        values = self.query.get("token")
+        return values[0] if values else None
+
+
+@dataclass(frozen=True, slots=True)
+class ClientInfo:
+    """A connected client, as lifecycle observers see it.
+
+    Attributes:
+        id: the connection id used in the broker's log lines (``c42``).
+        identity: who it authenticated as.
+        peer: its (address, port).
+        encoding: ``"json"`` or ``"msgpack"``.
+    """
+
+    id: str
+    identity: Identity
+    peer: tuple[str, int]
+    encoding: str

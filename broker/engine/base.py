@@ -1,0 +1,87 @@
+"""The engine seam: where a publish gets its position, and how publications
+reach this node's subscribers.
+
+An :class:`Engine` is the one object a cluster backend replaces. The broker
+talks to it in three ways, and to nothing else of it:
+
+* :meth:`Engine.publish` gives the message its per-topic ``seq`` (the
+  engine's own counter, shared by every node of a cluster) and makes it
+  reach every node that is interested in the topic, this one included.
+* Every publication this node must deliver, whether published here or on
+  another node, comes back through the node's :class:`Delivery` (the hub):
+  ``deliver(topic, seq, data, key)`` for each, then ``flush()`` once a batch
+  is queued. Local and remote publications take this one path.
+* :meth:`Engine.subscribe` / :meth:`Engine.unsubscribe` tell the engine
+  which patterns this node needs (see :class:`Interest`, which calls them
+  only when a pattern gains its first or loses its last local subscriber).
+
+**The ordering contract.** An engine calls ``deliver`` for the publications
+of one topic in ``seq`` order, each once, from one task at a time, and
+never awaits inside a ``deliver`` call (``deliver`` is synchronous). The
+broker's guarantees follow from it whatever the engine awaits elsewhere:
+every local subscriber gets a topic's messages in ``seq`` order (each
+subscriber's queue is FIFO), without loss except by its own queue's
+overflow policy, which it is told about. An engine may await anywhere in
+:meth:`publish` (a network round trip, a lock) as long as the step that
+assigns a ``seq`` and the step that fixes the delivery order are one
+(an atomic script in Redis; one synchronous block in memory).
+``tests/test_engine_seam.py`` runs the whole broker over an engine that
+yields at random points and checks exactly that.
+
+The history and presence of later releases live here too: an engine that
+keeps history answers ``history(...)`` from where it keeps its ``seq``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import trio
+
+__all__ = ["Delivery", "Engine"]
+
+
+class Delivery(Protocol):
+    """Where an engine hands publications to this node (the :class:`~broker.hub.Hub`)."""
+
+    def deliver(self, topic: str, seq: int, data: Any, key: str | None) -> int:
+        """Queue one publication for every matching local subscriber; synchronous."""
+        ...
+
+    def flush(self) -> None:
+        """Write what :meth:`deliver` queued (call once per batch)."""
+        ...
+
+
+class Engine(Protocol):
+    """What a publish goes through; see the module doc for the contract."""
+
+    async def publish(self, topic: str, data: Any, key: str | None) -> int:
+        """Publish; return the message's per-topic ``seq``.
+
+        The caller flushes the delivery (``Delivery.flush``) when its batch is
+        done; an engine that delivers from a task of its own flushes itself.
+        """
+        ...
+
+    async def subscribe(self, pattern: str) -> None:
+        """This node now has a local subscriber to *pattern*: receive its topics.
+
+        Returns once publications of those topics made after the call will
+        reach :class:`Delivery`. May raise (the subscription is refused).
+        """
+        ...
+
+    async def unsubscribe(self, pattern: str) -> None:
+        """This node's last local subscriber to *pattern* has gone."""
+        ...
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The engine's own work for as long as the broker serves (a remote
+        engine reads its fan-out stream here). Reports started once the engine
+        can take publishes; cancelled at shutdown."""
+        ...
+
+    def healthy(self) -> bool:
+        """False while the engine cannot publish (``/readyz`` answers 503)."""
+        ...

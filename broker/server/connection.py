@@ -1,0 +1,446 @@
+"""One accepted client: its reader, and the life of the connection.
+
+A connection is three parts, each in its own module:
+
+* the **reader** (here): the connection's own task reads the socket, parses
+  frames (:mod:`broker.frame_parser`), answers pings, hands each message to
+  the session, and flushes the hub once a read's messages are handled;
+* the **session** (:mod:`broker.session`): decodes and runs the commands,
+  through :class:`~broker.session.SessionServices` only;
+* the **writer** (:mod:`broker.writer`): writes what is queued in the
+  connection's :class:`~broker.outbox.Outbox` to the socket.
+
+:meth:`Connection.close` records the close code and cancels the reader;
+:meth:`Connection.run` then removes the subscriptions, drains (for a graceful
+close, bounded by ``limits.drain_timeout``), sends the close frame, waits
+briefly for the client's (``close_timeout``), and closes the socket.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Final
+
+import trio
+
+from broker.core.errors import CloseCode
+from broker.core.frame_parser import Close, FrameError, FrameParser, Ping, Pong
+from broker.core.frames import ping_frame, pong_frame
+from broker.core.outbox import Outbox
+from broker.core.protocol import Encoding
+from broker.core.values import ClientInfo, Identity
+from broker.io.tls import TLSStream
+from broker.io.writer import SocketWriter
+from broker.server.session import Session, SessionServices
+
+__all__ = ["CLOSE_TIMEOUT", "Connection"]
+
+log = logging.getLogger("broker.connection")
+
+#: How long the closing handshake may take before the socket is closed (the
+#: default of ``Connection(close_timeout=...)``).
+CLOSE_TIMEOUT: Final = 2.0
+#: Bytes asked of the kernel per read.
+RECEIVE_SIZE: Final = 65536
+#: Deliveries after which a reader flushes even in the middle of a read, so a
+#: large burst of publishes does not hold every subscriber's first frame back.
+FLUSH_EVERY: Final = 20_000
+#: A flush about to write this many sockets or more waits up to FLUSH_DEFER
+#: seconds for more input first (see Connection._reader).
+DEFER_MIN_DIRTY: Final = 64
+FLUSH_DEFER: Final = 0.0002
+#: ...but only after a batch of at least this many messages (sustained load).
+DEFER_MIN_MESSAGES: Final = 32
+#: Reads processed back to back (without blocking) before a flush.
+MAX_READS_PER_FLUSH: Final = 16
+
+_WOULD_BLOCK: Final = (BlockingIOError, InterruptedError)
+
+
+class Connection:
+    """A client connection after a successful handshake.
+
+    Args:
+        services: what its session may use of the broker.
+        stream: the connection's stream: a SocketStream, or a TLSStream over one.
+        conn_id: the id used in log lines.
+        identity: who it authenticated as.
+        encoding: JSON or msgpack, from the subprotocol.
+        peer: the client's (address, port).
+        close_timeout: how long the closing handshake may take.
+    """
+
+    # Slots: one of these lives per connection (tens of thousands); an
+    # instance __dict__ would cost about a kilobyte more each.
+    __slots__ = (
+        "_close_timeout",
+        "_drain",
+        "_finishing",
+        "_hub",
+        "_peer_closed",
+        "_scope",
+        "_services",
+        "bytes_in",
+        "close_code",
+        "close_reason",
+        "dirty",
+        "encoding",
+        "id",
+        "last_seen",
+        "outbox",
+        "parser",
+        "peer",
+        "ping_outstanding",
+        "session",
+        "stream",
+        "writer",
+    )
+
+    def __init__(
+        self,
+        services: SessionServices,
+        stream: trio.SocketStream | TLSStream,
+        *,
+        conn_id: str,
+        identity: Identity,
+        encoding: Encoding,
+        peer: tuple[str, int],
+        close_timeout: float = CLOSE_TIMEOUT,
+    ) -> None:
+        config = services.runtime.config
+        self._services = services
+        self._hub = services.hub
+        self.stream: trio.SocketStream | TLSStream = stream
+        self.id = conn_id
+        self.encoding = encoding
+        self.peer = peer
+        max_messages, max_bytes = config.queue.connection_limits()
+        self.outbox = Outbox(
+            max_messages=max_messages,
+            max_bytes=max_bytes,
+            max_replies=config.limits.max_replies,
+        )
+        self.parser = FrameParser(config.limits.max_message_size)
+        self.writer = SocketWriter(
+            stream,
+            self.outbox,
+            encoding,
+            batch_bytes=lambda: services.runtime.config.limits.write_batch_bytes,
+            on_broken=self._lost,
+            conn_id=conn_id,
+        )
+        self.close_code: int | None = None
+        self.close_reason = ""
+        #: trio.current_time() of the last bytes received; the heartbeat
+        #: drops connections that stay silent too long.
+        self.last_seen = trio.current_time()
+        self.ping_outstanding = False
+        self.dirty = False  # queued in the hub's list of connections to flush
+        self._close_timeout = close_timeout
+        self._drain = False
+        self._scope: trio.CancelScope | None = None
+        self._peer_closed = False
+        self._finishing = False
+        #: WebSocket bytes read, for metrics.
+        self.bytes_in = 0
+        self.session = Session(self, services, identity, encoding)
+
+    def __repr__(self) -> str:
+        return f"<Connection {self.id} {self.identity.subject}@{self.peer[0]}:{self.peer[1]}>"
+
+    @property
+    def identity(self) -> Identity:
+        return self.session.identity
+
+    @property
+    def info(self) -> ClientInfo:
+        return self.session.info
+
+    @property
+    def subscriptions(self) -> set[str]:
+        return self.session.subscriptions
+
+    @property
+    def bytes_out(self) -> int:
+        return self.writer.bytes_out
+
+    # -- called by the hub, the session and the heartbeat (synchronous) ------------
+
+    def reply_frame(self, data: bytes) -> None:
+        """Queue a reply, pong or ping (closes the connection if the client
+        leaves too many unread)."""
+        if self.outbox.push_reply(data):
+            if not self.dirty:
+                self.dirty = True
+                self._hub.dirty.append(self)
+        else:
+            log.warning("%s closing: %d replies unread", self.id, self.outbox.max_replies)
+            self.close(CloseCode.POLICY_VIOLATION, "too many unread replies")
+
+    def slow_consumer(self) -> None:
+        if self.close_code is None:
+            log.warning(
+                "%s slow consumer disconnected: queue full (%d messages, %d bytes)",
+                self.id,
+                self.outbox.stats().messages,
+                self.outbox.queued_bytes,
+            )
+        # What is queued is not written; the close frame is tried (a slow
+        # reader may still get it), for close_timeout at most.
+        self.close(CloseCode.POLICY_VIOLATION, "slow consumer: outbound queue full")
+
+    def close(self, code: int, reason: str, *, drain: bool = False) -> None:
+        """Start closing: the first call decides the code and reason.
+
+        With *drain*, frames already queued are written first (bounded by
+        ``limits.drain_timeout``).
+        """
+        if self.close_code is None:
+            self.close_code = code
+            self.close_reason = reason
+            self._drain = drain
+            # No new messages for a connection that is closing.
+            self.session.unsubscribe_all()
+        if self._scope is not None:
+            self._scope.cancel()
+
+    def flush(self) -> None:
+        """Write what is queued now, without blocking (see :mod:`broker.writer`)."""
+        if self._finishing or (self.close_code is not None and not self._drain):
+            # run()'s finish owns the socket now, or the connection is closing
+            # without a drain: what is queued is not written.
+            return
+        self.writer.flush()
+
+    def send_ping(self) -> None:
+        """Queue a ping (the heartbeat calls this, then flushes)."""
+        self.ping_outstanding = True
+        self.reply_frame(ping_frame())
+
+    def _lost(self) -> None:
+        self.close(CloseCode.ABNORMAL, "connection lost")
+
+    # -- the connection's task -----------------------------------------------------
+
+    async def run(self, initial: bytes = b"") -> None:
+        """Serve the client until it or the broker closes the connection.
+
+        *initial* is data that arrived with the handshake request.
+        """
+        services = self._services
+        plugins = services.runtime.plugins
+        writer = self.writer
+        try:
+            async with trio.open_nursery() as nursery:
+                writer.nursery = nursery
+                with trio.CancelScope() as scope:
+                    self._scope = scope
+                    if self.close_code is not None:  # closed before we started
+                        scope.cancel()
+                    await plugins.connected(self.info)
+                    try:
+                        await self._reader(initial)
+                    except Exception:
+                        log.exception("%s internal error", self.id)
+                        self.close(CloseCode.INTERNAL_ERROR, "internal error", drain=True)
+                self._scope = None
+                self.session.unsubscribe_all()
+                self._hub.flush()  # what this reader queued for others
+                if self._drain and not writer.broken:
+                    # Let the writer finish what is queued, for a bounded time;
+                    # cancelling it mid-write would cost the close frame.
+                    limits = services.runtime.config.limits
+                    nursery.cancel_scope.deadline = trio.current_time() + limits.drain_timeout
+                    writer.start_writer()  # unless it is running
+                else:
+                    # Queued frames are not written, but a write in progress
+                    # gets close_timeout to end, so that the close frame can
+                    # follow it (a slow consumer may still read its 1008).
+                    writer.no_more = True
+                    nursery.cancel_scope.deadline = trio.current_time() + self._close_timeout
+        finally:
+            self._scope = None
+            writer.nursery = None
+            self._finishing = True
+            self.session.unsubscribe_all()
+            with trio.move_on_after(self._close_timeout, shield=True):
+                await self._finish()
+                # The engine hears of the patterns nobody here needs any more.
+                await self.session.settle()
+            code = self.close_code if self.close_code is not None else CloseCode.NORMAL
+            if plugins.pm.hook.broker_disconnected.get_hookimpls():
+                with trio.move_on_after(self._close_timeout, shield=True):
+                    await plugins.disconnected(self.info, int(code), self.close_reason)
+
+    async def _finish(self) -> None:
+        """Send the close frame and wait briefly for the client's; close the socket."""
+        stream = self.stream
+        try:
+            code = self.close_code if self.close_code is not None else CloseCode.NORMAL
+            await self.writer.send_close(int(code), self.close_reason)
+            if not self.writer.broken and not self._peer_closed:
+                await self._await_close()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            if isinstance(stream, trio.SocketStream):
+                stream.socket.close()  # nothing to flush: no need to await
+            else:
+                await trio.aclose_forcefully(stream)  # close_notify, if it fits
+
+    async def _await_close(self) -> None:
+        """After our close frame: read until the client's, or until it hangs up."""
+        while True:
+            data = await self.stream.receive_some(RECEIVE_SIZE)
+            if not data:
+                return
+            try:
+                events = self.parser.feed(data)
+            except FrameError:
+                return
+            if any(isinstance(e, Close) for e in events):
+                return
+
+    async def _reader(self, initial: bytes | bytearray) -> None:
+        stream = self.stream
+        parser = self.parser
+        hub = self._hub
+        session = self.session
+        writer = self.writer
+        fd = writer.fd
+        tls = writer.tls
+        data = initial
+        reads = 0
+        handled = 0  # messages since the last flush
+        while True:
+            if data:
+                self.last_seen = trio.current_time()
+                self.bytes_in += len(data)
+                # Any traffic shows the client is alive; a new ping may go out
+                # the next time it falls silent.
+                self.ping_outstanding = False
+                violation: FrameError | None = None
+                try:
+                    events = parser.feed(data)
+                except FrameError as e:
+                    events, violation = e.events, e  # handle what came before it
+                for event in events:
+                    if isinstance(event, (str, bytes)):
+                        handled += 1
+                        await session.command(event)
+                        if hub.pending > FLUSH_EVERY:
+                            hub.flush()
+                    elif isinstance(event, Ping):
+                        self.reply_frame(pong_frame(event.payload))
+                    elif isinstance(event, Pong):
+                        self.ping_outstanding = False
+                    else:
+                        assert isinstance(event, Close)
+                        self._peer_closed = True
+                        code = event.code if event.code != 1005 else CloseCode.NORMAL
+                        self.close(code, event.reason)
+                        return
+                    if self.close_code is not None:
+                        return
+                if violation is not None:
+                    log.info("%s closing (%d): %s", self.id, violation.code, violation.reason)
+                    self.close(violation.code, violation.reason, drain=True)
+                    return
+                # Adaptive batching: before flushing, take what input is
+                # already waiting (one more non-blocking read, and more while
+                # reads come back full), so that under load each subscriber
+                # gets many frames per write; idle, it costs one EAGAIN.
+                # Bounded, so others get their turn and latency stays low.
+                if (
+                    (len(data) >= RECEIVE_SIZE or reads == 0)
+                    and (fd >= 0 or tls is not None)
+                    and reads < MAX_READS_PER_FLUSH
+                    and hub.pending < FLUSH_EVERY
+                ):
+                    reads += 1
+                    ahead: bytes | None
+                    if tls is not None:
+                        try:
+                            ahead = tls.receive_nowait(RECEIVE_SIZE)
+                        except (trio.BrokenResourceError, trio.ClosedResourceError):
+                            ahead = b""
+                    else:
+                        try:
+                            ahead = os.read(fd, RECEIVE_SIZE)
+                        except _WOULD_BLOCK:
+                            ahead = None
+                        except OSError:
+                            ahead = None  # the next receive_some reports it
+                    if ahead:
+                        data = ahead
+                        continue
+                    if ahead is not None:
+                        writer.broken = True  # closed without a close frame
+                        self.close(CloseCode.ABNORMAL, "connection lost")
+                        return
+                if (
+                    handled >= DEFER_MIN_MESSAGES
+                    and len(hub.dirty) >= DEFER_MIN_DIRTY
+                    and reads < MAX_READS_PER_FLUSH
+                    and hub.pending < FLUSH_EVERY
+                ):
+                    # Under sustained load (many messages in this batch), a
+                    # flush to many sockets is about to go out with a frame or
+                    # two each: give the publisher FLUSH_DEFER to send more,
+                    # so that the same writes carry more frames. A sporadic
+                    # publish is flushed at once.
+                    reads += 1
+                    more: bytes | bytearray = b""
+                    with trio.move_on_after(FLUSH_DEFER):
+                        try:
+                            more = await stream.receive_some(RECEIVE_SIZE)
+                        except (trio.BrokenResourceError, trio.ClosedResourceError):
+                            more = b""
+                            writer.broken = True
+                        if not more:
+                            writer.broken = True
+                            self.close(CloseCode.ABNORMAL, "connection lost")
+                            return
+                    if more:
+                        data = more
+                        continue
+                hub.flush()
+            reads = 0
+            handled = 0
+            # Hold nothing while waiting (an idle connection's whole cost).
+            data = b""
+            events = []
+            if fd >= 0:
+                # Plain TCP: read the descriptor, and wait on it when empty.
+                # Idle, a connection is then suspended in wait_readable alone:
+                # through SocketStream.receive_some it would also hold four
+                # more suspended frames (~1.5 KB, measured with tracemalloc).
+                empty = False
+                try:
+                    data = os.read(fd, RECEIVE_SIZE)
+                except _WOULD_BLOCK:
+                    empty = True  # wait outside the handler: no exception kept
+                except OSError:
+                    data = b""
+                if empty:
+                    try:
+                        await trio.lowlevel.wait_readable(fd)
+                    except trio.ClosedResourceError:
+                        data = b""
+                    else:
+                        continue
+                elif data:
+                    # a checkpoint per read, as trio's own receive_some makes
+                    await trio.lowlevel.checkpoint()
+            else:
+                try:
+                    data = await stream.receive_some(RECEIVE_SIZE)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    writer.broken = True
+                    self.close(CloseCode.ABNORMAL, "connection lost")
+                    return
+            if not data:
+                writer.broken = True  # TCP closed without a close frame
+                self.close(CloseCode.ABNORMAL, "connection lost")
+                return

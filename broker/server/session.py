@@ -1,0 +1,247 @@
+"""One client's command session: what it may do, and the answers it gets.
+
+:class:`Session` decodes each message a client sends
+(:func:`broker.protocol.decode_command`) and runs it to completion, one at a
+time and in order: ``pub`` through the :class:`~broker.publish.PublishPipeline`,
+``sub``/``unsub`` through authorization, the engine's interest and the hub,
+``auth`` through the refresh hooks, ``ping``. Every answer (``ok``, ``err``,
+``pong``) is queued through its :class:`SessionHost`, the connection, which
+owns the socket; the session never writes and never reads.
+
+It sees the broker through :class:`SessionServices` only: the runtime (config
+and plugins in force), the pipeline, the hub, the engine's interest, the
+counters and the expiry task's wake-up.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol, assert_never
+
+import trio
+
+from broker.core.errors import CloseCode, ErrorCode, ProtocolError
+from broker.core.frames import frame
+from broker.core.hub import Hub, Subscriber
+from broker.core.protocol import (
+    Auth,
+    Encoding,
+    Ping,
+    Publish,
+    RequestId,
+    Subscribe,
+    Unsubscribe,
+    decode_command,
+    encode_err,
+    encode_ok,
+    encode_pong,
+)
+from broker.core.stats import BrokerStats
+from broker.core.values import Action, ClientInfo, Identity, Refusal, Reject
+from broker.engine import Interest
+from broker.plugin.runtime import Runtime
+from broker.server.publish import Origin, PublishPipeline
+
+__all__ = ["Session", "SessionHost", "SessionServices"]
+
+log = logging.getLogger("broker.connection")
+
+
+@dataclass(frozen=True, slots=True)
+class SessionServices:
+    """What a session may use of the broker; one instance for all connections."""
+
+    runtime: Runtime
+    pipeline: PublishPipeline
+    hub: Hub
+    interest: Interest
+    stats: BrokerStats
+    #: A connection's identity (or its expiry) changed: re-plan the expiry task.
+    identity_changed: Callable[[], None]
+
+
+class SessionHost(Subscriber, Protocol):
+    """What a session needs of its connection (which is also the subscriber
+    the hub delivers to)."""
+
+    id: str
+    peer: tuple[str, int]
+    close_code: int | None
+
+    def reply_frame(self, data: bytes) -> None:
+        """Queue a reply frame (closes the connection if too many are unread)."""
+        ...
+
+    def close(self, code: int, reason: str, *, drain: bool = False) -> None:
+        """Start closing the connection."""
+        ...
+
+
+class Session:
+    """One client's commands, handled in order (see the module doc)."""
+
+    __slots__ = (
+        "_released",
+        "encoding",
+        "host",
+        "identity",
+        "info",
+        "origin",
+        "services",
+        "subscriptions",
+    )
+
+    def __init__(
+        self, host: SessionHost, services: SessionServices, identity: Identity, encoding: Encoding
+    ) -> None:
+        self.host = host
+        self.services = services
+        self.encoding = encoding
+        self.identity = identity
+        self.info = ClientInfo(host.id, identity, host.peer, encoding.value)
+        self.origin = Origin(identity, self.info)
+        self.subscriptions: set[str] = set()
+        self._released: list[str] | None = None
+
+    async def command(self, message: str | bytes) -> None:
+        """Decode and run one message; bad input is answered ``err`` (or
+        closes the connection, for a wrong frame type or bad UTF-8)."""
+        try:
+            command = decode_command(message, self.encoding)
+            match command:
+                case Publish():
+                    await self._publish(command)
+                case Subscribe():
+                    await self._subscribe(command)
+                case Unsubscribe():
+                    await self._unsubscribe(command)
+                case Auth():
+                    await self._refresh(command)
+                case Ping():
+                    self._reply(encode_pong(command.id, self.encoding))
+                case _:
+                    assert_never(command)
+        except ProtocolError as e:
+            if e.close_code is not None:
+                log.info("%s closing (%d): %s", self.host.id, e.close_code, e.message)
+                self.host.close(e.close_code, e.message, drain=True)
+                return
+            self._error(e.request_id, e.code, e.message)
+
+    # -- answers ------------------------------------------------------------------
+
+    def _reply(self, payload: str | bytes) -> None:
+        self.host.reply_frame(frame(payload))
+
+    def _error(self, request_id: RequestId | None, code: ErrorCode, message: str) -> None:
+        self._reply(encode_err(request_id, code, message, self.encoding))
+
+    def _refuse(self, request_id: RequestId | None, refusal: Refusal) -> None:
+        """Answer a refusal; close if it says so."""
+        self._error(request_id, refusal.code, refusal.message)
+        if refusal.close:
+            log.info("%s closing (1008): %s", self.host.id, refusal.message)
+            self.host.close(CloseCode.POLICY_VIOLATION, refusal.message, drain=True)
+
+    # -- commands -------------------------------------------------------------------
+
+    async def _publish(self, command: Publish) -> None:
+        result = await self.services.pipeline.publish(
+            self.origin, command.topic, command.data, command.key
+        )
+        if isinstance(result, Refusal):
+            self._refuse(command.id, result)
+        elif command.id is not None:
+            self._reply(encode_ok(command.id, self.encoding, seq=result))
+
+    async def _subscribe(self, command: Subscribe) -> None:
+        pattern = command.pattern
+        services = self.services
+        if pattern in self.subscriptions:
+            self._reply(encode_ok(command.id, self.encoding))
+            return
+        limit = services.runtime.config.limits.max_subscriptions
+        if len(self.subscriptions) >= limit:
+            self._error(command.id, ErrorCode.LIMIT, f"too many subscriptions (max {limit})")
+            return
+        plugins = services.runtime.plugins
+        decision = await plugins.authorize_detail(
+            self.identity, Action.SUBSCRIBE, pattern, client=self.info
+        )
+        if decision is not True:
+            log.info(
+                "%s subscribe to %s refused for %s", self.host.id, pattern, self.identity.subject
+            )
+            if decision is False:
+                decision = Refusal(ErrorCode.FORBIDDEN, f"not allowed to subscribe to {pattern}")
+            services.stats.refused(decision.code)
+            self._refuse(command.id, decision)
+            return
+        if self.host.close_code is not None or pattern in self.subscriptions:
+            return  # closed, or subscribed by a command that overtook this one
+        # The engine delivers the pattern's topics to this node before the
+        # subscriber joins the hub and gets its ok.
+        await services.interest.acquire(pattern)
+        if self.host.close_code is not None:
+            await services.interest.release(pattern)
+            return
+        self.subscriptions.add(pattern)
+        services.hub.subscribe(pattern, self.host)
+        self._reply(encode_ok(command.id, self.encoding))
+        await plugins.notify("broker_subscribed", client=self.info, pattern=pattern)
+
+    async def _unsubscribe(self, command: Unsubscribe) -> None:
+        pattern = command.pattern
+        if pattern not in self.subscriptions:
+            self._error(command.id, ErrorCode.BAD_REQUEST, f"not subscribed to {pattern}")
+            return
+        services = self.services
+        self.subscriptions.discard(pattern)
+        services.hub.unsubscribe(pattern, self.host)
+        self._reply(encode_ok(command.id, self.encoding))
+        await services.interest.release(pattern)
+        await services.runtime.plugins.notify(
+            "broker_unsubscribed", client=self.info, pattern=pattern
+        )
+
+    def unsubscribe_all(self) -> None:
+        """Leave every subscription now (a closing connection): no message is
+        queued for it afterwards. The engine hears of the patterns nobody on
+        this node needs any more in :meth:`settle`."""
+        services = self.services
+        hub, interest = services.hub, services.interest
+        for pattern in self.subscriptions:
+            hub.unsubscribe(pattern, self.host)
+            if interest.release_nowait(pattern):
+                if self._released is None:
+                    self._released = []
+                self._released.append(pattern)
+        self.subscriptions.clear()
+
+    async def settle(self) -> None:
+        """Tell the engine of what :meth:`unsubscribe_all` released."""
+        released, self._released = self._released, None
+        for pattern in released or ():
+            await self.services.interest.settle(pattern)
+
+    async def _refresh(self, command: Auth) -> None:
+        """``auth``: replace the identity by the one a new token proves (same subject)."""
+        services = self.services
+        old = self.identity
+        deadline = trio.current_time() + services.runtime.config.limits.auth_timeout
+        decision = await services.runtime.plugins.refresh(old, command.token, deadline)
+        if isinstance(decision, Reject):
+            log.info("%s refresh refused for %s: %s", self.host.id, old.subject, decision.reason)
+            self._error(command.id, ErrorCode.UNAUTHORIZED, decision.reason)
+            return
+        if self.host.close_code is not None:
+            return
+        self.identity = decision
+        self.info = ClientInfo(self.host.id, decision, self.host.peer, self.encoding.value)
+        # Decisions were made for the old identity (roles may have changed).
+        self.origin.reidentify(decision, self.info)
+        services.identity_changed()
+        log.info("%s refreshed its credentials (%s)", self.host.id, decision.subject)
+        self._reply(encode_ok(command.id, self.encoding))

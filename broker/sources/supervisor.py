@@ -1,0 +1,496 @@
+"""Sources: tasks that bring upstream data (a node, an exchange, Redis, an
+HTTP API, a command) into topics.
+
+A plugin contributes sources through the ``broker_sources(broker)`` hook
+(see docs/sources.md). A **source** is any object with
+
+* ``name`` (``str``): unique within its plugin, shown in logs and status;
+* ``identity`` (:class:`~broker.auth.Identity`): who its publishes come
+  from, for the authorization and validation hooks;
+* ``async def run(self, publisher)``: connects upstream and publishes until
+  cancelled; it may raise (or return) when the upstream fails, and is then
+  restarted;
+* optionally ``backoff`` (:class:`Backoff`) and ``status()`` (a dict of
+  details shown in :meth:`Supervisor.status`).
+
+The broker runs each source under a :class:`Supervisor`, in its own task:
+an exception or a return restarts the source after an exponential backoff
+with full jitter (``backoff.min`` to ``backoff.max`` seconds; the backoff
+starts over after the source has been running for ``backoff.reset``
+seconds). The supervisor never lets an exception out, so a failing source
+never takes the broker down; it logs every state change and keeps a
+:meth:`~Supervisor.status` for the operations endpoints.
+
+The ``publisher`` handed to :meth:`Source.run` publishes through
+:meth:`broker.Broker.publish`: the source's identity, the same
+authorization, validation, ``seq`` numbering, backpressure and observers
+as a client's ``pub``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import random
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final, Generic, Protocol, TypeVar
+
+import trio
+
+from broker.core.errors import ConfigError, PublishError
+from broker.core.mapping import MappingError, MessageMapping, select
+from broker.core.settings import REQUIRED, Settings
+from broker.core.values import Identity
+from broker.plugin.hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    from broker.plugin.host import PluginContext
+    from broker.server.broker import Broker
+
+__all__ = [
+    "Backoff",
+    "LogLimiter",
+    "Publisher",
+    "Source",
+    "SourceError",
+    "SourceOptions",
+    "SourceState",
+    "SourcesPlugin",
+    "Supervisor",
+    "describe_error",
+    "parse_source_options",
+    "publish_mapped",
+    "sources_plugin",
+    "unique_names",
+]
+
+log = logging.getLogger("broker.sources")
+
+#: Seconds between two warnings about skipped or refused messages of one source.
+WARN_INTERVAL: Final = 10.0
+
+_NAME_RE: Final = re.compile(r"[A-Za-z0-9_\-]{1,64}")
+
+
+class SourceError(Exception):
+    """An expected failure of a source (the upstream refused, dropped, went
+    silent...): logged as one line, without a traceback, then the source is
+    restarted. Any other exception is logged with its traceback."""
+
+
+class Publisher(Protocol):
+    """What a source publishes through (handed to :meth:`Source.run`)."""
+
+    async def publish(
+        self, topic: str, data: Any, key: str | None = None, *, identity: Identity | None = None
+    ) -> int:
+        """Publish as the source's identity (or *identity*); return the ``seq``.
+
+        Raises :class:`~broker.errors.PublishError` when the topic, key or
+        data is not valid, or authorization or validation refuses it.
+        """
+        ...
+
+    def ready(self) -> None:
+        """The source is connected and subscribed: state ``running``.
+
+        A source that never calls it becomes ``running`` at its first
+        publish."""
+        ...
+
+    def skip(self, reason: str) -> None:
+        """Count (``skipped``) and log an upstream message that could not be
+        mapped or published (logged at most every 10 s per source)."""
+        ...
+
+    def ignore(self, reason: str) -> None:
+        """Count (``ignored``) a message no mapping is meant for (heartbeats,
+        acknowledgements); logged at debug level only."""
+        ...
+
+
+async def publish_mapped(
+    publisher: Publisher, mappings: Iterable[MessageMapping], message: Any
+) -> None:
+    """Publish *message* through the first of *mappings* that matches it.
+
+    A message no mapping matches is ignored (``ignored``), one its mapping
+    cannot turn into a topic and data is skipped (``skipped``, with the
+    reason); a publish the broker refuses is counted and logged by the
+    publisher. Never raises for the message's sake.
+    """
+    mapping = select(mappings, message)
+    if mapping is None:
+        publisher.ignore("no mapping matches")
+        return
+    try:
+        topic, data, key = mapping.apply(message)
+    except MappingError as e:
+        publisher.skip(str(e))
+        return
+    with contextlib.suppress(PublishError):  # counted and logged by the publisher
+        await publisher.publish(topic, data, key)
+
+
+class Source(Protocol):
+    """A source of messages (see the module doc)."""
+
+    name: str
+    identity: Identity
+
+    async def run(self, publisher: Publisher) -> None:
+        """Bring upstream data in until cancelled; raise or return to be restarted."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Restart delays: exponential with full jitter.
+
+    After the *n*-th consecutive failure the delay is drawn uniformly from
+    ``[min, min(max, min * 2**(n-1))]``. A source that was running for
+    ``reset`` seconds before it failed starts over at ``n = 1``.
+    """
+
+    min: float = 0.5
+    max: float = 30.0
+    reset: float = 60.0
+
+    def delay(self, failures: int, rng: random.Random) -> float:
+        cap = min(self.max, self.min * 2.0 ** min(max(failures, 1) - 1, 60))
+        return rng.uniform(self.min, cap)
+
+
+class SourceState(enum.StrEnum):
+    #: Connecting or subscribing (run() started, ready() not yet called).
+    STARTING = "starting"
+    #: Connected; messages flow.
+    RUNNING = "running"
+    #: Failed (see ``last_error``); waiting ``retry_in`` seconds to restart.
+    BACKING_OFF = "backing_off"
+    #: Not running: the broker is stopping, or has not started it yet.
+    STOPPED = "stopped"
+
+
+def describe_error(error: BaseException | None) -> str:
+    """One line for an exception; single-exception groups are unwrapped."""
+    if error is None:
+        return "ended"
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    text = str(error)
+    if isinstance(error, SourceError):
+        return text or type(error).__name__
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _expected(error: BaseException) -> bool:
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return isinstance(error, SourceError)
+
+
+class LogLimiter:
+    """Logs a warning at most every *interval* seconds, counting the rest."""
+
+    def __init__(self, logger: logging.Logger, interval: float = WARN_INTERVAL) -> None:
+        self.logger = logger
+        self.interval = interval
+        self._last = -float("inf")
+        self._suppressed = 0
+
+    def warning(self, message: str, *args: Any) -> None:
+        now = trio.current_time()
+        if now - self._last < self.interval:
+            self._suppressed += 1
+            self.logger.debug(message, *args)
+            return
+        if self._suppressed:
+            message += " (and %d more since the last report)"
+            args = (*args, self._suppressed)
+        self._last = now
+        self._suppressed = 0
+        self.logger.warning(message, *args)
+
+
+class _Publishes(Protocol):
+    async def publish(
+        self, identity: Identity, topic: str, data: Any, key: str | None = None
+    ) -> int: ...
+
+
+class _SourcePublisher:
+    """The :class:`Publisher` a supervisor hands to its source."""
+
+    def __init__(self, supervisor: Supervisor, broker: _Publishes) -> None:
+        self._sup = supervisor
+        self._broker = broker
+        self._warn = LogLimiter(log)
+
+    async def publish(
+        self, topic: str, data: Any, key: str | None = None, *, identity: Identity | None = None
+    ) -> int:
+        sup = self._sup
+        try:
+            seq = await self._broker.publish(identity or sup.source.identity, topic, data, key)
+        except PublishError as e:
+            sup.rejected += 1
+            self._warn.warning("source %s: publish to %.100s refused: %s", sup.label, topic, e)
+            raise
+        sup.published += 1
+        if sup.state is SourceState.STARTING:
+            sup.mark_running()
+        return seq
+
+    def ready(self) -> None:
+        self._sup.mark_running()
+
+    def skip(self, reason: str) -> None:
+        self._sup.skipped += 1
+        self._warn.warning("source %s: message skipped: %s", self._sup.label, reason)
+
+    def ignore(self, reason: str) -> None:
+        self._sup.ignored += 1
+        log.debug("source %s: message ignored: %s", self._sup.label, reason)
+
+
+class Supervisor:
+    """Runs one source forever: restarts it with backoff, keeps its status.
+
+    Args:
+        source: the source.
+        broker: what publishes go through (a :class:`~broker.Broker`).
+        plugin: the name of the plugin that contributed it.
+        backoff: restart delays; default ``source.backoff`` or :class:`Backoff`.
+        rng: random numbers for the jitter (tests pass a seeded one).
+    """
+
+    def __init__(
+        self,
+        source: Source,
+        broker: _Publishes,
+        *,
+        plugin: str = "",
+        backoff: Backoff | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.source = source
+        self.plugin = plugin
+        self.name = source.name
+        self.label = f"{plugin}/{source.name}" if plugin else source.name
+        found = getattr(source, "backoff", None)
+        self.backoff = backoff or (found if isinstance(found, Backoff) else Backoff())
+        self._rng = rng or random.Random()
+        self._broker = broker
+        self.state = SourceState.STOPPED
+        #: Unix time of the last state change.
+        self.since = time.time()
+        #: How many times the source was restarted.
+        self.restarts = 0
+        #: Consecutive failures (drives the backoff; 0 once running long enough).
+        self.failures = 0
+        self.last_error: str | None = None
+        self.last_error_at: float | None = None
+        #: trio.current_time() at which the next attempt starts, while backing off.
+        self.retry_at: float | None = None
+        self.published = 0
+        self.rejected = 0
+        self.skipped = 0
+        self.ignored = 0
+        self._running_since: float | None = None
+        #: Set at each state change (tests and operations endpoints wait on it).
+        self.changed = trio.Event()
+
+    def __repr__(self) -> str:
+        return f"<Supervisor {self.label} {self.state}>"
+
+    def _set(self, state: SourceState) -> None:
+        if state is self.state:
+            return
+        self.state = state
+        self.since = time.time()
+        self.changed.set()
+        self.changed = trio.Event()
+
+    def mark_running(self) -> None:
+        if self.state is SourceState.STARTING:
+            self._running_since = trio.current_time()
+            self._set(SourceState.RUNNING)
+            if self.restarts:
+                log.info("source %s running again (restart %d)", self.label, self.restarts)
+            else:
+                log.info("source %s running", self.label)
+
+    def status(self) -> dict[str, Any]:
+        """A JSON-ready snapshot for logs and operations endpoints."""
+        retry_in = None
+        if self.retry_at is not None:
+            retry_in = round(max(0.0, self.retry_at - trio.current_time()), 3)
+        status: dict[str, Any] = {
+            "name": self.name,
+            "plugin": self.plugin,
+            "subject": self.source.identity.subject,
+            "state": self.state.value,
+            "since": self.since,
+            "restarts": self.restarts,
+            "failures": self.failures,
+            "last_error": self.last_error,
+            "last_error_at": self.last_error_at,
+            "retry_in": retry_in,
+            "published": self.published,
+            "rejected": self.rejected,
+            "skipped": self.skipped,
+            "ignored": self.ignored,
+        }
+        detail = getattr(self.source, "status", None)
+        if callable(detail):
+            try:
+                extra = detail()
+            except Exception:
+                log.exception("source %s: status() raised", self.label)
+            else:
+                if isinstance(extra, Mapping):
+                    status["detail"] = dict(extra)
+        return status
+
+    async def run(self) -> None:
+        """Run the source until cancelled; never raises anything but Cancelled."""
+        publisher = _SourcePublisher(self, self._broker)
+        try:
+            while True:
+                self._running_since = None
+                self._set(SourceState.STARTING)
+                error = await self._attempt(publisher)
+                now = trio.current_time()
+                ran = self._running_since
+                if ran is not None and now - ran >= self.backoff.reset:
+                    self.failures = 0
+                self.failures += 1
+                delay = self.backoff.delay(self.failures, self._rng)
+                self.last_error = describe_error(error)
+                self.last_error_at = time.time()
+                self.retry_at = now + delay
+                self._set(SourceState.BACKING_OFF)
+                if error is not None and not _expected(error):
+                    log.error(
+                        "source %s failed; restarting in %.2f s",
+                        self.label,
+                        delay,
+                        exc_info=error,
+                    )
+                else:
+                    log.warning(
+                        "source %s: %s; restarting in %.2f s (failure %d)",
+                        self.label,
+                        self.last_error,
+                        delay,
+                        self.failures,
+                    )
+                await trio.sleep(delay)
+                self.retry_at = None
+                self.restarts += 1
+        finally:
+            self.retry_at = None
+            self._set(SourceState.STOPPED)
+
+    async def _attempt(self, publisher: Publisher) -> BaseException | None:
+        try:
+            await self.source.run(publisher)
+        except Exception as e:  # ExceptionGroups of plain exceptions included
+            return e
+        except BaseExceptionGroup as group:
+            # Cancelled together with a failure: we are being stopped. Log the
+            # failure, let the cancellation through.
+            cancelled, rest = group.split(trio.Cancelled)
+            if cancelled is None or rest is None:
+                raise
+            errors, others = rest.split(Exception)
+            if others is not None:
+                raise
+            log.error("source %s failed while stopping", self.label, exc_info=errors)
+            raise cancelled from None
+        return None
+
+
+# -- settings shared by the built-in source plugins ------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SourceOptions:
+    """The keys every built-in source table has: who it is and how it restarts."""
+
+    name: str
+    identity: Identity
+    backoff: Backoff
+
+
+def parse_source_options(
+    t: Settings, plugin: str, *, default_name: str | None = None, identity: bool = True
+) -> SourceOptions:
+    """Read ``name``, ``subject``, ``roles`` (unless *identity* is false: the
+    identity is then ``PLUGIN:NAME`` without roles), ``backoff_min``,
+    ``backoff_max`` and ``backoff_reset`` from a source's table."""
+    name = t.text("name", REQUIRED if default_name is None else default_name)
+    if not _NAME_RE.fullmatch(name):
+        raise ConfigError(t.key("name"), "must be 1 to 64 letters, digits, '_' or '-'")
+    subject = t.text("subject", f"{plugin}:{name}") if identity else f"{plugin}:{name}"
+    roles = t.strings("roles", []) if identity else ()
+    d = Backoff()
+    backoff = Backoff(
+        min=t.number("backoff_min", d.min),
+        max=t.number("backoff_max", d.max),
+        reset=t.number("backoff_reset", d.reset),
+    )
+    if backoff.max < backoff.min:
+        raise ConfigError(t.key("backoff_max"), "must be >= backoff_min")
+    return SourceOptions(name, Identity(subject, frozenset(roles), plugin=plugin), backoff)
+
+
+def unique_names(options: list[SourceOptions], key: str) -> None:
+    """Refuse two sources of one plugin with the same name."""
+    seen: set[str] = set()
+    for i, opt in enumerate(options):
+        if opt.name in seen:
+            raise ConfigError(f"{key}[{i}].name", f"another source is named {opt.name!r}")
+        seen.add(opt.name)
+
+
+class _HasOptions(Protocol):
+    @property
+    def options(self) -> SourceOptions: ...
+
+
+C = TypeVar("C", bound=_HasOptions)
+
+
+class SourcesPlugin(Generic[C]):
+    """A plugin that contributes one source per ``[[plugin.NAME.sources]]`` table."""
+
+    def __init__(self, configs: list[C], make: Callable[[C], Source]) -> None:
+        self.configs = configs
+        self._make = make
+
+    @hookimpl
+    def broker_sources(self, broker: Broker) -> list[Source]:
+        return [self._make(config) for config in self.configs]
+
+
+def sources_plugin(
+    settings: Mapping[str, Any],
+    context: PluginContext,
+    parse: Callable[[Settings, PluginContext], C],
+    make: Callable[[C], Source],
+) -> SourcesPlugin[C]:
+    """The factory body shared by the built-in source plugins: read the
+    ``sources`` array (at least one table), parse each table with *parse*,
+    refuse duplicate names, and contribute ``make(config)`` for each."""
+    t = Settings(settings)
+    tables = t.tables("sources", empty=False)
+    t.finish()
+    configs = [parse(table, context) for table in tables]
+    unique_names([c.options for c in configs], "sources")
+    return SourcesPlugin(configs, make)
