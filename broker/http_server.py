@@ -177,8 +177,8 @@ class HttpServer:
     """Serves *handler* over HTTP/1.1 within *limits* (see the module doc).
 
     *error_page* renders the answers the server gives of its own; *headers*
-    are added to every response (``Cache-Control``, say); *name* is the
-    server's name in log lines.
+    are added to every response (``Cache-Control``, say); *logger* logs an
+    endpoint's failures and the server's own.
     """
 
     def __init__(
@@ -188,13 +188,13 @@ class HttpServer:
         *,
         error_page: ErrorPage = plain_error,
         headers: tuple[tuple[str, str], ...] = (),
-        name: str = "http",
+        logger: logging.Logger = log,
     ) -> None:
         self.handler = handler
         self.limits = limits
         self.error_page = error_page
         self.headers = headers
-        self.name = name
+        self.log = logger
         #: Connections being served now (not those refused with 503).
         self.connections = 0
         #: Requests received since start (their heads parsed).
@@ -229,7 +229,7 @@ class HttpServer:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the client went away
         except Exception:
-            log.exception("%s: unexpected error", self.name)
+            self.log.exception("unexpected error")
         finally:
             await trio.aclose_forcefully(stream)
 
@@ -277,10 +277,8 @@ class _Connection:
                 return await self._answer(response)
         if deadline.cancelled_caught:
             if not reading:
-                log.warning(
-                    "%s: no answer within %ss; connection closed",
-                    self.server.name,
-                    self.limits.request_timeout,
+                self.server.log.warning(
+                    "no answer within %ss; connection closed", self.limits.request_timeout
                 )
                 return False
             refusal = _Refused(408, "request timed out")
@@ -383,7 +381,7 @@ class _Connection:
             response = await server.handler(request)
             self._head(response, False)  # h11 checks the header fields
         except Exception:
-            log.exception("%s: %s %s failed", server.name, request.method, request.path[:100])
+            server.log.exception("%s %s failed", request.method, request.path[:100])
             return replace(self._error_page(500, "internal error"), close=True)
         return response
 
@@ -412,7 +410,7 @@ class _Connection:
             response = self.server.error_page(status, reason)
             self._head(response, True)
         except Exception:
-            log.exception("%s: error page %d failed", self.server.name, status)
+            self.server.log.exception("error page %d failed", status)
             return plain_error(status, reason)
         return response
 

@@ -69,7 +69,6 @@ async def serve(nursery: trio.Nursery, **limits: float) -> Served:
         endpoint,
         Limits(**limits),  # type: ignore[arg-type]
         headers=(("Cache-Control", "no-store"),),
-        name="test",
     )
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     nursery.start_soon(server.serve, listeners)
