@@ -136,9 +136,9 @@ async def read_answers(
 async def exchange(served: Served, raw: bytes) -> tuple[list[Answer], float]:
     """Send *raw* on a new connection; the answers until the server closes it,
     and how long that took."""
+    started = trio.current_time()  # before the server can accept and start its clock
     stream = await served.connect()
     async with stream:
-        started = trio.current_time()
         await stream.send_all(raw)
         data = await read_all(stream)
     return parse(data), trio.current_time() - started
