@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from broker import Broker, Identity, PluginContext, config_from_dict, hookimpl
 from broker.core.errors import ConfigError
 from broker.engine import MemoryEngine
+from broker.ops.admin import LIMITS
 from broker.ops.metrics import PUBLISH_RESULTS
 from tests.conftest import BrokerFactory
 from tests.helpers import connect, raw_connect, wait_until
@@ -193,6 +194,71 @@ async def test_keep_alive_serves_several_requests(start_broker: BrokerFactory) -
             while data.count(b"ok\n") < 2:
                 data += await stream.receive_some(4096)
     assert data.count(b"HTTP/1.1 200 ") == 2
+
+
+async def read_until_closed(stream: trio.SocketStream) -> bytes:
+    data = b""
+    with trio.fail_after(5):
+        while chunk := await stream.receive_some(4096):
+            data += chunk
+    return data
+
+
+async def test_a_401_closes_the_connection(start_broker: BrokerFactory) -> None:
+    """An unauthenticated client holds no connection (new with broker.io.http:
+    the connection used to be kept alive)."""
+    broker = await start_broker({"admin": {"token": TOKEN}})
+    host, port = broker.admin_addresses[0]
+    stream = await trio.open_tcp_stream(host, port)
+    async with stream:
+        request = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
+        await stream.send_all(request + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = await read_until_closed(stream)
+    assert data.startswith(b"HTTP/1.1 401 ")
+    assert b"Connection: close\r\n" in data
+    assert data.count(b"HTTP/1.1") == 1
+
+
+async def test_content_length_with_transfer_encoding_is_400(start_broker: BrokerFactory) -> None:
+    """RFC 9112 section 6.1: refused, and the connection closed (it used to be
+    answered, with what followed the chunked body read as the next request)."""
+    broker = await start_broker()
+    host, port = broker.admin_addresses[0]
+    stream = await trio.open_tcp_stream(host, port)
+    async with stream:
+        await stream.send_all(
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 36\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+            b"GET /api/stats HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
+        data = await read_until_closed(stream)
+    assert data.startswith(b"HTTP/1.1 400 ")
+    assert data.count(b"HTTP/1.1") == 1
+
+
+async def test_clients_past_the_limit_get_503(start_broker: BrokerFactory) -> None:
+    """64 clients at once; the next is answered 503 and closed (it used to be
+    closed without an answer)."""
+    broker = await start_broker()
+    host, port = broker.admin_addresses[0]
+    request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    held = []
+    try:
+        for _ in range(LIMITS.max_connections):
+            stream = await trio.open_tcp_stream(host, port)
+            held.append(stream)
+            await stream.send_all(request)
+            with trio.fail_after(5):
+                assert (await stream.receive_some(4096)).startswith(b"HTTP/1.1 200 ")
+        stream = await trio.open_tcp_stream(host, port)
+        async with stream:
+            await stream.send_all(request)
+            data = await read_until_closed(stream)
+        assert data.startswith(b"HTTP/1.1 503 ")
+        assert b"too many connections" in data
+    finally:
+        for stream in held:
+            await stream.aclose()
 
 
 async def test_admin_listener_can_be_disabled(start_broker: BrokerFactory) -> None:

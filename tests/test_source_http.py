@@ -6,8 +6,10 @@ over real sockets; every publish is checked at a subscribed broker client.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import ssl
 from collections.abc import Mapping
 from typing import Any
 
@@ -382,6 +384,93 @@ async def test_garbage_is_a_400_and_a_close(start_broker: BrokerFactory) -> None
         assert b'"code":"bad_request"' in data
     finally:
         await stream.aclose()
+
+
+async def read_until_closed(stream: trio.abc.Stream) -> bytes:
+    data = b""
+    with trio.fail_after(5):
+        while chunk := await stream.receive_some(4096):
+            data += chunk
+    return data
+
+
+async def test_content_length_with_transfer_encoding_is_refused(
+    start_broker: BrokerFactory,
+) -> None:
+    """Request smuggling (RFC 9112 section 6.1): a request with both framings is
+    400 and closes the connection. It used to be published and answered 200,
+    the connection kept, and the bytes after the chunked body taken as the
+    next request."""
+    _, source, rules = await start(start_broker)
+    message = json.dumps({"topic": "t", "data": 1}).encode()
+    smuggled = (
+        f"POST /api/publish HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {KEY}\r\n"
+        f"content-type: application/json\r\ncontent-length: {len(message)}\r\n\r\n"
+    ).encode() + message
+    chunked = f"{len(message):x}\r\n".encode() + message + b"\r\n0\r\n\r\n"
+    head = (
+        f"POST /api/publish HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {KEY}\r\n"
+        f"content-type: application/json\r\ncontent-length: {len(chunked)}\r\n"
+        "transfer-encoding: chunked\r\n\r\n"
+    ).encode()
+    stream = await trio.open_tcp_stream("127.0.0.1", source.port)
+    async with stream:
+        await stream.send_all(head + chunked + smuggled)
+        data = await read_until_closed(stream)
+    assert data.startswith(b"HTTP/1.1 400 ")
+    assert data.count(b"HTTP/1.1 ") == 1
+    assert b"connection: close\r\n" in data.lower()
+    assert b'"code":"bad_request"' in data
+    assert rules.published == []
+
+
+async def test_a_request_without_a_key_is_401_and_closes(start_broker: BrokerFactory) -> None:
+    """An unauthenticated client holds no connection slot: every request is
+    401 without a valid key, whatever its path or method (a wrong path used to
+    be 404 first), and the connection is closed (it used to be kept)."""
+    _, source, _ = await start(start_broker)
+    for method, target in [("POST", "/api/publish"), ("GET", "/elsewhere")]:
+        http = await Http.open(source.port)
+        try:
+            status, headers, body = await http.request(method, target, {"topic": "t"}, key=None)
+            assert (status, body["error"]["code"]) == (401, "unauthorized")
+            assert headers["connection"] == "close"
+            with trio.fail_after(5):
+                assert await http.stream.receive_some(4096) == b""
+        finally:
+            await http.aclose()
+
+
+async def test_https(
+    start_broker: BrokerFactory, tls_files: dict[str, str], client_ssl: ssl.SSLContext
+) -> None:
+    broker, source, _ = await start(
+        start_broker, tls_cert=tls_files["tls_cert"], tls_key=tls_files["tls_key"]
+    )
+    assert source.url.startswith("https://127.0.0.1:")
+    message = json.dumps({"topic": "t", "data": "over tls"}).encode()
+    request = (
+        f"POST /api/publish HTTP/1.1\r\nhost: x\r\nx-api-key: {KEY}\r\nconnection: close\r\n"
+        f"content-type: application/json\r\ncontent-length: {len(message)}\r\n\r\n"
+    ).encode() + message
+    async with connect(broker.url) as client:
+        await client.sub("t")
+        tcp = await trio.open_tcp_stream("127.0.0.1", source.port)
+        # https_compatible: the server closes without a TLS close_notify, as
+        # HTTPS servers do (the answer has its Content-Length).
+        stream = trio.SSLStream(tcp, client_ssl, server_hostname="127.0.0.1", https_compatible=True)
+        async with stream:
+            await stream.send_all(request)
+            data = await read_until_closed(stream)
+        assert data.startswith(b"HTTP/1.1 200 ")
+        assert data.endswith(b'{"topic":"t","seq":1}')
+        assert (await client.recv())["data"] == "over tls"
+    # Plain HTTP on the TLS port: the handshake fails, the connection is dropped.
+    plain = await trio.open_tcp_stream("127.0.0.1", source.port)
+    async with plain:
+        await plain.send_all(request)
+        with contextlib.suppress(trio.BrokenResourceError):
+            assert b"HTTP/1.1" not in await read_until_closed(plain)
 
 
 async def test_port_in_use_backs_off_then_serves(start_broker: BrokerFactory) -> None:

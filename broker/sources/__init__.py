@@ -16,6 +16,10 @@ from broker.core.mapping import MessageMapping as MessageMapping
 from broker.core.mapping import parse_mapping as parse_mapping
 from broker.core.mapping import parse_mappings as parse_mappings
 from broker.core.mapping import select as select
+from broker.io.http import HttpServer as HttpServer
+from broker.io.http import Limits as Limits
+from broker.io.http import Request as Request
+from broker.io.http import Response as Response
 from broker.sources.supervisor import Backoff as Backoff
 from broker.sources.supervisor import LogLimiter as LogLimiter
 from broker.sources.supervisor import Publisher as Publisher

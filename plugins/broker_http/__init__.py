@@ -30,15 +30,16 @@ and every subscriber's backpressure. Errors are JSON:
 ``{"error": {"code": "forbidden", "message": "..."}}`` with a 4xx status
 (5xx for the broker's own failures).
 
-HTTP is parsed by h11. The key is taken from ``Authorization: Bearer KEY``
-or ``X-API-Key: KEY``, hashed with SHA-256 and compared with every
-configured digest in constant time. Plain HTTP is only allowed on a loopback
+Connections, framing and limits are :mod:`broker.io.http`'s (h11). The
+key is checked first, whatever the path: it is taken from ``Authorization:
+Bearer KEY`` or ``X-API-Key: KEY``, hashed with SHA-256 and compared with
+every configured digest in constant time; without a valid one the answer is
+401 and the connection is closed. Plain HTTP is only allowed on a loopback
 address unless ``tls_cert``/``tls_key`` are set or ``allow_insecure`` is.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
 import json
@@ -47,11 +48,9 @@ import re
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any, Final, NoReturn
 
-import h11
 import trio
 
 from broker import (
@@ -65,7 +64,17 @@ from broker import (
     hookimpl,
     is_loopback_host,
 )
-from broker.sources import Backoff, Publisher, SourceError, SourceOptions, parse_source_options
+from broker.sources import (
+    Backoff,
+    HttpServer,
+    Limits,
+    Publisher,
+    Request,
+    Response,
+    SourceError,
+    SourceOptions,
+    parse_source_options,
+)
 
 __all__ = ["MIN_KEY_LENGTH", "HttpPlugin", "HttpSource", "create"]
 
@@ -156,43 +165,22 @@ def _message(item: Any, where: str) -> tuple[str, Any, str | None]:
     return topic, data, key
 
 
-class _Exchange:
-    """One HTTP connection: h11 over a trio stream."""
+def _json(status: int, body: Any, headers: tuple[tuple[str, str], ...] = ()) -> Response:
+    return Response(status, _encode_json(body).encode(), "application/json", headers)
 
-    def __init__(self, stream: trio.abc.Stream) -> None:
-        self.stream = stream
-        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
 
-    async def next_event(self) -> Any:
-        while True:
-            event = self.conn.next_event()
-            if event is not h11.NEED_DATA:
-                return event
-            if self.conn.they_are_waiting_for_100_continue:
-                await self.send(h11.InformationalResponse(status_code=100, headers=[]))
-            data = await self.stream.receive_some(65_536)
-            self.conn.receive_data(bytes(data))
+#: The error code of each status the server answers of its own.
+_SERVER_ERRORS: Final[dict[int, str]] = {
+    413: ErrorCode.TOO_LARGE,
+    500: ErrorCode.INTERNAL,
+    503: ErrorCode.LIMIT,
+}
 
-    async def send(self, event: Any) -> None:
-        data = self.conn.send(event)
-        if data:
-            await self.stream.send_all(data)
 
-    async def respond(
-        self, status: int, body: Any, headers: tuple[tuple[str, str], ...] = (), close: bool = False
-    ) -> None:
-        payload = _encode_json(body).encode()
-        fields = [
-            ("content-type", "application/json"),
-            ("content-length", str(len(payload))),
-            ("cache-control", "no-store"),
-            *headers,
-        ]
-        if close:
-            fields.append(("connection", "close"))
-        await self.send(h11.Response(status_code=status, headers=fields))
-        await self.send(h11.Data(data=payload))
-        await self.send(h11.EndOfMessage())
+def _error_page(status: int, reason: str) -> Response:
+    """A request refused by the HTTP server itself (framing, limits, timeouts)."""
+    code = _SERVER_ERRORS.get(status, ErrorCode.BAD_REQUEST)
+    return _json(status, {"error": {"code": str(code), "message": reason}})
 
 
 class HttpSource:
@@ -205,13 +193,27 @@ class HttpSource:
         self.backoff: Backoff = config.options.backoff
         #: (host, port) of each bound socket, while running.
         self.addresses: list[tuple[str, int]] = []
-        self.requests = 0
-        self.connections = 0
         self._ssl: ssl.SSLContext | None = None
         if config.tls_cert:
             from broker import make_ssl_context
 
             self._ssl = make_ssl_context(config.tls_cert, config.tls_key)
+        limits = Limits(
+            max_connections=config.max_connections,
+            max_head_size=MAX_HEAD,
+            max_body_size=config.max_body_size,
+            request_timeout=config.request_timeout,
+            idle_timeout=config.request_timeout,
+        )
+        self.http = HttpServer(
+            self._respond,
+            limits,
+            error_page=_error_page,
+            headers=(("cache-control", "no-store"),),
+            logger=log,
+        )
+        #: Where requests are published, while running.
+        self._publisher: Publisher | None = None
 
     @property
     def port(self) -> int:
@@ -222,6 +224,16 @@ class HttpSource:
         host, port = self.addresses[0]
         host = f"[{host}]" if ":" in host else host
         return f"{'https' if self._ssl else 'http'}://{host}:{port}{self.config.path}"
+
+    @property
+    def requests(self) -> int:
+        """Requests received since start."""
+        return self.http.requests
+
+    @property
+    def connections(self) -> int:
+        """Connections being served."""
+        return self.http.connections
 
     def status(self) -> dict[str, Any]:
         return {
@@ -239,114 +251,43 @@ class HttpSource:
         self.addresses = [_sockname(lst) for lst in listeners]
         for host, port in self.addresses:
             log.info("http publish API on %s:%d%s", host, port, config.path)
+        served: list[trio.abc.Listener[trio.abc.Stream]] = list(listeners)
+        if self._ssl is not None:
+            # The TLS handshake happens on the first read: within the idle timeout.
+            served = [trio.SSLListener(lst, self._ssl, https_compatible=True) for lst in listeners]
+        self._publisher = publisher
         publisher.ready()
         try:
-            await trio.serve_listeners(partial(self._handle, publisher=publisher), listeners)
+            await self.http.serve(served)
         finally:
             self.addresses = []
+            self._publisher = None
 
-    async def _handle(self, tcp: trio.SocketStream, *, publisher: Publisher) -> None:
-        # serve_listeners lets handler exceptions crash the server.
-        self.connections += 1
+    async def _respond(self, request: Request) -> Response:
+        publisher = self._publisher
+        assert publisher is not None  # served only while running
         try:
-            stream: trio.abc.Stream = tcp
-            if self._ssl is not None:
-                tls = trio.SSLStream(tcp, self._ssl, server_side=True)
-                with trio.move_on_after(self.config.request_timeout):
-                    await tls.do_handshake()
-                    stream = tls
-                if stream is tcp:
-                    return
-            exchange = _Exchange(stream)
-            if self.connections > self.config.max_connections:
-                await exchange.respond(
-                    503,
-                    {"error": {"code": "limit", "message": "too many connections"}},
-                    close=True,
-                )
-                return
-            await self._serve(exchange, publisher)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError):
-            pass
-        except Exception:
-            log.exception("http publish API: unexpected error")
-        finally:
-            self.connections -= 1
-            await trio.aclose_forcefully(tcp)
-
-    async def _serve(self, exchange: _Exchange, publisher: Publisher) -> None:
-        conn = exchange.conn
-        while True:
-            with trio.move_on_after(self.config.request_timeout) as timeout:
-                try:
-                    status, body, headers = await self._request(exchange, publisher)
-                except h11.RemoteProtocolError as e:
-                    if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                        await exchange.respond(
-                            e.error_status_hint,
-                            {"error": {"code": "bad_request", "message": str(e)}},
-                            close=True,
-                        )
-                    return
-            if timeout.cancelled_caught:
-                if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE) and conn.their_state not in (
-                    h11.IDLE,
-                    h11.DONE,
-                ):
-                    error = {"error": {"code": "bad_request", "message": "request timed out"}}
-                    await exchange.respond(408, error, close=True)
-                return
-            if status == 0:
-                return  # the client closed
-            # A body we did not read must not be taken for the next request.
-            close = not _request_complete(conn)
-            await exchange.respond(status, body, headers, close=close)
-            if conn.our_state is h11.MUST_CLOSE or close:
-                return
-            conn.start_next_cycle()
-
-    async def _request(
-        self, exchange: _Exchange, publisher: Publisher
-    ) -> tuple[int, Any, tuple[tuple[str, str], ...]]:
-        """Read and handle one request: (status, JSON body, headers); 0 when closed."""
-        event = await exchange.next_event()
-        if isinstance(event, h11.ConnectionClosed):
-            return 0, None, ()
-        assert isinstance(event, h11.Request)
-        self.requests += 1
-        try:
-            return 200, await self._publish(exchange, event, publisher), ()
+            return _json(200, await self._publish(request, publisher))
         except HttpError as e:
-            body = {"error": {"code": str(e.code), "message": e.message}}
-            if e.status != 413 and exchange.conn.their_state is h11.SEND_BODY:
-                # Refused before the body was read: read it (within the size
-                # limit) so that the connection can be kept alive.
-                with contextlib.suppress(HttpError):
-                    await self._read_body(exchange)
-            return e.status, body, e.headers
+            return _json(
+                e.status, {"error": {"code": str(e.code), "message": e.message}}, e.headers
+            )
 
-    async def _publish(
-        self, exchange: _Exchange, request: h11.Request, publisher: Publisher
-    ) -> Any:
+    async def _publish(self, request: Request, publisher: Publisher) -> Any:
         config = self.config
-        target = request.target.decode("ascii", "replace").split("?", 1)[0]
-        if target != config.path:
-            raise HttpError(404, ErrorCode.BAD_REQUEST, f"no endpoint at {target[:100]}")
-        if request.method != b"POST":
-            raise HttpError(405, ErrorCode.BAD_REQUEST, "use POST", headers=(("allow", "POST"),))
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in request.headers}
+        headers = dict(request.headers)
+        # The key first: without one, nothing else is answered, and the 401
+        # closes the connection.
         identity = self._authenticate(headers)
+        if request.path != config.path:
+            raise HttpError(404, ErrorCode.BAD_REQUEST, f"no endpoint at {request.path[:100]}")
+        if request.method != "POST":
+            raise HttpError(405, ErrorCode.BAD_REQUEST, "use POST", headers=(("allow", "POST"),))
         ctype = headers.get("content-type", "").split(";", 1)[0].strip().lower()
         if ctype != "application/json":
             raise HttpError(415, ErrorCode.BAD_REQUEST, "Content-Type must be application/json")
-        length = headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > config.max_body_size:
-            raise HttpError(
-                413, ErrorCode.TOO_LARGE, f"body larger than {config.max_body_size} bytes"
-            )
-        body = await self._read_body(exchange)
         try:
-            document = _decode_json(body.decode("utf-8"))
+            document = _decode_json(request.body.decode("utf-8"))
         except (ValueError, RecursionError) as e:
             raise HttpError(400, ErrorCode.BAD_REQUEST, f"malformed JSON: {e}") from None
         if isinstance(document, list):
@@ -394,35 +335,6 @@ class HttpSource:
         if found is None:
             raise HttpError(401, ErrorCode.UNAUTHORIZED, "invalid API key", challenge)
         return found
-
-    async def _read_body(self, exchange: _Exchange) -> bytes:
-        limit = self.config.max_body_size
-        parts: list[bytes] = []
-        size = 0
-        while True:
-            event = await exchange.next_event()
-            if isinstance(event, h11.EndOfMessage):
-                return b"".join(parts)
-            if isinstance(event, h11.Data):
-                size += len(event.data)
-                if size > limit:
-                    raise HttpError(413, ErrorCode.TOO_LARGE, f"body larger than {limit} bytes")
-                parts.append(bytes(event.data))
-            elif isinstance(event, h11.ConnectionClosed):
-                raise h11.RemoteProtocolError("connection closed in the body")
-
-
-def _request_complete(conn: h11.Connection) -> bool:
-    """Consume what is left of the request body from h11's buffer, without
-    reading the socket: True if the whole request has been received."""
-    try:
-        while conn.their_state is h11.SEND_BODY:
-            event = conn.next_event()
-            if event is h11.NEED_DATA or event is h11.PAUSED:
-                return False
-    except h11.RemoteProtocolError:
-        return False
-    return conn.their_state is h11.DONE
 
 
 def _sockname(listener: trio.SocketListener) -> tuple[str, int]:

@@ -1,0 +1,448 @@
+"""HTTP/1.1 request/response endpoints on trio listeners, parsed by h11.
+
+The admin listener (:mod:`broker.admin`) and the http source's publish API
+(``plugins/broker_http``) are both served by :class:`HttpServer`: it accepts,
+reads one request at a time from each connection, calls an endpoint's
+``async def handle(request: Request) -> Response`` and writes the answer,
+keeping the connection alive between requests. An endpoint sees whole
+requests (the body already read) and returns whole responses; everything
+about connections, framing and limits happens here, once:
+
+Framing (RFC 9112), each refused with ``Connection: close``:
+
+- ``Content-Length`` together with ``Transfer-Encoding``: 400 (section 6.1:
+  the two disagree on where the body ends, the ground of request smuggling);
+- ``Transfer-Encoding`` in an HTTP/1.0 request: 400 (section 6.1);
+- ``Content-Length`` more than once or as a list, even of equal values, or
+  not a decimal number: 400 (section 6.3);
+- a transfer coding other than ``chunked``: 501 (h11);
+- anything else h11 cannot parse: 400.
+
+Limits (:class:`Limits`):
+
+- a request head (request line and header fields) over ``max_head_size``
+  bytes: 431;
+- a body over ``max_body_size``: 413, before a byte of it is read when its
+  ``Content-Length`` says so, else as soon as the chunks pass the limit;
+- ``idle_timeout``: how long a connection may wait for the first byte of a
+  request, the first one on a connection (and its TLS handshake) or the next
+  one on a kept-alive connection; then it is closed without an answer;
+- ``request_timeout``: from a request's first byte until its response is
+  written (head, body, the endpoint's work and the write). A request that has
+  not arrived in full by then is answered 408; one whose endpoint or
+  response is still running when it expires is closed without one;
+- ``max_connections`` connections at once; each one over it is answered 503
+  and closed at once.
+
+The body of a request is always read in full before the endpoint is called
+(``Expect: 100-continue`` is answered when the body is read), so no unread
+body is ever taken for the next request. After every answer the server gives
+of its own (400, 408, 413, 431, 501, 503, and 500 when an endpoint raises),
+after a 401 (an unauthenticated client holds no connection slot), and after a
+:class:`Response` with ``close=True``, the connection is closed: the answer
+says ``Connection: close``, the sending side is shut down, and whatever the
+client still sends is read and dropped for up to :data:`LINGER` seconds, so
+that the client reads the answer rather than a reset.
+
+``HEAD`` is passed to the endpoint as ``HEAD``; the answer is sent without its
+body, with the ``Content-Length`` the body would have had. The server sets
+``Content-Length`` and ``Connection``; an endpoint sets the rest.
+
+Every connection is a task in the nursery :meth:`HttpServer.serve` is given
+(or one of its own): stopping is cancelling it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
+from http import HTTPStatus
+from typing import Final, NoReturn
+
+import h11
+import trio
+
+__all__ = [
+    "LINGER",
+    "SEND_TIMEOUT",
+    "ErrorPage",
+    "Handler",
+    "HttpServer",
+    "Limits",
+    "Request",
+    "Response",
+    "plain_error",
+]
+
+log = logging.getLogger("broker.io.http")
+
+#: Bytes per read.
+RECEIVE_SIZE: Final = 16_384
+#: Seconds to write an answer the server gives of its own (an error, or the
+#: 503 past ``max_connections``) before the connection is dropped without it.
+SEND_TIMEOUT: Final = 1.0
+#: Seconds to read and drop what a client still sends after an answer that
+#: closes the connection (so that it reads the answer rather than a reset).
+LINGER: Final = 1.0
+
+#: The end of a request head, as h11 finds it.
+_HEAD_END: Final = re.compile(rb"\n\r?\n")
+#: Statuses whose responses never have a body.
+_NO_BODY: Final = frozenset({204, 304})
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What one :class:`HttpServer` accepts (see the module doc)."""
+
+    max_connections: int = 64
+    max_head_size: int = 16_384
+    max_body_size: int = 16_384
+    request_timeout: float = 10.0
+    idle_timeout: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One request, its body read in full."""
+
+    method: str
+    #: As sent: the path, then the query if any.
+    target: str
+    #: (name, value) in order; names in lower case, both decoded as Latin-1.
+    headers: tuple[tuple[str, str], ...]
+    body: bytes = b""
+    http_version: str = "1.1"
+
+    @property
+    def path(self) -> str:
+        """The target without its query."""
+        return self.target.partition("?")[0]
+
+    def header(self, name: str) -> str | None:
+        """The first value of the header field *name*, or None."""
+        name = name.lower()
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    """One response: a final status (200 to 599) and a whole body."""
+
+    status: int
+    body: bytes = b""
+    #: Sent as ``Content-Type`` when given.
+    content_type: str | None = None
+    #: Other header fields (not ``Content-Length`` nor ``Connection``).
+    headers: tuple[tuple[str, str], ...] = ()
+    #: Close the connection once this response is written.
+    close: bool = False
+
+    def __post_init__(self) -> None:
+        if not 200 <= self.status <= 599:
+            raise ValueError(f"not a final status: {self.status}")
+
+
+#: An endpoint: the response to one request.
+Handler = Callable[[Request], Awaitable[Response]]
+#: The answer for a request the server refuses itself: (status, reason) ->
+#: response (the server adds ``Connection: close``).
+ErrorPage = Callable[[int, str], Response]
+
+
+def plain_error(status: int, reason: str) -> Response:
+    """The default :data:`ErrorPage`: the reason as a line of text."""
+    return Response(status, (reason + "\n").encode(), "text/plain; charset=utf-8")
+
+
+class _Refused(Exception):
+    """Answer the request with *status* and close the connection."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class _Gone(Exception):
+    """The client closed its side before its request was complete."""
+
+
+class HttpServer:
+    """Serves *handler* over HTTP/1.1 within *limits* (see the module doc).
+
+    *error_page* renders the answers the server gives of its own; *headers*
+    are added to every response (``Cache-Control``, say); *logger* logs an
+    endpoint's failures and the server's own.
+    """
+
+    def __init__(
+        self,
+        handler: Handler,
+        limits: Limits = Limits(),
+        *,
+        error_page: ErrorPage = plain_error,
+        headers: tuple[tuple[str, str], ...] = (),
+        logger: logging.Logger = log,
+    ) -> None:
+        self.handler = handler
+        self.limits = limits
+        self.error_page = error_page
+        self.headers = headers
+        self.log = logger
+        #: Connections being served now (not those refused with 503).
+        self.connections = 0
+        #: Requests received since start (their heads parsed).
+        self.requests = 0
+
+    async def serve(
+        self,
+        listeners: Sequence[trio.abc.Listener[trio.abc.Stream]],
+        handler_nursery: trio.Nursery | None = None,
+    ) -> NoReturn:
+        """Accept on *listeners* until cancelled (and close them then).
+
+        Each connection is a task in *handler_nursery*, or in a nursery of
+        this call's own.
+        """
+        await trio.serve_listeners(
+            self.serve_connection, list(listeners), handler_nursery=handler_nursery
+        )
+
+    async def serve_connection(self, stream: trio.abc.Stream) -> None:
+        """Serve the requests on *stream* until either side closes it; then
+        close it. Raises nothing but cancellation."""
+        try:
+            if self.connections >= self.limits.max_connections:
+                await _Connection(self, stream).refuse(503, "too many connections")
+                return
+            self.connections += 1
+            try:
+                await _Connection(self, stream).run()
+            finally:
+                self.connections -= 1
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client went away
+        except Exception:
+            self.log.exception("unexpected error")
+        finally:
+            await trio.aclose_forcefully(stream)
+
+
+class _Connection:
+    """One connection: h11 over a trio stream, one request after another."""
+
+    def __init__(self, server: HttpServer, stream: trio.abc.Stream) -> None:
+        self.server = server
+        self.limits = server.limits
+        self.stream = stream
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=server.limits.max_head_size)
+        #: The method of the request being answered (for HEAD).
+        self.method = b""
+        #: The client has shut down its sending side.
+        self.eof = False
+
+    async def run(self) -> None:
+        while await self._exchange():
+            self.h11.start_next_cycle()
+
+    async def _exchange(self) -> bool:
+        """Read, handle and answer one request; True to read another."""
+        self.method = b""
+        start = self.h11.trailing_data[0]  # pipelined: already received
+        if not start:
+            if self.eof:
+                return False
+            with trio.move_on_after(self.limits.idle_timeout):
+                start = await self._receive()
+            if not start:
+                return False  # idle too long, or closed
+        refusal: _Refused | None = None
+        reading = True
+        with trio.move_on_after(self.limits.request_timeout) as deadline:
+            try:
+                request = await self._read_request(start)
+            except _Refused as e:
+                refusal = e
+            except _Gone:
+                return False
+            else:
+                reading = False
+                response = await self._call(request)
+                return await self._answer(response)
+        if deadline.cancelled_caught:
+            if not reading:
+                self.server.log.warning(
+                    "no answer within %ss; connection closed", self.limits.request_timeout
+                )
+                return False
+            refusal = _Refused(408, "request timed out")
+        assert refusal is not None
+        await self.refuse(refusal.status, refusal.reason)
+        return False
+
+    # -- reading -------------------------------------------------------------------
+
+    async def _receive(self) -> bytes:
+        data = bytes(await self.stream.receive_some(RECEIVE_SIZE))
+        self.h11.receive_data(data)  # b"": the client has shut down its side
+        if not data:
+            self.eof = True
+        return data
+
+    def _next_event(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
+        try:
+            return self.h11.next_event()
+        except h11.RemoteProtocolError as e:
+            if self.eof:
+                raise _Gone from None
+            raise _Refused(e.error_status_hint, str(e)) from None
+
+    async def _read_request(self, start: bytes) -> Request:
+        received = bytearray(start)  # the head, and maybe more
+        while (event := self._next_event()) is h11.NEED_DATA:
+            received += await self._receive()
+        if not isinstance(event, h11.Request):
+            raise _Gone  # ConnectionClosed
+        self.server.requests += 1
+        self.method = event.method
+        self._check_framing(event, received)
+        body = await self._read_body(event)
+        return Request(
+            method=event.method.decode("ascii"),
+            target=event.target.decode("latin-1"),
+            headers=tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in event.headers),
+            body=body,
+            http_version=event.http_version.decode("ascii"),
+        )
+
+    def _check_framing(self, request: h11.Request, received: bytearray) -> None:
+        """What h11 lets through but RFC 9112 refuses (see the module doc).
+
+        h11 merges repeated equal ``Content-Length`` values, so the fields
+        are counted in the head as received.
+        """
+        end = _HEAD_END.search(received)
+        head = received[: end.end()] if end else received
+        if len(head) > self.limits.max_head_size:
+            raise _Refused(431, "request head too large")
+        lengths = encodings = 0
+        for line in head.split(b"\n")[1:]:
+            name, colon, value = line.partition(b":")
+            if not colon:
+                continue
+            name = name.lower()
+            if name == b"content-length":
+                lengths += 1 + value.count(b",")
+            elif name == b"transfer-encoding":
+                encodings += 1
+        if lengths and encodings:
+            raise _Refused(400, "Content-Length and Transfer-Encoding together")
+        if lengths > 1:
+            raise _Refused(400, "more than one Content-Length")
+        if encodings and request.http_version == b"1.0":
+            raise _Refused(400, "Transfer-Encoding in an HTTP/1.0 request")
+
+    async def _read_body(self, request: h11.Request) -> bytes:
+        limit = self.limits.max_body_size
+        too_large = _Refused(413, f"body larger than {limit} bytes")
+        for name, value in request.headers:
+            if name == b"content-length" and int(value) > limit:
+                raise too_large  # before reading it
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            event = self._next_event()
+            if event is h11.NEED_DATA:
+                if self.h11.they_are_waiting_for_100_continue:
+                    continue_ = h11.InformationalResponse(status_code=100, headers=[])
+                    await self.stream.send_all(self.h11.send(continue_))
+                await self._receive()
+            elif isinstance(event, h11.Data):
+                size += len(event.data)
+                if size > limit:
+                    raise too_large
+                parts.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                return b"".join(parts)
+            else:  # ConnectionClosed (h11 raises instead)
+                raise _Gone
+
+    # -- answering -----------------------------------------------------------------
+
+    async def _call(self, request: Request) -> Response:
+        server = self.server
+        try:
+            response = await server.handler(request)
+            self._head(response, False)  # h11 checks the header fields
+        except Exception:
+            server.log.exception("%s %s failed", request.method, request.path[:100])
+            return replace(self._error_page(500, "internal error"), close=True)
+        return response
+
+    async def _answer(self, response: Response) -> bool:
+        """Write *response*; True to keep the connection."""
+        close = response.close or response.status == 401
+        await self.stream.send_all(self._encode(response, close))
+        if close:
+            await self._linger()
+            return False
+        return self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE
+
+    async def refuse(self, status: int, reason: str) -> None:
+        """Answer *status* of our own, if an answer can still be given, and
+        close (the connection is left to the caller)."""
+        if self.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        data = self._encode(self._error_page(status, reason), True)
+        with trio.move_on_after(SEND_TIMEOUT) as sending:
+            await self.stream.send_all(data)
+        if not sending.cancelled_caught:
+            await self._linger()
+
+    def _error_page(self, status: int, reason: str) -> Response:
+        try:
+            response = self.server.error_page(status, reason)
+            self._head(response, True)
+        except Exception:
+            self.server.log.exception("error page %d failed", status)
+            return plain_error(status, reason)
+        return response
+
+    def _head(self, response: Response, close: bool) -> h11.Response:
+        headers = [
+            *((("Content-Type", response.content_type),) if response.content_type else ()),
+            *response.headers,
+            *self.server.headers,
+        ]
+        if response.status not in _NO_BODY:
+            headers.append(("Content-Length", str(len(response.body))))
+        if close:
+            headers.append(("Connection", "close"))
+        try:
+            reason = HTTPStatus(response.status).phrase.encode()
+        except ValueError:
+            reason = b""
+        return h11.Response(status_code=response.status, headers=headers, reason=reason)
+
+    def _encode(self, response: Response, close: bool) -> bytes:
+        data = self.h11.send(self._head(response, close))
+        if response.body and self.method != b"HEAD" and response.status not in _NO_BODY:
+            data += self.h11.send(h11.Data(data=response.body))
+        return data + self.h11.send(h11.EndOfMessage())
+
+    async def _linger(self) -> None:
+        """Close our side, then read and drop what the client still sends
+        (up to :data:`LINGER` seconds), unless it is closing already."""
+        if self.eof or self.h11.their_state in (h11.MUST_CLOSE, h11.CLOSED):
+            return
+        with trio.move_on_after(LINGER):
+            if isinstance(self.stream, trio.abc.HalfCloseableStream):
+                await self.stream.send_eof()
+            while await self.stream.receive_some(RECEIVE_SIZE):
+                pass
