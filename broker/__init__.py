@@ -2,7 +2,8 @@
 
 This module is the supported public API; everything else may change between
 releases. Plugin authors need :data:`hookimpl`, the values in
-:mod:`broker.auth` and :class:`ConfigError`; embedders need :class:`Broker`
+:mod:`broker.auth`, :func:`parse_settings` (with the constraints in
+:mod:`broker.settings`) and :class:`ConfigError`; embedders need :class:`Broker`
 and :func:`load_config`; clients use :mod:`broker.client`.
 """
 
@@ -29,6 +30,7 @@ from .hookspecs import hookimpl as hookimpl
 from .plugin_host import PluginContext as PluginContext
 from .plugin_host import PluginHost as PluginHost
 from .server import Broker as Broker
+from .settings import parse_settings as parse_settings
 from .sources import Backoff as Backoff
 from .sources import Publisher as Publisher
 from .sources import Source as Source
