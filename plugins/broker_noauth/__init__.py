@@ -12,9 +12,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from broker import ANONYMOUS, ConfigError, Handshake, Identity, PluginContext, Reject, hookimpl
+from broker import (
+    ANONYMOUS,
+    ConfigError,
+    Handshake,
+    Identity,
+    PluginContext,
+    Reject,
+    hookimpl,
+    parse_settings,
+)
 from broker.config import is_loopback_host
 
 __all__ = ["NoAuth", "create"]
@@ -32,10 +42,17 @@ class NoAuth:
         return Reject(403, "anonymous access is only allowed on a loopback listener")
 
 
+@dataclass(frozen=True)
+class Settings:
+    """``[plugin.noauth]``: no keys."""
+
+
 def create(settings: Mapping[str, Any], context: PluginContext) -> NoAuth:
     """Plugin factory (entry point ``noauth``)."""
-    if settings:
-        raise ConfigError(sorted(settings)[0], "unknown key (noauth takes no settings)")
+    try:
+        parse_settings(Settings, settings)
+    except ConfigError as e:
+        raise ConfigError(e.key, f"{e.reason} (noauth takes no settings)") from None
     if not is_loopback_host(context.config.listener.host):
         log.warning(
             "noauth is enabled but the listener is on %s: every connection will be "
