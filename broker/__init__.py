@@ -2,7 +2,8 @@
 
 This module is the supported public API; everything else may change between
 releases. Plugin authors need :data:`hookimpl`, the values in
-:mod:`broker.auth` and :class:`ConfigError`; embedders need :class:`Broker`
+:mod:`broker.auth`, :func:`parse_settings` (with the constraints in
+:mod:`broker.settings`) and :class:`ConfigError`; embedders need :class:`Broker`
 and :func:`load_config`; clients use :mod:`broker.client`.
 """
 
@@ -17,8 +18,7 @@ from broker.core.errors import ConfigError as ConfigError
 from broker.core.errors import ErrorCode as ErrorCode
 from broker.core.errors import PluginError as PluginError
 from broker.core.errors import PublishError as PublishError
-from broker.core.settings import REQUIRED as REQUIRED
-from broker.core.settings import Settings as Settings
+from broker.core.settings import parse_settings as parse_settings
 from broker.core.topics import MAX_TOKENS as MAX_TOKENS
 from broker.core.topics import TopicError as TopicError
 from broker.core.topics import pattern_matches as pattern_matches

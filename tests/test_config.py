@@ -42,7 +42,10 @@ def test_shipped_broker_toml_is_valid_and_matches_defaults() -> None:
             {"listener": {"tls_cert": "/nonexistent.pem", "tls_key": "/nonexistent.key"}},
             "listener.tls_cert",
         ),
-        ({"listener": {"tls_cert": "x.pem"}}, "listener.tls_key"),
+        # Each key is checked before the keys together: a missing file first...
+        ({"listener": {"tls_cert": "x.pem"}}, "listener.tls_cert"),
+        # ...then a certificate without its key.
+        ({"listener": {"tls_cert": str(ROOT / "broker.toml")}}, "listener.tls_key"),
         ({"limits": {"max_connections": 0}}, "limits.max_connections"),
         ({"limits": {"max_connections": True}}, "limits.max_connections"),
         ({"limits": {"ping_interval": -1}}, "limits.ping_interval"),

@@ -131,6 +131,7 @@ def test_no_heading_for_a_hook_that_does_not_exist() -> None:
         "Action",
         "ConfigError",
         "PluginContext",
+        "parse_settings",
         "ANONYMOUS",
     ],
 )

@@ -46,8 +46,8 @@ IO_MODULES = {
 }
 
 #: What a plugin (plugins/, examples/) may import of the broker: the facade
-#: for plugin authors and the source kit.
-PLUGIN_FACADE = {"broker", "broker.sources"}
+#: for plugin authors, the settings vocabulary and the source kit.
+PLUGIN_FACADE = {"broker", "broker.settings", "broker.sources"}
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,7 @@ def layer_of_module(module: str) -> str | None:
 def layer_of_file(path: Path) -> str:
     rel = path.relative_to(BROKER).parts
     if len(rel) == 1:
-        return {"__init__.py": "facade", "cli.py": "cli", "__main__.py": "cli"}[rel[0]]
+        return {"__init__.py": "facade", "settings.py": "facade", "cli.py": "cli", "__main__.py": "cli"}[rel[0]]
     return rel[0]
 
 
@@ -168,7 +168,7 @@ def test_plugins_import_only_the_facade(path: Path) -> None:
         )
 
 
-_SUBPACKAGES = {f"broker.{layer}" for layer in ALLOWED} - {"broker.sources"}
+_SUBPACKAGES = {f"broker.{layer}" for layer in ALLOWED} - PLUGIN_FACADE
 
 
 def test_the_checker_sees_a_violation(tmp_path: Path) -> None:

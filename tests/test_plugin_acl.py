@@ -264,12 +264,20 @@ async def test_denials_are_counted() -> None:
     [
         ({"colour": 1}, "plugin.acl.colour", "unknown key"),
         ({"default": "allow"}, "plugin.acl.default", "deny, defer"),
-        ({"rules": {}}, "plugin.acl.rules", "list of tables"),
-        ({"rules": [1]}, "plugin.acl.rules[0]", "must be a table"),
+        ({"rules": {}}, "plugin.acl.rules", "expected an array of tables, got a table"),
+        ({"rules": [1]}, "plugin.acl.rules[0]", "expected a table, got 1"),
         ({"rules": [{"subscribe": ["a"]}]}, "plugin.acl.rules[0]", "roles or subjects"),
         ({"rules": [{"roles": ["r"]}]}, "plugin.acl.rules[0]", "at least one of"),
-        ({"rules": [{"roles": "r", "publish": ["a"]}]}, "plugin.acl.rules[0].roles", "list"),
-        ({"rules": [{"roles": ["r"], "publish": "a"}]}, "plugin.acl.rules[0].publish", "list"),
+        (
+            {"rules": [{"roles": "r", "publish": ["a"]}]},
+            "plugin.acl.rules[0].roles",
+            "expected an array",
+        ),
+        (
+            {"rules": [{"roles": ["r"], "publish": "a"}]},
+            "plugin.acl.rules[0].publish",
+            "expected an array",
+        ),
         (
             {"rules": [{"roles": ["r"], "publish": ["a..b"]}]},
             "plugin.acl.rules[0].publish[0]",

@@ -324,19 +324,20 @@ def jwt_host(settings: dict[str, Any], tmp_path: Path) -> PluginHost:
         ({"secret": "short"}, "plugin.jwt.secret", "at least 32 bytes"),
         ({"secret": SECRET, "algorithms": ["RS256"]}, "plugin.jwt.algorithms", "cannot be verified"),
         ({"secret": SECRET, "algorithms": ["HS512"]}, "plugin.jwt.algorithms", "at least 64 bytes"),
-        ({"secret": SECRET, "algorithms": ["none"]}, "plugin.jwt.algorithms", "not supported"),
-        ({"secret": SECRET, "algorithms": []}, "plugin.jwt.algorithms", "non-empty list"),
+        ({"secret": SECRET, "algorithms": ["none"]}, "plugin.jwt.algorithms[0]", "not supported"),
+        ({"secret": SECRET, "algorithms": []}, "plugin.jwt.algorithms", "must not be empty"),
         ({"secret": SECRET, "leeway": -1}, "plugin.jwt.leeway", "between 0 and 300"),
-        ({"secret": SECRET, "leeway": "5"}, "plugin.jwt.leeway", "expected float"),
-        ({"secret": SECRET, "audience": 3}, "plugin.jwt.audience", "list of strings"),
-        ({"secret": SECRET, "issuer": ""}, "plugin.jwt.issuer", "non-empty"),
-        ({"secret": SECRET, "query_token": "no"}, "plugin.jwt.query_token", "expected bool"),
+        ({"secret": SECRET, "leeway": "5"}, "plugin.jwt.leeway", "expected a number"),
+        ({"secret": SECRET, "audience": 3}, "plugin.jwt.audience", "expected a string or an array"),
+        ({"secret": SECRET, "issuer": ""}, "plugin.jwt.issuer", "must not be empty"),
+        ({"secret": SECRET, "query_token": "no"}, "plugin.jwt.query_token", "expected a boolean"),
         ({"secret": SECRET, "colour": 1}, "plugin.jwt.colour", "unknown key"),
         ({"public_key": "missing.pem"}, "plugin.jwt.public_key", "file not found"),
         ({"jwks": "missing.json"}, "plugin.jwt.jwks", "file not found"),
     ],
 )  # fmt: skip
 def test_config_errors(settings: dict[str, Any], key: str, reason: str, tmp_path: Path) -> None:
+    (tmp_path / "x.json").write_text("{}")  # a key file that exists: the next check applies
     with pytest.raises(ConfigError) as info:
         jwt_host(settings, tmp_path)
     assert info.value.key == key

@@ -247,11 +247,11 @@ def test_default_clock_is_trio() -> None:
     [
         ({"publish_rate": -1}, "plugin.ratelimit.publish_rate", ">= 0"),
         ({"publish_burst": 0}, "plugin.ratelimit.publish_burst", "> 0"),
-        ({"subscribe_rate": "5"}, "plugin.ratelimit.subscribe_rate", "expected float"),
+        ({"subscribe_rate": "5"}, "plugin.ratelimit.subscribe_rate", "expected a number"),
         ({"close_after": 1.5}, "plugin.ratelimit.close_after", "integer"),
         ({"close_window": 0}, "plugin.ratelimit.close_window", "> 0"),
         ({"roles": []}, "plugin.ratelimit.roles", "table"),
-        ({"roles": {"r": 1}}, "plugin.ratelimit.roles.r", "must be a table"),
+        ({"roles": {"r": 1}}, "plugin.ratelimit.roles.r", "expected a table"),
         ({"roles": {"r": {"close_after": 1}}}, "plugin.ratelimit.roles.r.close_after", "unknown"),
         ({"roles": {"r": {"publish_rate": -2}}}, "plugin.ratelimit.roles.r.publish_rate", ">= 0"),
         ({"burst": 1}, "plugin.ratelimit.burst", "unknown key"),

@@ -209,13 +209,13 @@ def test_bad_schemas_stop_the_start(tmp_path: Path, schema: Any, reason: str) ->
     [
         ({"colour": 1}, "plugin.schema.colour", "unknown key"),
         ({"max_bytes": -1}, "plugin.schema.max_bytes", ">= 0"),
-        ({"rules": {}}, "plugin.schema.rules", "list of tables"),
-        ({"rules": [1]}, "plugin.schema.rules[0]", "must be a table"),
+        ({"rules": {}}, "plugin.schema.rules", "expected an array of tables"),
+        ({"rules": [1]}, "plugin.schema.rules[0]", "expected a table"),
         ({"rules": [{"pattern": "a"}]}, "plugin.schema.rules[0]", "schema, max_bytes or both"),
         ({"rules": [{"pattern": "a.", "max_bytes": 1}]}, "plugin.schema.rules[0].pattern", "invalid token"),
-        ({"rules": [{"max_bytes": 1}]}, "plugin.schema.rules[0].pattern", "must be a string"),
+        ({"rules": [{"max_bytes": 1}]}, "plugin.schema.rules[0].pattern", "required"),
         ({"rules": [{"pattern": "a", "schema": "nope.json"}]}, "plugin.schema.rules[0].schema", "file not found"),
-        ({"rules": [{"pattern": "a", "max_bytes": True}]}, "plugin.schema.rules[0].max_bytes", ">= 0"),
+        ({"rules": [{"pattern": "a", "max_bytes": True}]}, "plugin.schema.rules[0].max_bytes", "expected an integer, got True"),
         ({"rules": [{"pattern": "a", "max": 1}]}, "plugin.schema.rules[0].max", "unknown key"),
     ],
 )  # fmt: skip

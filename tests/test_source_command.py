@@ -217,7 +217,7 @@ def make(table: dict[str, Any]) -> object:
         (
             {"command": ["ls"], "mappings": [{"topic": "t"}], "env": {"A": 1}},
             "sources[0].env.A",
-            "must be a string",
+            "expected a string, got 1",
         ),
         (
             {"command": ["ls"], "mappings": [{"topic": "t"}], "stop_timeout": 0},

@@ -526,7 +526,7 @@ def make(settings: dict[str, Any], host: str = "127.0.0.1") -> object:
             "plain HTTP on non-loopback",
         ),
         ({"keys": [{"id": "a", "key": KEY}], "path": "api"}, "path", "must start with '/'"),
-        ({"keys": [{"id": "a", "key": KEY}], "port": 70000}, "port", "must be <= 65535"),
+        ({"keys": [{"id": "a", "key": KEY}], "port": 70000}, "port", "must be between 0 and 65535"),
         ({"keys": [{"id": "a", "key": KEY}], "subject": "x"}, "subject", "unknown key"),
         (
             {"keys": [{"id": "a", "key": KEY}], "tls_cert": "/nonexistent.pem"},

@@ -274,7 +274,7 @@ def base(**extra: Any) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("settings", "key", "reason"),
     [
-        (base(send=[1]), "sources[0].send[0]", "must be a string or a table"),
+        (base(send=[1]), "sources[0].send[0]", "expected a string or a table"),
         (base(mappings=[]), "sources[0].mappings", "must not be empty"),
         (
             base(mappings=[{"topic": "t.{x|shout}"}]),
@@ -286,7 +286,7 @@ def base(**extra: Any) -> dict[str, Any]:
             "sources[0].mappings[0].match.a",
             "must be",
         ),
-        (base(headers={"X-Key": 1}), "sources[0].headers.X-Key", "must be a string"),
+        (base(headers={"X-Key": 1}), "sources[0].headers.X-Key", "expected a string"),
         (base(idle_timeout=-1), "sources[0].idle_timeout", "must be >= 0"),
         (base(ca_file="/nonexistent/ca.pem"), "sources[0].ca_file", "file not found"),
         (base(urls=["ws://x:99999/"]), "sources[0].urls[0]", "invalid port"),

@@ -4,9 +4,13 @@ mapping templates (broker/mapping.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import re
+import sys
+import types
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,8 +31,8 @@ from broker import (
     config_from_dict,
     hookimpl,
 )
-from broker.core.mapping import MappingError, MessageMapping, Template, parse_mapping, select
-from broker.core.settings import Settings
+from broker.core.mapping import MappingError, MatchMappingSettings, MessageMapping, Template, select
+from broker.core.settings import parse
 from broker.sources import Backoff, Publisher, SourceState, Supervisor, describe_error
 from tests.conftest import BrokerFactory
 from tests.helpers import connect, deny_factory, wait_until
@@ -559,10 +563,7 @@ def test_data_template_selects_a_value_or_renders_text() -> None:
 
 
 def mapping(**table: Any) -> MessageMapping:
-    t = Settings(table)
-    result = parse_mapping(t)
-    t.finish()
-    return result
+    return parse(MatchMappingSettings, table).build()
 
 
 def test_mapping_apply_and_topic_validation() -> None:
@@ -631,22 +632,29 @@ def documented_keys(text: str) -> set[str]:
     return keys
 
 
-def read_keys(
-    monkeypatch: pytest.MonkeyPatch, factory: Any, settings: dict[str, Any], name: str
-) -> dict[str, set[str]]:
-    """The keys the factory asks its Settings for, by table (indexes dropped)."""
-    seen: dict[str, set[str]] = {}
-    original = Settings._pop
-
-    def recording(self: Settings, key: str, default: Any) -> Any:
-        table = re.sub(r"\[\d+\]", "", self.prefix)
-        seen.setdefault(table, set()).add(key)
-        return original(self, key, default)
-
-    monkeypatch.setattr(Settings, "_pop", recording)
-    config = config_from_dict({"plugins": {"enabled": [name]}})
-    factory(settings, PluginContext(name, config))
+def settings_keys(kind: Any, table: str = "") -> dict[str, set[str]]:
+    """The keys of a settings dataclass, by table (nested tables and arrays
+    of tables by their dotted path)."""
+    hints = typing.get_type_hints(kind)
+    seen: dict[str, set[str]] = {table: set()}
+    for f in dataclasses.fields(kind):
+        seen[table].add(f.name)
+        inner = hints[f.name]
+        while typing.get_origin(inner) in (tuple, types.UnionType, typing.Union):
+            inner = next(a for a in typing.get_args(inner) if a is not type(None))
+        if dataclasses.is_dataclass(inner):
+            sub = f"{table}.{f.name}" if table else f.name
+            seen.update(settings_keys(inner, sub))
     return seen
+
+
+def read_keys(factory: Any) -> dict[str, set[str]]:
+    """The keys a source plugin reads, by table: its settings types'."""
+    module = sys.modules[factory.__module__]
+    kind = getattr(module, "HttpSettings", None)
+    if kind is not None:
+        return settings_keys(kind)
+    return {"": {"sources"}, **settings_keys(module.SourceSettings, "sources")}
 
 
 COMMON = {"name", "subject", "roles", "backoff_min", "backoff_max", "backoff_reset"}
@@ -714,7 +722,8 @@ def _cases() -> list[Any]:
 def test_every_source_key_is_documented_and_every_documented_key_exists(
     monkeypatch: pytest.MonkeyPatch, factory: Any, name: str, settings: dict[str, Any], marker: str
 ) -> None:
-    seen = read_keys(monkeypatch, factory, settings, name)
+    factory(settings, PluginContext(name, config_from_dict({"plugins": {"enabled": [name]}})))
+    seen = read_keys(factory)
     text = doc_section(marker)
     documented = documented_keys(text)
     for table, keys in seen.items():

@@ -33,24 +33,27 @@ and log those messages and go on.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Annotated, Any, Final
 
 from broker.core.errors import ConfigError
 from broker.core.protocol import MAX_KEY_LENGTH
-from broker.core.settings import REQUIRED, Settings
+from broker.core.settings import NON_EMPTY, Check
 from broker.core.topics import TopicError, validate_topic
 
 __all__ = [
     "FILTERS",
     "MappingError",
+    "MappingSettings",
+    "Mappings",
+    "MatchMappingSettings",
     "MessageMapping",
     "Template",
-    "parse_mapping",
-    "parse_mappings",
+    "TemplateText",
     "select",
 ]
 
@@ -274,62 +277,74 @@ def select(mappings: Iterable[MessageMapping], message: Any) -> MessageMapping |
     return None
 
 
-def _template(t: Settings, name: str, default: Any) -> Template | None:
-    text = t.text(name, default, empty=False)
-    if text is None:
-        return None
-    try:
-        return Template(text)
-    except ValueError as e:
-        raise ConfigError(t.key(name), str(e)) from None
+# -- settings -------------------------------------------------------------------------
 
 
-def _flatten(prefix: str, table: dict[str, Any], out: list[tuple[str, Any]]) -> None:
+def _check_template(text: str) -> None:
+    Template(text)  # ValueError: a syntax error
+
+
+#: A template in a settings table: checked when the settings are read.
+TemplateText = Annotated[str, NON_EMPTY, Check(_check_template)]
+
+
+def _template(text: str | None) -> Template | None:
+    return None if text is None else Template(text)
+
+
+def _flatten(prefix: str, table: Mapping[str, object], out: list[tuple[str, object]]) -> None:
     for name, value in table.items():
         path = f"{prefix}.{name}" if prefix else name
-        if isinstance(value, dict):
+        if isinstance(value, Mapping):
             _flatten(path, value, out)
         else:
             out.append((path, value))
 
 
-def parse_mapping(
-    t: Settings,
-    *,
-    default_data: str | None = None,
-    allow_match: bool = True,
-) -> MessageMapping:
-    """Read ``topic``, ``key``, ``data`` (and ``match``) from a settings table.
+@dataclass(frozen=True, kw_only=True)
+class MappingSettings:
+    """A mapping's table: ``topic`` (required), ``key`` and ``data`` templates.
 
-    Other keys are left in the table for the caller, who calls
-    :meth:`Settings.finish`.
+    A source whose messages have another natural payload overrides the
+    ``data`` default in a subclass (``data: TemplateText | None = "{data}"``).
     """
-    topic = _template(t, "topic", REQUIRED)
-    assert topic is not None
-    key = _template(t, "key", None)
-    data = _template(t, "data", default_data)
-    match: list[tuple[_Field, Any]] = []
-    if allow_match and t.has("match"):
-        raw = t.table("match")
-        pairs: list[tuple[str, Any]] = []
-        _flatten("", raw, pairs)
+
+    topic: TemplateText
+    key: TemplateText | None = None
+    data: TemplateText | None = None
+
+    def conditions(self) -> tuple[tuple[_Field, Any], ...]:
+        return ()
+
+    def build(self) -> MessageMapping:
+        """The compiled mapping (the templates were checked when read)."""
+        topic = Template(self.topic)
+        return MessageMapping(topic, _template(self.key), _template(self.data), self.conditions())
+
+
+@dataclass(frozen=True, kw_only=True)
+class MatchMappingSettings(MappingSettings):
+    """A mapping's table with ``match`` conditions (path = value, nested
+    tables meaning nested paths)."""
+
+    match: dict[str, object] = dataclasses.field(default_factory=dict)
+
+    def conditions(self) -> tuple[tuple[_Field, Any], ...]:
+        pairs: list[tuple[str, object]] = []
+        _flatten("", self.match, pairs)
+        match: list[tuple[_Field, Any]] = []
         for path, value in pairs:
             if not isinstance(value, str | int | float | bool):
-                raise ConfigError(
-                    f"{t.key('match')}.{path}", "must be a string, a number or a boolean"
-                )
+                raise ConfigError(f"match.{path}", "must be a string, a number or a boolean")
             try:
-                field = _parse_field(path)
+                match.append((_parse_field(path), value))
             except ValueError as e:
-                raise ConfigError(f"{t.key('match')}.{path}", str(e)) from None
-            match.append((field, value))
-    return MessageMapping(topic, key, data, tuple(match))
+                raise ConfigError(f"match.{path}", str(e)) from None
+        return tuple(match)
+
+    def validate(self) -> None:
+        self.conditions()
 
 
-def parse_mappings(t: Settings, name: str = "mappings") -> tuple[MessageMapping, ...]:
-    """Read an array of mapping tables (``[[...mappings]]``), at least one."""
-    mappings = []
-    for m in t.tables(name, empty=False):
-        mappings.append(parse_mapping(m))
-        m.finish()
-    return tuple(mappings)
+#: An array of mapping tables, at least one.
+Mappings = Annotated[tuple[MatchMappingSettings, ...], NON_EMPTY]

@@ -35,15 +35,15 @@ import logging
 import random
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Final, Generic, Protocol, TypeVar
 
 import trio
 
 from broker.core.errors import ConfigError, PublishError
 from broker.core.mapping import MappingError, MessageMapping, select
-from broker.core.settings import REQUIRED, Settings
+from broker.core.settings import NON_EMPTY, Check, NonEmptyStr, Seconds, parse
 from broker.core.values import Identity
 from broker.plugin.hookspecs import hookimpl
 
@@ -53,16 +53,19 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Backoff",
+    "ConfiguredSource",
     "LogLimiter",
     "Publisher",
     "Source",
     "SourceError",
+    "SourceName",
     "SourceOptions",
+    "SourceSettings",
     "SourceState",
     "SourcesPlugin",
+    "SubjectSourceSettings",
     "Supervisor",
     "describe_error",
-    "parse_source_options",
     "publish_mapped",
     "sources_plugin",
     "unique_names",
@@ -418,39 +421,62 @@ class Supervisor:
 
 # -- settings shared by the built-in source plugins ------------------------------------
 
+_BACKOFF: Final = Backoff()
+
+
+def _source_name(name: str) -> None:
+    if not _NAME_RE.fullmatch(name):
+        raise ValueError("must be 1 to 64 letters, digits, '_' or '-'")
+
+
+SourceName = Annotated[str, Check(_source_name)]
+
 
 @dataclass(frozen=True, slots=True)
 class SourceOptions:
-    """The keys every built-in source table has: who it is and how it restarts."""
+    """Who a source is and how it restarts, from its :class:`SourceSettings`."""
 
     name: str
     identity: Identity
     backoff: Backoff
 
 
-def parse_source_options(
-    t: Settings, plugin: str, *, default_name: str | None = None, identity: bool = True
-) -> SourceOptions:
-    """Read ``name``, ``subject``, ``roles`` (unless *identity* is false: the
-    identity is then ``PLUGIN:NAME`` without roles), ``backoff_min``,
-    ``backoff_max`` and ``backoff_reset`` from a source's table."""
-    name = t.text("name", REQUIRED if default_name is None else default_name)
-    if not _NAME_RE.fullmatch(name):
-        raise ConfigError(t.key("name"), "must be 1 to 64 letters, digits, '_' or '-'")
-    subject = t.text("subject", f"{plugin}:{name}") if identity else f"{plugin}:{name}"
-    roles = t.strings("roles", []) if identity else ()
-    d = Backoff()
-    backoff = Backoff(
-        min=t.number("backoff_min", d.min),
-        max=t.number("backoff_max", d.max),
-        reset=t.number("backoff_reset", d.reset),
-    )
-    if backoff.max < backoff.min:
-        raise ConfigError(t.key("backoff_max"), "must be >= backoff_min")
-    return SourceOptions(name, Identity(subject, frozenset(roles), plugin=plugin), backoff)
+@dataclass(frozen=True, kw_only=True)
+class SourceSettings:
+    """The keys every built-in source table has: ``name`` and the restart
+    delays. Its identity is ``PLUGIN:NAME``, without roles."""
+
+    name: SourceName
+    backoff_min: Seconds = _BACKOFF.min
+    backoff_max: Seconds = _BACKOFF.max
+    backoff_reset: Seconds = _BACKOFF.reset
+
+    def validate(self) -> None:
+        if self.backoff_max < self.backoff_min:
+            raise ConfigError("backoff_max", "must be >= backoff_min")
+
+    def identity(self, plugin: str) -> Identity:
+        return Identity(f"{plugin}:{self.name}", plugin=plugin)
+
+    def options(self, plugin: str) -> SourceOptions:
+        backoff = Backoff(self.backoff_min, self.backoff_max, self.backoff_reset)
+        return SourceOptions(self.name, self.identity(plugin), backoff)
 
 
-def unique_names(options: list[SourceOptions], key: str) -> None:
+@dataclass(frozen=True, kw_only=True)
+class SubjectSourceSettings(SourceSettings):
+    """A source whose identity may be configured: ``subject`` (default
+    ``PLUGIN:NAME``) and ``roles``."""
+
+    subject: NonEmptyStr | None = None
+    roles: tuple[NonEmptyStr, ...] = ()
+
+    def identity(self, plugin: str) -> Identity:
+        subject = self.subject or f"{plugin}:{self.name}"
+        return Identity(subject, frozenset(self.roles), plugin=plugin)
+
+
+def unique_names(options: Sequence[SourceSettings], key: str) -> None:
     """Refuse two sources of one plugin with the same name."""
     seen: set[str] = set()
     for i, opt in enumerate(options):
@@ -459,38 +485,53 @@ def unique_names(options: list[SourceOptions], key: str) -> None:
         seen.add(opt.name)
 
 
-class _HasOptions(Protocol):
-    @property
-    def options(self) -> SourceOptions: ...
+C = TypeVar("C", bound=SourceSettings)
 
 
-C = TypeVar("C", bound=_HasOptions)
+class ConfiguredSource(Generic[C]):
+    """Base of a source built from its settings (*config*) and the
+    :class:`SourceOptions` they give: sets ``name``, ``identity``, ``backoff``."""
+
+    def __init__(self, config: C, options: SourceOptions) -> None:
+        self.config = config
+        self.name = options.name
+        self.identity = options.identity
+        self.backoff = options.backoff
 
 
 class SourcesPlugin(Generic[C]):
     """A plugin that contributes one source per ``[[plugin.NAME.sources]]`` table."""
 
-    def __init__(self, configs: list[C], make: Callable[[C], Source]) -> None:
+    def __init__(
+        self, plugin: str, configs: Sequence[C], make: Callable[[C, SourceOptions], Source]
+    ) -> None:
+        self.plugin = plugin
         self.configs = configs
         self._make = make
 
     @hookimpl
     def broker_sources(self, broker: Broker) -> list[Source]:
-        return [self._make(config) for config in self.configs]
+        return [self._make(c, c.options(self.plugin)) for c in self.configs]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _SourcesTable:
+    sources: Annotated[tuple[Mapping[str, object], ...], NON_EMPTY]
 
 
 def sources_plugin(
-    settings: Mapping[str, Any],
+    settings: Mapping[str, object],
     context: PluginContext,
-    parse: Callable[[Settings, PluginContext], C],
-    make: Callable[[C], Source],
+    kind: type[C],
+    make: Callable[[C, SourceOptions], Source],
 ) -> SourcesPlugin[C]:
     """The factory body shared by the built-in source plugins: read the
-    ``sources`` array (at least one table), parse each table with *parse*,
-    refuse duplicate names, and contribute ``make(config)`` for each."""
-    t = Settings(settings)
-    tables = t.tables("sources", empty=False)
-    t.finish()
-    configs = [parse(table, context) for table in tables]
-    unique_names([c.options for c in configs], "sources")
-    return SourcesPlugin(configs, make)
+    ``sources`` array (at least one table) as *kind* each, refuse duplicate
+    names, and contribute ``make(config, options)`` for each."""
+    tables = parse(_SourcesTable, settings).sources
+    source = context.config.source
+    configs = [
+        parse(kind, table, prefix=f"sources[{i}]", source=source) for i, table in enumerate(tables)
+    ]
+    unique_names(configs, "sources")
+    return SourcesPlugin(context.name, configs, make)

@@ -26,16 +26,14 @@ import json
 import math
 import ssl
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Final
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Final
 from urllib.parse import urlsplit
 
 import trio
 import trio_websocket
 
-from broker.core.errors import ConfigError
-from broker.core.settings import Settings
+from broker.core.settings import NON_EMPTY, Check, File, Meta, Seconds
 from broker.sources.supervisor import SourceError
 
 __all__ = [
@@ -44,7 +42,6 @@ __all__ = [
     "UpstreamConnection",
     "UpstreamOptions",
     "display_url",
-    "parse_upstream_options",
 ]
 
 #: Seconds the closing handshake with the upstream may take.
@@ -62,55 +59,29 @@ def display_url(url: str) -> str:
     return f"{parts.scheme}://{host}{port}{rest}"
 
 
-@dataclass(frozen=True, slots=True)
+def _upstream_url(url: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise ValueError("must be a ws:// or wss:// URL")
+    try:
+        parts.port  # noqa: B018 - validates the port
+    except ValueError:
+        raise ValueError("invalid port") from None
+
+
+@dataclass(frozen=True, kw_only=True)
 class UpstreamOptions:
-    """How to reach the upstream (the keys are documented in docs/sources.md)."""
+    """How to reach the upstream: the keys of a source table that uses
+    :class:`Upstream` (documented in docs/sources.md). A source's settings
+    class derives from it (and from :class:`~broker.sources.SourceSettings`)."""
 
-    urls: tuple[str, ...]
-    headers: tuple[tuple[str, str], ...] = ()
-    ca_file: str = ""
-    connect_timeout: float = 10.0
-    idle_timeout: float = 60.0
-    ping_interval: float = 20.0
-    max_message_size: int = 1_048_576
-
-
-def parse_upstream_options(
-    t: Settings, *, source_file: Path | None = None, idle_timeout: float = 60.0
-) -> UpstreamOptions:
-    """Read ``urls``, ``headers``, ``ca_file``, ``connect_timeout``,
-    ``idle_timeout``, ``ping_interval`` and ``max_message_size``."""
-    urls = t.strings("urls", empty=False)
-    for i, url in enumerate(urls):
-        parts = urlsplit(url)
-        if parts.scheme not in ("ws", "wss") or not parts.hostname:
-            raise ConfigError(f"{t.key('urls')}[{i}]", "must be a ws:// or wss:// URL")
-        try:
-            parts.port  # noqa: B018 - validates the port
-        except ValueError:
-            raise ConfigError(f"{t.key('urls')}[{i}]", "invalid port") from None
-    raw_headers = t.table("headers", {})
-    headers = []
-    for name, value in raw_headers.items():
-        if not isinstance(value, str):
-            raise ConfigError(f"{t.key('headers')}.{name}", "must be a string")
-        headers.append((str(name), value))
-    ca_file = t.text("ca_file", "", empty=True)
-    if ca_file:
-        if source_file is not None and not Path(ca_file).is_absolute():
-            ca_file = str((source_file.parent / ca_file).resolve())
-        if not Path(ca_file).is_file():
-            raise ConfigError(t.key("ca_file"), f"file not found: {ca_file}")
-    d = UpstreamOptions(urls)
-    return UpstreamOptions(
-        urls=urls,
-        headers=tuple(headers),
-        ca_file=ca_file,
-        connect_timeout=t.number("connect_timeout", d.connect_timeout),
-        idle_timeout=t.number("idle_timeout", idle_timeout, zero=True),
-        ping_interval=t.number("ping_interval", d.ping_interval, zero=True),
-        max_message_size=t.integer("max_message_size", d.max_message_size, minimum=1),
-    )
+    urls: Annotated[tuple[Annotated[str, Check(_upstream_url)], ...], NON_EMPTY]
+    headers: dict[str, str] = field(default_factory=dict)
+    ca_file: Annotated[str, File()] = ""
+    connect_timeout: Seconds = 10.0
+    idle_timeout: Annotated[float, Meta(ge=0)] = 60.0
+    ping_interval: Annotated[float, Meta(ge=0)] = 20.0
+    max_message_size: Annotated[int, Meta(ge=1)] = 1_048_576
 
 
 class UpstreamConnection:
@@ -205,7 +176,7 @@ class Upstream:
             async with trio_websocket.open_websocket_url(
                 url,
                 ssl_context,
-                extra_headers=[(k.encode(), v.encode()) for k, v in opts.headers],
+                extra_headers=[(k.encode(), v.encode()) for k, v in opts.headers.items()],
                 max_message_size=opts.max_message_size,
                 connect_timeout=opts.connect_timeout,
                 disconnect_timeout=CLOSE_TIMEOUT,

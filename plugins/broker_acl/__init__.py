@@ -47,11 +47,12 @@ no rule allows, whatever ``[authorization] default`` says; with
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Annotated, Any, Final, Literal
 
 from broker import (
     Action,
@@ -60,12 +61,24 @@ from broker import (
     PluginContext,
     TopicError,
     hookimpl,
+    parse_settings,
     validate_pattern,
 )
+from broker.settings import Check, NonEmptyStr
 
 from .matcher import covers, intersects, matches_any
 
-__all__ = ["ACL", "RULE_SETTINGS", "SETTINGS", "Rule", "create", "render"]
+__all__ = [
+    "ACL",
+    "RULE_SETTINGS",
+    "SETTINGS",
+    "Rule",
+    "RuleSettings",
+    "Settings",
+    "create",
+    "render",
+    "template",
+]
 
 log = logging.getLogger("broker.plugins.acl")
 
@@ -73,9 +86,6 @@ _TOKEN: Final = re.compile(r"[A-Za-z0-9_\-:]+")
 _BRACES: Final = re.compile(r"\{[^{}]*\}")
 _PLACEHOLDER: Final = re.compile(r"\{(sub|subject|plugin|claims\.[A-Za-z0-9_\-:]+)\}")
 _LISTS: Final = ("subscribe", "publish", "deny_subscribe", "deny_publish")
-#: The keys of [plugin.acl] and of each [[plugin.acl.rules]] entry.
-SETTINGS: Final = frozenset({"default", "rules"})
-RULE_SETTINGS: Final = frozenset({"subjects", "roles", *_LISTS})
 
 #: A pattern template: literal tokens, wildcards, and placeholders (kept
 #: with their braces, e.g. "{sub}").
@@ -192,75 +202,88 @@ class ACL:
         return decision
 
 
-def _templates(value: object, key: str) -> tuple[Template, ...]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ConfigError(key, "must be a list of patterns")
-    templates = []
-    for i, text in enumerate(value):
-        # Placeholders may contain dots ({claims.tenant}): set them aside
-        # before splitting the pattern into tokens.
-        found = iter(_BRACES.findall(text))
-        masked = _BRACES.sub("\0", text)
-        tokens = []
-        plain = []
-        for token in masked.split("."):
-            if token == "\0":
-                placeholder = next(found)
-                if not _PLACEHOLDER.fullmatch(placeholder):
-                    raise ConfigError(
-                        f"{key}[{i}]",
-                        f"unknown placeholder {placeholder} in {text!r}: use {{sub}}, "
-                        "{subject}, {plugin} or {claims.NAME}",
-                    )
-                tokens.append(placeholder)
-                plain.append("x")
-            elif "\0" in token or "{" in token or "}" in token:
-                raise ConfigError(
-                    f"{key}[{i}]",
-                    f"placeholders must be whole tokens, as in user.{{sub}}.orders: {text!r}",
+def template(text: str) -> Template:
+    """*text* as a pattern template; ValueError (the reason) if it is not one."""
+    # Placeholders may contain dots ({claims.tenant}): set them aside before
+    # splitting the pattern into tokens.
+    found = iter(_BRACES.findall(text))
+    masked = _BRACES.sub("\0", text)
+    tokens = []
+    plain = []
+    for token in masked.split("."):
+        if token == "\0":
+            placeholder = next(found)
+            if not _PLACEHOLDER.fullmatch(placeholder):
+                raise ValueError(
+                    f"unknown placeholder {placeholder} in {text!r}: use {{sub}}, "
+                    "{subject}, {plugin} or {claims.NAME}"
                 )
-            else:
-                tokens.append(token)
-                plain.append(token)
-        try:
-            validate_pattern(".".join(plain))
-        except TopicError as e:
-            raise ConfigError(f"{key}[{i}]", f"{text!r}: {e}") from None
-        templates.append(tuple(tokens))
-    return tuple(templates)
+            tokens.append(placeholder)
+            plain.append("x")
+        elif "\0" in token or "{" in token or "}" in token:
+            raise ValueError(
+                f"placeholders must be whole tokens, as in user.{{sub}}.orders: {text!r}"
+            )
+        else:
+            tokens.append(token)
+            plain.append(token)
+    try:
+        validate_pattern(".".join(plain))
+    except TopicError as e:
+        raise ValueError(f"{text!r}: {e}") from None
+    return tuple(tokens)
 
 
-def _names(value: object, key: str) -> frozenset[str]:
-    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise ConfigError(key, "must be a list of non-empty strings")
-    return frozenset(value)
+#: A pattern with placeholders, as written.
+PatternTemplate = Annotated[str, Check(template)]
+Templates = tuple[PatternTemplate, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class RuleSettings:
+    """One ``[[plugin.acl.rules]]`` table."""
+
+    subjects: frozenset[NonEmptyStr] = frozenset()
+    roles: frozenset[NonEmptyStr] = frozenset()
+    subscribe: Templates = ()
+    publish: Templates = ()
+    deny_subscribe: Templates = ()
+    deny_publish: Templates = ()
+
+    def validate(self) -> None:
+        if not self.subjects and not self.roles:
+            raise ConfigError("", 'give roles or subjects ("*" for everyone)')
+        if not any((self.subscribe, self.publish, self.deny_subscribe, self.deny_publish)):
+            raise ConfigError("", f"give at least one of {', '.join(_LISTS)}")
+
+    def rule(self) -> Rule:
+        def compiled(texts: Templates) -> tuple[Template, ...]:
+            return tuple(template(text) for text in texts)
+
+        return Rule(
+            self.subjects,
+            self.roles,
+            compiled(self.subscribe),
+            compiled(self.publish),
+            compiled(self.deny_subscribe),
+            compiled(self.deny_publish),
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """``[plugin.acl]``."""
+
+    default: Literal["deny", "defer"] = "deny"
+    rules: tuple[RuleSettings, ...] = ()
+
+
+#: The keys of [plugin.acl] and of each [[plugin.acl.rules]] entry.
+SETTINGS: Final = frozenset(f.name for f in dataclasses.fields(Settings))
+RULE_SETTINGS: Final = frozenset(f.name for f in dataclasses.fields(RuleSettings))
 
 
 def create(settings: Mapping[str, Any], context: PluginContext) -> ACL:
     """Plugin factory (entry point ``acl``)."""
-    unknown = set(settings) - SETTINGS
-    if unknown:
-        raise ConfigError(sorted(unknown)[0], "unknown key")
-    default = settings.get("default", "deny")
-    if default not in ("deny", "defer"):
-        raise ConfigError("default", "must be one of deny, defer")
-    raw_rules = settings.get("rules", [])
-    if not isinstance(raw_rules, list):
-        raise ConfigError("rules", "must be a list of tables ([[plugin.acl.rules]])")
-    rules = []
-    for i, raw in enumerate(raw_rules):
-        key = f"rules[{i}]"
-        if not isinstance(raw, dict):
-            raise ConfigError(key, "must be a table")
-        extra = set(raw) - RULE_SETTINGS
-        if extra:
-            raise ConfigError(f"{key}.{sorted(extra)[0]}", "unknown key")
-        subjects = _names(raw.get("subjects", []), f"{key}.subjects")
-        roles = _names(raw.get("roles", []), f"{key}.roles")
-        if not subjects and not roles:
-            raise ConfigError(key, 'give roles or subjects ("*" for everyone)')
-        lists = {name: _templates(raw.get(name, []), f"{key}.{name}") for name in _LISTS}
-        if not any(lists.values()):
-            raise ConfigError(key, f"give at least one of {', '.join(_LISTS)}")
-        rules.append(Rule(subjects, roles, **lists))
-    return ACL(rules, default_deny=default == "deny")
+    s = parse_settings(Settings, settings)
+    return ACL([r.rule() for r in s.rules], default_deny=s.default == "deny")

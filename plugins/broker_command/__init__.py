@@ -35,29 +35,28 @@ import os
 import signal
 import subprocess
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
-from typing import Any, Final
+from typing import Annotated, Any, Final
 
 import trio
 
-from broker import ConfigError, Identity, PluginContext, Settings
+from broker import PluginContext
+from broker.settings import NON_EMPTY, Dir, Meta, NonEmptyStr, Seconds
 from broker.sources import (
-    Backoff,
+    ConfiguredSource,
     LogLimiter,
-    MessageMapping,
+    Mappings,
     Publisher,
     SourceError,
     SourceOptions,
     SourcesPlugin,
-    parse_mappings,
-    parse_source_options,
+    SubjectSourceSettings,
     publish_mapped,
     sources_plugin,
 )
 
-__all__ = ["CommandSource", "create"]
+__all__ = ["CommandSource", "SourceSettings", "create"]
 
 log = logging.getLogger("broker.plugins.command")
 
@@ -66,15 +65,17 @@ PLUGIN: Final = "command"
 STDERR_LINE: Final = 500
 
 
-@dataclass(frozen=True, slots=True)
-class SourceConfig:
-    options: SourceOptions
-    command: tuple[str, ...]
-    cwd: str | None
-    env: tuple[tuple[str, str], ...]
-    mappings: tuple[MessageMapping, ...]
-    max_line_length: int
-    stop_timeout: float
+@dataclass(frozen=True, kw_only=True)
+class SourceSettings(SubjectSourceSettings):
+    """A ``[[plugin.command.sources]]`` table."""
+
+    command: Annotated[tuple[NonEmptyStr, ...], NON_EMPTY]
+    #: Relative to broker.toml's directory; default the broker's own.
+    cwd: Annotated[str, Dir()] | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    mappings: Mappings
+    max_line_length: Annotated[int, Meta(ge=1)] = 1_048_576
+    stop_timeout: Seconds = 5.0
 
 
 async def _lines(stream: trio.abc.ReceiveStream, limit: int) -> AsyncIterator[bytes | None]:
@@ -102,14 +103,12 @@ async def _lines(stream: trio.abc.ReceiveStream, limit: int) -> AsyncIterator[by
         yield bytes(buffer) if len(buffer) <= limit else None
 
 
-class CommandSource:
+class CommandSource(ConfiguredSource[SourceSettings]):
     """One command, run and restarted by the supervisor."""
 
-    def __init__(self, config: SourceConfig) -> None:
-        self.config = config
-        self.name = config.options.name
-        self.identity: Identity = config.options.identity
-        self.backoff: Backoff = config.options.backoff
+    def __init__(self, config: SourceSettings, options: SourceOptions) -> None:
+        super().__init__(config, options)
+        self.mappings = tuple(m.build() for m in config.mappings)
         self.pid: int | None = None
         self._stderr = LogLimiter(log, interval=1.0)
 
@@ -126,7 +125,7 @@ class CommandSource:
 
     async def run(self, publisher: Publisher) -> None:
         config = self.config
-        env = {**os.environ, **dict(config.env)} if config.env else None
+        env = {**os.environ, **config.env} if config.env else None
         async with trio.open_nursery() as nursery:
             try:
                 process: trio.Process = await nursery.start(
@@ -172,7 +171,7 @@ class CommandSource:
         except (ValueError, RecursionError):
             publisher.skip(f"a line that is not JSON: {line[:80]!r}")
             return
-        await publish_mapped(publisher, self.config.mappings, message)
+        await publish_mapped(publisher, self.mappings, message)
 
     async def _log_stderr(self, stream: trio.abc.ReceiveStream) -> None:
         async with stream:
@@ -185,30 +184,6 @@ class CommandSource:
                 self._stderr.warning("source %s: stderr: %s", self.name, text)
 
 
-def _source(t: Settings, context: PluginContext) -> SourceConfig:
-    options = parse_source_options(t, context.name)
-    command = t.strings("command", empty=False)
-    base = context.config.source.parent if context.config.source is not None else None
-    cwd = t.text("cwd", None)
-    if cwd is not None:
-        path = Path(cwd)
-        if base is not None and not path.is_absolute():
-            path = (base / path).resolve()
-        if not path.is_dir():
-            raise ConfigError(t.key("cwd"), f"not a directory: {path}")
-        cwd = str(path)
-    env = []
-    for name, value in t.table("env", {}).items():
-        if not isinstance(value, str):
-            raise ConfigError(f"{t.key('env')}.{name}", "must be a string")
-        env.append((str(name), value))
-    mappings = parse_mappings(t, "mappings")
-    max_line_length = t.integer("max_line_length", 1_048_576, minimum=1)
-    stop_timeout = t.number("stop_timeout", 5.0)
-    t.finish()
-    return SourceConfig(options, command, cwd, tuple(env), mappings, max_line_length, stop_timeout)
-
-
-def create(settings: Mapping[str, Any], context: PluginContext) -> SourcesPlugin[SourceConfig]:
+def create(settings: Mapping[str, Any], context: PluginContext) -> SourcesPlugin[SourceSettings]:
     """Plugin factory (entry point ``command``)."""
-    return sources_plugin(settings, context, _source, CommandSource)
+    return sources_plugin(settings, context, SourceSettings, CommandSource)

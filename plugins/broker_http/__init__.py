@@ -44,26 +44,15 @@ import hashlib
 import hmac
 import json
 import logging
-import re
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Final, NoReturn
 
 import trio
 
-from broker import (
-    Broker,
-    ConfigError,
-    ErrorCode,
-    Identity,
-    PluginContext,
-    PublishError,
-    Settings,
-    hookimpl,
-    is_loopback_host,
-)
+from broker import Broker, ErrorCode, Identity, PluginContext, PublishError, hookimpl
+from broker.settings import parse
 from broker.sources import (
     Backoff,
     HttpServer,
@@ -73,18 +62,16 @@ from broker.sources import (
     Response,
     SourceError,
     SourceOptions,
-    parse_source_options,
 )
 
-__all__ = ["MIN_KEY_LENGTH", "HttpPlugin", "HttpSource", "create"]
+from .settings import MIN_KEY_LENGTH, HttpSettings
+
+__all__ = ["MIN_KEY_LENGTH", "HttpPlugin", "HttpSettings", "HttpSource", "create"]
 
 log = logging.getLogger("broker.plugins.http")
 
-#: Shortest plain-text API key accepted in the config.
-MIN_KEY_LENGTH: Final = 16
 #: Largest request head (request line and headers), in bytes.
 MAX_HEAD: Final = 16_384
-_HEX64: Final = re.compile(r"[0-9a-fA-F]{64}")
 
 #: The HTTP status for each error code.
 STATUS: Final[dict[str, int]] = {
@@ -353,80 +340,21 @@ class HttpPlugin:
         return [HttpSource(self.config)]
 
 
-def _keys(t: Settings, plugin: str) -> tuple[ApiKey, ...]:
-    entries: list[ApiKey] = []
-    seen: set[bytes] = set()
-    for k in t.tables("keys", empty=False):
-        ident = k.text("id")
-        roles = k.strings("roles", [])
-        plain = k.text("key", None)
-        hexdigest = k.text("sha256", None)
-        k.finish()
-        if (plain is None) == (hexdigest is None):
-            raise ConfigError(k.prefix, "give exactly one of key or sha256")
-        if plain is not None:
-            if len(plain) < MIN_KEY_LENGTH:
-                raise ConfigError(k.key("key"), f"must be at least {MIN_KEY_LENGTH} characters")
-            digest = hashlib.sha256(plain.encode()).digest()
-        else:
-            if not _HEX64.fullmatch(hexdigest):
-                raise ConfigError(k.key("sha256"), "must be 64 hexadecimal digits")
-            digest = bytes.fromhex(hexdigest)
-        if digest in seen:
-            raise ConfigError(k.prefix, "the same key is configured twice")
-        seen.add(digest)
-        entries.append(ApiKey(digest, Identity(ident, frozenset(roles), plugin=plugin)))
-    return tuple(entries)
-
-
-def _path_setting(t: Settings, name: str, source: Path | None) -> str:
-    value: str = t.text(name, "", empty=True)
-    if value and source is not None and not Path(value).is_absolute():
-        value = str((source.parent / value).resolve())
-    if value and not Path(value).is_file():
-        raise ConfigError(t.key(name), f"file not found: {value}")
-    return value
-
-
 def create(settings: Mapping[str, Any], context: PluginContext) -> HttpPlugin:
     """Plugin factory (entry point ``http``)."""
-    t = Settings(settings)
-    options = parse_source_options(t, context.name, default_name="api", identity=False)
-    host = t.text("host", "127.0.0.1")
-    port = t.integer("port", 8080, minimum=0, maximum=65535)
-    path = t.text("path", "/api/publish")
-    if not path.startswith("/"):
-        raise ConfigError(t.key("path"), "must start with '/'")
-    keys = _keys(t, context.name)
-    cert = _path_setting(t, "tls_cert", context.config.source)
-    key = _path_setting(t, "tls_key", context.config.source)
-    if bool(cert) != bool(key):
-        missing = "tls_key" if cert else "tls_cert"
-        raise ConfigError(missing, "tls_cert and tls_key must be given together")
-    insecure = t.flag("allow_insecure", False)
-    max_body_size = t.integer("max_body_size", 1_048_576, minimum=1)
-    max_batch = t.integer("max_batch", 1000, minimum=1)
-    max_connections = t.integer("max_connections", 256, minimum=1)
-    request_timeout = t.number("request_timeout", 30.0)
-    t.finish()
-    if not cert and not insecure and not is_loopback_host(host):
-        raise ConfigError(
-            "host",
-            f"plain HTTP on non-loopback address {host!r}: configure tls_cert and tls_key, "
-            "or set allow_insecure = true (e.g. behind a TLS proxy)",
-        )
+    s = parse(HttpSettings, settings, source=context.config.source)
     return HttpPlugin(
         HttpConfig(
-            options,
-            host,
-            port,
-            path,
-            keys,
-            cert,
-            key,
-            max_body_size,
-            max_batch,
-            max_connections,
-            request_timeout,
+            s.options(context.name),
+            s.host,
+            s.port,
+            s.path,
+            tuple(ApiKey(digest, identity) for digest, identity in s.api_keys(context.name)),
+            s.tls_cert,
+            s.tls_key,
+            s.max_body_size,
+            s.max_batch,
+            s.max_connections,
+            s.request_timeout,
         )
     )

@@ -35,29 +35,30 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Annotated, Any, Final
 
 import trio
 
-from broker import Identity, PluginContext, PublishError, Settings
+from broker import PluginContext, PublishError
+from broker.settings import NON_EMPTY, NonEmptyStr, Seconds
 from broker.sources import (
-    Backoff,
+    ConfiguredSource,
     MappingError,
+    MappingSettings,
     MessageMapping,
     Publisher,
     SourceError,
     SourceOptions,
     SourcesPlugin,
+    SubjectSourceSettings,
+    TemplateText,
     Upstream,
     UpstreamConnection,
     UpstreamOptions,
-    parse_mapping,
-    parse_source_options,
-    parse_upstream_options,
     sources_plugin,
 )
 
-__all__ = ["JsonRpcSource", "Subscription", "create"]
+__all__ = ["JsonRpcSource", "SourceSettings", "Subscription", "SubscriptionSettings", "create"]
 
 PLUGIN: Final = "jsonrpc"
 
@@ -71,13 +72,25 @@ class Subscription:
     mapping: MessageMapping
 
 
-@dataclass(frozen=True, slots=True)
-class SourceConfig:
-    options: SourceOptions
-    upstream: UpstreamOptions
-    subscriptions: tuple[Subscription, ...]
-    request_timeout: float
-    notification_method: str
+@dataclass(frozen=True, kw_only=True)
+class SubscriptionSettings(MappingSettings):
+    """A ``[[plugin.jsonrpc.sources.subscriptions]]`` table."""
+
+    method: NonEmptyStr = "eth_subscribe"
+    params: tuple[object, ...]
+    data: TemplateText | None = "{params.result}"
+
+    def subscription(self) -> Subscription:
+        return Subscription(self.method, self.params, self.build())
+
+
+@dataclass(frozen=True, kw_only=True)
+class SourceSettings(SubjectSourceSettings, UpstreamOptions):
+    """A ``[[plugin.jsonrpc.sources]]`` table."""
+
+    subscriptions: Annotated[tuple[SubscriptionSettings, ...], NON_EMPTY]
+    request_timeout: Seconds = 10.0
+    notification_method: NonEmptyStr = "eth_subscription"
 
 
 def _decode(raw: str | bytes) -> Any:
@@ -85,15 +98,13 @@ def _decode(raw: str | bytes) -> Any:
     return json.loads(text)
 
 
-class JsonRpcSource:
+class JsonRpcSource(ConfiguredSource[SourceSettings]):
     """One upstream node (with failover URLs) and its subscriptions."""
 
-    def __init__(self, config: SourceConfig) -> None:
-        self.config = config
-        self.name = config.options.name
-        self.identity: Identity = config.options.identity
-        self.backoff: Backoff = config.options.backoff
-        self.upstream = Upstream(config.upstream)
+    def __init__(self, config: SourceSettings, options: SourceOptions) -> None:
+        super().__init__(config, options)
+        self.upstream = Upstream(config)
+        self.subscriptions = tuple(s.subscription() for s in config.subscriptions)
         #: Subscription id -> subscription, for the current connection only.
         self.active: dict[str | int, Subscription] = {}
 
@@ -114,7 +125,7 @@ class JsonRpcSource:
         active: dict[str | int, Subscription] = {}
         self.active = active
         pending: dict[int, Subscription] = {}
-        for request_id, call in enumerate(config.subscriptions, 1):
+        for request_id, call in enumerate(self.subscriptions, 1):
             pending[request_id] = call
             await conn.send_json(
                 {"jsonrpc": "2.0", "id": request_id, "method": call.method, "params": call.params}
@@ -185,24 +196,6 @@ class JsonRpcSource:
         active[sub_id] = sub
 
 
-def _subscription(t: Settings) -> Subscription:
-    method = t.text("method", "eth_subscribe")
-    params = t.array("params")
-    mapping = parse_mapping(t, default_data="{params.result}", allow_match=False)
-    t.finish()
-    return Subscription(method, tuple(params), mapping)
-
-
-def _source(t: Settings, context: PluginContext) -> SourceConfig:
-    options = parse_source_options(t, context.name)
-    upstream = parse_upstream_options(t, source_file=context.config.source)
-    subscriptions = tuple(_subscription(s) for s in t.tables("subscriptions", empty=False))
-    request_timeout = t.number("request_timeout", 10.0)
-    notification_method = t.text("notification_method", "eth_subscription")
-    t.finish()
-    return SourceConfig(options, upstream, subscriptions, request_timeout, notification_method)
-
-
-def create(settings: Mapping[str, Any], context: PluginContext) -> SourcesPlugin[SourceConfig]:
+def create(settings: Mapping[str, Any], context: PluginContext) -> SourcesPlugin[SourceSettings]:
     """Plugin factory (entry point ``jsonrpc``)."""
-    return sources_plugin(settings, context, _source, JsonRpcSource)
+    return sources_plugin(settings, context, SourceSettings, JsonRpcSource)

@@ -30,20 +30,30 @@ for the same subject (:meth:`JWTAuth.broker_refresh`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Annotated, Any, Final
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from broker import ConfigError, Handshake, Identity, PluginContext, Reject, hookimpl
+from broker import (
+    ConfigError,
+    Handshake,
+    Identity,
+    PluginContext,
+    Reject,
+    hookimpl,
+    parse_settings,
+)
+from broker.settings import NON_EMPTY, Check, File, Meta, NonEmptyStr
 
-__all__ = ["SETTINGS", "JWTAuth", "create"]
+__all__ = ["SETTINGS", "JWTAuth", "Settings", "create"]
 
 log = logging.getLogger("broker.plugins.jwt")
 
@@ -56,23 +66,6 @@ MIN_SECRET_BYTES: Final = 32
 #: RFC 7518 3.2: an HMAC key at least as long as the hash.
 _HMAC_KEY_BYTES: Final = {"HS256": 32, "HS384": 48, "HS512": 64}
 
-#: The keys of [plugin.jwt].
-SETTINGS: Final = frozenset(
-    {
-        "secret",
-        "secret_file",
-        "public_key",
-        "jwks",
-        "algorithms",
-        "issuer",
-        "audience",
-        "leeway",
-        "subject_claim",
-        "roles_claim",
-        "require",
-        "query_token",
-    }
-)
 
 # Failures a client may be told about, most specific first (isinstance order).
 _REASONS: Final[tuple[tuple[type[Exception], str], ...]] = (
@@ -230,45 +223,69 @@ def _roles(value: Any) -> frozenset[str]:
 # -- configuration ---------------------------------------------------------------
 
 
-def _path(settings: Mapping[str, Any], name: str, context: PluginContext) -> Path:
-    value = settings[name]
-    if not isinstance(value, str) or not value:
-        raise ConfigError(name, "must be a path")
-    path = Path(value)
-    if not path.is_absolute() and context.config.source is not None:
-        path = context.config.source.parent / path
-    if not path.is_file():
-        raise ConfigError(name, f"file not found: {path}")
-    return path
+def _algorithm(name: str) -> None:
+    if name not in ALGORITHMS:
+        raise ValueError(f"{name!r} is not supported (use {', '.join(ALGORITHMS)})")
 
 
-def _strings(value: object, name: str) -> list[str]:
-    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
-        raise ConfigError(name, "must be a non-empty list of strings")
-    return list(value)
+KeyFile = Annotated[str, NON_EMPTY, File()]
 
 
-def _load_key(settings: Mapping[str, Any], context: PluginContext) -> tuple[Any, list[str]]:
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """``[plugin.jwt]``: exactly one of ``secret``, ``secret_file``,
+    ``public_key`` and ``jwks``; the rest is optional."""
+
+    secret: str | None = field(default=None, repr=False)
+    secret_file: KeyFile | None = None
+    public_key: KeyFile | None = None
+    jwks: KeyFile | None = None
+    #: Default: every algorithm the key allows.
+    algorithms: Annotated[tuple[Annotated[str, Check(_algorithm)], ...], NON_EMPTY] | None = None
+    issuer: NonEmptyStr | None = None
+    audience: NonEmptyStr | Annotated[tuple[NonEmptyStr, ...], NON_EMPTY] | None = None
+    leeway: Annotated[float, Meta(ge=0, le=300, hint="seconds")] = 5.0
+    subject_claim: NonEmptyStr = "sub"
+    roles_claim: NonEmptyStr = "roles"
+    require: tuple[NonEmptyStr, ...] = ("exp",)
+    query_token: bool = True
+
+    def key_source(self) -> tuple[str, str]:
+        """(the key's setting, its value)."""
+        given = {
+            "secret": self.secret,
+            "secret_file": self.secret_file,
+            "public_key": self.public_key,
+            "jwks": self.jwks,
+        }
+        names = [name for name, value in given.items() if value is not None]
+        if len(names) != 1:
+            raise ConfigError(
+                names[1] if names else "secret",
+                "give exactly one of secret, secret_file, public_key, jwks",
+            )
+        value = given[names[0]]
+        assert value is not None
+        return names[0], value
+
+    def validate(self) -> None:
+        self.key_source()
+
+
+#: The keys of [plugin.jwt].
+SETTINGS: Final = frozenset(f.name for f in dataclasses.fields(Settings))
+
+
+def _load_key(settings: Settings) -> tuple[Any, list[str]]:
     """(key, the algorithms it allows)."""
-    given = [name for name in ("secret", "secret_file", "public_key", "jwks") if name in settings]
-    if len(given) != 1:
-        raise ConfigError(
-            given[1] if given else "secret",
-            "give exactly one of secret, secret_file, public_key, jwks",
-        )
-    source = given[0]
+    source, value = settings.key_source()
     if source in ("secret", "secret_file"):
-        if source == "secret":
-            secret = settings["secret"]
-            if not isinstance(secret, str):
-                raise ConfigError("secret", "must be a string")
-        else:
-            secret = _path(settings, source, context).read_text(encoding="utf-8").strip()
+        secret = value if source == "secret" else Path(value).read_text(encoding="utf-8").strip()
         data = secret.encode()
         if len(data) < MIN_SECRET_BYTES:
             raise ConfigError(source, f"must be at least {MIN_SECRET_BYTES} bytes")
         return data, [alg for alg, size in _HMAC_KEY_BYTES.items() if len(data) >= size]
-    path = _path(settings, source, context)
+    path = Path(value)
     if source == "public_key":
         try:
             key = load_pem_public_key(path.read_bytes())
@@ -311,61 +328,32 @@ def _load_key(settings: Mapping[str, Any], context: PluginContext) -> tuple[Any,
 
 def create(settings: Mapping[str, Any], context: PluginContext) -> JWTAuth:
     """Plugin factory (entry point ``jwt``)."""
-    unknown = set(settings) - SETTINGS
-    if unknown:
-        raise ConfigError(sorted(unknown)[0], "unknown key")
-    key, possible = _load_key(settings, context)
-    algorithms = possible
-    if "algorithms" in settings:
-        algorithms = _strings(settings["algorithms"], "algorithms")
-        for alg in algorithms:
-            if alg not in ALGORITHMS:
-                raise ConfigError(
-                    "algorithms", f"{alg!r} is not supported (use {', '.join(ALGORITHMS)})"
-                )
-            if alg in _HMAC_KEY_BYTES and isinstance(key, bytes) and alg not in possible:
-                raise ConfigError(
-                    "algorithms", f"{alg} needs a secret of at least {_HMAC_KEY_BYTES[alg]} bytes"
-                )
-            if alg not in possible:
-                raise ConfigError("algorithms", f"{alg} cannot be verified with this key")
-    issuer = settings.get("issuer")
-    if issuer is not None and (not isinstance(issuer, str) or not issuer):
-        raise ConfigError("issuer", "must be a non-empty string")
-    audience = settings.get("audience")
-    if audience is not None and not isinstance(audience, str):
-        audience = _strings(audience, "audience")
+    s = parse_settings(Settings, settings, source=context.config.source)
+    key, possible = _load_key(s)
+    algorithms = possible if s.algorithms is None else list(s.algorithms)
+    for alg in algorithms:
+        if alg in _HMAC_KEY_BYTES and isinstance(key, bytes) and alg not in possible:
+            raise ConfigError(
+                "algorithms", f"{alg} needs a secret of at least {_HMAC_KEY_BYTES[alg]} bytes"
+            )
+        if alg not in possible:
+            raise ConfigError("algorithms", f"{alg} cannot be verified with this key")
+    audience = list(s.audience) if isinstance(s.audience, tuple) else s.audience
     if audience is None:
         log.warning(
             "plugin %s: no audience configured: tokens minted for other services are "
             "accepted if they carry no 'aud' claim",
             context.name,
         )
-    leeway = settings.get("leeway", 5.0)
-    if isinstance(leeway, bool) or not isinstance(leeway, int | float):
-        raise ConfigError("leeway", f"expected float, got {leeway!r}")
-    if not math.isfinite(leeway) or not 0 <= leeway <= 300:
-        raise ConfigError("leeway", "must be between 0 and 300 seconds")
-    subject_claim = settings.get("subject_claim", "sub")
-    roles_claim = settings.get("roles_claim", "roles")
-    for name, value in (("subject_claim", subject_claim), ("roles_claim", roles_claim)):
-        if not isinstance(value, str) or not value:
-            raise ConfigError(name, "must be a non-empty string")
-    require = settings.get("require", ["exp"])
-    if not isinstance(require, list) or not all(isinstance(v, str) for v in require):
-        raise ConfigError("require", "must be a list of claim names")
-    query_token = settings.get("query_token", True)
-    if not isinstance(query_token, bool):
-        raise ConfigError("query_token", f"expected bool, got {query_token!r}")
     return JWTAuth(
         name=context.name,
         key=key,
         algorithms=algorithms,
-        issuer=issuer,
+        issuer=s.issuer,
         audience=audience,
-        leeway=float(leeway),
-        subject_claim=subject_claim,
-        roles_claim=roles_claim,
-        require=require,
-        query_token=query_token,
+        leeway=s.leeway,
+        subject_claim=s.subject_claim,
+        roles_claim=s.roles_claim,
+        require=s.require,
+        query_token=s.query_token,
     )

@@ -30,16 +30,16 @@ only those subjects are admitted (403 for the others).
 
 from __future__ import annotations
 
+import dataclasses
 import ssl
 from collections.abc import Mapping
-from typing import Any, Final
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal
 
-from broker import ConfigError, Handshake, Identity, PluginContext, Reject, hookimpl
+from broker import ConfigError, Handshake, Identity, PluginContext, Reject, hookimpl, parse_settings
+from broker.settings import NonEmptyStr
 
-__all__ = ["SETTINGS", "MutualTLS", "create", "subject_of"]
-
-#: The keys of [plugin.mtls].
-SETTINGS: Final = frozenset({"subject", "roles", "default_roles", "subjects", "required"})
+__all__ = ["SETTINGS", "MutualTLS", "Settings", "create", "subject_of"]
 
 #: ``subject`` setting -> the SAN type in ``getpeercert()`` (None: the CN).
 _FIELDS: Final[Mapping[str, str | None]] = {
@@ -116,43 +116,40 @@ class MutualTLS:
         )
 
 
-def _names(value: object, key: str) -> frozenset[str]:
-    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise ConfigError(key, "must be a list of non-empty strings")
-    return frozenset(value)
+Roles = frozenset[NonEmptyStr]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """``[plugin.mtls]``."""
+
+    subject: Literal["cn", "dns", "email", "uri"] = "cn"
+    #: Roles by subject.
+    roles: dict[str, Roles] = field(default_factory=dict)
+    default_roles: Roles = frozenset()
+    #: Only these subjects are admitted (default: any).
+    subjects: Roles | None = None
+    required: bool = False
+
+
+#: The keys of [plugin.mtls].
+SETTINGS: Final = frozenset(f.name for f in dataclasses.fields(Settings))
 
 
 def create(settings: Mapping[str, Any], context: PluginContext) -> MutualTLS:
     """Plugin factory (entry point ``mtls``)."""
-    unknown = set(settings) - SETTINGS
-    if unknown:
-        raise ConfigError(sorted(unknown)[0], "unknown key")
-    listener = context.config.listener
-    if listener.tls_client_auth == "none":
+    s = parse_settings(Settings, settings)
+    if context.config.listener.tls_client_auth == "none":
         raise ConfigError(
             "",
             "needs client certificates: set [listener] tls_client_ca and "
             'tls_client_auth = "optional" or "required"',
         )
-    field = settings.get("subject", "cn")
-    if field not in _FIELDS:
-        raise ConfigError("subject", f"must be one of {', '.join(_FIELDS)}")
-    raw_roles = settings.get("roles", {})
-    if not isinstance(raw_roles, dict):
-        raise ConfigError("roles", "must be a table of subject = [roles]")
-    roles = {subject: _names(value, f"roles.{subject}") for subject, value in raw_roles.items()}
-    default_roles = _names(settings.get("default_roles", []), "default_roles")
-    subjects = None
-    if "subjects" in settings:
-        subjects = _names(settings["subjects"], "subjects")
-    required = settings.get("required", False)
-    if not isinstance(required, bool):
-        raise ConfigError("required", f"expected bool, got {required!r}")
     return MutualTLS(
         name=context.name,
-        field=field,
-        roles=roles,
-        default_roles=default_roles,
-        subjects=subjects,
-        required=required,
+        field=s.subject,
+        roles=s.roles,
+        default_roles=s.default_roles,
+        subjects=s.subjects,
+        required=s.required,
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from broker import (
@@ -23,6 +24,7 @@ from broker import (
     Reject,
     hookimpl,
     is_loopback_host,
+    parse_settings,
 )
 
 __all__ = ["NoAuth", "create"]
@@ -40,10 +42,17 @@ class NoAuth:
         return Reject(403, "anonymous access is only allowed on a loopback listener")
 
 
+@dataclass(frozen=True)
+class Settings:
+    """``[plugin.noauth]``: no keys."""
+
+
 def create(settings: Mapping[str, Any], context: PluginContext) -> NoAuth:
     """Plugin factory (entry point ``noauth``)."""
-    if settings:
-        raise ConfigError(sorted(settings)[0], "unknown key (noauth takes no settings)")
+    try:
+        parse_settings(Settings, settings)
+    except ConfigError as e:
+        raise ConfigError(e.key, f"{e.reason} (noauth takes no settings)") from None
     if not is_loopback_host(context.config.listener.host):
         log.warning(
             "noauth is enabled but the listener is on %s: every connection will be "

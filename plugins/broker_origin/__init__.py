@@ -24,22 +24,23 @@ The plugin never admits anyone by itself: it answers a Reject or None.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from collections.abc import Mapping
-from typing import Any, Final
+from dataclasses import dataclass
+from typing import Annotated, Any, Final
 
-from broker import ConfigError, Handshake, PluginContext, Reject, hookimpl
+from broker import Handshake, PluginContext, Reject, hookimpl, parse_settings
+from broker.settings import Check
 
-__all__ = ["SETTINGS", "OriginCheck", "create", "normalize"]
+__all__ = ["SETTINGS", "OriginCheck", "Settings", "allowed_origin", "create", "normalize"]
 
 log = logging.getLogger("broker.plugins.origin")
 
 _ORIGIN: Final = re.compile(
     r"(?P<scheme>[a-z][a-z0-9+.-]*)://(?P<host>[^/:?#\s]+)(?::(?P<port>\d{1,5}))?/?"
 )
-#: The keys of [plugin.origin].
-SETTINGS: Final = frozenset({"allowed", "allow_missing"})
 _DEFAULT_PORTS: Final = {"http": "80", "https": "443", "ws": "80", "wss": "443"}
 
 
@@ -102,27 +103,31 @@ class OriginCheck:
         return Reject(403, "origin not allowed" if origin is not None else "origin required")
 
 
+def allowed_origin(entry: str) -> str:
+    """An ``allowed`` entry, normalized (``*.`` kept); ValueError if it is not one."""
+    wildcard = "://*." in entry
+    normal = normalize(entry.replace("://*.", "://wildcard.", 1) if wildcard else entry)
+    if normal is None or entry.strip() == "*":
+        raise ValueError(
+            f"{entry!r} is not an origin like https://app.example.com or https://*.example.com"
+        )
+    return normal.replace("://wildcard.", "://*.", 1) if wildcard else normal
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """``[plugin.origin]``."""
+
+    allowed: tuple[Annotated[str, Check(allowed_origin)], ...] = ()
+    allow_missing: bool = True
+
+
+#: The keys of [plugin.origin].
+SETTINGS: Final = frozenset(f.name for f in dataclasses.fields(Settings))
+
+
 def create(settings: Mapping[str, Any], context: PluginContext) -> OriginCheck:
     """Plugin factory (entry point ``origin``)."""
-    unknown = set(settings) - SETTINGS
-    if unknown:
-        raise ConfigError(sorted(unknown)[0], "unknown key")
-    raw = settings.get("allowed", [])
-    if not isinstance(raw, list) or not all(isinstance(v, str) for v in raw):
-        raise ConfigError("allowed", "must be a list of origins")
-    allowed = []
-    for i, entry in enumerate(raw):
-        wildcard = "://*." in entry
-        normal = normalize(entry.replace("://*.", "://wildcard.", 1) if wildcard else entry)
-        if normal is None or entry.strip() == "*":
-            raise ConfigError(
-                f"allowed[{i}]",
-                f"{entry!r} is not an origin like https://app.example.com or https://*.example.com",
-            )
-        if wildcard:
-            normal = normal.replace("://wildcard.", "://*.", 1)
-        allowed.append(normal)
-    allow_missing = settings.get("allow_missing", True)
-    if not isinstance(allow_missing, bool):
-        raise ConfigError("allow_missing", f"expected bool, got {allow_missing!r}")
-    return OriginCheck(allowed, allow_missing=allow_missing)
+    s = parse_settings(Settings, settings)
+    allowed = [allowed_origin(entry) for entry in s.allowed]
+    return OriginCheck(allowed, allow_missing=s.allow_missing)

@@ -41,25 +41,33 @@ from __future__ import annotations
 import collections
 import json
 import logging
-import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields, replace
-from typing import Any, Final
+from dataclasses import dataclass, field, fields, replace
+from typing import Annotated, Any, Final
 
 import trio
 
 from broker import (
     Action,
     ClientInfo,
-    ConfigError,
     ErrorCode,
     Identity,
     PluginContext,
     Refusal,
     hookimpl,
+    parse_settings,
 )
+from broker.settings import Meta
 
-__all__ = ["SETTINGS", "Limits", "RateLimiter", "TokenBucket", "create"]
+__all__ = [
+    "SETTINGS",
+    "LimitSettings",
+    "Limits",
+    "RateLimiter",
+    "Settings",
+    "TokenBucket",
+    "create",
+]
 
 log = logging.getLogger("broker.plugins.ratelimit")
 
@@ -219,52 +227,57 @@ class RateLimiter:
 
 # -- configuration ---------------------------------------------------------------
 
-_LIMIT_KEYS: Final = tuple(f.name for f in fields(Limits))
+Rate = Annotated[float, Meta(ge=0, hint="0: no limit")]
+Burst = Annotated[float, Meta(gt=0)]
+
+
+@dataclass(frozen=True, kw_only=True)
+class LimitSettings:
+    """The rate and burst keys (all of a ``[plugin.ratelimit.roles.NAME]``
+    table); a key not given keeps the value it is applied to."""
+
+    publish_rate: Rate | None = None
+    publish_burst: Burst | None = None
+    publish_bytes_rate: Rate | None = None
+    publish_bytes_burst: Burst | None = None
+    subscribe_rate: Rate | None = None
+    subscribe_burst: Burst | None = None
+
+    def apply(self, base: Limits) -> Limits:
+        """*base* with the keys given; a rate given without its burst sets
+        the burst to the rate (at least 1)."""
+        pairs = (
+            ("publish", self.publish_rate, self.publish_burst),
+            ("publish_bytes", self.publish_bytes_rate, self.publish_bytes_burst),
+            ("subscribe", self.subscribe_rate, self.subscribe_burst),
+        )
+        changes: dict[str, float] = {}
+        for kind, rate, burst in pairs:
+            if rate is not None:
+                changes[f"{kind}_rate"] = rate
+                changes[f"{kind}_burst"] = max(rate, 1.0)
+            if burst is not None:
+                changes[f"{kind}_burst"] = burst
+        return replace(base, **changes)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings(LimitSettings):
+    """``[plugin.ratelimit]``."""
+
+    close_after: Annotated[int, Meta(ge=0, hint="0: never close")] = 50
+    close_window: Annotated[float, Meta(gt=0)] = 10.0
+    roles: dict[str, LimitSettings] = field(default_factory=dict)
+
+
 #: The keys of [plugin.ratelimit] (a [plugin.ratelimit.roles.NAME] table takes
 #: the rate and burst keys only).
-SETTINGS: Final = frozenset({*_LIMIT_KEYS, "close_after", "close_window", "roles"})
-
-
-def _number(value: object, key: str, *, positive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(key, f"expected float, got {value!r}")
-    if not math.isfinite(value) or value < 0 or (positive and value == 0):
-        raise ConfigError(key, "must be > 0" if positive else "must be >= 0 (0: no limit)")
-    return float(value)
-
-
-def _limits(table: Mapping[str, Any], base: Limits, prefix: str) -> Limits:
-    """*base* with the rate/burst keys of *table*; a burst defaults to its rate."""
-    changes: dict[str, float] = {}
-    for kind in ("publish", "publish_bytes", "subscribe"):
-        rate_key, burst_key = f"{kind}_rate", f"{kind}_burst"
-        if rate_key in table:
-            changes[rate_key] = _number(table[rate_key], prefix + rate_key)
-            changes[burst_key] = max(changes[rate_key], 1.0)
-        if burst_key in table:
-            changes[burst_key] = _number(table[burst_key], prefix + burst_key, positive=True)
-    return replace(base, **changes)
+SETTINGS: Final = frozenset(f.name for f in fields(Settings))
 
 
 def create(settings: Mapping[str, Any], context: PluginContext) -> RateLimiter:
     """Plugin factory (entry point ``ratelimit``)."""
-    unknown = set(settings) - SETTINGS
-    if unknown:
-        raise ConfigError(sorted(unknown)[0], "unknown key")
-    limits = _limits(settings, Limits(), "")
-    close_after = settings.get("close_after", 50)
-    if isinstance(close_after, bool) or not isinstance(close_after, int) or close_after < 0:
-        raise ConfigError("close_after", "must be an integer >= 0 (0: never close)")
-    close_window = _number(settings.get("close_window", 10.0), "close_window", positive=True)
-    raw_roles = settings.get("roles", {})
-    if not isinstance(raw_roles, dict):
-        raise ConfigError("roles", "must be a table of [plugin.ratelimit.roles.NAME] tables")
-    roles: dict[str, Limits] = {}
-    for role, table in raw_roles.items():
-        if not isinstance(table, dict):
-            raise ConfigError(f"roles.{role}", "must be a table")
-        extra = set(table) - set(_LIMIT_KEYS)
-        if extra:
-            raise ConfigError(f"roles.{role}.{sorted(extra)[0]}", "unknown key")
-        roles[role] = _limits(table, limits, f"roles.{role}.")
-    return RateLimiter(limits, roles=roles, close_after=close_after, close_window=close_window)
+    s = parse_settings(Settings, settings)
+    limits = s.apply(Limits())
+    roles = {role: table.apply(limits) for role, table in s.roles.items()}
+    return RateLimiter(limits, roles=roles, close_after=s.close_after, close_window=s.close_window)

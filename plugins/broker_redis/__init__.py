@@ -33,39 +33,63 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Annotated, Any, Final, Literal
 from urllib.parse import urlsplit
 
-from broker import ConfigError, Identity, PluginContext, Settings
+from broker import ConfigError, PluginContext
+from broker.settings import NON_EMPTY, Check, NonEmptyStr, Seconds
 from broker.sources import (
-    Backoff,
-    MessageMapping,
+    ConfiguredSource,
+    MatchMappingSettings,
     Publisher,
     SourceError,
     SourceOptions,
     SourcesPlugin,
-    parse_mapping,
-    parse_source_options,
+    SubjectSourceSettings,
+    TemplateText,
     publish_mapped,
     sources_plugin,
 )
 
-__all__ = ["RedisSource", "create"]
+__all__ = ["MappingSettings", "RedisSource", "SourceSettings", "create"]
 
 PLUGIN: Final = "redis"
 
 
-@dataclass(frozen=True, slots=True)
-class SourceConfig:
-    options: SourceOptions
-    url: str
-    channels: tuple[str, ...]
-    patterns: tuple[str, ...]
-    payload: str
-    mappings: tuple[MessageMapping, ...]
-    client_name: str
-    connect_timeout: float
-    keepalive: float
+def _redis_url(url: str) -> None:
+    if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+        raise ValueError("must be a redis://, rediss:// or unix:// URL")
+
+
+def _client_name(name: str) -> None:
+    if any(c.isspace() for c in name):
+        raise ValueError("must not contain spaces")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MappingSettings(MatchMappingSettings):
+    """A ``[[plugin.redis.sources.mappings]]`` table: the data is the message's."""
+
+    data: TemplateText | None = "{data}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SourceSettings(SubjectSourceSettings):
+    """A ``[[plugin.redis.sources]]`` table."""
+
+    url: Annotated[str, NON_EMPTY, Check(_redis_url)] = "redis://127.0.0.1:6379/0"
+    channels: tuple[NonEmptyStr, ...] = ()
+    patterns: tuple[NonEmptyStr, ...] = ()
+    payload: Literal["json", "text"] = "json"
+    mappings: Annotated[tuple[MappingSettings, ...], NON_EMPTY]
+    #: Default ``trio-broker:NAME``.
+    client_name: Annotated[str, NON_EMPTY, Check(_client_name)] | None = None
+    connect_timeout: Seconds = 5.0
+    keepalive: Seconds = 15.0
+
+    def validate(self) -> None:
+        if not self.channels and not self.patterns:
+            raise ConfigError("channels", "give channels, patterns or both")
 
 
 def display_url(url: str) -> str:
@@ -84,15 +108,14 @@ def _leaf(error: BaseException) -> BaseException:
     return error
 
 
-class RedisSource:
+class RedisSource(ConfiguredSource[SourceSettings]):
     """One Redis connection subscribed to channels and patterns."""
 
-    def __init__(self, config: SourceConfig) -> None:
-        self.config = config
-        self.name = config.options.name
-        self.identity: Identity = config.options.identity
-        self.backoff: Backoff = config.options.backoff
+    def __init__(self, config: SourceSettings, options: SourceOptions) -> None:
+        super().__init__(config, options)
         self.display = display_url(config.url)
+        self.client_name = config.client_name or f"trio-broker:{config.name}"
+        self.mappings = tuple(m.build() for m in config.mappings)
 
     def status(self) -> dict[str, Any]:
         return {
@@ -110,7 +133,7 @@ class RedisSource:
             client = coredis.Redis.from_url(
                 config.url,
                 decode_responses=False,
-                client_name=config.client_name,
+                client_name=self.client_name,
                 connect_timeout=config.connect_timeout,
             )
             async with (
@@ -152,7 +175,7 @@ class RedisSource:
             "pattern": None if pattern is None else _text(pattern),
             "data": data,
         }
-        await publish_mapped(publisher, self.config.mappings, root)
+        await publish_mapped(publisher, self.mappings, root)
 
 
 def _text(value: object) -> str:
@@ -161,39 +184,6 @@ def _text(value: object) -> str:
     return str(value)
 
 
-def _source(t: Settings, context: PluginContext) -> SourceConfig:
-    options = parse_source_options(t, context.name)
-    url = t.text("url", "redis://127.0.0.1:6379/0")
-    if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError(t.key("url"), "must be a redis://, rediss:// or unix:// URL")
-    channels = t.strings("channels", [])
-    patterns = t.strings("patterns", [])
-    if not channels and not patterns:
-        raise ConfigError(t.key("channels"), "give channels, patterns or both")
-    payload = t.choice("payload", ("json", "text"), "json")
-    mappings = []
-    for m in t.tables("mappings", empty=False):
-        mappings.append(parse_mapping(m, default_data="{data}"))
-        m.finish()
-    client_name = t.text("client_name", f"trio-broker:{options.name}")
-    if any(c.isspace() for c in client_name):
-        raise ConfigError(t.key("client_name"), "must not contain spaces")
-    connect_timeout = t.number("connect_timeout", 5.0)
-    keepalive = t.number("keepalive", 15.0)
-    t.finish()
-    return SourceConfig(
-        options,
-        url,
-        channels,
-        patterns,
-        payload,
-        tuple(mappings),
-        client_name,
-        connect_timeout,
-        keepalive,
-    )
-
-
-def create(settings: Mapping[str, Any], context: PluginContext) -> SourcesPlugin[SourceConfig]:
+def create(settings: Mapping[str, Any], context: PluginContext) -> SourcesPlugin[SourceSettings]:
     """Plugin factory (entry point ``redis``)."""
-    return sources_plugin(settings, context, _source, RedisSource)
+    return sources_plugin(settings, context, SourceSettings, RedisSource)

@@ -38,12 +38,13 @@ anything: messages are delivered exactly as published.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Annotated, Any, Final
 
 import fastjsonschema
 import jsonschema
@@ -54,17 +55,22 @@ from broker import (
     Identity,
     PluginContext,
     Refusal,
-    TopicError,
     hookimpl,
+    parse_settings,
     pattern_matches,
-    validate_pattern,
 )
+from broker.settings import NON_EMPTY, File, Meta, TopicPattern
 
-__all__ = ["RULE_SETTINGS", "SETTINGS", "SchemaRule", "SchemaValidator", "create", "json_path"]
-
-#: The keys of [plugin.schema] and of each [[plugin.schema.rules]] entry.
-SETTINGS: Final = frozenset({"max_bytes", "rules"})
-RULE_SETTINGS: Final = frozenset({"pattern", "schema", "max_bytes"})
+__all__ = [
+    "RULE_SETTINGS",
+    "SETTINGS",
+    "RuleSettings",
+    "SchemaRule",
+    "SchemaValidator",
+    "Settings",
+    "create",
+    "json_path",
+]
 #: Topics whose rule is remembered; the cache is emptied when full.
 CACHE_SIZE: Final = 4096
 #: Longest reason sent back to a publisher.
@@ -198,56 +204,59 @@ def compile_schema(schema: object) -> Validate:
         raise ValueError(str(e)) from None
 
 
-def _size(value: object, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(key, "must be an integer >= 0 (0: no limit)")
-    return value
+#: Bytes of a message's data; 0 is no limit.
+Size = Annotated[int, Meta(ge=0, hint="0: no limit")]
+
+
+@dataclass(frozen=True, kw_only=True)
+class RuleSettings:
+    """One ``[[plugin.schema.rules]]`` table."""
+
+    pattern: TopicPattern
+    #: A JSON file, relative to broker.toml.
+    schema: Annotated[str, NON_EMPTY, File()] | None = None
+    max_bytes: Size = 0
+
+    def validate(self) -> None:
+        if self.schema is None and not self.max_bytes:
+            raise ConfigError("", "give schema, max_bytes or both")
+
+    def rule(self) -> SchemaRule:
+        """The compiled rule; ConfigError (key ``schema``) if the schema is bad."""
+        if self.schema is None:
+            return SchemaRule(self.pattern, None, self.max_bytes)
+        path = self.schema
+        try:
+            schema = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ConfigError("schema", f"{path}: not valid JSON: {e}") from None
+        try:
+            validate = compile_schema(schema)
+        except ValueError as e:
+            raise ConfigError("schema", f"{path}: {e}") from None
+        return SchemaRule(self.pattern, validate, self.max_bytes, path)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """``[plugin.schema]``."""
+
+    max_bytes: Size = 0
+    rules: tuple[RuleSettings, ...] = ()
+
+
+#: The keys of [plugin.schema] and of each [[plugin.schema.rules]] entry.
+SETTINGS: Final = frozenset(f.name for f in dataclasses.fields(Settings))
+RULE_SETTINGS: Final = frozenset(f.name for f in dataclasses.fields(RuleSettings))
 
 
 def create(settings: Mapping[str, Any], context: PluginContext) -> SchemaValidator:
     """Plugin factory (entry point ``schema``)."""
-    unknown = set(settings) - SETTINGS
-    if unknown:
-        raise ConfigError(sorted(unknown)[0], "unknown key")
-    max_bytes = _size(settings.get("max_bytes", 0), "max_bytes")
-    raw_rules = settings.get("rules", [])
-    if not isinstance(raw_rules, list):
-        raise ConfigError("rules", "must be a list of tables ([[plugin.schema.rules]])")
-    base = context.config.source.parent if context.config.source is not None else Path.cwd()
+    s = parse_settings(Settings, settings, source=context.config.source)
     rules = []
-    for i, raw in enumerate(raw_rules):
-        key = f"rules[{i}]"
-        if not isinstance(raw, dict):
-            raise ConfigError(key, "must be a table")
-        extra = set(raw) - RULE_SETTINGS
-        if extra:
-            raise ConfigError(f"{key}.{sorted(extra)[0]}", "unknown key")
-        pattern = raw.get("pattern")
+    for i, rule in enumerate(s.rules):
         try:
-            validate_pattern(pattern)
-        except TopicError as e:
-            raise ConfigError(f"{key}.pattern", str(e)) from None
-        assert isinstance(pattern, str)
-        validate = None
-        source = ""
-        if "schema" in raw:
-            file = raw["schema"]
-            if not isinstance(file, str) or not file:
-                raise ConfigError(f"{key}.schema", "must be the path of a JSON file")
-            path = base / file
-            source = str(path)
-            try:
-                schema = json.loads(path.read_text(encoding="utf-8"))
-            except FileNotFoundError:
-                raise ConfigError(f"{key}.schema", f"file not found: {path}") from None
-            except (OSError, ValueError) as e:
-                raise ConfigError(f"{key}.schema", f"{path}: not valid JSON: {e}") from None
-            try:
-                validate = compile_schema(schema)
-            except ValueError as e:
-                raise ConfigError(f"{key}.schema", f"{path}: {e}") from None
-        rule_max = _size(raw.get("max_bytes", 0), f"{key}.max_bytes")
-        if validate is None and not rule_max:
-            raise ConfigError(key, "give schema, max_bytes or both")
-        rules.append(SchemaRule(pattern, validate, rule_max, source))
-    return SchemaValidator(rules, max_bytes=max_bytes)
+            rules.append(rule.rule())
+        except ConfigError as e:
+            raise ConfigError(f"rules[{i}].{e.key}", e.reason) from None
+    return SchemaValidator(rules, max_bytes=s.max_bytes)

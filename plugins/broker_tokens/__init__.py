@@ -31,18 +31,40 @@ import binascii
 import hashlib
 import hmac
 import json
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Annotated, Any, ClassVar, Final
 
-from broker import ConfigError, Handshake, Identity, PluginContext, Reject, hookimpl
+from broker import Handshake, Identity, PluginContext, Reject, hookimpl, parse_settings
+from broker.settings import MIN_SECRET_LENGTH, NON_EMPTY, SecretSettings, digests
 
-__all__ = ["MIN_TOKEN_LENGTH", "StaticTokens", "create", "looks_like_jwt"]
+__all__ = [
+    "MIN_TOKEN_LENGTH",
+    "Settings",
+    "StaticTokens",
+    "TokenSettings",
+    "create",
+    "looks_like_jwt",
+]
 
 #: Shortest plain-text token accepted in the config.
-MIN_TOKEN_LENGTH: Final = 16
-_HEX64: Final = re.compile(r"[0-9a-fA-F]{64}")
+MIN_TOKEN_LENGTH: Final = MIN_SECRET_LENGTH
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokenSettings(SecretSettings):
+    """One entry of ``tokens``: ``id``, ``roles``, and ``token`` or ``sha256``."""
+
+    SECRET: ClassVar[str] = "token"
+
+    token: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """``[plugin.tokens]``."""
+
+    tokens: Annotated[tuple[TokenSettings, ...], NON_EMPTY]
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,42 +110,8 @@ def looks_like_jwt(token: str) -> bool:
 
 def create(settings: Mapping[str, Any], context: PluginContext) -> StaticTokens:
     """Plugin factory (entry point ``tokens``)."""
-    unknown = set(settings) - {"tokens"}
-    if unknown:
-        raise ConfigError(sorted(unknown)[0], "unknown key")
-    raw = settings.get("tokens", [])
-    if not isinstance(raw, list) or not raw:
-        raise ConfigError("tokens", "must be a non-empty list of tables")
-    entries: list[_Entry] = []
-    seen: set[bytes] = set()
-    for i, item in enumerate(raw):
-        key = f"tokens[{i}]"
-        if not isinstance(item, dict):
-            raise ConfigError(key, "must be a table with id and token or sha256")
-        extra = set(item) - {"id", "token", "sha256", "roles"}
-        if extra:
-            raise ConfigError(f"{key}.{sorted(extra)[0]}", "unknown key")
-        ident = item.get("id")
-        if not isinstance(ident, str) or not ident:
-            raise ConfigError(f"{key}.id", "must be a non-empty string")
-        roles = item.get("roles", [])
-        if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
-            raise ConfigError(f"{key}.roles", "must be a list of strings")
-        token, hexdigest = item.get("token"), item.get("sha256")
-        if (token is None) == (hexdigest is None):
-            raise ConfigError(key, "give exactly one of token or sha256")
-        if token is not None:
-            if not isinstance(token, str) or len(token) < MIN_TOKEN_LENGTH:
-                raise ConfigError(
-                    f"{key}.token", f"must be a string of at least {MIN_TOKEN_LENGTH} characters"
-                )
-            digest = hashlib.sha256(token.encode()).digest()
-        else:
-            if not isinstance(hexdigest, str) or not _HEX64.fullmatch(hexdigest):
-                raise ConfigError(f"{key}.sha256", "must be 64 hexadecimal digits")
-            digest = bytes.fromhex(hexdigest)
-        if digest in seen:
-            raise ConfigError(key, "the same token is configured twice")
-        seen.add(digest)
-        entries.append(_Entry(digest, Identity(ident, frozenset(roles), plugin=context.name)))
-    return StaticTokens(entries)
+    entries = parse_settings(Settings, settings).tokens
+    found = digests(entries, "tokens")
+    return StaticTokens(
+        [_Entry(digest, e.identity(context.name)) for digest, e in zip(found, entries, strict=True)]
+    )

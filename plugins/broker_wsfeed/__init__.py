@@ -36,45 +36,47 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from broker import ConfigError, Identity, PluginContext, Settings
+from broker import PluginContext
 from broker.sources import (
-    Backoff,
-    MessageMapping,
+    ConfiguredSource,
+    Mappings,
     Publisher,
     SourceOptions,
     SourcesPlugin,
+    SubjectSourceSettings,
     Upstream,
     UpstreamConnection,
     UpstreamOptions,
-    parse_mappings,
-    parse_source_options,
-    parse_upstream_options,
     publish_mapped,
     sources_plugin,
 )
 
-__all__ = ["WsFeedSource", "create"]
+__all__ = ["SourceSettings", "WsFeedSource", "create"]
 
 PLUGIN: Final = "wsfeed"
 
 
-@dataclass(frozen=True, slots=True)
-class SourceConfig:
-    options: SourceOptions
-    upstream: UpstreamOptions
-    send: tuple[str, ...]
-    mappings: tuple[MessageMapping, ...]
+def _frame(item: str | dict[str, object]) -> str:
+    return item if isinstance(item, str) else json.dumps(item, separators=(",", ":"))
 
 
-class WsFeedSource:
+@dataclass(frozen=True, kw_only=True)
+class SourceSettings(SubjectSourceSettings, UpstreamOptions):
+    """A ``[[plugin.wsfeed.sources]]`` table."""
+
+    #: Frames sent after each connect: a string as it is, a table as JSON.
+    send: tuple[str | dict[str, object], ...] = ()
+    mappings: Mappings
+
+
+class WsFeedSource(ConfiguredSource[SourceSettings]):
     """One upstream feed (with failover URLs) and its mappings."""
 
-    def __init__(self, config: SourceConfig) -> None:
-        self.config = config
-        self.name = config.options.name
-        self.identity: Identity = config.options.identity
-        self.backoff: Backoff = config.options.backoff
-        self.upstream = Upstream(config.upstream)
+    def __init__(self, config: SourceSettings, options: SourceOptions) -> None:
+        super().__init__(config, options)
+        self.upstream = Upstream(config)
+        self.send = tuple(_frame(item) for item in config.send)
+        self.mappings = tuple(m.build() for m in config.mappings)
 
     def status(self) -> dict[str, Any]:
         return {"url": self.upstream.display}
@@ -83,10 +85,10 @@ class WsFeedSource:
         await self.upstream.run(lambda conn: self._session(conn, publisher))
 
     async def _session(self, conn: UpstreamConnection, publisher: Publisher) -> None:
-        for frame in self.config.send:
+        for frame in self.send:
             await conn.send(frame)
         publisher.ready()
-        mappings = self.config.mappings
+        mappings = self.mappings
         while True:
             raw = await conn.receive()
             try:
@@ -97,22 +99,6 @@ class WsFeedSource:
             await publish_mapped(publisher, mappings, message)
 
 
-def _source(t: Settings, context: PluginContext) -> SourceConfig:
-    options = parse_source_options(t, context.name)
-    upstream = parse_upstream_options(t, source_file=context.config.source)
-    frames = []
-    for i, item in enumerate(t.array("send", [])):
-        if isinstance(item, str):
-            frames.append(item)
-        elif isinstance(item, Mapping):
-            frames.append(json.dumps(item, separators=(",", ":")))
-        else:
-            raise ConfigError(f"{t.key('send')}[{i}]", "must be a string or a table")
-    mappings = parse_mappings(t, "mappings")
-    t.finish()
-    return SourceConfig(options, upstream, tuple(frames), mappings)
-
-
-def create(settings: Mapping[str, Any], context: PluginContext) -> SourcesPlugin[SourceConfig]:
+def create(settings: Mapping[str, Any], context: PluginContext) -> SourcesPlugin[SourceSettings]:
     """Plugin factory (entry point ``wsfeed``)."""
-    return sources_plugin(settings, context, _source, WsFeedSource)
+    return sources_plugin(settings, context, SourceSettings, WsFeedSource)

@@ -25,26 +25,20 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Annotated, Any
 
-from broker import (
-    ConfigError,
-    Identity,
-    PluginContext,
-    TopicError,
-    hookimpl,
-    pattern_matches,
-    validate_pattern,
-)
+from broker import ConfigError, Identity, PluginContext, hookimpl, parse_settings, pattern_matches
+from broker.settings import NON_EMPTY, File, TopicPattern
 
-__all__ = ["AuditLog", "create"]
+__all__ = ["AuditLog", "Settings", "create"]
 
 
 class AuditLog:
     """Appends a JSON line per published message to a file."""
 
-    def __init__(self, file: IO[str], topics: list[str], *, include_data: bool) -> None:
+    def __init__(self, file: IO[str], topics: tuple[str, ...], *, include_data: bool) -> None:
         self.file = file
         self.topics = topics
         self.include_data = include_data
@@ -73,30 +67,23 @@ class AuditLog:
         self.written += 1
 
 
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """``[plugin.audit]``: parse_settings checks every key against these
+    types and refuses the keys it does not know."""
+
+    #: Relative to broker.toml's directory; created if missing.
+    path: Annotated[str, NON_EMPTY, File(exists=False)]
+    topics: Annotated[tuple[TopicPattern, ...], NON_EMPTY] = (">",)
+    include_data: bool = False
+
+
 def create(settings: Mapping[str, Any], context: PluginContext) -> AuditLog:
     """Plugin factory: the entry point ``audit`` names it."""
-    unknown = set(settings) - {"path", "topics", "include_data"}
-    if unknown:
-        raise ConfigError(sorted(unknown)[0], "unknown key")
-    raw_path = settings.get("path")
-    if not isinstance(raw_path, str) or not raw_path:
-        raise ConfigError("path", "must be the path of the audit file")
-    path = Path(raw_path)
-    if not path.is_absolute() and context.config.source is not None:
-        path = context.config.source.parent / path
-    topics = settings.get("topics", [">"])
-    if not isinstance(topics, list) or not topics:
-        raise ConfigError("topics", "must be a non-empty list of patterns")
-    for i, pattern in enumerate(topics):
-        try:
-            validate_pattern(pattern)
-        except TopicError as e:
-            raise ConfigError(f"topics[{i}]", str(e)) from None
-    include_data = settings.get("include_data", False)
-    if not isinstance(include_data, bool):
-        raise ConfigError("include_data", f"expected bool, got {include_data!r}")
+    s = parse_settings(Settings, settings, source=context.config.source)
+    path = Path(s.path)
     try:
         file = path.open("a", encoding="utf-8", buffering=1)  # line-buffered
     except OSError as e:
         raise ConfigError("path", f"cannot open {path}: {e.strerror or e}") from None
-    return AuditLog(file, topics, include_data=include_data)
+    return AuditLog(file, s.topics, include_data=s.include_data)

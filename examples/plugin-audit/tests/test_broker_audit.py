@@ -42,7 +42,8 @@ def test_the_entry_point_is_installed(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("settings", "key", "reason"),
     [
-        ({}, "plugin.audit.path", "must be the path of the audit file"),
+        ({}, "plugin.audit.path", "required"),
+        ({"path": "a.jsonl", "topic": ["a"]}, "plugin.audit.topic", "did you mean `topics`?"),
         ({"path": "a.jsonl", "colour": "red"}, "plugin.audit.colour", "unknown key"),
         ({"path": "a.jsonl", "topics": ["a..b"]}, "plugin.audit.topics[0]", "invalid token"),
         ({"path": "a.jsonl", "include_data": "yes"}, "plugin.audit.include_data", "bool"),
