@@ -22,7 +22,7 @@ import trio
 from broker import __version__
 from broker.core.config import Config, load_config
 from broker.core.errors import ConfigError, PluginError
-from broker.core.log import setup_logging
+from broker.ops.log import setup_logging
 
 if TYPE_CHECKING:
     from broker.ops.systemd import Notifier

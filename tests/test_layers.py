@@ -108,7 +108,12 @@ def layer_of_module(module: str) -> str | None:
 def layer_of_file(path: Path) -> str:
     rel = path.relative_to(BROKER).parts
     if len(rel) == 1:
-        return {"__init__.py": "facade", "settings.py": "facade", "cli.py": "cli", "__main__.py": "cli"}[rel[0]]
+        return {
+            "__init__.py": "facade",
+            "settings.py": "facade",
+            "cli.py": "cli",
+            "__main__.py": "cli",
+        }[rel[0]]
     return rel[0]
 
 

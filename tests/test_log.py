@@ -13,7 +13,7 @@ import pytest
 import trio
 import trio_websocket
 
-from broker.core.log import (
+from broker.ops.log import (
     CONNECTION_ID,
     JsonFormatter,
     TextFormatter,

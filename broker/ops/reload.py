@@ -44,8 +44,8 @@ import trio
 
 from broker.core.config import Config, ListenerConfig, load_config
 from broker.core.errors import ConfigError, PluginError
-from broker.core.log import apply_logging
 from broker.io.tls import ssl_context_for
+from broker.ops.log import apply_logging
 from broker.plugin.host import PluginFactory, PluginHost
 
 if TYPE_CHECKING:

@@ -44,7 +44,6 @@ from broker.core.handshake import (
     reject_response,
 )
 from broker.core.hub import Hub
-from broker.core.log import CONNECTION_ID
 from broker.core.protocol import SUBPROTOCOLS, Encoding
 from broker.core.stats import BrokerStats
 from broker.core.values import Handshake, Identity, Refusal, Reject
@@ -52,6 +51,7 @@ from broker.core.version import VERSION
 from broker.engine import Engine, Flusher, Interest, MemoryEngine
 from broker.io.tls import TLSStream, ssl_context_for
 from broker.ops.admin import AdminServer
+from broker.ops.log import CONNECTION_ID
 from broker.ops.metrics import BrokerMetrics, source_statuses
 from broker.plugin.host import PluginHost
 from broker.plugin.runtime import Runtime
