@@ -16,8 +16,7 @@ import trio
 import trio_websocket
 
 from broker import Broker, CloseCode, config_from_dict
-from broker.server.connection import CLOSE_TIMEOUT
-from tests.conftest import BrokerFactory
+from tests.conftest import CLOSE_TIMEOUT, BrokerFactory
 from tests.helpers import WAIT, connect, free_port, raw_connect, wait_until
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
@@ -192,7 +191,7 @@ async def test_stop_with_a_slow_consumer_is_bounded() -> None:
             "limits": {"drain_timeout": 0.5},
         }
     )
-    broker = Broker(config)
+    broker = Broker(config, close_timeout=CLOSE_TIMEOUT)
     async with trio.open_nursery() as nursery:
         await nursery.start(broker.serve)
         async with raw_connect(broker.url, rcvbuf=4096) as slow, connect(broker.url) as pub:

@@ -26,8 +26,8 @@ import trustme
 
 from broker import Broker, CloseCode
 from broker.io.tls import TLSStream, make_ssl_context
-from broker.server.connection import CLOSE_TIMEOUT, Connection
-from tests.conftest import BrokerFactory
+from broker.server.connection import Connection
+from tests.conftest import CLOSE_TIMEOUT, BrokerFactory
 from tests.helpers import (
     JSON,
     MSGPACK,
