@@ -30,6 +30,7 @@ from broker.core.values import Handshake as Handshake
 from broker.core.values import Identity as Identity
 from broker.core.values import Refusal as Refusal
 from broker.core.values import Reject as Reject
+from broker.core.values import SourcesContext as SourcesContext
 from broker.core.version import VERSION
 from broker.io.tls import make_ssl_context as make_ssl_context
 from broker.plugin.hookspecs import hookimpl as hookimpl

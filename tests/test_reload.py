@@ -22,7 +22,15 @@ import pytest
 import trio
 import trustme
 
-from broker import Broker, Identity, PluginContext, PluginHost, hookimpl, load_config
+from broker import (
+    Broker,
+    Identity,
+    PluginContext,
+    PluginHost,
+    SourcesContext,
+    hookimpl,
+    load_config,
+)
 from broker.cli import main
 from broker.ops.reload import prepare, reload_broker
 from broker.sources import Publisher
@@ -351,7 +359,7 @@ class Feeds:
         self.topic = topic
 
     @hookimpl
-    def broker_sources(self, broker: Broker) -> list[Ticker]:
+    def broker_sources(self, broker: SourcesContext) -> list[Ticker]:
         return [Ticker(self.topic)]
 
 

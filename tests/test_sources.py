@@ -28,6 +28,7 @@ from broker import (
     PublishError,
     Refusal,
     SourceError,
+    SourcesContext,
     config_from_dict,
     hookimpl,
 )
@@ -292,7 +293,7 @@ class SourcesPlugin:
         self.reject_data: Any = object()
 
     @hookimpl
-    def broker_sources(self, broker: Broker) -> list[Any]:
+    def broker_sources(self, broker: SourcesContext) -> list[Any]:
         return self.sources
 
     @hookimpl
@@ -430,12 +431,12 @@ async def test_sources_hook_errors_are_contained(
 ) -> None:
     class Broken:
         @hookimpl
-        def broker_sources(self, broker: Broker) -> list[Any]:
+        def broker_sources(self, broker: SourcesContext) -> list[Any]:
             raise RuntimeError("cannot")
 
     class Mixed:
         @hookimpl
-        async def broker_sources(self, broker: Broker) -> list[Any]:
+        async def broker_sources(self, broker: SourcesContext) -> list[Any]:
             return ["not a source", Idle(), Idle()]
 
     def broken(settings: Mapping[str, Any], context: PluginContext) -> object:

@@ -13,9 +13,12 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from broker.core.errors import ErrorCode
+
+if TYPE_CHECKING:
+    from broker.core.config import Config
 
 __all__ = ["ANONYMOUS", "Action", "ClientInfo", "Handshake", "Identity", "Refusal", "Reject"]
 
@@ -147,3 +150,18 @@ class ClientInfo:
     identity: Identity
     peer: tuple[str, int]
     encoding: str
+
+
+@dataclass(frozen=True, slots=True)
+class SourcesContext:
+    """What ``broker_sources`` is told about the broker that runs the sources.
+
+    A narrow, read-only view: a source publishes through the
+    :class:`~broker.sources.Publisher` its ``run`` gets, never through the
+    broker object itself.
+    """
+
+    #: The configuration in force when the sources start.
+    config: Config
+    #: (host, port) of each WebSocket listener, bound before sources start.
+    addresses: tuple[tuple[str, int], ...]

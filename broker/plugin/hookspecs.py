@@ -25,8 +25,15 @@ import pluggy
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
-    from broker.core.values import Action, ClientInfo, Handshake, Identity, Refusal, Reject
-    from broker.server.broker import Broker
+    from broker.core.values import (
+        Action,
+        ClientInfo,
+        Handshake,
+        Identity,
+        Refusal,
+        Reject,
+        SourcesContext,
+    )
     from broker.sources.supervisor import Source
 
 PROJECT = "trio_broker"
@@ -200,7 +207,7 @@ class BrokerSpec:
         """
 
     @hookspec
-    def broker_sources(self, broker: Broker) -> Iterable[Source] | None:
+    def broker_sources(self, broker: SourcesContext) -> Iterable[Source] | None:
         """Contribute sources: tasks that bring upstream data into topics.
 
         Called once when the broker starts serving, after every plugin was
@@ -208,14 +215,18 @@ class BrokerSpec:
         sources to run (objects with ``name``, ``identity`` and an async
         ``run(publisher)``, see :class:`broker.sources.Source`) or ``None``.
         **All results are collected** (not first-result): every plugin's
-        sources run. *broker* is the broker that runs them.
+        sources run. *broker* is a :class:`~broker.SourcesContext`: the
+        configuration in force and the listeners' addresses (a narrow view,
+        not the broker object; sources publish through the publisher their
+        ``run`` gets).
 
         Each source runs in its own task under a
         :class:`~broker.sources.Supervisor`, which restarts it with
         exponential backoff when it raises or returns and cancels it at
         shutdown, after the clients were drained. Its publishes go through
         :meth:`broker.Broker.publish`: its identity, the authorization and
-        validation hooks, the backpressure of every subscriber.
+        validation hooks, the backpressure of every subscriber (the publish
+        pipeline every publish takes).
 
         On error (an exception, or an item that is not a source): logged;
         that plugin contributes no sources (or skips that item), the broker

@@ -31,7 +31,15 @@ import trio
 
 from broker.core.config import Config
 from broker.core.errors import ConfigError, ErrorCode, PluginError
-from broker.core.values import Action, ClientInfo, Handshake, Identity, Refusal, Reject
+from broker.core.values import (
+    Action,
+    ClientInfo,
+    Handshake,
+    Identity,
+    Refusal,
+    Reject,
+    SourcesContext,
+)
 from broker.plugin.hookspecs import PROJECT, BrokerSpec
 
 __all__ = ["ENTRY_POINT_GROUP", "PluginContext", "PluginFactory", "PluginHost"]
@@ -340,7 +348,7 @@ class PluginHost:
             return result
         return Reject(401, "token refresh is not supported")
 
-    async def sources(self, broker: Any) -> list[tuple[str, Any]]:
+    async def sources(self, context: SourcesContext) -> list[tuple[str, Any]]:
         """Run broker_sources: every source of every implementation, with the
         name of the plugin that contributed it, in ``plugins.enabled`` order.
 
@@ -351,7 +359,7 @@ class PluginHost:
         found: list[tuple[str, Any]] = []
         for impl in self.pm.hook.broker_sources.get_hookimpls():
             try:
-                result = await self._call(impl, {"broker": broker})
+                result = await self._call(impl, {"broker": context})
                 items = [] if result is None else list(result)
             except Exception:
                 log.exception("plugin %s: broker_sources failed; no sources", impl.plugin_name)

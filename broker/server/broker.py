@@ -46,7 +46,7 @@ from broker.core.handshake import (
 from broker.core.hub import Hub
 from broker.core.protocol import SUBPROTOCOLS, Encoding
 from broker.core.stats import BrokerStats
-from broker.core.values import Handshake, Identity, Refusal, Reject
+from broker.core.values import Handshake, Identity, Refusal, Reject, SourcesContext
 from broker.core.version import VERSION
 from broker.engine import Engine, Flusher, Interest, MemoryEngine
 from broker.io.tls import TLSStream, ssl_context_for
@@ -298,7 +298,8 @@ class Broker:
     async def _start_sources(self, nursery: trio.Nursery) -> None:
         """Collect the plugins' sources and run each under a supervisor."""
         seen: set[tuple[str, str]] = set()
-        for plugin, source in await self.plugins.sources(self):
+        context = SourcesContext(self.config, tuple(self.addresses))
+        for plugin, source in await self.plugins.sources(context):
             if (plugin, source.name) in seen:
                 log.error("plugin %s: two sources named %r; ignoring one", plugin, source.name)
                 continue

@@ -48,8 +48,8 @@ from broker.core.values import Identity
 from broker.plugin.hookspecs import hookimpl
 
 if TYPE_CHECKING:
+    from broker.core.values import SourcesContext
     from broker.plugin.host import PluginContext
-    from broker.server.broker import Broker
 
 __all__ = [
     "Backoff",
@@ -510,7 +510,7 @@ class SourcesPlugin(Generic[C]):
         self._make = make
 
     @hookimpl
-    def broker_sources(self, broker: Broker) -> list[Source]:
+    def broker_sources(self, broker: SourcesContext) -> list[Source]:
         return [self._make(c, c.options(self.plugin)) for c in self.configs]
 
 

@@ -51,7 +51,7 @@ from typing import Any, Final, NoReturn
 
 import trio
 
-from broker import Broker, ErrorCode, Identity, PluginContext, PublishError, hookimpl
+from broker import ErrorCode, Identity, PluginContext, PublishError, SourcesContext, hookimpl
 from broker.settings import parse
 from broker.sources import (
     Backoff,
@@ -336,7 +336,7 @@ class HttpPlugin:
         self.config = config
 
     @hookimpl
-    def broker_sources(self, broker: Broker) -> list[HttpSource]:
+    def broker_sources(self, broker: SourcesContext) -> list[HttpSource]:
         return [HttpSource(self.config)]
 
 
