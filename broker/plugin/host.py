@@ -186,35 +186,15 @@ class PluginHost:
         clock; the caller adds ``limits.auth_timeout``); past it the decision
         is ``Reject(503, "authentication timed out")``.
         """
-        kwargs = {"handshake": handshake}
-        for impl in self._impls("broker_authenticate"):
-            try:
-                result = await self._call(impl, kwargs, deadline)
-            except _TimedOut:
-                return Reject(503, AUTH_TIMED_OUT)
-            except Exception:
-                log.exception(
-                    "plugin %s: broker_authenticate raised; rejecting %s:%s",
-                    impl.plugin_name,
-                    *handshake.peer,
-                )
-                return Reject(403, "authentication error")
-            if result is None:
-                continue
-            if isinstance(result, Identity):
-                if not result.plugin:
-                    result = _with_plugin(result, impl.plugin_name)
-                return result
-            if isinstance(result, Reject):
-                return result
-            log.error(
-                "plugin %s: broker_authenticate returned %r (not Identity, Reject or "
-                "None); rejecting",
-                impl.plugin_name,
-                type(result).__name__,
-            )
-            return Reject(403, "authentication error")
-        return Reject(401, "missing or invalid credentials")
+        peer = f"{handshake.peer[0]}:{handshake.peer[1]}"
+        return await self._identity(
+            "broker_authenticate",
+            {"handshake": handshake},
+            deadline,
+            whom=peer,
+            error=Reject(403, "authentication error"),
+            none=Reject(401, "missing or invalid credentials"),
+        )
 
     async def authorize(
         self,
@@ -311,42 +291,62 @@ class PluginHost:
         implementations together must be done by *deadline*, as in
         :meth:`authenticate`.
         """
-        kwargs = {"identity": identity, "token": token}
-        for impl in self._impls("broker_refresh"):
+        result = await self._identity(
+            "broker_refresh",
+            {"identity": identity, "token": token},
+            deadline,
+            whom=f"the refresh for {identity.subject}",
+            error=Reject(401, "authentication error"),
+            none=Reject(401, "token refresh is not supported"),
+        )
+        if isinstance(result, Identity) and result.subject != identity.subject:
+            log.warning(
+                "plugin %s: refresh for %s presented a token for another subject; refused",
+                result.plugin,
+                identity.subject,
+            )
+            return Reject(403, "the token is for another subject")
+        return result
+
+    async def _identity(
+        self,
+        hook: str,
+        kwargs: dict[str, Any],
+        deadline: float,
+        *,
+        whom: str,
+        error: Reject,
+        none: Reject,
+    ) -> Identity | Reject:
+        """Run an identity hook (authenticate, refresh) until an implementation
+        decides: its Identity (with ``plugin`` set to its name) or its Reject.
+
+        Fails closed: past *deadline* ``Reject(503)``; an implementation that
+        raises or returns something else *error*; no decision at all *none*.
+        """
+        for impl in self._impls(hook):
             try:
                 result = await self._call(impl, kwargs, deadline)
             except _TimedOut:
                 return Reject(503, AUTH_TIMED_OUT)
             except Exception:
-                log.exception(
-                    "plugin %s: broker_refresh raised; refusing the refresh for %s",
-                    impl.plugin_name,
-                    identity.subject,
-                )
-                return Reject(401, "authentication error")
+                log.exception("plugin %s: %s raised; refusing %s", impl.plugin_name, hook, whom)
+                return error
             if result is None:
                 continue
             if isinstance(result, Reject):
                 return result
             if not isinstance(result, Identity):
                 log.error(
-                    "plugin %s: broker_refresh returned %r (not Identity, Reject or None); "
-                    "refusing",
+                    "plugin %s: %s returned %r (not Identity, Reject or None); refusing %s",
                     impl.plugin_name,
+                    hook,
                     type(result).__name__,
+                    whom,
                 )
-                return Reject(401, "authentication error")
-            if result.subject != identity.subject:
-                log.warning(
-                    "plugin %s: refresh for %s presented a token for another subject; refused",
-                    impl.plugin_name,
-                    identity.subject,
-                )
-                return Reject(403, "the token is for another subject")
-            if not result.plugin:
-                result = _with_plugin(result, impl.plugin_name)
-            return result
-        return Reject(401, "token refresh is not supported")
+                return error
+            return result if result.plugin else _with_plugin(result, impl.plugin_name)
+        return none
 
     async def sources(self, context: SourcesContext) -> list[tuple[str, Any]]:
         """Run broker_sources: every source of every implementation, with the
