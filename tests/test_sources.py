@@ -778,3 +778,28 @@ async def test_broker_publish_is_counted_by_result_like_a_clients(
         await broker.publish(source, "secret.x", 1)
     assert broker.stats.publishes["ok"] == 1
     assert broker.stats.publishes["forbidden"] == 1
+
+
+async def test_an_in_process_burst_is_written_once_per_subscriber(
+    start_broker: BrokerFactory,
+) -> None:
+    """Publishes made without waiting (a source's burst, Broker.publish in a
+    loop) are flushed together once the publisher waits, as a client's read
+    is: not one write per message, and not never."""
+    broker = await start_broker({"queue": {"max_messages": 1000}})
+    source = Identity("source:test")
+    async with connect(broker.url) as client:
+        await client.sub("burst.>")
+        (conn,) = broker.connections
+        for n in range(100):
+            await broker.publish(source, "burst.x", n)
+        # Nothing waited yet: all of it is queued, none of it written.
+        assert broker.hub.pending == 100
+        assert len(conn.outbox) == 100
+        written = conn.bytes_out
+        await trio.testing.wait_all_tasks_blocked()
+        assert broker.hub.pending == 0
+        assert len(conn.outbox) == 0
+        assert conn.bytes_out > written
+        for n in range(100):
+            assert (await client.recv())["data"] == n
