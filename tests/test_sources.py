@@ -704,16 +704,16 @@ def _cases() -> list[Any]:
         ),
     ]
     try:
-        from broker_redis import create as redis
+        from broker_redis_pubsub import create as redis
     except ImportError:  # pragma: no cover - the redis extra is in dev
         return cases
     cases.append(
         pytest.param(
             redis,
-            "redis",
+            "redis_pubsub",
             {"sources": [{"name": "a", "channels": ["c"], "mappings": [mapping]}]},
-            "## `redis`",
-            id="redis",
+            "## `redis_pubsub`",
+            id="redis_pubsub",
         )
     )
     return cases

@@ -1,4 +1,4 @@
-"""The redis source against the machine's real Redis (127.0.0.1:6379).
+"""The redis_pubsub source against the machine's real Redis (127.0.0.1:6379).
 
 Every test uses channels under a prefix of its own, and the reconnect test
 kills only the source's own connection (CLIENT KILL ID, found by its client
@@ -24,7 +24,7 @@ from tests.helpers import Client, connect, free_port, wait_until
 
 coredis = pytest.importorskip("coredis", reason="the redis extra is not installed")
 
-from broker_redis import create  # noqa: E402
+from broker_redis_pubsub import create  # noqa: E402
 
 REDIS = ("127.0.0.1", 6379)
 
@@ -74,8 +74,8 @@ async def start(
     }
     table.update(extra)
     broker = await start_broker(
-        {"plugins": {"enabled": ["noauth", "redis"]}, "plugin": {"redis": {"sources": [table]}}},
-        factories={"redis": create},
+        {"plugins": {"enabled": ["noauth", "redis_pubsub"]}, "plugin": {"redis_pubsub": {"sources": [table]}}},
+        factories={"redis_pubsub": create},
     )
     sup = broker.sources[0]
     await wait_until(lambda: sup.state == "running")
@@ -177,8 +177,8 @@ async def test_unreachable_redis_backs_off(start_broker: BrokerFactory, prefix: 
         "mappings": [{"topic": "x"}],
     }
     broker = await start_broker(
-        {"plugins": {"enabled": ["noauth", "redis"]}, "plugin": {"redis": {"sources": [table]}}},
-        factories={"redis": create},
+        {"plugins": {"enabled": ["noauth", "redis_pubsub"]}, "plugin": {"redis_pubsub": {"sources": [table]}}},
+        factories={"redis_pubsub": create},
     )
     sup = broker.sources[0]
     with trio.fail_after(3):
@@ -188,8 +188,8 @@ async def test_unreachable_redis_backs_off(start_broker: BrokerFactory, prefix: 
 
 
 def make(settings: dict[str, Any]) -> object:
-    config = config_from_dict({"plugins": {"enabled": ["redis"]}})
-    return create(settings, PluginContext("redis", config))
+    config = config_from_dict({"plugins": {"enabled": ["redis_pubsub"]}})
+    return create(settings, PluginContext("redis_pubsub", config))
 
 
 @pytest.mark.parametrize(

@@ -1,16 +1,20 @@
-"""redis: Redis pub/sub channels and patterns into topics (needs ``trio-broker[redis]``).
+"""redis_pubsub: Redis pub/sub channels and patterns into topics (needs
+``trio-broker[redis]``).
+
+Named apart from the Redis *engine* (``[engine] type = "redis"``), which
+shares state between brokers; this plugin only reads channels into topics.
 
 Configuration (every key in docs/sources.md)::
 
     [plugins]
-    enabled = ["noauth", "redis"]
+    enabled = ["noauth", "redis_pubsub"]
 
-    [[plugin.redis.sources]]
+    [[plugin.redis_pubsub.sources]]
     name = "backend"
     url = "redis://127.0.0.1:6379/0"
     patterns = ["prices:*"]
 
-    [[plugin.redis.sources.mappings]]
+    [[plugin.redis_pubsub.sources.mappings]]
     topic = "prices.{channel|token}"       # prices:BTC-USD -> prices.prices_BTC-USD
 
 Each Redis message is seen by the mappings as ``{"channel": ..., "pattern":
@@ -53,7 +57,7 @@ from broker.sources import (
 
 __all__ = ["MappingSettings", "RedisSource", "SourceSettings", "create"]
 
-PLUGIN: Final = "redis"
+PLUGIN: Final = "redis_pubsub"
 
 
 def _redis_url(url: str) -> None:
@@ -68,14 +72,14 @@ def _client_name(name: str) -> None:
 
 @dataclass(frozen=True, kw_only=True)
 class MappingSettings(MatchMappingSettings):
-    """A ``[[plugin.redis.sources.mappings]]`` table: the data is the message's."""
+    """A ``[[plugin.redis_pubsub.sources.mappings]]`` table: the data is the message's."""
 
     data: TemplateText | None = "{data}"
 
 
 @dataclass(frozen=True, kw_only=True)
 class SourceSettings(SubjectSourceSettings):
-    """A ``[[plugin.redis.sources]]`` table."""
+    """A ``[[plugin.redis_pubsub.sources]]`` table."""
 
     url: Annotated[str, NON_EMPTY, Check(_redis_url)] = "redis://127.0.0.1:6379/0"
     channels: tuple[NonEmptyStr, ...] = ()
@@ -185,5 +189,5 @@ def _text(value: object) -> str:
 
 
 def create(settings: Mapping[str, Any], context: PluginContext) -> SourcesPlugin[SourceSettings]:
-    """Plugin factory (entry point ``redis``)."""
+    """Plugin factory (entry point ``redis_pubsub``)."""
     return sources_plugin(settings, context, SourceSettings, RedisSource)
