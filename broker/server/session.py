@@ -179,8 +179,8 @@ class Session:
             services.stats.refused(decision.code)
             self._refuse(command.id, decision)
             return
-        if self.host.close_code is not None or pattern in self.subscriptions:
-            return  # closed, or subscribed by a command that overtook this one
+        if self.host.close_code is not None:
+            return
         # The engine delivers the pattern's topics to this node before the
         # subscriber joins the hub and gets its ok.
         await services.interest.acquire(pattern)
