@@ -47,10 +47,11 @@ import json.encoder
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final, NoReturn
 
 import msgpack
+from msgspec import Struct
 
 from .errors import CloseCode, ErrorCode, ProtocolError
 from .topics import TopicError, validate_pattern, validate_topic
@@ -137,24 +138,14 @@ _KEY_MESSAGE: Final = f"key must be a string of 1 to {MAX_KEY_LENGTH} characters
 # --------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Subscribe:
-    """``sub``: deliver messages whose topic matches *pattern*."""
-
-    id: RequestId | None
-    pattern: str
-
-
-@dataclass(frozen=True, slots=True)
-class Unsubscribe:
-    """``unsub``: stop a subscription made with the same *pattern*."""
-
-    id: RequestId | None
-    pattern: str
+# msgspec Structs: built in C (a frozen dataclass pays four object.__setattr__
+# calls), compared field by field, matched positionally (``__match_args__``).
+# gc=False: a command never takes part in a reference cycle (its fields are
+# strings, integers, None and a tree of JSON values), so the collector need not
+# track it. Not frozen, so not hashable: nothing hashes commands.
 
 
-@dataclass(frozen=True, slots=True)
-class Publish:
+class Publish(Struct, gc=False):
     """``pub``: publish *data* (any JSON value, ``None`` included) on *topic*."""
 
     id: RequestId | None
@@ -163,23 +154,43 @@ class Publish:
     key: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Ping:
+class Subscribe(Struct, gc=False):
+    """``sub``: deliver messages whose topic matches *pattern*."""
+
+    id: RequestId | None
+    pattern: str
+
+
+class Unsubscribe(Struct, gc=False):
+    """``unsub``: stop a subscription made with the same *pattern*."""
+
+    id: RequestId | None
+    pattern: str
+
+
+class Ping(Struct, gc=False):
     """``ping``: ask for a ``pong`` (liveness check at the protocol level)."""
 
     id: RequestId | None
 
 
-@dataclass(frozen=True, slots=True)
-class Auth:
+class Auth(Struct, gc=False):
     """``auth``: present a new *token* for this connection (e.g. a fresh JWT
-    before the current one expires)."""
+    before the current one expires). The token stays out of ``repr()``."""
 
     id: RequestId | None
-    token: str = field(repr=False)
+    token: str
+
+    def __repr__(self) -> str:
+        return f"Auth(id={self.id!r})"
+
+    def __rich_repr__(self) -> list[tuple[str, Any]]:
+        return [("id", self.id)]
 
 
-Command = Subscribe | Unsubscribe | Publish | Ping | Auth
+#: Every command, a closed union: ``match command:`` with one ``case`` per
+#: class and ``case _: typing.assert_never(command)`` is checked exhaustively.
+Command = Publish | Subscribe | Unsubscribe | Auth | Ping
 
 
 # --------------------------------------------------------------------------
