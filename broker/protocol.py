@@ -48,13 +48,14 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final, NoReturn
+from typing import Annotated, Any, Final, NoReturn
 
 import msgpack
-from msgspec import Struct
+import msgspec
+from msgspec import Meta, Struct
 
 from .errors import CloseCode, ErrorCode, ProtocolError
-from .topics import TopicError, validate_pattern, validate_topic
+from .topics import MAX_TOKENS, MAX_TOPIC_LENGTH, TopicError, validate_pattern, validate_topic
 
 __all__ = [
     "MAX_DATA_DEPTH",
@@ -419,13 +420,167 @@ def _read_id(obj: dict[Any, Any]) -> RequestId | None:
 # --------------------------------------------------------------------------
 
 
+# -- The fast path: msgspec decodes straight into typed frames ----------------
+#
+# msgspec parses and validates in one pass, in C, into the tagged Structs
+# below. They accept a subset of what the checks of _decode_checked accept,
+# never more: whatever they refuse, or a data check after them refuses, is
+# decoded again by _decode_checked, which has the final word and the precise
+# error message. So the two paths cannot disagree on what is valid, only on
+# how fast it is: the slow path runs for bad input and for a few rare valid
+# forms: a frame with fields the protocol does not know (see _Frame), an
+# ``op`` given twice, a field given twice whose first value is invalid.
+
+_FrameId = (
+    Annotated[int, Meta(ge=0, le=MAX_ID)]
+    | Annotated[str, Meta(min_length=1, max_length=MAX_ID_LENGTH)]
+    | None
+)
+# The grammar of broker.topics as one regular expression each (\Z, not $,
+# which would allow a final newline); equal to validate_topic/validate_pattern
+# on every string (the tests check that property).
+_TOKEN: Final = r"[A-Za-z0-9_\-:]+"
+_FrameTopic = Annotated[
+    str,
+    Meta(
+        pattern=rf"\A{_TOKEN}(?:\.{_TOKEN}){{0,{MAX_TOKENS - 1}}}\Z",
+        max_length=MAX_TOPIC_LENGTH,
+    ),
+]
+_FramePattern = Annotated[
+    str,
+    Meta(
+        pattern=rf"\A(?:(?:{_TOKEN}|\*)\.){{0,{MAX_TOKENS - 1}}}(?:{_TOKEN}|\*|>)\Z",
+        max_length=MAX_TOPIC_LENGTH,
+    ),
+]
+_FrameKey = Annotated[str, Meta(min_length=1, max_length=MAX_KEY_LENGTH)] | None
+
+
+class _Frame(Struct, tag_field="op", forbid_unknown_fields=True, gc=False):
+    """A command as it is on the wire. Unknown fields are refused here (and
+    then accepted by the slow path): msgspec skips them without the checks
+    _load makes on every value (msgpack ext types and invalid UTF-8, JSON
+    integers longer than 4300 digits). Required fields come first, as msgspec
+    wants; the public classes keep ``id`` first."""
+
+
+class _PubFrame(_Frame, tag="pub"):
+    topic: _FrameTopic
+    # Any JSON value: checked by _json_data_ok/_msgpack_data_ok.
+    data: Any
+    id: _FrameId = None
+    key: _FrameKey = None
+
+
+class _SubFrame(_Frame, tag="sub"):
+    topic: _FramePattern
+    id: _FrameId = None
+
+
+class _UnsubFrame(_Frame, tag="unsub"):
+    topic: _FramePattern
+    id: _FrameId = None
+
+
+class _PingFrame(_Frame, tag="ping"):
+    id: _FrameId = None
+
+
+class _AuthFrame(_Frame, tag="auth"):
+    token: Annotated[str, Meta(min_length=1)]
+    id: _FrameId = None
+
+
+_AnyFrame = _PubFrame | _SubFrame | _UnsubFrame | _PingFrame | _AuthFrame
+
+_json_frame: Final = msgspec.json.Decoder(_AnyFrame).decode
+_msgpack_frame: Final = msgspec.msgpack.Decoder(_AnyFrame).decode
+
+
+_isfinite: Final = math.isfinite
+
+
+def _json_data_ok(value: Any, depth: int) -> bool:
+    """True if _check_data accepts data that msgspec decoded from JSON.
+
+    msgspec's JSON parser already refuses NaN/Infinity literals, numbers that
+    overflow a double (``1e400``) and lone surrogates (escaped or not), and
+    yields only the exact built-in types; left to test are integers outside
+    the 64-bit range and nesting beyond MAX_DATA_DEPTH. Scalars inside a
+    container are tested inline: no call per value.
+    """
+    t = type(value)
+    if t is dict:
+        values: Any = value.values()
+    elif t is list:
+        values = value
+    elif t is int:
+        return True if _MIN_INT <= value <= _MAX_INT else False  # noqa: SIM210 (Any, not bool)
+    else:
+        return True
+    if depth >= MAX_DATA_DEPTH:
+        return False
+    depth += 1
+    for v in values:
+        t = type(v)
+        if t is int:
+            if not _MIN_INT <= v <= _MAX_INT:
+                return False
+        elif (t is dict or t is list) and not _json_data_ok(v, depth):
+            return False
+    return True
+
+
+def _msgpack_data_ok(value: Any, depth: int) -> bool:
+    """True if _check_data accepts data msgspec decoded from msgpack.
+
+    The same test, as a boolean, for msgspec's types: ``bytes`` (bin),
+    ``msgspec.msgpack.Ext`` (ext types), ``datetime`` (the timestamp ext) and
+    non-string map keys are refused, and so are NaN, infinities and nesting
+    beyond MAX_DATA_DEPTH. Integers need no test: msgpack has none outside
+    the 64-bit range; strings neither: msgspec decodes them strictly.
+    """
+    t = type(value)
+    if t is dict:
+        for k in value:
+            if type(k) is not str:
+                return False
+        values: Any = value.values()
+    elif t is list:
+        values = value
+    elif t is float:
+        return _isfinite(value)
+    else:
+        return t is str or t is int or t is bool or value is None
+    if depth >= MAX_DATA_DEPTH:
+        return False
+    depth += 1
+    for v in values:
+        t = type(v)
+        if t is str or t is int or t is bool or v is None:
+            continue
+        if t is float:
+            if not _isfinite(v):
+                return False
+        elif not _msgpack_data_ok(v, depth):
+            return False
+    return True
+
+
 def decode_command(frame: str | bytes, encoding: Encoding) -> Command:
     """Parse one client message.
 
     *frame* is the message payload as the WebSocket layer delivered it: a
     ``str`` for a text message, ``bytes`` for a binary one. Fields the
     protocol does not know are ignored (forward compatibility); a ``null``
-    ``id`` or ``key`` counts as absent.
+    ``id`` or ``key`` counts as absent. ``data`` is made of the built-in
+    ``dict``, ``list``, ``str``, ``int``, ``float``, ``bool`` and ``None``.
+
+    A valid command is decoded by msgspec in one pass. Anything msgspec or the
+    data check after it refuses is decoded again, by the checks in Python
+    that find the precise error (or, for the rare valid frames the fast path
+    leaves out, the command): the same answer as before msgspec, slower.
 
     Raises:
         ProtocolError: with ``code`` BAD_REQUEST for anything invalid. Once
@@ -433,6 +588,40 @@ def decode_command(frame: str | bytes, encoding: Encoding) -> Command:
             ``err`` reply can be correlated. A frame of the wrong type for the
             subprotocol also sets ``close_code`` UNSUPPORTED_DATA: the client
             speaks something else entirely, so the connection is closed.
+    """
+    wire: _AnyFrame | None
+    try:
+        if encoding is Encoding.JSON:
+            wire = _json_frame(frame) if isinstance(frame, str) else None
+        else:
+            wire = None if isinstance(frame, str) else _msgpack_frame(frame)
+    except Exception:
+        # msgspec.DecodeError/ValidationError for most; RecursionError for
+        # deep nesting, UnicodeEncodeError for a str holding a lone surrogate
+        # (only possible when called directly), TypeError for an odd frame
+        # type. Whatever it is, the checked path decides.
+        wire = None
+    if type(wire) is _PubFrame:
+        data = wire.data
+        if _json_data_ok(data, 0) if encoding is Encoding.JSON else _msgpack_data_ok(data, 0):
+            return Publish(wire.id, wire.topic, data, wire.key)
+    elif type(wire) is _SubFrame:
+        return Subscribe(wire.id, wire.topic)
+    elif type(wire) is _UnsubFrame:
+        return Unsubscribe(wire.id, wire.topic)
+    elif type(wire) is _PingFrame:
+        return Ping(wire.id)
+    elif type(wire) is _AuthFrame:
+        return Auth(wire.id, wire.token)
+    # Refused by msgspec or by the data check, or a frame of the wrong type.
+    return _decode_checked(frame, encoding)
+
+
+def _decode_checked(frame: str | bytes, encoding: Encoding) -> Command:
+    """decode_command with every check in Python and the precise error message.
+
+    The reference the fast path defers to (and the decoder before msgspec):
+    parse with ``json``/``msgpack``, then look at each field in turn.
     """
     obj = _load(frame, encoding)
     if type(obj) is not dict:
