@@ -750,6 +750,20 @@ def encode_dropped(topic: str, count: int, encoding: Encoding) -> Payload:
     return _with_id({"op": "dropped", "topic": topic, "count": count}, None, encoding)
 
 
+class _MsgFrame(Struct, tag="msg", tag_field="op", omit_defaults=True, gc=False):
+    """``msg`` as msgspec encodes it: the map {"op", "topic", "seq", "data"}
+    and "key" unless None, in that order; the same bytes as _pack of that dict
+    (the tests check it), in half the time."""
+
+    topic: str
+    seq: int
+    data: Any
+    key: str | None = None
+
+
+_msgpack_msg: Final = msgspec.msgpack.Encoder().encode
+
+
 def encode_msg(topic: str, seq: int, data: Any, key: str | None, encoding: Encoding) -> Payload:
     """``{"op":"msg","topic":T,"seq":S,"data":D}``, plus ``"key"`` when not None.
 
@@ -759,15 +773,17 @@ def encode_msg(topic: str, seq: int, data: Any, key: str | None, encoding: Encod
     fail.
     """
     if encoding is Encoding.JSON:
+        # The json module, not msgspec's encoder, though that one is 3 to 9
+        # times faster here: it would change the text clients get (exponents
+        # spelled 1e16 and 1e-7, not 1e+16 and 1e-07) and write NaN as null
+        # where this raises.
         # A validated topic is ASCII letters, digits, '_', '-', ':' and '.':
         # nothing JSON would escape, so it goes in verbatim.
         head = '{"op":"msg","topic":"' + topic + '","seq":' + str(seq) + ',"data":'
         if key is None:
             return head + _json_encode(data) + "}"
         return head + _json_encode(data) + ',"key":' + _json_string(key) + "}"
-    if key is None:
-        return _pack({"op": "msg", "topic": topic, "seq": seq, "data": data})
-    return _pack({"op": "msg", "topic": topic, "seq": seq, "data": data, "key": key})
+    return _msgpack_msg(_MsgFrame(topic, seq, data, key))
 
 
 # --------------------------------------------------------------------------

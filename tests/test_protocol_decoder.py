@@ -889,3 +889,28 @@ def test_encode_msg_msgpack_bytes_are_msgpacks(data: Any, key: str | None, seq: 
     assert encode_msg("a.b", seq, data, key, Encoding.JSON) == json.dumps(
         obj, separators=(",", ":"), ensure_ascii=False
     )
+
+
+def _sized(n: int) -> list[Any]:
+    return ["a" * n, "é" * n, list(range(n)), {str(i): i for i in range(n)}]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        # msgpack's format boundaries: fix/8/16/32 for str, fix/16/32 for
+        # arrays and maps, every integer width on both sides, float64.
+        *(v for n in (15, 16, 31, 32, 255, 256, 65535, 65536) for v in _sized(n)),
+        [0, 127, 128, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**63 - 1, 2**63, 2**64 - 1],
+        [-1, -32, -33, -128, -129, -32768, -32769, -(2**31), -(2**31) - 1, -(2**63)],
+        [0.0, -0.0, 1.5, 5e-324, 1.7976931348623157e308, 3.0],
+        [True, False, None, "", [], {}],
+    ],
+)
+@pytest.mark.parametrize("key", [None, "k", "é" * MAX_KEY_LENGTH])
+def test_encode_msg_msgpack_format_boundaries(data: Any, key: str | None) -> None:
+    obj: dict[str, Any] = {"op": "msg", "topic": "t", "seq": 2**64 - 1, "data": data}
+    if key is not None:
+        obj["key"] = key
+    payload = encode_msg("t", 2**64 - 1, data, key, Encoding.MSGPACK)
+    assert payload == msgpack.packb(obj, use_bin_type=True)
