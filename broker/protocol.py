@@ -46,9 +46,10 @@ import json
 import json.encoder
 import math
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, Final, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, Final, NoReturn
 
 import msgpack
 import msgspec
@@ -423,8 +424,9 @@ def _read_id(obj: dict[Any, Any]) -> RequestId | None:
 # -- The fast path: msgspec decodes straight into typed frames ----------------
 #
 # msgspec parses and validates in one pass, in C, into the tagged Structs
-# below. They accept a subset of what the checks of _decode_checked accept,
-# never more: whatever they refuse, or a data check after them refuses, is
+# below; decode_command then matches the topic (or pattern) and walks data
+# for what the types cannot say. Together they accept a subset of what the
+# checks of _decode_checked accept, never more: whatever they refuse is
 # decoded again by _decode_checked, which has the final word and the precise
 # error message. So the two paths cannot disagree on what is valid, only on
 # how fast it is: the slow path runs for bad input and for a few rare valid
@@ -436,25 +438,47 @@ _FrameId = (
     | Annotated[str, Meta(min_length=1, max_length=MAX_ID_LENGTH)]
     | None
 )
-# The grammar of broker.topics as one regular expression each (\Z, not $,
-# which would allow a final newline); equal to validate_topic/validate_pattern
-# on every string (the tests check that property).
+# Length limits are the Structs' (cheap in msgspec); the grammar of
+# broker.topics is one regular expression each, matched in Python after
+# decoding: msgspec's Meta(pattern=...) costs twice as much per call. Equal
+# to validate_topic/validate_pattern on every string (the tests check it).
+_FrameName = Annotated[str, Meta(max_length=MAX_TOPIC_LENGTH)]
 _TOKEN: Final = r"[A-Za-z0-9_\-:]+"
-_FrameTopic = Annotated[
-    str,
-    Meta(
-        pattern=rf"\A{_TOKEN}(?:\.{_TOKEN}){{0,{MAX_TOKENS - 1}}}\Z",
-        max_length=MAX_TOPIC_LENGTH,
-    ),
-]
-_FramePattern = Annotated[
-    str,
-    Meta(
-        pattern=rf"\A(?:(?:{_TOKEN}|\*)\.){{0,{MAX_TOKENS - 1}}}(?:{_TOKEN}|\*|>)\Z",
-        max_length=MAX_TOPIC_LENGTH,
-    ),
-]
+_topic_match: Final = re.compile(rf"{_TOKEN}(?:\.{_TOKEN}){{0,{MAX_TOKENS - 1}}}").fullmatch
+_pattern_match: Final = re.compile(
+    rf"(?:(?:{_TOKEN}|\*)\.){{0,{MAX_TOKENS - 1}}}(?:{_TOKEN}|\*|>)"
+).fullmatch
 _FrameKey = Annotated[str, Meta(min_length=1, max_length=MAX_KEY_LENGTH)] | None
+
+
+# data, typed: JSON values nested at most _TYPED_DEPTH levels, integers in
+# the int64 range, finite floats. msgspec checks all of that while it parses
+# (and refuses bin, ext types, timestamps and non-string keys from msgpack),
+# so a pub whose data fits needs no walk in Python. Each level doubles the
+# decoder's type tree (built at import: 6 levels, a few milliseconds); data
+# nested deeper, or holding an integer from 2**63 to 2**64-1, is decoded
+# again as _DeepPubFrame.
+_TYPED_DEPTH: Final = 6
+
+
+def _typed_data(levels: int) -> Any:
+    scalar: Any = (
+        None
+        | bool
+        | Annotated[int, Meta(ge=_MIN_INT, le=2**63 - 1)]  # msgspec: no uint64 bound
+        | Annotated[float, Meta(ge=-sys.float_info.max, le=sys.float_info.max)]
+        | str
+    )
+    value = scalar
+    for _ in range(levels):
+        value = scalar | list[value] | dict[str, value]  # type: ignore[valid-type]
+    return value
+
+
+if TYPE_CHECKING:
+    _TypedData = Any
+else:
+    _TypedData = _typed_data(_TYPED_DEPTH)
 
 
 class _Frame(Struct, tag_field="op", forbid_unknown_fields=True, gc=False):
@@ -466,20 +490,29 @@ class _Frame(Struct, tag_field="op", forbid_unknown_fields=True, gc=False):
 
 
 class _PubFrame(_Frame, tag="pub"):
-    topic: _FrameTopic
-    # Any JSON value: checked by _json_data_ok/_msgpack_data_ok.
+    topic: _FrameName  # and _topic_match
+    data: _TypedData
+    id: _FrameId = None
+    key: _FrameKey = None
+
+
+class _DeepPubFrame(_Frame, tag="pub"):
+    """A pub whose data _PubFrame refused: any value, for _json_data_ok or
+    _msgpack_data_ok to check."""
+
+    topic: _FrameName  # and _topic_match
     data: Any
     id: _FrameId = None
     key: _FrameKey = None
 
 
 class _SubFrame(_Frame, tag="sub"):
-    topic: _FramePattern
+    topic: _FrameName  # and _pattern_match
     id: _FrameId = None
 
 
 class _UnsubFrame(_Frame, tag="unsub"):
-    topic: _FramePattern
+    topic: _FrameName  # and _pattern_match
     id: _FrameId = None
 
 
@@ -496,6 +529,10 @@ _AnyFrame = _PubFrame | _SubFrame | _UnsubFrame | _PingFrame | _AuthFrame
 
 _json_frame: Final = msgspec.json.Decoder(_AnyFrame).decode
 _msgpack_frame: Final = msgspec.msgpack.Decoder(_AnyFrame).decode
+_json_deep_pub: Final = msgspec.json.Decoder(_DeepPubFrame).decode
+_msgpack_deep_pub: Final = msgspec.msgpack.Decoder(_DeepPubFrame).decode
+# A module global: Encoding.JSON, an enum class attribute, is slower to get.
+_JSON: Final = Encoding.JSON
 
 
 _isfinite: Final = math.isfinite
@@ -578,9 +615,10 @@ def decode_command(frame: str | bytes, encoding: Encoding) -> Command:
     ``dict``, ``list``, ``str``, ``int``, ``float``, ``bool`` and ``None``.
 
     A valid command is decoded by msgspec in one pass. Anything msgspec or the
-    data check after it refuses is decoded again, by the checks in Python
-    that find the precise error (or, for the rare valid frames the fast path
-    leaves out, the command): the same answer as before msgspec, slower.
+    topic and data checks after it refuse is decoded again, by the checks in
+    Python that find the precise error (or, for the rare valid frames the
+    fast path leaves out, the command): the same answer as before msgspec,
+    slower.
 
     Raises:
         ProtocolError: with ``code`` BAD_REQUEST for anything invalid. Once
@@ -589,31 +627,60 @@ def decode_command(frame: str | bytes, encoding: Encoding) -> Command:
             subprotocol also sets ``close_code`` UNSUPPORTED_DATA: the client
             speaks something else entirely, so the connection is closed.
     """
-    wire: _AnyFrame | None
-    try:
-        if encoding is Encoding.JSON:
-            wire = _json_frame(frame) if isinstance(frame, str) else None
-        else:
-            wire = None if isinstance(frame, str) else _msgpack_frame(frame)
-    except Exception:
-        # msgspec.DecodeError/ValidationError for most; RecursionError for
-        # deep nesting, UnicodeEncodeError for a str holding a lone surrogate
-        # (only possible when called directly), TypeError for an odd frame
-        # type. Whatever it is, the checked path decides.
-        wire = None
+    if encoding is _JSON:
+        if not isinstance(frame, str):
+            return _decode_checked(frame, encoding)  # raises, to close
+        try:
+            wire = _json_frame(frame)
+        except Exception as exc:  # see _decode_deep
+            return _decode_deep(frame, encoding, exc)
+    else:
+        if isinstance(frame, str):
+            return _decode_checked(frame, encoding)  # raises, to close
+        try:
+            wire = _msgpack_frame(frame)
+        except Exception as exc:
+            return _decode_deep(frame, encoding, exc)
     if type(wire) is _PubFrame:
-        data = wire.data
-        if _json_data_ok(data, 0) if encoding is Encoding.JSON else _msgpack_data_ok(data, 0):
-            return Publish(wire.id, wire.topic, data, wire.key)
+        if _topic_match(wire.topic) is not None:
+            return Publish(wire.id, wire.topic, wire.data, wire.key)
     elif type(wire) is _SubFrame:
-        return Subscribe(wire.id, wire.topic)
+        if _pattern_match(wire.topic) is not None:
+            return Subscribe(wire.id, wire.topic)
     elif type(wire) is _UnsubFrame:
-        return Unsubscribe(wire.id, wire.topic)
+        if _pattern_match(wire.topic) is not None:
+            return Unsubscribe(wire.id, wire.topic)
     elif type(wire) is _PingFrame:
         return Ping(wire.id)
     elif type(wire) is _AuthFrame:
         return Auth(wire.id, wire.token)
-    # Refused by msgspec or by the data check, or a frame of the wrong type.
+    return _decode_checked(frame, encoding)
+
+
+def _decode_deep(frame: str | bytes, encoding: Encoding, exc: Exception) -> Command:
+    """The frame msgspec refused with *exc*: a pub with deep data, or bad.
+
+    msgspec.ValidationError at ``$.data`` (or inside it) may be data nested
+    deeper than the typed frame goes, or an integer from 2**63 up: decode
+    as _DeepPubFrame and walk data in Python. Anything else (DecodeError
+    for malformed input, ValidationError elsewhere, RecursionError,
+    UnicodeEncodeError for a str holding a lone surrogate, TypeError for an
+    odd frame type) goes to the checked path, which decides.
+    """
+    if type(exc) is msgspec.ValidationError and "`$.data" in str(exc):
+        try:
+            # The frame type matches the encoding here (decode_command saw to it).
+            if isinstance(frame, str):
+                wire = _json_deep_pub(frame)
+                data_ok = _json_data_ok(wire.data, 0)
+            else:
+                wire = _msgpack_deep_pub(frame)
+                data_ok = _msgpack_data_ok(wire.data, 0)
+        except Exception:
+            pass
+        else:
+            if data_ok and _topic_match(wire.topic) is not None:
+                return Publish(wire.id, wire.topic, wire.data, wire.key)
     return _decode_checked(frame, encoding)
 
 

@@ -15,6 +15,7 @@ expressions against ``broker.topics``, msgspec's JSON parser against the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -679,19 +680,103 @@ def test_msgpack_corner_cases(frame: bytes) -> None:
     same_as_reference(frame, Encoding.MSGPACK)
 
 
+# The second try (data nested deeper than the typed frame goes, or an
+# integer from 2**63 up) walks data in Python: every bad value, at the top,
+# inside, after a deep or a wide value, with good and bad topics.
+DEEP = nest(protocol._TYPED_DEPTH + 1, "list")
+WIDE = 2**63
+BAD_LEAVES = {
+    Encoding.JSON: [2**64, -(2**63) - 1, 10**40, nest(MAX_DATA_DEPTH + 1, "dict")],
+    Encoding.MSGPACK: [
+        b"x",
+        msgpack.ExtType(1, b""),
+        msgpack.Timestamp(1, 0),
+        {1: 2},
+        {b"k": 1},
+        math.nan,
+        -math.inf,
+        nest(MAX_DATA_DEPTH + 1, "list"),
+    ],
+}
+
+
+def second_try_cases() -> list[tuple[Encoding, Any]]:
+    cases: list[tuple[Encoding, Any]] = []
+    for encoding, leaves in BAD_LEAVES.items():
+        cases += [(encoding, DEEP), (encoding, WIDE), (encoding, {"a": [WIDE, DEEP]})]
+        for leaf in leaves:
+            cases += [
+                (encoding, leaf),
+                (encoding, [leaf]),
+                (encoding, {"a": leaf}),
+                (encoding, [WIDE, leaf]),
+                (encoding, {"d": DEEP, "x": [leaf]}),
+                (encoding, [nest(protocol._TYPED_DEPTH, "dict"), leaf]),
+            ]
+    return cases
+
+
+@pytest.mark.parametrize("topic", ["t", "a.*", "a..b", ""])
+@pytest.mark.parametrize(("encoding", "data"), second_try_cases())
+def test_second_try_decides_as_before(encoding: Encoding, data: Any, topic: str) -> None:
+    obj = {"op": "pub", "id": 1, "topic": topic, "data": data}
+    frame = json.dumps(obj) if encoding is Encoding.JSON else msgpack.packb(obj)
+    same_as_reference(frame, encoding)
+
+
 # --------------------------------------------------------------------------
 # Valid commands take the fast path
 # --------------------------------------------------------------------------
 
 
-@settings(max_examples=400, deadline=None)
-@given(command=valid_commands, encoding=st.sampled_from(ENCODINGS))
-def test_valid_commands_take_the_fast_path(command: Command, encoding: Encoding) -> None:
-    def slow(frame: Any, encoding: Encoding) -> NoReturn:
-        raise AssertionError(f"slow path for {frame!r}")
+def depth(value: Any) -> int:
+    """Levels of lists/objects: 0 for a scalar, 1 for [1] or {}."""
+    if isinstance(value, list):
+        return 1 + max(map(depth, value), default=0)
+    if isinstance(value, dict):
+        return 1 + max(map(depth, value.values()), default=0)
+    return 0
 
+
+def int64_only(value: Any) -> bool:
+    if type(value) is int:
+        return -(2**63) <= value < 2**63
+    if isinstance(value, list):
+        return all(map(int64_only, value))
+    if isinstance(value, dict):
+        return all(map(int64_only, value.values()))
+    return True
+
+
+def never(name: str) -> Callable[..., NoReturn]:
+    def called(frame: Any, encoding: Encoding, *args: Any) -> NoReturn:
+        raise AssertionError(f"{name} for {frame!r}")
+
+    return called
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    command=valid_commands
+    | st.builds(
+        Publish, valid_ids, valid_topics, deep_data | valid_data.map(lambda d: [[[[[[[d]]]]]]])
+    ),
+    encoding=st.sampled_from(ENCODINGS),
+)
+def test_valid_commands_take_the_fast_path(command: Command, encoding: Encoding) -> None:
+    # Never the checked path; and unless data is deeper than the typed frame
+    # goes or holds an integer from 2**63 up, not the second try either.
     frame = encode_command(command, encoding)
-    with mock.patch.object(protocol, "_decode_checked", slow):
+    data = command.data if isinstance(command, Publish) else None
+    if depth(data) > MAX_DATA_DEPTH:
+        return
+    typed = depth(data) <= protocol._TYPED_DEPTH and int64_only(data)
+    with (
+        mock.patch.object(protocol, "_decode_checked", never("checked path")),
+        mock.patch.object(protocol, "_decode_deep", never("second try"))
+        if typed
+        else contextlib.nullcontext(),
+    ):
         decoded = decode_command(frame, encoding)
     assert decoded == command
     assert outcome(decode_command, frame, encoding) == outcome(
@@ -733,17 +818,18 @@ def accepts(check: Callable[[object], object], text: str) -> bool:
 
 @settings(max_examples=1000, deadline=None)
 @given(text=names)
-def test_frame_regexes_are_the_topic_grammar(text: str) -> None:
-    topic = msgspec.json.Decoder(protocol._FrameTopic)
-    pattern = msgspec.json.Decoder(protocol._FramePattern)
-    encoded = json.dumps(text)
-    for decoder, check in [(topic, validate_topic), (pattern, validate_pattern)]:
-        try:
-            decoder.decode(encoded)
-            fast = True
-        except msgspec.ValidationError:
-            fast = False
-        assert fast == accepts(check, text)
+def test_frame_checks_are_the_topic_grammar(text: str) -> None:
+    # The length limit of the wire Structs, then the regular expression.
+    name = msgspec.json.Decoder(protocol._FrameName)
+    try:
+        name.decode(json.dumps(text))
+        short = True
+    except msgspec.ValidationError:
+        short = False
+    topic = short and protocol._topic_match(text) is not None
+    pattern = short and protocol._pattern_match(text) is not None
+    assert topic == accepts(validate_topic, text)
+    assert pattern == accepts(validate_pattern, text)
 
 
 # JSON text generators: numbers in every spelling, strings with every kind of
