@@ -52,6 +52,8 @@ COMMANDS: dict[str, dict[str, Any]] = {
         "data": MEDIUM_DATA,
         "key": "BTC-USD",
     },
+    # deeper than the typed frame (6 levels): msgspec, then a walk in Python
+    "pub (data 8 levels deep)": {"op": "pub", "topic": "t", "data": [[[[[[[[1, 2.5]]]]]]]]},
     "sub": {"op": "sub", "id": 3, "topic": "trades.*"},
     "pub + unknown field": {"op": "pub", "topic": "t", "data": 1, "trace": "abc"},
     "bad: wildcard in pub topic": {"op": "pub", "id": 5, "topic": "trades.*", "data": 1},
