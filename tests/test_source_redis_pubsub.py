@@ -74,7 +74,10 @@ async def start(
     }
     table.update(extra)
     broker = await start_broker(
-        {"plugins": {"enabled": ["noauth", "redis_pubsub"]}, "plugin": {"redis_pubsub": {"sources": [table]}}},
+        {
+            "plugins": {"enabled": ["noauth", "redis_pubsub"]},
+            "plugin": {"redis_pubsub": {"sources": [table]}},
+        },
         factories={"redis_pubsub": create},
     )
     sup = broker.sources[0]
@@ -177,7 +180,10 @@ async def test_unreachable_redis_backs_off(start_broker: BrokerFactory, prefix: 
         "mappings": [{"topic": "x"}],
     }
     broker = await start_broker(
-        {"plugins": {"enabled": ["noauth", "redis_pubsub"]}, "plugin": {"redis_pubsub": {"sources": [table]}}},
+        {
+            "plugins": {"enabled": ["noauth", "redis_pubsub"]},
+            "plugin": {"redis_pubsub": {"sources": [table]}},
+        },
         factories={"redis_pubsub": create},
     )
     sup = broker.sources[0]
