@@ -157,6 +157,24 @@ class FrameParser:
                         raise FrameError(
                             CloseCode.PROTOCOL_ERROR, "control frames must be final and short"
                         )
+                elif fin and opcode == _OP_TEXT and self._opcode is None:
+                    # The common case, inline: a whole text message in one frame.
+                    if length > self.max_message_size:
+                        raise FrameError(
+                            CloseCode.MESSAGE_TOO_BIG,
+                            f"message larger than {self.max_message_size} bytes",
+                        )
+                    if end - head < 4 + length:
+                        break
+                    pos = head + 4 + length
+                    payload = _unmask(view[head + 4 : pos], bytes(view[head : head + 4]))
+                    try:
+                        events.append(payload.decode("utf-8"))
+                    except UnicodeDecodeError:
+                        raise FrameError(
+                            CloseCode.INVALID_PAYLOAD, "text message is not valid UTF-8"
+                        ) from None
+                    continue
                 else:
                     self._check_data_frame(opcode, length)
                 if end - head < 4 + length:

@@ -852,10 +852,12 @@ def encode_msg(topic: str, seq: int, data: Any, key: str | None, encoding: Encod
         # where this raises.
         # A validated topic is ASCII letters, digits, '_', '-', ':' and '.':
         # nothing JSON would escape, so it goes in verbatim.
-        head = '{"op":"msg","topic":"' + topic + '","seq":' + str(seq) + ',"data":'
         if key is None:
-            return head + _json_encode(data) + "}"
-        return head + _json_encode(data) + ',"key":' + _json_string(key) + "}"
+            return f'{{"op":"msg","topic":"{topic}","seq":{seq},"data":{_json_encode(data)}}}'
+        return (
+            f'{{"op":"msg","topic":"{topic}","seq":{seq},"data":{_json_encode(data)},'
+            f'"key":{_json_string(key)}}}'
+        )
     return _msgpack_msg(_MsgFrame(topic, seq, data, key))
 
 

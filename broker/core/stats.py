@@ -20,9 +20,10 @@ class BrokerStats:
     invalid: int = 0
     rate_limited: int = 0
     expired: int = 0
-    #: Publishes by result (ok, forbidden, invalid, rate_limited, error),
-    #: clients', sources' and the HTTP API's alike.
-    publishes: collections.Counter[str] = field(default_factory=collections.Counter)
+    #: Publishes that reached the engine (counted apart: it is the hot path).
+    published: int = 0
+    #: Refused publishes by result (forbidden, invalid, rate_limited, error).
+    refused_publishes: collections.Counter[str] = field(default_factory=collections.Counter)
     #: Totals of connections that have closed (open ones are added at scrape).
     bytes_in: int = 0
     bytes_out: int = 0
@@ -36,3 +37,12 @@ class BrokerStats:
             self.rate_limited += 1
         elif code is ErrorCode.INVALID or code is ErrorCode.TOO_LARGE:
             self.invalid += 1
+
+    @property
+    def publishes(self) -> collections.Counter[str]:
+        """Publishes by result (ok, forbidden, invalid, rate_limited, error),
+        clients', sources' and the HTTP API's alike."""
+        counts = collections.Counter(self.refused_publishes)
+        if self.published:
+            counts["ok"] = self.published
+        return counts

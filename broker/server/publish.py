@@ -136,7 +136,7 @@ class PublishPipeline:
             if refusal is not None:
                 return self._refused(refusal)
         seq = await self._engine.publish(topic, data, key)
-        self._stats.publishes["ok"] += 1
+        self._stats.published += 1
         if plugins.observes_published:
             await plugins.notify(
                 "broker_published",
@@ -150,5 +150,5 @@ class PublishPipeline:
 
     def _refused(self, refusal: Refusal) -> Refusal:
         self._stats.refused(refusal.code)
-        self._stats.publishes[_RESULT.get(refusal.code, "error")] += 1
+        self._stats.refused_publishes[_RESULT.get(refusal.code, "error")] += 1
         return refusal

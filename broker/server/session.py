@@ -112,7 +112,14 @@ class Session:
             command = decode_command(message, self.encoding)
             match command:
                 case Publish():
-                    await self._publish(command)
+                    # The hot path, inline: one coroutine less per message.
+                    result = await self.services.pipeline.publish(
+                        self.origin, command.topic, command.data, command.key
+                    )
+                    if isinstance(result, Refusal):
+                        self._refuse(command.id, result)
+                    elif command.id is not None:
+                        self._reply(encode_ok(command.id, self.encoding, seq=result))
                 case Subscribe():
                     await self._subscribe(command)
                 case Unsubscribe():
@@ -146,15 +153,6 @@ class Session:
             self.host.close(CloseCode.POLICY_VIOLATION, refusal.message, drain=True)
 
     # -- commands -------------------------------------------------------------------
-
-    async def _publish(self, command: Publish) -> None:
-        result = await self.services.pipeline.publish(
-            self.origin, command.topic, command.data, command.key
-        )
-        if isinstance(result, Refusal):
-            self._refuse(command.id, result)
-        elif command.id is not None:
-            self._reply(encode_ok(command.id, self.encoding, seq=result))
 
     async def _subscribe(self, command: Subscribe) -> None:
         pattern = command.pattern
