@@ -136,3 +136,35 @@ def test_flush_writes_each_dirty_subscriber_once() -> None:
     assert not a.dirty
     assert hub.pending == 0
     assert hub.dirty == []
+
+
+@pytest.mark.parametrize("encoding", list(Encoding))
+def test_a_lone_subscriber_gets_the_same_as_one_of_many(encoding: Encoding) -> None:
+    """The one-subscriber path of deliver (per-user topics) queues the same
+    frame, counts the same and applies the same policies as the loop."""
+    hub = make_hub(max_messages=2, policy="drop-newest")
+    alone, crowd = FakeSubscriber(encoding), FakeSubscriber(encoding)
+    other = FakeSubscriber(encoding)
+    hub.subscribe("solo", alone)
+    hub.subscribe("many", crowd)
+    hub.subscribe("many", other)
+    for seq in (1, 2, 3):
+        hub.deliver("solo", seq, {"n": seq}, "k")
+        hub.deliver("many", seq, {"n": seq}, "k")
+    got = [{**p, "topic": "x"} for p in payloads(alone)]
+    assert got == [{**p, "topic": "x"} for p in payloads(crowd)]
+    assert len(got) == 2
+    assert alone.outbox.dropped_total == crowd.outbox.dropped_total == 1
+    assert hub.overflows == 3  # solo once, many twice
+    assert hub.dirty.count(alone) == 1
+    assert (hub.delivered, hub.pending) == (9, 9)
+
+
+def test_a_lone_subscriber_over_a_disconnect_rule_is_closed() -> None:
+    hub = make_hub(max_messages=1, policy="disconnect")
+    sub = FakeSubscriber()
+    hub.subscribe("solo", sub)
+    hub.deliver("solo", 1, "a", None)
+    hub.deliver("solo", 2, "b", None)
+    assert sub.slow
+    assert hub.slow_consumers == 1

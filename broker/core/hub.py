@@ -101,6 +101,16 @@ class Hub:
         if not subscribers:
             return 0
         rule = self.rule_for(topic)
+        if len(subscribers) == 1:
+            # One subscriber (a per-user or per-instrument topic): no frame
+            # cache to keep, no loop.
+            sub = subscribers[0]
+            self._push(
+                sub, frame(encode_msg(topic, seq, data, key, sub.encoding)), topic, rule, key
+            )
+            self.delivered += 1
+            self.pending += 1
+            return 1
         frames: dict[Encoding, bytes] = {}
         dirty = self.dirty
         queued = PushResult.QUEUED
@@ -129,6 +139,22 @@ class Hub:
         self.delivered += len(subscribers)
         self.pending += len(subscribers)
         return len(subscribers)
+
+    def _push(
+        self, sub: Subscriber, data_frame: bytes, topic: str, rule: QueueRule, key: str | None
+    ) -> None:
+        """:meth:`deliver`'s step for one subscriber (the loop there inlines it)."""
+        result = sub.outbox.push(data_frame, topic, rule, key)
+        if result is not PushResult.QUEUED:
+            if result is PushResult.DISCONNECT:
+                self.slow_consumers += 1
+                sub.slow_consumer()
+                return
+            self.overflows += 1
+            self.overflows_by_policy[rule.policy] += 1
+        if not sub.dirty:
+            sub.dirty = True
+            self.dirty.append(sub)
 
     def flush(self) -> None:
         """Write out every subscriber that has frames queued.
