@@ -693,3 +693,13 @@ def test_malformed_event(frame: str | bytes, encoding: Encoding, message: str) -
 def test_encode_command_rejects_non_commands() -> None:
     with pytest.raises(TypeError):
         encode_command(Ok(1), Encoding.JSON)  # type: ignore[arg-type]
+
+
+@given(st.text(), st.one_of(st.none(), st.text(min_size=1, max_size=20)))
+def test_a_string_payload_is_encoded_as_json_encodes_it(text: str, key: str | None) -> None:
+    """encode_msg's shortcut for str data gives the text JSONEncoder gives."""
+    expected = {"op": "msg", "topic": "t", "seq": 7, "data": text}
+    if key is not None:
+        expected["key"] = key
+    compact = json.dumps(expected, separators=(",", ":"), ensure_ascii=False)
+    assert encode_msg("t", 7, text, key, Encoding.JSON) == compact

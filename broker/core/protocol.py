@@ -852,11 +852,14 @@ def encode_msg(topic: str, seq: int, data: Any, key: str | None, encoding: Encod
         # where this raises.
         # A validated topic is ASCII letters, digits, '_', '-', ':' and '.':
         # nothing JSON would escape, so it goes in verbatim.
+        # A string (text, or JSON a publisher serialized itself) goes straight
+        # to the C string encoder: the same text as through JSONEncoder.encode,
+        # without its Python layer.
+        body = _json_string(data) if data.__class__ is str else _json_encode(data)
         if key is None:
-            return f'{{"op":"msg","topic":"{topic}","seq":{seq},"data":{_json_encode(data)}}}'
+            return f'{{"op":"msg","topic":"{topic}","seq":{seq},"data":{body}}}'
         return (
-            f'{{"op":"msg","topic":"{topic}","seq":{seq},"data":{_json_encode(data)},'
-            f'"key":{_json_string(key)}}}'
+            f'{{"op":"msg","topic":"{topic}","seq":{seq},"data":{body},"key":{_json_string(key)}}}'
         )
     return _msgpack_msg(_MsgFrame(topic, seq, data, key))
 
