@@ -32,6 +32,8 @@ from tests.helpers import Client, connect, wait_until
 class YieldingEngine:
     """An engine that awaits at random points (see the module doc)."""
 
+    tracks_interest = True
+
     def __init__(self, delivery: Delivery, seed: int) -> None:
         self._delivery = delivery
         self._rng = random.Random(seed)
@@ -234,6 +236,8 @@ async def test_interest_converges_when_changes_interleave() -> None:
     the patterns that still have subscribers."""
 
     class Engine(MemoryEngine):
+        tracks_interest = True
+
         def __init__(self) -> None:
             super().__init__(_NullDelivery())
             self.told: set[str] = set()

@@ -56,6 +56,11 @@ class Delivery(Protocol):
 class Engine(Protocol):
     """What a publish goes through; see the module doc for the contract."""
 
+    #: Whether the engine needs to hear which patterns this node subscribes
+    #: to (a remote engine); False for one that delivers every publication
+    #: locally anyway, which spares the per-pattern bookkeeping.
+    tracks_interest: bool
+
     async def publish(self, topic: str, data: Any, key: str | None) -> int:
         """Publish; return the message's per-topic ``seq``.
 

@@ -22,6 +22,8 @@ class Interest:
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
+        # An engine that does not track interest costs nothing per pattern.
+        self._tracking = engine.tracks_interest
         self._counts: dict[str, int] = {}
         self._told: set[str] = set()  # patterns the engine has confirmed
         self._lock = trio.Lock()
@@ -36,6 +38,8 @@ class Interest:
         """Count one more local subscriber of *pattern*; returns once the
         engine delivers its topics. If the engine refuses, the count is
         undone and the error raised."""
+        if not self._tracking:
+            return
         self._counts[pattern] = self._counts.get(pattern, 0) + 1
         if pattern in self._told:
             return
@@ -47,14 +51,14 @@ class Interest:
 
     async def release(self, pattern: str) -> None:
         """Count one local subscriber of *pattern* less."""
-        if self._drop(pattern):
+        if self._tracking and self._drop(pattern):
             await self._sync(pattern)
 
     def release_nowait(self, pattern: str) -> bool:
         """:meth:`release` for a caller that cannot await (a closing
         connection): True if the engine should now be told, which the caller
         then does with :meth:`settle`."""
-        return self._drop(pattern)
+        return self._tracking and self._drop(pattern)
 
     async def settle(self, pattern: str) -> None:
         """Bring the engine's view of *pattern* in line with the count."""

@@ -22,6 +22,9 @@ class MemoryEngine:
 
     __slots__ = ("_delivery", "_seq")
 
+    #: Every publication is local: no need to know the node's patterns.
+    tracks_interest = False
+
     def __init__(self, delivery: Delivery) -> None:
         self._delivery = delivery
         self._seq: dict[str, int] = {}

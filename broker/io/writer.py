@@ -21,7 +21,8 @@ batch is done, and :meth:`SocketWriter.flush` then writes:
   counts against the queue's byte bound (``Outbox.in_flight``).
 
 The writer knows nothing of the broker: it gets the stream, the outbox, the
-encoding (for ``dropped`` notices) and two callables.
+encoding (for ``dropped`` notices), the batch size and its connection (to
+close when the socket fails).
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from typing import Final
+from typing import Final, Protocol
 
 import trio
 
+from broker.core.errors import CloseCode
 from broker.core.frames import close_frame, frame
 from broker.core.outbox import Outbox
 from broker.core.protocol import Encoding, encode_dropped
@@ -48,6 +50,12 @@ MAX_IOV: Final = 512
 _WOULD_BLOCK: Final = (BlockingIOError, InterruptedError)
 
 
+class Closable(Protocol):
+    """What the writer tells of a failed socket: its connection."""
+
+    def close(self, code: int, reason: str, *, drain: bool = False) -> None: ...
+
+
 class SocketWriter:
     """Writes one connection's queued frames to its socket.
 
@@ -58,8 +66,7 @@ class SocketWriter:
         batch_bytes: returns the most bytes to take from the queue per write
             (``limits.write_batch_bytes``, read at each write: a reload may
             change it).
-        on_broken: called once when the socket fails (the connection closes
-            with 1006).
+        owner: the connection, closed with 1006 when the socket fails.
         conn_id: for log lines.
     """
 
@@ -67,7 +74,7 @@ class SocketWriter:
     __slots__ = (
         "_batch_bytes",
         "_fd",
-        "_on_broken",
+        "_owner",
         "_tls",
         "_unsent",
         "_writing",
@@ -89,7 +96,7 @@ class SocketWriter:
         encoding: Encoding,
         *,
         batch_bytes: Callable[[], int],
-        on_broken: Callable[[], None],
+        owner: Closable,
         conn_id: str,
     ) -> None:
         self.stream: trio.SocketStream | TLSStream = stream
@@ -104,7 +111,7 @@ class SocketWriter:
         self.outbox = outbox
         self.encoding = encoding
         self._batch_bytes = batch_bytes
-        self._on_broken = on_broken
+        self._owner = owner
         self.conn_id = conn_id
         #: Where the writer task runs (the connection's nursery), while it serves.
         self.nursery: trio.Nursery | None = None
@@ -270,7 +277,7 @@ class SocketWriter:
         self.broken = True
         self._unsent = b""
         self.outbox.in_flight = 0
-        self._on_broken()
+        self._owner.close(CloseCode.ABNORMAL, "connection lost")
 
     # -- the close frame ---------------------------------------------------------------
 

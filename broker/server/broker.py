@@ -115,6 +115,7 @@ class Broker:
             interest=self.interest,
             stats=self.stats,
             identity_changed=self.identity_changed,
+            write_batch_bytes=lambda: self.runtime.config.limits.write_batch_bytes,
         )
         self._close_timeout = close_timeout
         #: Flushes what in-process publishers (sources) queued, once they wait.

@@ -126,8 +126,8 @@ class Connection:
             stream,
             self.outbox,
             encoding,
-            batch_bytes=lambda: services.runtime.config.limits.write_batch_bytes,
-            on_broken=self._lost,
+            batch_bytes=services.write_batch_bytes,
+            owner=self,
             conn_id=conn_id,
         )
         self.close_code: int | None = None
@@ -217,9 +217,6 @@ class Connection:
         """Queue a ping (the heartbeat calls this, then flushes)."""
         self.ping_outstanding = True
         self.reply_frame(ping_frame())
-
-    def _lost(self) -> None:
-        self.close(CloseCode.ABNORMAL, "connection lost")
 
     # -- the connection's task -----------------------------------------------------
 

@@ -60,6 +60,8 @@ class SessionServices:
     stats: BrokerStats
     #: A connection's identity (or its expiry) changed: re-plan the expiry task.
     identity_changed: Callable[[], None]
+    #: ``limits.write_batch_bytes`` in force (one function for every writer).
+    write_batch_bytes: Callable[[], int]
 
 
 class SessionHost(Subscriber, Protocol):
@@ -101,7 +103,8 @@ class Session:
         self.encoding = encoding
         self.identity = identity
         self.info = ClientInfo(host.id, identity, host.peer, encoding.value)
-        self.origin = Origin(identity, self.info)
+        #: The publisher the pipeline knows this client as, from its first publish.
+        self.origin: Origin | None = None
         self.subscriptions: set[str] = set()
         self._released: list[str] | None = None
 
@@ -113,8 +116,11 @@ class Session:
             match command:
                 case Publish():
                     # The hot path, inline: one coroutine less per message.
+                    origin = self.origin
+                    if origin is None:
+                        origin = self.origin = Origin(self.identity, self.info)
                     result = await self.services.pipeline.publish(
-                        self.origin, command.topic, command.data, command.key
+                        origin, command.topic, command.data, command.key
                     )
                     if isinstance(result, Refusal):
                         self._refuse(command.id, result)
@@ -239,7 +245,8 @@ class Session:
         self.identity = decision
         self.info = ClientInfo(self.host.id, decision, self.host.peer, self.encoding.value)
         # Decisions were made for the old identity (roles may have changed).
-        self.origin.reidentify(decision, self.info)
+        if self.origin is not None:
+            self.origin.reidentify(decision, self.info)
         services.identity_changed()
         log.info("%s refreshed its credentials (%s)", self.host.id, decision.subject)
         self._reply(encode_ok(command.id, self.encoding))
