@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 import trio
 
+from broker import Broker
 from broker.core.topics import pattern_matches
 from broker.engine import Delivery, Interest, MemoryEngine
 from tests.conftest import BrokerFactory
@@ -87,6 +88,20 @@ class YieldingEngine:
         return True
 
 
+async def start_yielding(
+    config: dict[str, Any] | None = None, *, start_broker: BrokerFactory, seed: int
+) -> tuple[Broker, YieldingEngine]:
+    """A broker over a YieldingEngine, and the engine."""
+    engines: list[YieldingEngine] = []
+
+    def make(delivery: Delivery) -> YieldingEngine:
+        engines.append(YieldingEngine(delivery, seed))
+        return engines[-1]
+
+    broker = await start_broker(config, engine=make)
+    return broker, engines[0]
+
+
 TOPICS = ["t.a", "t.b", "t.c"]
 PATTERNS = ["t.a", "t.b", "t.*", "t.>"]
 PUBLISHERS = 4
@@ -106,13 +121,9 @@ async def collect(client: Client, expected: int) -> list[dict[str, Any]]:
 async def test_order_and_exactly_once_over_an_awaiting_engine(
     start_broker: BrokerFactory, seed: int
 ) -> None:
-    engines: list[YieldingEngine] = []
-
-    def make(delivery: Delivery) -> YieldingEngine:
-        engines.append(YieldingEngine(delivery, seed))
-        return engines[-1]
-
-    broker = await start_broker({"queue": {"max_messages": 10_000}}, engine=make)
+    broker, engine = await start_yielding(
+        {"queue": {"max_messages": 10_000}}, start_broker=start_broker, seed=seed
+    )
     rng = random.Random(seed)
     # What each publisher will send, topic by topic, decided up front.
     plan = [[rng.choice(TOPICS) for _ in range(PER_PUBLISHER)] for _ in range(PUBLISHERS)]
@@ -148,7 +159,7 @@ async def test_order_and_exactly_once_over_an_awaiting_engine(
                 for index in range(PUBLISHERS):
                     publishers.start_soon(publisher, index)
 
-    assert engines[0].published == PUBLISHERS * PER_PUBLISHER
+    assert engine.published == PUBLISHERS * PER_PUBLISHER
     for pattern, events in results.items():
         by_topic: dict[str, list[int]] = defaultdict(list)
         last_of_publisher: dict[tuple[str, int], int] = {}
@@ -168,13 +179,9 @@ async def test_order_and_exactly_once_over_an_awaiting_engine(
 async def test_a_subscriber_joining_mid_stream_gets_a_gapless_suffix(
     start_broker: BrokerFactory,
 ) -> None:
-    engines: list[YieldingEngine] = []
-
-    def make(delivery: Delivery) -> YieldingEngine:
-        engines.append(YieldingEngine(delivery, 7))
-        return engines[-1]
-
-    broker = await start_broker({"queue": {"max_messages": 10_000}}, engine=make)
+    broker, _ = await start_yielding(
+        {"queue": {"max_messages": 10_000}}, start_broker=start_broker, seed=7
+    )
     total = 400
     joined: list[int] = []
 
@@ -209,14 +216,7 @@ async def test_a_subscriber_joining_mid_stream_gets_a_gapless_suffix(
 async def test_interest_tells_the_engine_on_first_and_last_subscriber(
     start_broker: BrokerFactory,
 ) -> None:
-    engines: list[YieldingEngine] = []
-
-    def make(delivery: Delivery) -> YieldingEngine:
-        engines.append(YieldingEngine(delivery, 3))
-        return engines[-1]
-
-    broker = await start_broker(engine=make)
-    engine = engines[0]
+    broker, engine = await start_yielding(start_broker=start_broker, seed=3)
     async with connect(broker.url) as a, connect(broker.url) as b:
         await a.sub("x.>")
         await b.sub("x.>")
