@@ -2,7 +2,7 @@
 
 This module is the supported public API; everything else may change between
 releases. Plugin authors need :data:`hookimpl`, the values in
-:mod:`broker.auth`, :func:`parse_settings` (with the constraints in
+:mod:`broker.core.values`, :func:`parse_settings` (with the constraints in
 :mod:`broker.settings`) and :class:`ConfigError`; embedders need :class:`Broker`
 and :func:`load_config`; clients use :mod:`broker.client`.
 """

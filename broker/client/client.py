@@ -152,7 +152,7 @@ class ServerError(ClientError):
 
     Attributes:
         code: the ``err`` code, e.g. ``"forbidden"`` (see
-            :class:`broker.errors.ErrorCode`).
+            :class:`broker.core.errors.ErrorCode`).
         message: the broker's human-readable explanation.
     """
 
@@ -336,7 +336,7 @@ class Client:
     The methods may be called from any number of tasks at once.
 
     Attributes:
-        encoding: the negotiated :class:`~broker.protocol.Encoding`.
+        encoding: the negotiated :class:`~broker.core.protocol.Encoding`.
         errors: the last ``err`` replies no request was waiting for (most
             recent last, at most 100): failures of ``publish(ack=False)`` and
             errors the broker could not attribute to a request. Each is also

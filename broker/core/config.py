@@ -3,7 +3,7 @@
 Every key has a default (see docs/configuration.md, which lists the same
 values), so ``broker serve`` with no file runs on loopback with no auth.
 Parsing is strict: an unknown key, a wrong type or an impossible value raises
-:class:`~broker.errors.ConfigError` naming the dotted key and the reason, so a
+:class:`~broker.core.errors.ConfigError` naming the dotted key and the reason, so a
 typo never silently leaves a default in force.
 
 Each table is a frozen dataclass read by :func:`broker.settings.parse`, the

@@ -3,7 +3,7 @@
 The :class:`Hub` owns the routing table. :meth:`Hub.deliver` is the hot path:
 it looks the topic up once, encodes the message once per encoding that a
 matching subscriber uses, builds the WebSocket frame once, and hands the
-same ``bytes`` to every subscriber's :class:`~broker.outbox.Outbox`. It is
+same ``bytes`` to every subscriber's :class:`~broker.core.outbox.Outbox`. It is
 synchronous: it never awaits, never spawns a task and never calls a plugin,
 so one slow subscriber cannot hold up a publisher or the other subscribers.
 :meth:`Hub.flush` then writes each subscriber's queued frames in one go.

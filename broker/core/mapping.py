@@ -1,6 +1,6 @@
 """Templates that map an upstream message (decoded JSON) to a topic, key and data.
 
-Sans-I/O, like :mod:`broker.topics`: no trio, no sockets.
+Sans-I/O, like :mod:`broker.core.topics`: no trio, no sockets.
 
 A **template** is literal text with placeholders in braces. A placeholder is
 a **path** into the message, dot-separated: object keys by name, array

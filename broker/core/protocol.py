@@ -113,7 +113,7 @@ SUBPROTOCOLS: Final[dict[str, Encoding]] = {
 #: A client-chosen request id, echoed back in ``ok``/``err``/``pong``.
 RequestId = int | str
 #: A message payload: ``str`` for JSON (text frame), ``bytes`` for msgpack
-#: (binary frame). :mod:`broker.frames` wraps it into a WebSocket frame.
+#: (binary frame). :mod:`broker.core.frames` wraps it into a WebSocket frame.
 Payload = str | bytes
 
 #: Longest ``key`` of a ``pub``, in characters.
@@ -841,7 +841,7 @@ def encode_msg(topic: str, seq: int, data: Any, key: str | None, encoding: Encod
     """``{"op":"msg","topic":T,"seq":S,"data":D}``, plus ``"key"`` when not None.
 
     The hot path: called once per published message and encoding, never per
-    subscriber. *topic* must have passed :func:`~broker.topics.validate_topic`
+    subscriber. *topic* must have passed :func:`~broker.core.topics.validate_topic`
     and *data* :func:`decode_command` (or be equally tame); then this cannot
     fail.
     """

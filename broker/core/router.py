@@ -1,6 +1,6 @@
 """The subscription routing table: which subscribers want a given topic.
 
-:class:`Router` maps validated subscription patterns (see :mod:`broker.topics`)
+:class:`Router` maps validated subscription patterns (see :mod:`broker.core.topics`)
 to subscribers and answers "who gets a message published on this topic?".
 It is sans-I/O: subscribers are any hashable objects (connections, queues,
 ids), and the router never touches them beyond hashing and comparing.
@@ -47,7 +47,7 @@ class Router(Generic[S]):
     reports it once however many of them match.
 
     Patterns and topics must already be validated with
-    :func:`broker.topics.validate_pattern` / :func:`~broker.topics.validate_topic`;
+    :func:`broker.core.topics.validate_pattern` / :func:`~broker.core.topics.validate_topic`;
     the router does not check them again.
     """
 

@@ -31,7 +31,7 @@ A field without a default is required. Unknown keys are refused, with a
 "did you mean" when one is close. A class may define ``validate(self)`` for
 checks that span fields; :func:`parse` calls the ``validate`` of the class
 and of each base that defines one (bases first) and prefixes the key of the
-:class:`~broker.errors.ConfigError` it raises (relative to the table, ``""``
+:class:`~broker.core.errors.ConfigError` it raises (relative to the table, ``""``
 for the table itself). Errors name the whole key: ``queue.rules[2].policy:
 must be one of ...``, and a plugin's are prefixed with ``plugin.NAME.`` by
 the plugin host.

@@ -12,7 +12,7 @@ __all__ = ["BrokerStats"]
 
 @dataclass(slots=True)
 class BrokerStats:
-    """Counters since start (the :class:`~broker.hub.Hub` counts the fan-out)."""
+    """Counters since start (the :class:`~broker.core.hub.Hub` counts the fan-out)."""
 
     accepted: int = 0
     rejected: collections.Counter[str] = field(default_factory=collections.Counter)

@@ -42,7 +42,7 @@ __all__ = ["Delivery", "Engine"]
 
 
 class Delivery(Protocol):
-    """Where an engine hands publications to this node (the :class:`~broker.hub.Hub`)."""
+    """Where an engine hands publications to this node (the :class:`~broker.core.hub.Hub`)."""
 
     def deliver(self, topic: str, seq: int, data: Any, key: str | None) -> int:
         """Queue one publication for every matching local subscriber; synchronous."""

@@ -1,6 +1,6 @@
 """HTTP/1.1 request/response endpoints on trio listeners, parsed by h11.
 
-The admin listener (:mod:`broker.admin`) and the http source's publish API
+The admin listener (:mod:`broker.ops.admin`) and the http source's publish API
 (``plugins/broker_http``) are both served by :class:`HttpServer`: it accepts,
 reads one request at a time from each connection, calls an endpoint's
 ``async def handle(request: Request) -> Response`` and writes the answer,

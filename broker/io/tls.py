@@ -7,7 +7,7 @@ thing: :meth:`TLSStream.send_nowait`, a synchronous write. It encrypts the
 data, writes the ciphertext to the socket with one non-blocking
 ``os.write`` and keeps whatever the kernel did not take; it returns False
 when something is left, and the caller then hands over to a task that
-awaits :meth:`TLSStream.send_all`. That lets :mod:`broker.connection` write
+awaits :meth:`TLSStream.send_all`. That lets :mod:`broker.server.connection` write
 a TLS subscriber the way it writes a plain TCP one: straight from the
 publisher's task, one encryption and one system call per batch, no task
 switch (see its module docstring).

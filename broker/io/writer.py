@@ -2,7 +2,7 @@
 a writer task only while the socket is backed up.
 
 Everything owed to a client (replies, messages, pings, pongs) is queued in
-its :class:`~broker.outbox.Outbox`. Whoever queued it (a publisher's reader,
+its :class:`~broker.core.outbox.Outbox`. Whoever queued it (a publisher's reader,
 a source, the heartbeat, an engine's delivery) calls ``Hub.flush`` once its
 batch is done, and :meth:`SocketWriter.flush` then writes:
 
@@ -10,7 +10,7 @@ batch is done, and :meth:`SocketWriter.flush` then writes:
   one non-blocking ``os.writev`` per batch: no task switch, one system call
   for many frames (the way nats-server flushes its clients);
 * on TLS (``wss://``), the same way through
-  :meth:`broker.tls.TLSStream.send_nowait`: the batch is encrypted in one go
+  :meth:`broker.io.tls.TLSStream.send_nowait`: the batch is encrypted in one go
   and the ciphertext written with one non-blocking ``os.write``;
 * only when the kernel's buffer is full (a subscriber that reads slowly or
   not at all) a **writer** task is started in the connection's nursery; it

@@ -11,7 +11,7 @@ A small HTTP/1.1 server on h11, separate from the WebSocket listener
                           reachable when there is one, not shutting down.
 ``GET /metrics``          Prometheus exposition (text 0.0.4, or OpenMetrics
                           when the scraper asks for it), from the broker's own
-                          registry (:mod:`broker.metrics`).
+                          registry (:mod:`broker.ops.metrics`).
 ``GET /api/stats``        the same numbers as JSON, for people and scripts.
 ========================  =====================================================
 

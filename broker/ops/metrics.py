@@ -1,14 +1,14 @@
 """Prometheus metrics of one broker.
 
-Each :class:`~broker.server.Broker` owns a :class:`BrokerMetrics` with its
+Each :class:`~broker.server.broker.Broker` owns a :class:`BrokerMetrics` with its
 own ``CollectorRegistry`` (never prometheus-client's global default
 registry), so several brokers in one process (tests, embedding) keep their
 numbers apart. The admin listener serves it at ``/metrics`` with
 prometheus-client's own exposition code.
 
 Most values are **read at scrape time** by :class:`BrokerCollector` from
-counters the broker keeps anyway (:class:`~broker.server.BrokerStats`, the
-:class:`~broker.hub.Hub`'s counters, each connection's outbox): nothing is
+counters the broker keeps anyway (:class:`~broker.core.stats.BrokerStats`, the
+:class:`~broker.core.hub.Hub`'s counters, each connection's outbox): nothing is
 added to the fan-out path, which runs once per delivery. The few metrics
 observed live (handshake duration, reloads, event-loop lag) are updated
 once per handshake, reload or lag sample.
@@ -235,9 +235,10 @@ class BrokerCollector(Collector):
         publishes = CounterMetricFamily(
             "broker_publishes", "Client pub commands, by result.", labels=["result"]
         )
+        counts = stats.publishes  # built from the counters: take it once
         for result in PUBLISH_RESULTS:
-            publishes.add_metric([result], stats.publishes.get(result, 0))
-        for result, count in sorted(stats.publishes.items()):
+            publishes.add_metric([result], counts.get(result, 0))
+        for result, count in sorted(counts.items()):
             if result not in PUBLISH_RESULTS:
                 publishes.add_metric([result], count)
         yield publishes

@@ -52,8 +52,8 @@ class BrokerSpec:
         WebSocket request has been read and before it is accepted, within
         ``limits.auth_timeout`` for all implementations together.
 
-        Return an :class:`~broker.auth.Identity` to accept the client, a
-        :class:`~broker.auth.Reject` to turn it down with that HTTP status,
+        Return an :class:`~broker.core.values.Identity` to accept the client, a
+        :class:`~broker.core.values.Reject` to turn it down with that HTTP status,
         or ``None`` when the request carries no credentials this plugin
         recognises. **First result wins**: the first non-``None`` answer
         decides and later implementations are not called. If every
@@ -84,7 +84,7 @@ class BrokerSpec:
         connection.
 
         Return ``True`` (allow), ``False`` (deny: ``err`` ``forbidden``),
-        ``None`` (no opinion), or a :class:`~broker.auth.Refusal` (deny with
+        ``None`` (no opinion), or a :class:`~broker.core.values.Refusal` (deny with
         its own code and message, e.g. ``rate_limited``, and optionally close
         the connection; a Refusal is never cached). **Deny wins**: the first
         ``False`` or Refusal stops the call and denies; else any ``True``
@@ -112,7 +112,7 @@ class BrokerSpec:
 
         Return ``None`` to accept; a short reason (a string, sent to the
         publisher) to reject the message with ``err`` ``invalid``; or a
-        :class:`~broker.auth.Refusal` to reject it with another code (e.g.
+        :class:`~broker.core.values.Refusal` to reject it with another code (e.g.
         ``rate_limited``, ``too_large``) and optionally close the connection.
         **First result wins**: the first non-``None`` answer rejects and later
         implementations are not called.
@@ -134,10 +134,10 @@ class BrokerSpec:
         identity (``identity.plugin`` names the plugin that issued it), *token*
         the new credential.
 
-        Return an :class:`~broker.auth.Identity` to replace the connection's
+        Return an :class:`~broker.core.values.Identity` to replace the connection's
         identity (its ``expires_at`` then applies; it must have the same
         ``subject``, else the refresh is refused), a
-        :class:`~broker.auth.Reject` to refuse the token, or ``None`` if the
+        :class:`~broker.core.values.Reject` to refuse the token, or ``None`` if the
         token or the identity is not this plugin's. **First result wins.**
         A refusal answers ``err`` ``unauthorized`` with the Reject's reason;
         the connection keeps its current identity (and is still closed when

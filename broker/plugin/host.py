@@ -7,14 +7,14 @@ by name in ``[plugins] enabled``. An entry point names a *factory*::
 
 called with the plugin's ``[plugin.NAME]`` table. The object it returns
 carries ``@hookimpl`` methods and is registered with pluggy under NAME. A
-factory validates its settings and raises :class:`~broker.errors.ConfigError`
+factory validates its settings and raises :class:`~broker.core.errors.ConfigError`
 (with a key relative to its table) when they are wrong; the broker then
 refuses to start, naming the plugin.
 
 The rest of the broker never calls ``pm.hook.*``: it calls the typed methods
 of :class:`PluginHost`, which own the awaiting of async implementations, the
 order, the first-result/deny-wins rules and the fail-closed error handling
-documented in :mod:`broker.hookspecs`.
+documented in :mod:`broker.plugin.hookspecs`.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Every part of the broker that reads settings or calls plugins at run time
 (the publish pipeline, connections, the heartbeat) holds the one
 :class:`Runtime` and reads ``runtime.config`` / ``runtime.plugins`` when it
-needs them, so :meth:`Runtime.swap` (called by :mod:`broker.reload`) is
+needs them, so :meth:`Runtime.swap` (called by :mod:`broker.ops.reload`) is
 seen by all of them at once, between two of their steps.
 """
 

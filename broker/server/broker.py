@@ -1,18 +1,18 @@
 """The broker: listeners, the opening handshake, and an orderly shutdown.
 
-:class:`Broker` owns the routing :class:`~broker.hub.Hub`, the
+:class:`Broker` owns the routing :class:`~broker.core.hub.Hub`, the
 :class:`~broker.engine.Engine` publishes go through, the
-:class:`~broker.plugin_host.PluginHost` and the set of open connections.
+:class:`~broker.plugin.host.PluginHost` and the set of open connections.
 :meth:`Broker.serve` runs three nested nurseries: connection handlers in the
 outer one, accept loops in the inner one, so that :meth:`Broker.stop` can stop
 accepting first, then close every client with 1001 after a bounded drain,
 then cancel what is left.
 
-The accept path is our own (h11 parses the request, :mod:`broker.handshake`
+The accept path is our own (h11 parses the request, :mod:`broker.core.handshake`
 checks it), so that it can bound the TLS handshake and the request together,
 read the TLS peer certificate, enforce connection limits and answer every
 refusal with an HTTP status and a reason; and the accepted connection is our
-own too (:mod:`broker.connection`), so that frames built once are written to
+own too (:mod:`broker.server.connection`), so that frames built once are written to
 many sockets with one system call each.
 """
 
@@ -84,7 +84,7 @@ class Broker:
         config: the validated configuration.
         plugins: a plugin host; by default built from ``config.plugins``.
         sockets: listening sockets to serve on instead of binding (socket
-            activation, see :mod:`broker.systemd`): ``"ws"`` for the
+            activation, see :mod:`broker.ops.systemd`): ``"ws"`` for the
             WebSocket listener, ``"admin"`` for the admin HTTP listener. They
             are closed when the broker stops, never shut down.
     """
@@ -271,7 +271,7 @@ class Broker:
         """Publish *data* on *topic* as *identity*; return the message's ``seq``.
 
         For embedding programs: the protocol's shape checks, then the one
-        publish pipeline (:mod:`broker.publish`) a client's ``pub`` takes. The
+        publish pipeline (:mod:`broker.server.publish`) a client's ``pub`` takes. The
         subscribers are written once the caller next waits.
 
         Raises:

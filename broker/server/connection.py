@@ -3,12 +3,12 @@
 A connection is three parts, each in its own module:
 
 * the **reader** (here): the connection's own task reads the socket, parses
-  frames (:mod:`broker.frame_parser`), answers pings, hands each message to
+  frames (:mod:`broker.core.frame_parser`), answers pings, hands each message to
   the session, and flushes the hub once a read's messages are handled;
-* the **session** (:mod:`broker.session`): decodes and runs the commands,
-  through :class:`~broker.session.SessionServices` only;
-* the **writer** (:mod:`broker.writer`): writes what is queued in the
-  connection's :class:`~broker.outbox.Outbox` to the socket.
+* the **session** (:mod:`broker.server.session`): decodes and runs the commands,
+  through :class:`~broker.server.session.SessionServices` only;
+* the **writer** (:mod:`broker.io.writer`): writes what is queued in the
+  connection's :class:`~broker.core.outbox.Outbox` to the socket.
 
 :meth:`Connection.close` records the close code and cancels the reader;
 :meth:`Connection.run` then removes the subscriptions, drains (for a graceful
@@ -206,7 +206,7 @@ class Connection:
             self._scope.cancel()
 
     def flush(self) -> None:
-        """Write what is queued now, without blocking (see :mod:`broker.writer`)."""
+        """Write what is queued now, without blocking (see :mod:`broker.io.writer`)."""
         if self._finishing or (self.close_code is not None and not self._drain):
             # run()'s finish owns the socket now, or the connection is closing
             # without a drain: what is queued is not written.

@@ -1,8 +1,8 @@
 """One client's command session: what it may do, and the answers it gets.
 
 :class:`Session` decodes each message a client sends
-(:func:`broker.protocol.decode_command`) and runs it to completion, one at a
-time and in order: ``pub`` through the :class:`~broker.publish.PublishPipeline`,
+(:func:`broker.core.protocol.decode_command`) and runs it to completion, one at a
+time and in order: ``pub`` through the :class:`~broker.server.publish.PublishPipeline`,
 ``sub``/``unsub`` through authorization, the engine's interest and the hub,
 ``auth`` through the refresh hooks, ``ping``. Every answer (``ok``, ``err``,
 ``pong``) is queued through its :class:`SessionHost`, the connection, which

@@ -5,7 +5,7 @@ A plugin contributes sources through the ``broker_sources(broker)`` hook
 (see docs/sources.md). A **source** is any object with
 
 * ``name`` (``str``): unique within its plugin, shown in logs and status;
-* ``identity`` (:class:`~broker.auth.Identity`): who its publishes come
+* ``identity`` (:class:`~broker.core.values.Identity`): who its publishes come
   from, for the authorization and validation hooks;
 * ``async def run(self, publisher)``: connects upstream and publishes until
   cancelled; it may raise (or return) when the upstream fails, and is then
@@ -93,7 +93,7 @@ class Publisher(Protocol):
     ) -> int:
         """Publish as the source's identity (or *identity*); return the ``seq``.
 
-        Raises :class:`~broker.errors.PublishError` when the topic, key or
+        Raises :class:`~broker.core.errors.PublishError` when the topic, key or
         data is not valid, or authorization or validation refuses it.
         """
         ...

@@ -7,7 +7,7 @@ allowed, and none denied?". ``user.*.orders`` is not allowed by
 allowed by ``a.*`` plus ``a.*.>`` together, though by neither alone.
 
 :func:`covers` decides it exactly, for topics of at most
-:data:`~broker.topics.MAX_TOKENS` tokens (the only topics there are). A
+:data:`~broker.core.topics.MAX_TOKENS` tokens (the only topics there are). A
 pattern is read as a regular language over tokens: a literal token, ``*``
 (any one token) and ``>`` (one or more, rewritten here as ``*`` followed by
 ``#``, "zero or more"). The search walks the subscription pattern token by
@@ -23,7 +23,7 @@ x (depth), small for real rule sets; past :data:`MAX_STATES` the answer is
 False, which is always safe (deny).
 
 Pure: no I/O, no trio. Patterns must be valid (see
-:func:`broker.topics.validate_pattern`).
+:func:`broker.core.topics.validate_pattern`).
 """
 
 from __future__ import annotations
