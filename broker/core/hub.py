@@ -35,7 +35,7 @@ class Subscriber(Hashable, Protocol):
     outbox: Outbox
     #: True while the subscriber is in :attr:`Hub.dirty`. The hub sets it
     #: when it queues frames, and clears it before calling :meth:`flush`;
-    #: whoever else queues frames sets it the same way (see Connection.wake).
+    #: whoever else queues frames sets it the same way (see Connection.reply_frame).
     dirty: bool
 
     def flush(self) -> None:

@@ -73,6 +73,10 @@ ACCEPT_CAPACITY_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENO
 ACCEPT_RETRY: Final = 0.1
 
 
+#: Most identities whose in-process publisher (Broker.publish) is remembered
+#: at once; sources publish as a handful of identities.
+IN_PROCESS_PUBLISHERS: Final = 64
+
 #: Seconds between two event-loop lag samples.
 LAG_INTERVAL = 0.5
 
@@ -291,7 +295,7 @@ class Broker:
         are remembered while it publishes)."""
         entry = self._origins.get(id(identity))
         if entry is None or entry[0] is not identity:
-            if len(self._origins) >= 64:
+            if len(self._origins) >= IN_PROCESS_PUBLISHERS:
                 self._origins.clear()
             entry = self._origins[id(identity)] = (identity, Origin(identity))
         return entry[1]
