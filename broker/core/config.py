@@ -32,9 +32,11 @@ __all__ = [
     "AuthorizationConfig",
     "Config",
     "LimitsConfig",
+    "HistoryRuleConfig",
     "ListenerConfig",
     "LogConfig",
     "PluginsConfig",
+    "PresenceRuleConfig",
     "QueueConfig",
     "QueueRuleConfig",
     "config_from_dict",
@@ -139,6 +141,16 @@ class LimitsConfig:
     drain_timeout: SecondsOrZero = 5.0
     #: Bytes the writer hands to one ``send_all`` at most.
     write_batch_bytes: Count = 262_144
+    #: Most bytes of history and snapshots the broker keeps, over all
+    #: topics; past it the oldest stored messages are evicted.
+    max_history_bytes: Count = 67_108_864
+    #: Most topics whose position (epoch and seq) the broker tracks; past it
+    #: the least recently published are forgotten (their next message starts
+    #: a new epoch).
+    max_topics: Count = 1_000_000
+    #: Seconds after which a topic nobody published to and with nothing
+    #: stored may be forgotten (its next message starts a new epoch).
+    topic_idle: Seconds = 600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +189,57 @@ class QueueConfig:
             (r.pattern, QueueRule(r.pattern, r.policy, r.max_messages, r.max_bytes))
             for r in self.rules
         )
+
+
+#: Identity fields a presence rule may show: these, or ``claims.NAME``.
+PRESENCE_FIELDS: Final = ("subject", "roles", "plugin")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HistoryRuleConfig:
+    """One ``[[history]]`` entry: what is kept of the topics matching *pattern*.
+
+    The first entry whose pattern matches a topic applies; a topic no entry
+    matches keeps nothing.
+    """
+
+    pattern: TopicPattern
+    #: Messages kept per topic (0: none, for a snapshot-only rule).
+    size: Annotated[int, Meta(ge=0, le=100_000)] = 100
+    #: Seconds a message is kept.
+    ttl: Seconds = 300.0
+    #: Keep the latest message per topic and per key, for ``"snapshot": true``.
+    snapshot: bool = False
+    #: Most keys one topic's snapshot holds (past it the least recently
+    #: updated key is forgotten).
+    snapshot_keys: Count = 10_000
+
+    def validate(self) -> None:
+        if self.size == 0 and not self.snapshot:
+            raise ConfigError("size", "0 keeps nothing: give a size, or snapshot = true")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PresenceRuleConfig:
+    """One ``[[presence]]`` entry: topics matching *pattern* track who is subscribed."""
+
+    pattern: TopicPattern
+    #: Identity fields each member shows: ``subject``, ``roles``, ``plugin``
+    #: or ``claims.NAME`` (the subject is always shown).
+    fields: tuple[str, ...] = ("subject",)
+    #: Most members a ``presence`` answer lists (the counts stay exact).
+    max_members: Annotated[int, Meta(ge=0)] = 100
+
+    def validate(self) -> None:
+        for name in self.fields:
+            if name not in PRESENCE_FIELDS and not (
+                name.startswith("claims.") and len(name) > len("claims.")
+            ):
+                raise ConfigError(
+                    "fields",
+                    f"unknown identity field {name!r}; use subject, roles, plugin or claims.NAME"
+                    + did_you_mean(name, PRESENCE_FIELDS),
+                )
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,6 +301,10 @@ class Config:
     plugins: PluginsConfig = PluginsConfig()
     log: LogConfig = LogConfig()
     admin: AdminConfig = AdminConfig()
+    #: ``[[history]]`` rules, first match wins.
+    history: tuple[HistoryRuleConfig, ...] = ()
+    #: ``[[presence]]`` rules, first match wins.
+    presence: tuple[PresenceRuleConfig, ...] = ()
     #: The file it came from, if any (relative paths in it resolve from here).
     source: Path | None = None
 
@@ -323,6 +390,8 @@ class _Document:
     plugin: dict[str, dict[str, object]] = field(default_factory=dict)
     log: LogConfig = LogConfig()
     admin: AdminConfig = AdminConfig()
+    history: tuple[HistoryRuleConfig, ...] = ()
+    presence: tuple[PresenceRuleConfig, ...] = ()
 
     def validate(self) -> None:
         for name in self.plugin:
@@ -345,5 +414,7 @@ def config_from_dict(data: Mapping[str, Any], *, source: Path | None = None) -> 
         plugins=PluginsConfig(doc.plugins.enabled, doc.plugin),
         log=doc.log,
         admin=doc.admin,
+        history=doc.history,
+        presence=doc.presence,
         source=source,
     )

@@ -17,6 +17,13 @@ Client to broker (:data:`Command`)::
     {"op": "pub",   "id": 3, "topic": "trades.BTC-USD", "data": {...}, "key": "k"}
     {"op": "ping",  "id": 4}
     {"op": "auth",  "id": 5, "token": "eyJ..."}   (refresh the credentials)
+    {"op": "history",  "id": 6, "topic": "chat.room1", "limit": 50}
+    {"op": "presence", "id": 7, "topic": "chat.room1"}
+
+A ``sub`` may also carry ``since`` (resume from a position: ``{"epoch": E,
+"seq": S}`` on a topic, ``{"cursor": C, "topics": {T: {"seq": S}, ...}}`` on
+a pattern), ``history`` (replay the last N messages), ``snapshot`` and
+``presence`` (see docs/history.md).
 
 Broker to client (:data:`Event`)::
 
@@ -25,6 +32,14 @@ Broker to client (:data:`Event`)::
     {"op": "pong",    "id": 4}
     {"op": "dropped", "topic": "trades.BTC-USD", "count": 12}
     {"op": "msg",     "topic": "trades.BTC-USD", "seq": 7, "data": {...}, "key": "k"}
+    {"op": "join",    "topic": "chat.room1", "member": {"subject": "alice", ...}}
+    {"op": "leave",   "topic": "chat.room1", "member": {"subject": "alice", ...}}
+
+A ``msg`` with ``seq`` 1 also carries the ``epoch`` it starts; a snapshot
+message carries ``"snapshot": true``. An ``ok`` carries the results of its
+command: the position of a ``sub`` (``epoch``/``seq``, or ``cursor``), whether
+it ``recovered``, the ``messages`` of a ``history``, the members of a
+``presence``.
 
 ``id`` is optional everywhere and is echoed back so a client can match replies
 to requests; ``key`` is optional on ``pub``/``msg``. A JSON ``null`` ``id`` or
@@ -60,6 +75,8 @@ from broker.core.topics import (
     MAX_TOKENS,
     MAX_TOPIC_LENGTH,
     TopicError,
+    is_pattern,
+    pattern_matches,
     validate_pattern,
     validate_topic,
 )
@@ -78,11 +95,19 @@ __all__ = [
     "Event",
     "Msg",
     "Ok",
+    "MAX_HISTORY_REQUEST",
+    "DEFAULT_HISTORY_LIMIT",
     "Payload",
+    "HistoryQuery",
+    "Join",
+    "Leave",
     "Ping",
     "Pong",
+    "Position",
+    "PresenceQuery",
     "Publish",
     "RequestId",
+    "Resume",
     "Subscribe",
     "Unsubscribe",
     "check_publish",
@@ -91,6 +116,8 @@ __all__ = [
     "encode_command",
     "encode_dropped",
     "encode_err",
+    "encode_member_event",
+    "encode_stored_msg",
     "encode_msg",
     "encode_ok",
     "encode_pong",
@@ -135,6 +162,13 @@ _MAX_INT: Final = 2**64 - 1
 
 _SURROGATE_RE: Final = re.compile("[\ud800-\udfff]")
 
+#: Most messages a ``sub``'s ``history`` or a ``history`` command's ``limit`` asks for.
+MAX_HISTORY_REQUEST: Final = 1000
+#: Default ``limit`` of a ``history`` command.
+DEFAULT_HISTORY_LIMIT: Final = 100
+#: Longest ``cursor`` or ``epoch`` string a client may send back.
+MAX_POSITION_LENGTH: Final = 128
+
 _ID_MESSAGE: Final = (
     f"id must be an integer from 0 to 2**53-1 or a string of 1 to {MAX_ID_LENGTH} characters"
 )
@@ -162,11 +196,45 @@ class Publish(Struct, gc=False):
     key: str | None = None
 
 
+class Position(Struct, frozen=True, gc=False):
+    """Where a subscriber is on one topic: the engine's *epoch* and the last
+    *seq* seen in it (0: nothing yet). An *epoch* of None (in a
+    :class:`Resume` only) means "the epoch the topic had at the cursor"."""
+
+    epoch: str | None
+    seq: int
+
+
+class Resume(Struct, frozen=True, gc=False):
+    """Where a pattern subscriber is: the *cursor* its last ``ok`` gave, and
+    the last position it saw on each topic it got messages of."""
+
+    cursor: str
+    topics: dict[str, Position]
+
+
 class Subscribe(Struct, gc=False):
-    """``sub``: deliver messages whose topic matches *pattern*."""
+    """``sub``: deliver messages whose topic matches *pattern*.
+
+    *since*: resume from a :class:`Position` (a topic) or a :class:`Resume`
+    (a pattern); *history*: first replay up to that many latest messages;
+    *snapshot*: first send the latest message per topic and key;
+    *presence*: also get ``join``/``leave`` events of the topic.
+    """
 
     id: RequestId | None
     pattern: str
+    since: Position | Resume | None = None
+    history: int | None = None
+    snapshot: bool = False
+    presence: bool = False
+
+    @property
+    def plain(self) -> bool:
+        """True for a ``sub`` with none of the options."""
+        return (
+            self.since is None and self.history is None and not self.snapshot and not self.presence
+        )
 
 
 class Unsubscribe(Struct, gc=False):
@@ -174,6 +242,23 @@ class Unsubscribe(Struct, gc=False):
 
     id: RequestId | None
     pattern: str
+
+
+class HistoryQuery(Struct, gc=False):
+    """``history``: stored messages of *topic*, without subscribing: after
+    *since* if given (oldest first), else the latest *limit*."""
+
+    id: RequestId | None
+    topic: str
+    since: Position | None = None
+    limit: int = DEFAULT_HISTORY_LIMIT
+
+
+class PresenceQuery(Struct, gc=False):
+    """``presence``: who is subscribed to *topic*."""
+
+    id: RequestId | None
+    topic: str
 
 
 class Ping(Struct, gc=False):
@@ -198,7 +283,7 @@ class Auth(Struct, gc=False):
 
 #: Every command, a closed union: ``match command:`` with one ``case`` per
 #: class and ``case _: typing.assert_never(command)`` is checked exhaustively.
-Command = Publish | Subscribe | Unsubscribe | Auth | Ping
+Command = Publish | Subscribe | Unsubscribe | Auth | Ping | HistoryQuery | PresenceQuery
 
 
 # --------------------------------------------------------------------------
@@ -206,12 +291,6 @@ Command = Publish | Subscribe | Unsubscribe | Auth | Ping
 # --------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Ok:
-    """The command with this *id* succeeded; *seq* is set for a ``pub``."""
-
-    id: RequestId | None
-    seq: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,15 +321,71 @@ class Dropped:
 
 @dataclass(frozen=True, slots=True)
 class Msg:
-    """A published message. *seq* is the broker's per-topic sequence number."""
+    """A published message. *seq* is the broker's per-topic sequence number;
+    *epoch* is set on the first message of an epoch (``seq`` 1); *snapshot*
+    marks a message sent as part of a snapshot, not live."""
 
     topic: str
     seq: int
     data: Any
     key: str | None = None
+    epoch: str | None = None
+    snapshot: bool = False
 
 
-Event = Ok | Err | Pong | Dropped | Msg
+@dataclass(frozen=True, slots=True)
+class Ok:
+    """The command with this *id* succeeded, and what it found.
+
+    Attributes:
+        seq: a ``pub``: the message's seq. A ``sub`` on a topic with history,
+            or a ``history``: the topic's latest seq (with *epoch*).
+        epoch: the topic's epoch (``sub`` on a topic, ``history``).
+        cursor: a ``sub`` on a pattern: where to resume from next time.
+        recovered: a ``sub`` with ``since`` (or a ``history`` with ``since``):
+            True when nothing was missed.
+        lost: a pattern's recovery: topics it could not replay.
+        unknown: a pattern's recovery: messages of topics the broker no
+            longer knows may have been missed.
+        messages: a ``history``: the messages, oldest first.
+        more: a ``history``: more messages follow the last one returned.
+        count: a ``presence``: members (distinct identities) subscribed.
+        connections: a ``presence``: connections subscribed.
+        members: a ``presence``: the members, when no more than the cap.
+    """
+
+    id: RequestId | None
+    seq: int | None = None
+    epoch: str | None = None
+    cursor: str | None = None
+    recovered: bool | None = None
+    lost: tuple[str, ...] = ()
+    unknown: bool = False
+    messages: tuple[Msg, ...] = ()
+    more: bool = False
+    count: int | None = None
+    connections: int | None = None
+    members: tuple[dict[str, Any], ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Join:
+    """*member* (``subject``, ``connections`` and the fields the presence
+    rule shows) subscribed to *topic*: its first connection there."""
+
+    topic: str
+    member: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Leave:
+    """*member*'s last connection subscribed to *topic* has gone."""
+
+    topic: str
+    member: dict[str, Any]
+
+
+Event = Ok | Err | Pong | Dropped | Msg | Join | Leave
 
 
 # --------------------------------------------------------------------------
@@ -743,8 +878,20 @@ def _decode_checked(frame: str | bytes, encoding: Encoding) -> Command:
         except TopicError as exc:
             raise _bad(str(exc), request_id) from None
         if op == "sub":
-            return Subscribe(request_id, pattern)
+            return _read_subscribe(obj, request_id, pattern)
         return Unsubscribe(request_id, pattern)
+
+    if op == "history":
+        topic = _read_topic(obj, request_id)
+        since = obj.get("since")
+        position = None if since is None else _read_position(since, request_id, "since")
+        limit = _read_count(obj, "limit", request_id)
+        return HistoryQuery(
+            request_id, topic, position, DEFAULT_HISTORY_LIMIT if limit is None else limit
+        )
+
+    if op == "presence":
+        return PresenceQuery(request_id, _read_topic(obj, request_id))
 
     if op == "ping":
         return Ping(request_id)
@@ -760,6 +907,107 @@ def _decode_checked(frame: str | bytes, encoding: Encoding) -> Command:
         return Auth(request_id, token)
 
     raise _bad(f"unknown op {_short(op)}", request_id)
+
+
+def _read_topic(obj: dict[Any, Any], request_id: RequestId | None) -> str:
+    topic = obj.get("topic", _MISSING)
+    if topic is _MISSING:
+        raise _bad("missing field 'topic'", request_id)
+    try:
+        return validate_topic(topic)
+    except TopicError as exc:
+        raise _bad(str(exc), request_id) from None
+
+
+def _read_count(obj: dict[Any, Any], name: str, request_id: RequestId | None) -> int | None:
+    """An optional count of 1 to MAX_HISTORY_REQUEST (null: absent)."""
+    value = obj.get(name)
+    if value is None:
+        return None
+    if type(value) is not int or not 0 < value <= MAX_HISTORY_REQUEST:
+        raise _bad(f"{name} must be an integer from 1 to {MAX_HISTORY_REQUEST}", request_id)
+    return value
+
+
+def _read_flag(obj: dict[Any, Any], name: str, request_id: RequestId | None) -> bool:
+    value = obj.get(name, False)
+    if value is None:
+        return False
+    if type(value) is not bool:
+        raise _bad(f"{name} must be true or false", request_id)
+    return value
+
+
+def _read_epoch(value: object, request_id: RequestId | None, where: str) -> str:
+    if type(value) is not str or not 0 < len(value) <= MAX_POSITION_LENGTH:
+        raise _bad(
+            f"{where} must be a string of 1 to {MAX_POSITION_LENGTH} characters", request_id
+        )
+    if _has_surrogate(value):
+        raise _bad(f"{where} must not contain lone surrogates", request_id)
+    return value
+
+
+def _read_seq(value: object, request_id: RequestId | None, where: str) -> int:
+    if type(value) is not int or not 0 <= value <= _MAX_INT:
+        raise _bad(f"{where} must be a non-negative integer", request_id)
+    return value
+
+
+def _read_position(
+    value: object, request_id: RequestId | None, where: str, *, epoch_required: bool = True
+) -> Position:
+    if type(value) is not dict:
+        raise _bad(f"{where} must be an object with epoch and seq", request_id)
+    epoch = value.get("epoch")
+    if epoch is None and not epoch_required:
+        text = None
+    else:
+        text = _read_epoch(epoch, request_id, f"{where}.epoch")
+    return Position(text, _read_seq(value.get("seq"), request_id, f"{where}.seq"))
+
+
+def _read_subscribe(obj: dict[Any, Any], request_id: RequestId | None, pattern: str) -> Subscribe:
+    """A ``sub``'s options (see :class:`Subscribe`), checked."""
+    since_value = obj.get("since")
+    since: Position | Resume | None = None
+    if since_value is not None:
+        if not is_pattern(pattern):
+            since = _read_position(since_value, request_id, "since")
+        else:
+            if type(since_value) is not dict or "cursor" not in since_value:
+                raise _bad(
+                    "since on a pattern must be an object with cursor (and topics)", request_id
+                )
+            cursor = _read_epoch(since_value["cursor"], request_id, "since.cursor")
+            topics_value = since_value.get("topics")
+            if topics_value is None:
+                topics_value = {}
+            if type(topics_value) is not dict:
+                raise _bad("since.topics must be an object of topic: {seq}", request_id)
+            topics: dict[str, Position] = {}
+            for topic, position in topics_value.items():
+                try:
+                    validate_topic(topic)
+                except TopicError as exc:
+                    raise _bad(f"since.topics: {exc}", request_id) from None
+                if not pattern_matches(pattern, topic):
+                    raise _bad(f"since.topics: {topic} does not match {pattern}", request_id)
+                topics[topic] = _read_position(
+                    position, request_id, f"since.topics[{topic}]", epoch_required=False
+                )
+            since = Resume(cursor, topics)
+    history = _read_count(obj, "history", request_id)
+    if since is not None and history is not None:
+        raise _bad("since and history cannot be combined", request_id)
+    return Subscribe(
+        request_id,
+        pattern,
+        since,
+        history,
+        _read_flag(obj, "snapshot", request_id),
+        _read_flag(obj, "presence", request_id),
+    )
 
 
 def check_publish(topic: object, data: Any, key: object = None) -> None:
@@ -797,15 +1045,55 @@ def _with_id(fields: dict[str, Any], id: RequestId | None, encoding: Encoding) -
     return _pack(fields)
 
 
-def encode_ok(id: RequestId | None, encoding: Encoding, *, seq: int | None = None) -> Payload:
+def encode_ok(
+    id: RequestId | None,
+    encoding: Encoding,
+    *,
+    seq: int | None = None,
+    fields: dict[str, Any] | None = None,
+) -> Payload:
     """``{"op":"ok","id":N}`` (no ``id`` when *id* is None).
 
     For a ``pub``, *seq* is the sequence number the message got; it is added
-    as ``"seq":S`` so the publisher learns where its message landed.
+    as ``"seq":S`` so the publisher learns where its message landed. *fields*
+    are a command's results (see :class:`Ok`), added as they are.
     """
-    if seq is None:
+    if seq is None and fields is None:
         return _with_id({"op": "ok"}, id, encoding)
-    return _with_id({"op": "ok", "seq": seq}, id, encoding)
+    out: dict[str, Any] = {"op": "ok"}
+    if seq is not None:
+        out["seq"] = seq
+    if fields:
+        out.update(fields)
+    return _with_id(out, id, encoding)
+
+
+def encode_member_event(op: str, topic: str, member: dict[str, Any], encoding: Encoding) -> Payload:
+    """``{"op":"join"|"leave","topic":T,"member":{...}}``."""
+    return _with_id({"op": op, "topic": topic, "member": member}, None, encoding)
+
+
+def encode_stored_msg(
+    topic: str,
+    seq: int,
+    data: Any,
+    key: str | None,
+    encoding: Encoding,
+    *,
+    epoch: str | None = None,
+    snapshot: bool = False,
+) -> Payload:
+    """A ``msg`` with the optional fields: ``"epoch"`` (set on ``seq`` 1, the
+    first message of an epoch) and ``"snapshot": true``. Off the hot path
+    except once per epoch; otherwise like :func:`encode_msg`."""
+    fields: dict[str, Any] = {"op": "msg", "topic": topic, "seq": seq, "data": data}
+    if key is not None:
+        fields["key"] = key
+    if epoch is not None:
+        fields["epoch"] = epoch
+    if snapshot:
+        fields["snapshot"] = True
+    return _with_id(fields, None, encoding)
 
 
 def encode_err(id: RequestId | None, code: ErrorCode, message: str, encoding: Encoding) -> Payload:
@@ -885,6 +1173,26 @@ def encode_command(command: Command, encoding: Encoding) -> Payload:
             fields["key"] = command.key
     elif isinstance(command, Subscribe):
         fields = {"op": "sub", "topic": command.pattern}
+        since = command.since
+        if isinstance(since, Position):
+            fields["since"] = _position_fields(since)
+        elif isinstance(since, Resume):
+            fields["since"] = {
+                "cursor": since.cursor,
+                "topics": {t: _position_fields(p) for t, p in since.topics.items()},
+            }
+        if command.history is not None:
+            fields["history"] = command.history
+        if command.snapshot:
+            fields["snapshot"] = True
+        if command.presence:
+            fields["presence"] = True
+    elif isinstance(command, HistoryQuery):
+        fields = {"op": "history", "topic": command.topic, "limit": command.limit}
+        if command.since is not None:
+            fields["since"] = _position_fields(command.since)
+    elif isinstance(command, PresenceQuery):
+        fields = {"op": "presence", "topic": command.topic}
     elif isinstance(command, Unsubscribe):
         fields = {"op": "unsub", "topic": command.pattern}
     elif isinstance(command, Ping):
@@ -894,6 +1202,12 @@ def encode_command(command: Command, encoding: Encoding) -> Payload:
     else:
         raise TypeError(f"not a command: {command!r}")
     return _with_id(fields, command.id, encoding)
+
+
+def _position_fields(position: Position) -> dict[str, Any]:
+    if position.epoch is None:
+        return {"seq": position.seq}
+    return {"epoch": position.epoch, "seq": position.seq}
 
 
 def _event_id(obj: dict[Any, Any]) -> RequestId | None:
@@ -919,6 +1233,65 @@ def _event_int(obj: dict[Any, Any], name: str) -> int:
     return value
 
 
+def _event_msg(obj: dict[Any, Any], topic: str) -> Msg:
+    seq = _event_int(obj, "seq")
+    data = obj.get("data", _MISSING)
+    if data is _MISSING:
+        raise _bad("missing field 'data'")
+    key = obj.get("key")
+    if key is not None and type(key) is not str:
+        raise _bad("key must be a string")
+    epoch = obj.get("epoch")
+    if epoch is not None and type(epoch) is not str:
+        raise _bad("epoch must be a string")
+    return Msg(topic, seq, data, key, epoch, obj.get("snapshot") is True)
+
+
+def _event_optional(obj: dict[Any, Any], name: str, kind: type) -> Any:
+    value = obj.get(name)
+    if value is not None and type(value) is not kind:
+        raise _bad(f"{name} must be a {kind.__name__}")
+    return value
+
+
+def _event_ok(obj: dict[Any, Any]) -> Ok:
+    """An ``ok`` with results (see :class:`Ok`)."""
+    seq = None if obj.get("seq") is None else _event_int(obj, "seq")
+    lost = obj.get("lost") or []
+    if type(lost) is not list or not all(type(t) is str for t in lost):
+        raise _bad("lost must be a list of topics")
+    topic = obj.get("topic")
+    messages_value = obj.get("messages") or []
+    if type(messages_value) is not list or not all(type(m) is dict for m in messages_value):
+        raise _bad("messages must be a list of objects")
+    messages = tuple(
+        _event_msg(m, topic if type(topic) is str else _event_str(m, "topic"))
+        if "topic" not in m
+        else _event_msg(m, _event_str(m, "topic"))
+        for m in messages_value
+    )
+    members_value = obj.get("members")
+    members: tuple[dict[str, Any], ...] | None = None
+    if members_value is not None:
+        if type(members_value) is not list or not all(type(m) is dict for m in members_value):
+            raise _bad("members must be a list of objects")
+        members = tuple(members_value)
+    return Ok(
+        _event_id(obj),
+        seq,
+        _event_optional(obj, "epoch", str),
+        _event_optional(obj, "cursor", str),
+        _event_optional(obj, "recovered", bool),
+        tuple(lost),
+        obj.get("unknown") is True,
+        messages,
+        obj.get("more") is True,
+        None if obj.get("count") is None else _event_int(obj, "count"),
+        None if obj.get("connections") is None else _event_int(obj, "connections"),
+        members,
+    )
+
+
 def decode_event(frame: str | bytes, encoding: Encoding) -> Event:
     """Parse one broker message (client side).
 
@@ -940,19 +1313,19 @@ def decode_event(frame: str | bytes, encoding: Encoding) -> Event:
         raise _bad("op must be a string")
 
     if op == "msg":
-        topic = _event_str(obj, "topic")
-        seq = _event_int(obj, "seq")
-        data = obj.get("data", _MISSING)
-        if data is _MISSING:
-            raise _bad("missing field 'data'")
-        key = obj.get("key")
-        if key is not None and type(key) is not str:
-            raise _bad("key must be a string")
-        return Msg(topic, seq, data, key)
+        return _event_msg(obj, _event_str(obj, "topic"))
     if op == "ok":
-        if obj.get("seq") is None:
-            return Ok(_event_id(obj))
-        return Ok(_event_id(obj), _event_int(obj, "seq"))
+        if len(obj) <= 2 or (len(obj) == 3 and "seq" in obj and "id" in obj):
+            if obj.get("seq") is None:
+                return Ok(_event_id(obj))
+            return Ok(_event_id(obj), _event_int(obj, "seq"))
+        return _event_ok(obj)
+    if op == "join" or op == "leave":
+        member = obj.get("member")
+        if type(member) is not dict:
+            raise _bad("member must be an object")
+        cls = Join if op == "join" else Leave
+        return cls(_event_str(obj, "topic"), member)
     if op == "err":
         return Err(_event_id(obj), _event_str(obj, "code"), _event_str(obj, "message"))
     if op == "pong":
