@@ -66,6 +66,8 @@ from broker.core.protocol import (
     Command,
     Encoding,
     Err,
+    Join,
+    Leave,
     Msg,
     Ok,
     Ping,
@@ -593,6 +595,8 @@ class Client:
                     await self._dispatch(Message(event.topic, event.seq, event.data, event.key))
                 elif isinstance(event, DroppedEvent):
                     await self._dispatch(Dropped(event.topic, event.count))
+                elif isinstance(event, Join | Leave):
+                    continue  # presence events: not surfaced by this client yet
                 else:
                     self._answer(event)
         finally:
