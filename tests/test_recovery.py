@@ -450,7 +450,9 @@ async def _property(schedule: list[tuple[str, int]], engine: str, seed: int) -> 
 
     async def subscriber(index: int, ready: trio.Event) -> None:
         tracker = trackers[index]
-        while not complete(tracker):
+        first = True
+        while first or not complete(tracker):
+            first = False
             # A queue deep enough that trio-websocket's reader never blocks
             # on messages left unread when the test drops the connection.
             async with connect(broker.url, message_queue_size=100_000) as client:

@@ -493,6 +493,11 @@ class History:
             recovery.unknown = True
         replay.sort(key=lambda e: e.offset)
         recovery.messages = [(e, False) for e in replay]
+        if replay:
+            # The new cursor holds only once the client has every replayed
+            # message; if it drops before, the old one must still apply (a
+            # topic it then has a position for resumes from that).
+            recovery.cursor = resume.cursor
         recovery.recovered = not recovery.lost and not recovery.unknown
         return recovery
 
