@@ -1,4 +1,4 @@
-"""Presence without sockets: the table, the rules, the members."""
+"""Presence without sockets: the table, the rules, the members, the hub's events."""
 
 from __future__ import annotations
 
@@ -6,11 +6,13 @@ import json
 import math
 from typing import Any
 
+import msgpack
 from hypothesis import given
 from hypothesis import strategies as st
 
 from broker import Identity, config_from_dict
 from broker.core.config import PresenceRuleConfig
+from broker.core.hub import Hub
 from broker.core.presence import (
     PresenceInfo,
     PresenceRules,
@@ -18,6 +20,9 @@ from broker.core.presence import (
     PresenceTable,
     member_of,
 )
+from broker.core.protocol import Encoding
+from broker.engine import MemoryEngine
+from tests.test_hub import FakeSubscriber, payloads
 
 
 def alice(**extra: Any) -> dict[str, Any]:
@@ -200,3 +205,105 @@ def test_member_shows_the_fields_the_rule_names() -> None:
     shown = member_of(Identity("eve\ud800"), ())
     assert shown == {"subject": "eve\\ud800"}
     json.dumps(shown).encode()
+
+
+# -- the hub's events -----------------------------------------------------------------
+
+
+def make_hub(**config: Any) -> Hub:
+    return Hub(config_from_dict(config).queue)
+
+
+def test_events_go_to_watchers_only_encoded_once_per_encoding() -> None:
+    hub = make_hub()
+    watchers = [FakeSubscriber(Encoding.JSON), FakeSubscriber(Encoding.MSGPACK)]
+    watchers.append(FakeSubscriber(Encoding.JSON))
+    other = FakeSubscriber()
+    for sub in watchers:
+        hub.subscribe("chat.a", sub)
+        hub.watch_presence("chat.a", sub)
+    hub.subscribe("chat.a", other)  # subscribed, but did not ask for events
+    hub.watch_presence("chat.b", other)
+    member = {"subject": "alice", "connections": 1}
+    assert hub.presence_event("chat.a", "join", member) == 3
+    assert hub.presence_event("chat.c", "join", member) == 0
+    assert payloads(other) == []
+    event = {"op": "join", "topic": "chat.a", "member": member}
+    for sub in watchers:
+        assert sub.dirty
+        assert payloads(sub) == [event]
+    assert len(hub.dirty) == 3 and {id(s) for s in hub.dirty} == {id(s) for s in watchers}
+    assert hub.presence_events == 3 and hub.pending == 3
+    assert hub.delivered == 0  # not messages
+    hub.flush()
+    assert all(sub.flushes == 1 for sub in watchers)
+    hub.unwatch_presence("chat.a", watchers[0])
+    hub.unwatch_presence("chat.a", watchers[1])
+    hub.unwatch_presence("chat.a", watchers[2])
+    hub.unwatch_presence("chat.a", watchers[2])
+    assert "chat.a" not in hub.presence_watchers
+    assert hub.presence_event("chat.a", "leave", member) == 0
+
+
+def test_subscribers_of_an_encoding_share_one_frame() -> None:
+    hub = make_hub()
+    subs = [FakeSubscriber(Encoding.MSGPACK) for _ in range(2)]
+    for sub in subs:
+        hub.watch_presence("t", sub)
+    hub.presence_event("t", "leave", {"subject": "bob", "connections": 0})
+    frames = [sub.outbox.take(1 << 20)[0] for sub in subs]
+    assert frames[0] is frames[1]
+    assert msgpack.unpackb(frames[0][2:]) == {
+        "op": "leave",
+        "topic": "t",
+        "member": {"subject": "bob", "connections": 0},
+    }
+
+
+def test_events_are_bounded_like_messages() -> None:
+    hub = make_hub(queue={"rules": [{"pattern": "room.*", "max_messages": 2}]})
+    sub = FakeSubscriber()
+    hub.watch_presence("room.a", sub)
+    for n in range(5):
+        hub.presence_event("room.a", "join", {"subject": f"u{n}", "connections": 1})
+    # drop-oldest under the topic's rule: the two newest are queued.
+    assert [e["member"]["subject"] for e in payloads(sub)] == ["u3", "u4"]
+    assert sub.outbox.dropped_total == 3
+    disconnect = make_hub(queue={"rules": [{"pattern": "room.*", "policy": "disconnect"}]})
+    slow = FakeSubscriber(max_messages=1)
+    disconnect.watch_presence("room.a", slow)
+    disconnect.presence_event("room.a", "join", {"subject": "a", "connections": 1})
+    disconnect.presence_event("room.a", "join", {"subject": "b", "connections": 1})
+    assert slow.slow and disconnect.slow_consumers == 1
+
+
+def test_under_conflate_an_event_and_an_unkeyed_message_do_not_replace_each_other() -> None:
+    hub = make_hub(queue={"rules": [{"pattern": "room.*", "policy": "conflate"}]})
+    sub = FakeSubscriber()
+    hub.subscribe("room.a", sub)
+    hub.watch_presence("room.a", sub)
+    hub.deliver("room.a", 1, "hello", None)
+    hub.presence_event("room.a", "join", {"subject": "a", "connections": 1})
+    hub.deliver("room.a", 2, "again", None)  # conflates seq 1 only
+    hub.presence_event("room.a", "leave", {"subject": "a", "connections": 0})
+    assert [(e["op"], e.get("seq")) for e in payloads(sub)] == [
+        ("join", None),
+        ("msg", 2),
+        ("leave", None),
+    ]
+
+
+async def test_memory_engine_hands_events_to_the_hub() -> None:
+    hub = make_hub()
+    engine = MemoryEngine(hub)
+    sub = FakeSubscriber()
+    hub.watch_presence("t", sub)
+    await engine.presence_join("t", "c1", alice())
+    await engine.presence_join("t", "c2", alice())
+    assert await engine.presence("t", 10) == PresenceInfo(
+        1, 2, ({"subject": "alice", "connections": 2},)
+    )
+    await engine.presence_leave("t", "c1", alice())
+    await engine.presence_leave("t", "c2", alice())
+    assert [e["op"] for e in payloads(sub)] == ["join", "leave"]
+    assert engine.presence_stats() == PresenceStats(0, 0, 0)

@@ -30,6 +30,15 @@ yields at random points and checks exactly that.
 
 The history and presence of later releases live here too: an engine that
 keeps history answers ``history(...)`` from where it keeps its ``seq``.
+
+**Presence.** The engine keeps who is subscribed to the topics a
+``[[presence]]`` rule covers (:class:`~broker.core.presence.PresenceTable`,
+or the same shape in a cluster's store): :meth:`Engine.presence_join` and
+:meth:`Engine.presence_leave` as connections subscribe and go,
+:meth:`Engine.presence` to answer. A member's first connection on a topic
+(``join``) and its last (``leave``), on whichever node, reach this node's
+subscribers through :meth:`Delivery.presence_event`, the way publications
+do.
 """
 
 from __future__ import annotations
@@ -37,6 +46,8 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 import trio
+
+from broker.core.presence import PresenceInfo, PresenceStats
 
 __all__ = ["Delivery", "Engine"]
 
@@ -50,6 +61,12 @@ class Delivery(Protocol):
 
     def flush(self) -> None:
         """Write what :meth:`deliver` queued (call once per batch)."""
+        ...
+
+    def presence_event(self, topic: str, op: str, member: dict[str, Any]) -> int:
+        """Queue a ``join`` or ``leave`` (*op*) of *member* for the local
+        subscribers that asked for *topic*'s presence events; synchronous,
+        flushed like :meth:`deliver`. Returns how many got it."""
         ...
 
 
@@ -89,4 +106,35 @@ class Engine(Protocol):
 
     def healthy(self) -> bool:
         """False while the engine cannot publish (``/readyz`` answers 503)."""
+        ...
+
+    async def presence_join(self, topic: str, connection: str, member: dict[str, Any]) -> None:
+        """*connection* (this node's id for it) of *member* (``subject`` and
+        the fields the rule shows) subscribed to *topic*, which a presence
+        rule covers. If it is the member's first connection there, a
+        ``join`` reaches :meth:`Delivery.presence_event` on every node with
+        subscribers of the topic, as a publication would (an engine that
+        hands it over within the call leaves the flush to the caller, as
+        :meth:`publish` does).
+
+        A caller cancelled here does not know whether the join happened,
+        and calls :meth:`presence_leave` anyway: leaving with a connection
+        that is not there changes nothing (and sends no ``leave``).
+        """
+        ...
+
+    async def presence_leave(self, topic: str, connection: str, member: dict[str, Any]) -> None:
+        """*connection* of *member* (as given to :meth:`presence_join`) is no
+        longer subscribed to *topic*. If it was the member's last connection
+        there, a ``leave`` goes out as a ``join`` does."""
+        ...
+
+    async def presence(self, topic: str, max_members: int) -> PresenceInfo:
+        """Who is subscribed to *topic*: exact counts, and the members when
+        there are no more than *max_members*."""
+        ...
+
+    def presence_stats(self) -> PresenceStats:
+        """Presence totals for the metrics (a cluster engine: what this node
+        last knew); synchronous and cheap."""
         ...

@@ -6,6 +6,7 @@ from typing import Any
 
 import trio
 
+from broker.core.presence import PresenceInfo, PresenceStats, PresenceTable
 from broker.engine.base import Delivery
 
 __all__ = ["MemoryEngine"]
@@ -18,9 +19,12 @@ class MemoryEngine:
 
     ``seq`` starts at 1 for each topic and grows by one per message. The
     counters live as long as the process.
+
+    Presence is one :class:`~broker.core.presence.PresenceTable`; a join or
+    leave event is handed to the hub in the same step (the caller flushes).
     """
 
-    __slots__ = ("_delivery", "_seq")
+    __slots__ = ("_delivery", "_presence", "_seq")
 
     #: Every publication is local: no need to know the node's patterns.
     tracks_interest = False
@@ -28,6 +32,7 @@ class MemoryEngine:
     def __init__(self, delivery: Delivery) -> None:
         self._delivery = delivery
         self._seq: dict[str, int] = {}
+        self._presence = PresenceTable()
 
     async def publish(self, topic: str, data: Any, key: str | None) -> int:
         # One synchronous block: assign, then deliver. Nothing may await in
@@ -48,3 +53,19 @@ class MemoryEngine:
 
     def healthy(self) -> bool:
         return True
+
+    async def presence_join(self, topic: str, connection: str, member: dict[str, Any]) -> None:
+        joined = self._presence.join(topic, connection, member)
+        if joined is not None:
+            self._delivery.presence_event(topic, "join", joined)
+
+    async def presence_leave(self, topic: str, connection: str, member: dict[str, Any]) -> None:
+        left = self._presence.leave(topic, connection, member)
+        if left is not None:
+            self._delivery.presence_event(topic, "leave", left)
+
+    async def presence(self, topic: str, max_members: int) -> PresenceInfo:
+        return self._presence.query(topic, max_members)
+
+    def presence_stats(self) -> PresenceStats:
+        return self._presence.stats()
