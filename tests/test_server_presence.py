@@ -13,8 +13,9 @@ import pytest
 import trio
 
 from broker import Broker
+from broker.engine import Delivery, MemoryEngine
 from tests.conftest import BrokerFactory
-from tests.helpers import Client, RawClient, connect, wait_until
+from tests.helpers import Client, RawClient, connect, raw_connect, wait_until
 from tests.plugin_helpers import as_user, header_auth
 from tests.test_engine_seam import start_yielding
 
@@ -315,6 +316,30 @@ async def test_an_aborted_connection_is_counted_out(start_broker: BrokerFactory)
         assert (await query(alice, "chat.room"))["count"] == 1
 
 
+async def test_a_silent_connection_is_counted_out_after_its_ping_timeout(
+    start_broker: BrokerFactory,
+) -> None:
+    """A client that stops reading and answering (its host went away): the
+    heartbeat drops it, it never answers the close frame either, and it is
+    still counted out."""
+    config = tokens_config(["alice"], limits={"ping_interval": 0.1, "ping_timeout": 0.2})
+    broker = await start_broker(config)
+    async with connect(url_for(broker, "alice")) as alice, raw_connect(broker.url) as raw:
+        await watch(alice, "chat.room")
+        await alice.recv()
+        await raw.send({"op": "sub", "id": 1, "topic": "chat.room"})
+        assert await raw.recv() == {"op": "ok", "id": 1}
+        assert (await alice.recv())["op"] == "join"
+        # raw reads nothing from now on.
+        assert await alice.recv() == {
+            "op": "leave",
+            "topic": "chat.room",
+            "member": {"subject": "anonymous", "roles": [], "connections": 0},
+        }
+        await wait_until(lambda: len(broker.connections) == 1)
+        assert (await query(alice, "chat.room"))["connections"] == 1
+
+
 # -- an engine that awaits --------------------------------------------------------------
 
 
@@ -390,3 +415,67 @@ async def test_presence_stays_exact_over_an_awaiting_engine(
             "members": [member("watcher", 1)],
         }
     await wait_until(lambda: engine.presence_table.stats().members == 0)
+
+
+class StuckJoinEngine(MemoryEngine):
+    """A MemoryEngine whose joins of ``anonymous`` never return (a remote
+    engine that stopped answering), after the join's step or before it."""
+
+    def __init__(self, delivery: Delivery, *, step_first: bool) -> None:
+        super().__init__(delivery)
+        self.step_first = step_first
+        self.stuck = trio.Event()
+        self.left = trio.Event()
+
+    async def presence_join(self, topic: str, connection: str, member: dict[str, Any]) -> None:
+        if member["subject"] != "anonymous":
+            return await super().presence_join(topic, connection, member)
+        if self.step_first:
+            await super().presence_join(topic, connection, member)
+        self.stuck.set()
+        await trio.sleep_forever()
+
+    async def presence_leave(self, topic: str, connection: str, member: dict[str, Any]) -> None:
+        await super().presence_leave(topic, connection, member)
+        if member["subject"] == "anonymous":
+            self.left.set()
+
+
+@pytest.mark.parametrize("step_first", [True, False], ids=["joined", "not-joined"])
+async def test_a_connection_closed_while_its_join_is_in_flight_is_counted_out(
+    start_broker: BrokerFactory, step_first: bool
+) -> None:
+    """The join may or may not have happened when the close cancels it: the
+    connection leaves anyway, and a leave of what never joined is nothing."""
+    engines: list[StuckJoinEngine] = []
+
+    def make(delivery: Delivery) -> StuckJoinEngine:
+        engines.append(StuckJoinEngine(delivery, step_first=step_first))
+        return engines[-1]
+
+    config = tokens_config(["alice"], limits={"ping_interval": 0.1, "ping_timeout": 0.2})
+    broker = await start_broker(config, engine=make)
+    (engine,) = engines
+    async with connect(url_for(broker, "alice")) as alice, raw_connect(broker.url) as raw:
+        await watch(alice, "chat.room")
+        await alice.recv()
+        await raw.send({"op": "sub", "id": 1, "topic": "chat.room"})
+        await engine.stuck.wait()
+        # raw's command never ends, so its reader reads nothing more: the
+        # heartbeat closes it (no pong), which cancels the join.
+        await engine.left.wait()
+        if step_first:
+            assert (await alice.recv())["op"] == "join"
+            assert await alice.recv() == {
+                "op": "leave",
+                "topic": "chat.room",
+                "member": {"subject": "anonymous", "roles": [], "connections": 0},
+            }
+        await alice.assert_alive()
+        assert await query(alice, "chat.room") == {
+            "op": "ok",
+            "id": "q",
+            "count": 1,
+            "connections": 1,
+            "members": [member("alice", 1)],
+        }
