@@ -111,6 +111,12 @@ async def test_join_and_leave_events_and_exact_counts_over_100_connections(
             [member(s, PER_SUBJECT) for s in SUBJECTS] + [member("watcher", 1)],
             key=lambda m: m["subject"],
         )
+        stats = broker.stats_snapshot()["presence"]
+        assert stats == {"topics": 1, "members": 26, "connections": 101, "events": 26}
+        registry = broker.metrics.registry
+        assert registry.get_sample_value("broker_presence_members") == 26
+        assert registry.get_sample_value("broker_presence_connections") == 101
+        assert registry.get_sample_value("broker_presence_topics") == 1
 
         # All but the last connection of each subject go: no leave yet.
         for index in range(PER_SUBJECT - 1):
@@ -139,6 +145,7 @@ async def test_join_and_leave_events_and_exact_counts_over_100_connections(
             "members": [member("watcher", 1)],
         }
     await wait_until(lambda: broker.engine.presence_stats().members == 0)
+    assert broker.stats_snapshot()["presence"]["topics"] == 0
 
 
 async def test_members_are_listed_up_to_the_cap_counts_stay_exact(

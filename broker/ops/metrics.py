@@ -215,6 +215,29 @@ class BrokerCollector(Collector):
             value=hub.router.pattern_count,
         )
 
+        # -- presence --------------------------------------------------------
+        presence = broker.engine.presence_stats()
+        yield GaugeMetricFamily(
+            "broker_presence_topics",
+            "Topics with presence members (a [[presence]] rule covers them).",
+            value=presence.topics,
+        )
+        yield GaugeMetricFamily(
+            "broker_presence_members",
+            "Presence members (distinct subjects) summed over topics.",
+            value=presence.members,
+        )
+        yield GaugeMetricFamily(
+            "broker_presence_connections",
+            "Connections counted in presence, summed over topics.",
+            value=presence.connections,
+        )
+        yield CounterMetricFamily(
+            "broker_presence_events",
+            "Presence join/leave events queued to subscribers (one per subscriber per event).",
+            value=hub.presence_events,
+        )
+
         # -- traffic ---------------------------------------------------------
         yield CounterMetricFamily(
             "broker_messages_in",
