@@ -12,6 +12,10 @@ the node has told the engine it wants it, as a pub/sub channel does.
 Whatever interleaves, every subscriber must get every topic's messages
 exactly once, in ``seq`` order, with each publisher's messages in the order
 it sent them.
+
+Presence goes the same way: joins and leaves yield around the atomic step
+that updates the table, and their events reach the hub from the engine's
+own task, as a remote node's would (tests/test_server_presence.py runs over it).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import trio
 from broker import Broker
 from broker.core.config import Config
 from broker.core.history import History, HistoryPage, Recovery, Replay
+from broker.core.presence import PresenceInfo, PresenceStats, PresenceTable
 from broker.core.protocol import Position
 from broker.core.topics import pattern_matches
 from broker.engine import Delivery, Interest, MemoryEngine
@@ -51,6 +56,8 @@ class YieldingEngine:
         self._more = trio.Event()
         self.interest: set[str] = set()
         self.published = 0
+        self.presence_table = PresenceTable()
+        self._events: deque[tuple[str, str, dict[str, Any]]] = deque()
 
     async def _yield(self, most: int = 3) -> None:
         for _ in range(self._rng.randint(0, most)):
@@ -90,6 +97,11 @@ class YieldingEngine:
                 if self._rng.random() < 0.3:
                     self._delivery.flush()
                     await self._yield()
+            while self._events:
+                topic, op, member = self._events.popleft()
+                if any(pattern_matches(p, topic) for p in self.interest):
+                    self._delivery.presence_event(topic, op, member)
+                await self._yield()
             self._delivery.flush()
 
     def healthy(self) -> bool:
@@ -112,6 +124,32 @@ class YieldingEngine:
 
     def history_stats(self) -> dict[str, int]:
         return {"messages": self.log.messages}
+
+    async def presence_join(self, topic: str, connection: str, member: dict[str, Any]) -> None:
+        await self._yield()
+        # The atomic step: update the table and place the event in the stream.
+        joined = self.presence_table.join(topic, connection, member)
+        if joined is not None:
+            self._events.append((topic, "join", joined))
+            self._more.set()
+        await self._yield()
+
+    async def presence_leave(self, topic: str, connection: str, member: dict[str, Any]) -> None:
+        await self._yield()
+        left = self.presence_table.leave(topic, connection, member)
+        if left is not None:
+            self._events.append((topic, "leave", left))
+            self._more.set()
+        await self._yield()
+
+    async def presence(self, topic: str, max_members: int) -> PresenceInfo:
+        await self._yield()
+        info = self.presence_table.query(topic, max_members)
+        await self._yield()
+        return info
+
+    def presence_stats(self) -> PresenceStats:
+        return self.presence_table.stats()
 
 
 async def start_yielding(
@@ -311,3 +349,6 @@ class _NullDelivery:
 
     def flush(self) -> None:
         pass
+
+    def presence_event(self, topic: str, op: str, member: dict[str, Any]) -> int:
+        return 0

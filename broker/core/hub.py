@@ -10,7 +10,9 @@ so one slow subscriber cannot hold up a publisher or the other subscribers.
 
 The hub is the node's :class:`~broker.engine.Delivery`: an engine calls
 :meth:`Hub.deliver` for every publication this node must deliver, local or
-remote alike, and :meth:`Hub.flush` once a batch is queued.
+remote alike, and :meth:`Hub.flush` once a batch is queued. Presence
+``join``/``leave`` events come the same way (:meth:`Hub.presence_event`), to
+the subscribers that asked for them (:meth:`Hub.watch_presence`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from broker.core.config import QueueConfig
 from broker.core.frames import frame
 from broker.core.history import Stored
 from broker.core.outbox import Outbox, Policy, PushResult, QueueRule
-from broker.core.protocol import Encoding, encode_msg, encode_stored_msg
+from broker.core.protocol import Encoding, encode_member_event, encode_msg, encode_stored_msg
 from broker.core.router import Router
 from broker.core.topics import is_pattern, pattern_matches
 
@@ -110,6 +112,11 @@ class Hub:
         self._fences: dict[Subscriber, dict[str, tuple[str, int]]] = {}
         #: Most publications one LiveBuffer keeps.
         self._buffer_limit = queue.connection_limits()[0]
+        #: Per exact topic, the subscribers that get its presence events.
+        self.presence_watchers: dict[str, set[Subscriber]] = {}
+        #: Presence events queued (counted like deliveries, apart from them).
+        self.presence_events = 0
+        self._presence_queue_rules: dict[QueueRule, QueueRule] = {}
 
     def configure(self, queue: QueueConfig) -> None:
         """Apply (new) queue rules; messages already queued keep theirs."""
@@ -319,3 +326,58 @@ class Hub:
         for sub in dirty:
             sub.dirty = False
             sub.flush()
+
+    # -- presence events ------------------------------------------------------------
+
+    def watch_presence(self, topic: str, subscriber: Subscriber) -> None:
+        """*subscriber* gets *topic*'s ``join``/``leave`` events from now on."""
+        watchers = self.presence_watchers.get(topic)
+        if watchers is None:
+            watchers = self.presence_watchers[topic] = set()
+        watchers.add(subscriber)
+
+    def unwatch_presence(self, topic: str, subscriber: Subscriber) -> None:
+        watchers = self.presence_watchers.get(topic)
+        if watchers is not None:
+            watchers.discard(subscriber)
+            if not watchers:
+                del self.presence_watchers[topic]
+
+    def presence_event(self, topic: str, op: str, member: dict[str, Any]) -> int:
+        """Queue a ``join``/``leave`` (*op*) of *member* for *topic*'s
+        watchers; returns how many. Encoded once per encoding; queued as a
+        message of *topic*, under its queue rule (so bounded like messages),
+        and flushed with them (:meth:`flush`).
+
+        Under a ``conflate`` rule an event is queued as ``drop-oldest`` with
+        the rule's limits: conflating per topic would let a join and an
+        unkeyed message replace each other.
+        """
+        watchers = self.presence_watchers.get(topic)
+        if not watchers:
+            return 0
+        rule = self._presence_queue_rule(self.rule_for(topic))
+        frames: dict[Encoding, bytes] = {}
+        targets = tuple(watchers)  # a slow consumer's close unwatches
+        for sub in targets:
+            event_frame = frames.get(sub.encoding)
+            if event_frame is None:
+                payload = encode_member_event(op, topic, member, sub.encoding)
+                event_frame = frames[sub.encoding] = frame(payload)
+            self._push(sub, event_frame, topic, rule, None)
+        self.presence_events += len(targets)
+        self.pending += len(targets)
+        return len(targets)
+
+    def _presence_queue_rule(self, rule: QueueRule) -> QueueRule:
+        """*rule*, or its ``drop-oldest`` twin for a ``conflate`` rule (one
+        object per rule, since an outbox keeps state per rule object)."""
+        if rule.policy is not Policy.CONFLATE:
+            return rule
+        twin = self._presence_queue_rules.get(rule)
+        if twin is None:
+            if len(self._presence_queue_rules) >= self._rule_cache_size:
+                self._presence_queue_rules.clear()  # rules of past reloads
+            twin = QueueRule(rule.name, Policy.DROP_OLDEST, rule.max_messages, rule.max_bytes)
+            self._presence_queue_rules[rule] = twin
+        return twin

@@ -37,6 +37,15 @@ It may await: the session buffers the live publications of the pattern that
 arrive meanwhile (:meth:`Hub.buffer <broker.core.hub.Hub.buffer>`) and
 drops those the read already covers, so the subscriber gets each message
 once and in order however the read and the live stream interleave.
+
+**Presence.** The engine keeps who is subscribed to the topics a
+``[[presence]]`` rule covers (:class:`~broker.core.presence.PresenceTable`,
+or the same shape in a cluster's store): :meth:`Engine.presence_join` and
+:meth:`Engine.presence_leave` as connections subscribe and go,
+:meth:`Engine.presence` to answer. A member's first connection on a topic
+(``join``) and its last (``leave``), on whichever node, reach this node's
+subscribers through :meth:`Delivery.presence_event`, the way publications
+do.
 """
 
 from __future__ import annotations
@@ -47,6 +56,7 @@ import trio
 
 from broker.core.config import Config
 from broker.core.history import HistoryPage, Recovery, Replay
+from broker.core.presence import PresenceInfo, PresenceStats
 from broker.core.protocol import Position
 
 __all__ = ["Delivery", "Engine"]
@@ -67,6 +77,12 @@ class Delivery(Protocol):
 
     def flush(self) -> None:
         """Write what :meth:`deliver` queued (call once per batch)."""
+        ...
+
+    def presence_event(self, topic: str, op: str, member: dict[str, Any]) -> int:
+        """Queue a ``join`` or ``leave`` (*op*) of *member* for the local
+        subscribers that asked for *topic*'s presence events; synchronous,
+        flushed like :meth:`deliver`. Returns how many got it."""
         ...
 
 
@@ -136,4 +152,34 @@ class Engine(Protocol):
     def history_stats(self) -> dict[str, int]:
         """Gauges of what the engine keeps: ``messages``, ``bytes``,
         ``topics`` (positions tracked), ``stored_topics``, ``evicted``."""
+
+    async def presence_join(self, topic: str, connection: str, member: dict[str, Any]) -> None:
+        """*connection* (this node's id for it) of *member* (``subject`` and
+        the fields the rule shows) subscribed to *topic*, which a presence
+        rule covers. If it is the member's first connection there, a
+        ``join`` reaches :meth:`Delivery.presence_event` on every node with
+        subscribers of the topic, as a publication would (an engine that
+        hands it over within the call leaves the flush to the caller, as
+        :meth:`publish` does).
+
+        A caller cancelled here does not know whether the join happened,
+        and calls :meth:`presence_leave` anyway: leaving with a connection
+        that is not there changes nothing (and sends no ``leave``).
+        """
+        ...
+
+    async def presence_leave(self, topic: str, connection: str, member: dict[str, Any]) -> None:
+        """*connection* of *member* (as given to :meth:`presence_join`) is no
+        longer subscribed to *topic*. If it was the member's last connection
+        there, a ``leave`` goes out as a ``join`` does."""
+        ...
+
+    async def presence(self, topic: str, max_members: int) -> PresenceInfo:
+        """Who is subscribed to *topic*: exact counts, and the members when
+        there are no more than *max_members*."""
+        ...
+
+    def presence_stats(self) -> PresenceStats:
+        """Presence totals for the metrics (a cluster engine: what this node
+        last knew); synchronous and cheap."""
         ...

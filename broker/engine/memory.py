@@ -8,6 +8,7 @@ import trio
 
 from broker.core.config import Config
 from broker.core.history import History, HistoryPage, Recovery, Replay
+from broker.core.presence import PresenceInfo, PresenceStats, PresenceTable
 from broker.core.protocol import Position
 from broker.engine.base import Delivery
 
@@ -25,9 +26,12 @@ class MemoryEngine:
     Positions and history live in a :class:`~broker.core.history.History`
     for as long as the process: its node epoch is new at every start, so a
     client resuming from before a restart is told ``recovered: false``.
+
+    Presence is one :class:`~broker.core.presence.PresenceTable`; a join or
+    leave event is handed to the hub in the same step (the caller flushes).
     """
 
-    __slots__ = ("_delivery", "_history")
+    __slots__ = ("_delivery", "_history", "_presence")
 
     #: Every publication is local: no need to know the node's patterns.
     tracks_interest = False
@@ -45,6 +49,7 @@ class MemoryEngine:
             max_topics=limits.max_topics,
             idle=limits.topic_idle,
         )
+        self._presence = PresenceTable()
 
     @property
     def log(self) -> History:
@@ -99,3 +104,19 @@ class MemoryEngine:
             "stored_topics": history.stored_topics,
             "evicted": history.evicted,
         }
+
+    async def presence_join(self, topic: str, connection: str, member: dict[str, Any]) -> None:
+        joined = self._presence.join(topic, connection, member)
+        if joined is not None:
+            self._delivery.presence_event(topic, "join", joined)
+
+    async def presence_leave(self, topic: str, connection: str, member: dict[str, Any]) -> None:
+        left = self._presence.leave(topic, connection, member)
+        if left is not None:
+            self._delivery.presence_event(topic, "leave", left)
+
+    async def presence(self, topic: str, max_members: int) -> PresenceInfo:
+        return self._presence.query(topic, max_members)
+
+    def presence_stats(self) -> PresenceStats:
+        return self._presence.stats()

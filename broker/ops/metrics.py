@@ -215,6 +215,55 @@ class BrokerCollector(Collector):
             value=hub.router.pattern_count,
         )
 
+        # -- presence --------------------------------------------------------
+        presence = broker.engine.presence_stats()
+        yield GaugeMetricFamily(
+            "broker_presence_topics",
+            "Topics with presence members (a [[presence]] rule covers them).",
+            value=presence.topics,
+        )
+        yield GaugeMetricFamily(
+            "broker_presence_members",
+            "Presence members (distinct subjects) summed over topics.",
+            value=presence.members,
+        )
+        yield GaugeMetricFamily(
+            "broker_presence_connections",
+            "Connections counted in presence, summed over topics.",
+            value=presence.connections,
+        )
+        yield CounterMetricFamily(
+            "broker_presence_events",
+            "Presence join/leave events queued to subscribers (one per subscriber per event).",
+            value=hub.presence_events,
+        )
+
+        # -- history ---------------------------------------------------------
+        history = broker.engine.history_stats()
+        yield GaugeMetricFamily(
+            "broker_history_messages",
+            "Messages stored for history ([[history]] rules).",
+            value=history.get("messages", 0),
+        )
+        yield GaugeMetricFamily(
+            "broker_history_bytes",
+            "Bytes of history and snapshots held (estimate, bounded by max_history_bytes).",
+            value=history.get("bytes", 0),
+        )
+        yield GaugeMetricFamily(
+            "broker_history_topics",
+            "Topics whose position (epoch and seq) is tracked.",
+            value=history.get("topics", 0),
+        )
+        recoveries = CounterMetricFamily(
+            "broker_recoveries",
+            "Subscriptions made with since, by result (recovered, not_recovered).",
+            labels=["result"],
+        )
+        for result in ("recovered", "not_recovered"):
+            recoveries.add_metric([result], broker.stats.recoveries[result])
+        yield recoveries
+
         # -- traffic ---------------------------------------------------------
         yield CounterMetricFamily(
             "broker_messages_in",

@@ -242,6 +242,11 @@ class Broker:
             "sockets_open": self._sockets_open,
             "subscriptions": sum(len(c.subscriptions) for c in connections),
             "subscription_patterns": hub.router.pattern_count,
+            "presence": self._presence_snapshot(),
+            "history": {
+                **self.engine.history_stats(),
+                "recoveries": dict(self.stats.recoveries),
+            },
             "accepted": stats.accepted,
             "rejected": dict(sorted(stats.rejected.items())),
             "publishes": dict(sorted(stats.publishes.items())),
@@ -263,6 +268,17 @@ class Broker:
             "plugin_generation": self.plugins.generation,
             "sources": sources,
             "last_reload": self.last_reload.as_dict() if self.last_reload else None,
+        }
+
+    def _presence_snapshot(self) -> dict[str, int]:
+        """Presence totals (topics with members, members, connections) and
+        the join/leave events queued, for ``/api/stats``."""
+        presence = self.engine.presence_stats()
+        return {
+            "topics": presence.topics,
+            "members": presence.members,
+            "connections": presence.connections,
+            "events": self.hub.presence_events,
         }
 
     def stop(self) -> None:

@@ -263,7 +263,10 @@ class Connection:
             self.session.unsubscribe_all()
             with trio.move_on_after(self._close_timeout, shield=True):
                 await self._finish()
-                # The engine hears of the patterns nobody here needs any more.
+            # The engine hears of the patterns nobody here needs any more, and
+            # counts the connection out of presence: in a scope of its own, so
+            # a client that never answers the close frame does not skip it.
+            with trio.move_on_after(self._close_timeout, shield=True):
                 await self.session.settle()
             code = self.close_code if self.close_code is not None else CloseCode.NORMAL
             if plugins.pm.hook.broker_disconnected.get_hookimpls():

@@ -4,28 +4,39 @@
 (:func:`broker.core.protocol.decode_command`) and runs it to completion, one at a
 time and in order: ``pub`` through the :class:`~broker.server.publish.PublishPipeline`,
 ``sub``/``unsub`` through authorization, the engine's interest and the hub,
-``auth`` through the refresh hooks, ``ping``. Every answer (``ok``, ``err``,
+``auth`` through the refresh hooks, ``ping``, ``presence`` through the
+engine (see "Presence" below). Every answer (``ok``, ``err``,
 ``pong``) is queued through its :class:`SessionHost`, the connection, which
 owns the socket; the session never writes and never reads.
 
 It sees the broker through :class:`SessionServices` only: the runtime (config
 and plugins in force), the pipeline, the hub, the engine's interest, the
 counters and the expiry task's wake-up.
+
+Presence: a ``sub`` of an exact topic that a ``[[presence]]`` rule covers
+makes the connection one of the topic's members' connections
+(``Engine.presence_join``), and with ``"presence": true`` a watcher of its
+``join``/``leave`` events (``Hub.watch_presence``). It leaves on ``unsub``
+and when the connection closes, however it closes: :meth:`Session.unsubscribe_all`
+(synchronous) stops the events and notes the topics, :meth:`Session.settle`
+tells the engine.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Final, Protocol, assert_never
+from dataclasses import dataclass, field
+from typing import Any, Final, Protocol, assert_never
 
 import trio
 
+from broker.core.config import PresenceRuleConfig
 from broker.core.errors import CloseCode, ErrorCode, ProtocolError
 from broker.core.frames import frame
 from broker.core.history import Recovery, Replay
 from broker.core.hub import Hub, Subscriber
+from broker.core.presence import PresenceRules, member_of
 from broker.core.protocol import (
     Auth,
     Encoding,
@@ -42,6 +53,7 @@ from broker.core.protocol import (
     encode_pong,
 )
 from broker.core.stats import BrokerStats
+from broker.core.topics import is_pattern
 from broker.core.values import Action, ClientInfo, Identity, Refusal, Reject
 from broker.engine import Engine, Interest
 from broker.plugin.runtime import Runtime
@@ -93,6 +105,8 @@ class SessionServices:
     identity_changed: Callable[[], None]
     #: ``limits.write_batch_bytes`` in force (one function for every writer).
     write_batch_bytes: Callable[[], int]
+    #: The ``[[presence]]`` rule of each topic (for the rules in force).
+    presence_rules: PresenceRules = field(default_factory=PresenceRules)
 
 
 class SessionHost(Subscriber, Protocol):
@@ -116,6 +130,7 @@ class Session:
     """One client's commands, handled in order (see the module doc)."""
 
     __slots__ = (
+        "_presence",
         "_released",
         "encoding",
         "host",
@@ -138,6 +153,7 @@ class Session:
         self.origin: Origin | None = None
         self.subscriptions: set[str] = set()
         self._released: list[str] | None = None
+        self._presence: _Presence | None = None
 
     async def command(self, message: str | bytes) -> None:
         """Decode and run one message; bad input is answered ``err`` (or
@@ -168,7 +184,7 @@ class Session:
                 case HistoryQuery():
                     await self._history(command)
                 case PresenceQuery():
-                    self._error(command.id, ErrorCode.BAD_REQUEST, "presence is not configured")
+                    await self._presence_query(command)
                 case _:
                     assert_never(command)
         except ProtocolError as e:
@@ -213,6 +229,8 @@ class Session:
     async def _subscribe(self, command: Subscribe) -> None:
         pattern = command.pattern
         services = self.services
+        if command.presence and not self._presence_accepted(command):
+            return
         if pattern in self.subscriptions:
             self._reply(encode_ok(command.id, self.encoding))
             return
@@ -262,6 +280,7 @@ class Session:
             hub.fence(self.host, recovery.positions)
         if recovery.recovered is not None and command.since is not None:
             services.stats.recoveries["recovered" if recovery.recovered else "not_recovered"] += 1
+        await self._presence_joined(pattern, command.presence)
         await services.runtime.plugins.notify(
             "broker_subscribed", client=self.info, pattern=pattern
         )
@@ -312,6 +331,7 @@ class Session:
         self.subscriptions.discard(pattern)
         services.hub.unsubscribe(pattern, self.host)
         self._reply(encode_ok(command.id, self.encoding))
+        await self._presence_left(pattern)
         await services.interest.release(pattern)
         await services.runtime.plugins.notify(
             "broker_unsubscribed", client=self.info, pattern=pattern
@@ -331,9 +351,11 @@ class Session:
                     self._released = []
                 self._released.append(pattern)
         self.subscriptions.clear()
+        self._presence_closing()
 
     async def settle(self) -> None:
         """Tell the engine of what :meth:`unsubscribe_all` released."""
+        await self._presence_settle()
         released, self._released = self._released, None
         for pattern in released or ():
             await self.services.interest.settle(pattern)
@@ -358,3 +380,134 @@ class Session:
         services.identity_changed()
         log.info("%s refreshed its credentials (%s)", self.host.id, decision.subject)
         self._reply(encode_ok(command.id, self.encoding))
+
+    # -- presence (see the module doc) -------------------------------------------------
+
+    def _presence_rule(self, topic: str) -> PresenceRuleConfig | None:
+        services = self.services
+        return services.presence_rules.rule_for(services.runtime.config.presence, topic)
+
+    def _presence_accepted(self, command: Subscribe) -> bool:
+        """A ``sub`` with ``"presence": true``: False (answered ``err``
+        ``bad_request``) unless it is an exact topic a rule covers. A repeated
+        ``sub`` of a topic already subscribed starts its events here."""
+        topic = command.pattern
+        if is_pattern(topic):
+            self._error(command.id, ErrorCode.BAD_REQUEST, "presence needs a topic, not a pattern")
+            return False
+        if self._presence_rule(topic) is None:
+            self._error(command.id, ErrorCode.BAD_REQUEST, f"no presence for {topic}")
+            return False
+        if topic in self.subscriptions:
+            self._presence_watch(topic)
+        return True
+
+    def _presence_state(self) -> _Presence:
+        state = self._presence
+        if state is None:
+            state = self._presence = _Presence()
+        return state
+
+    def _presence_watch(self, topic: str) -> _Presence:
+        state = self._presence_state()
+        if topic not in state.watching:
+            state.watching.add(topic)
+            self.services.hub.watch_presence(topic, self.host)
+        return state
+
+    async def _presence_joined(self, pattern: str, wants_events: bool) -> None:
+        """After a ``sub``'s ``ok``: on an exact topic a rule covers, this
+        connection joins its members (and watches its events if asked).
+        The watch comes first, so the subscriber sees its own ``join``."""
+        if is_pattern(pattern) or self.host.close_code is not None:
+            return
+        rule = self._presence_rule(pattern)
+        if rule is None:
+            return
+        state = self._presence_watch(pattern) if wants_events else self._presence_state()
+        member = member_of(self.identity, rule.fields)
+        # Noted before the engine is asked: a close meanwhile leaves it.
+        state.joined[pattern] = member
+        await self.services.pipeline.engine.presence_join(pattern, self.host.id, member)
+
+    async def _presence_left(self, pattern: str) -> None:
+        """After an ``unsub``'s ``ok``: no more events, and the connection
+        leaves the topic's members."""
+        state = self._presence
+        if state is None:
+            return
+        if pattern in state.watching:
+            state.watching.discard(pattern)
+            self.services.hub.unwatch_presence(pattern, self.host)
+        member = state.joined.get(pattern)
+        if member is not None:
+            await self.services.pipeline.engine.presence_leave(pattern, self.host.id, member)
+            # Forgotten once done: if cancelled (a close), settle() leaves again.
+            state.joined.pop(pattern, None)
+
+    def _presence_closing(self) -> None:
+        """:meth:`unsubscribe_all`'s part: no event is queued for this
+        connection any more; the topics it joined are left in :meth:`settle`."""
+        state = self._presence
+        if state is None:
+            return
+        hub = self.services.hub
+        for topic in state.watching:
+            hub.unwatch_presence(topic, self.host)
+        state.watching.clear()
+        state.leaving.extend(state.joined.items())
+        state.joined.clear()
+
+    async def _presence_settle(self) -> None:
+        """:meth:`settle`'s part: the engine counts this connection out of the
+        topics it had joined; the ``leave`` events go out at once."""
+        state = self._presence
+        if state is None or not state.leaving:
+            return
+        leaving, state.leaving = state.leaving, []
+        engine = self.services.pipeline.engine
+        for topic, member in leaving:
+            await engine.presence_leave(topic, self.host.id, member)
+        self.services.hub.flush()
+
+    async def _presence_query(self, command: PresenceQuery) -> None:
+        """``presence``: who is subscribed to the topic; needs ``subscribe``
+        authorization on it, and a rule."""
+        topic = command.topic
+        services = self.services
+        decision = await services.runtime.plugins.authorize_detail(
+            self.identity, Action.SUBSCRIBE, topic, client=self.info
+        )
+        if decision is not True:
+            log.info("%s presence of %s refused for %s", self.host.id, topic, self.identity.subject)
+            if decision is False:
+                decision = Refusal(ErrorCode.FORBIDDEN, f"not allowed to subscribe to {topic}")
+            services.stats.refused(decision.code)
+            self._refuse(command.id, decision)
+            return
+        rule = self._presence_rule(topic)
+        if rule is None:
+            self._error(command.id, ErrorCode.BAD_REQUEST, f"no presence for {topic}")
+            return
+        info = await services.pipeline.engine.presence(topic, rule.max_members)
+        if self.host.close_code is not None:
+            return
+        fields: dict[str, Any] = {"count": info.count, "connections": info.connections}
+        if info.members is not None:
+            fields["members"] = list(info.members)
+        self._reply(encode_ok(command.id, self.encoding, fields=fields))
+
+
+class _Presence:
+    """A session's presence, made on its first use of it."""
+
+    __slots__ = ("joined", "leaving", "watching")
+
+    def __init__(self) -> None:
+        #: Topics this connection is a member's connection of, and the member
+        #: it joined as (what it leaves as, whatever its identity becomes).
+        self.joined: dict[str, dict[str, Any]] = {}
+        #: Topics whose join/leave events it gets.
+        self.watching: set[str] = set()
+        #: Topics :meth:`Session.unsubscribe_all` left, for :meth:`Session.settle`.
+        self.leaving: list[tuple[str, dict[str, Any]]] = []
