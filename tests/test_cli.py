@@ -23,7 +23,14 @@ import trio
 from broker import Broker
 from broker.client import Message, Subscription, open_client
 from tests.conftest import BrokerFactory
-from tests.helpers import ENCODINGS, TOKEN, TOKENS_CONFIG, EncodingName, deny_factory
+from tests.helpers import (
+    ENCODINGS,
+    TOKEN,
+    TOKENS_CONFIG,
+    EncodingName,
+    Restartable,
+    deny_factory,
+)
 
 #: Bound on any single wait (a subprocess starts a Python interpreter).
 WAIT = 30.0
@@ -237,17 +244,65 @@ async def test_sub_ctrl_c_exits_130(start_broker: BrokerFactory, nursery: trio.N
     assert b"Traceback" not in sub.stderr
 
 
-async def test_sub_broker_shutdown_exits_1(
+async def test_sub_no_reconnect_broker_shutdown_exits_1(
     start_broker: BrokerFactory, nursery: trio.Nursery
 ) -> None:
     broker = await start_broker()
-    sub = await start_cli(nursery, "sub", "t", "--url", broker.url)
+    sub = await start_cli(nursery, "sub", "t", "--no-reconnect", "--url", broker.url)
     await wait_until(lambda: broker.hub.router.pattern_count == 1, sub)
     broker.stop()
     assert await sub.wait() == 1
     assert sub.stderr.decode() == (
         "broker: disconnected: connection closed (1001): server shutting down\n"
     )
+
+
+async def test_sub_reconnects_across_a_broker_restart(nursery: trio.Nursery) -> None:
+    restartable = Restartable(nursery)
+    broker = await restartable.start()
+    sub = await start_cli(nursery, "sub", "t", "-n", "2", "--url", restartable.url)
+    await wait_until(lambda: broker.hub.router.pattern_count == 1, sub)
+    await publish(broker, "t", "before")
+    await wait_until(lambda: b"before" in sub.stdout, sub)
+    await restartable.stop()
+    broker = await restartable.start()  # same port, new broker: seqs start again
+    await wait_until(lambda: broker.hub.router.pattern_count == 1, sub)
+    await publish(broker, "t", "after")
+    assert await sub.wait() == 0, sub.stderr.decode()
+    assert sub.lines() == [
+        {"topic": "t", "seq": 1, "data": "before"},
+        {"topic": "t", "seq": 1, "data": "after"},
+    ]
+    assert sub.stderr.decode().splitlines() == [
+        "broker: disconnected: connection closed (1001): server shutting down; reconnecting",
+        "broker: reconnected",
+        # No history on the broker: what was published meanwhile is lost.
+        "broker: resync t: recovered=false reason=no_history",
+    ]
+
+
+async def test_sub_ctrl_c_while_reconnecting_exits_130(nursery: trio.Nursery) -> None:
+    restartable = Restartable(nursery)
+    broker = await restartable.start()
+    sub = await start_cli(nursery, "sub", "t", "--url", restartable.url)
+    await wait_until(lambda: broker.hub.router.pattern_count == 1, sub)
+    await restartable.stop()
+    await wait_until(lambda: b"reconnecting" in sub.stderr, sub)
+    sub.process.send_signal(signal.SIGINT)
+    assert await sub.wait() == 130
+    assert b"Traceback" not in sub.stderr
+
+
+@pytest.mark.parametrize("value", ["0", "1001"])
+async def test_sub_history_out_of_range_is_usage_error(value: str) -> None:
+    done = await run_cli("sub", "t", "--history", value, "--url", "ws://127.0.0.1:1/ws")
+    assert done.returncode == 2
+    assert done.stderr.decode() == "broker: --history must be from 1 to 1000\n"
+
+
+async def publish(broker: Broker, topic: str, data: Any) -> None:
+    async with open_client(broker.url, reconnect=False) as client:
+        await client.publish(topic, data)
 
 
 async def test_sub_forbidden_pattern_fails(start_broker: BrokerFactory) -> None:

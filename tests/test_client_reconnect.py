@@ -15,7 +15,7 @@ import pytest
 import trio
 import trio.testing
 
-from broker import Broker, PluginContext, PluginHost, config_from_dict, hookimpl
+from broker import Broker, PluginContext, hookimpl
 from broker.client import (
     ConnectionLost,
     Disconnected,
@@ -31,10 +31,9 @@ from broker.client import (
     open_client,
 )
 from broker.core.errors import CloseCode
-from broker.plugin.host import PluginFactory
 from broker.server.connection import Connection
-from tests.conftest import CLOSE_TIMEOUT, BrokerFactory, merge
-from tests.helpers import TOKEN, TOKENS_CONFIG, deny_factory, wait_until
+from tests.conftest import BrokerFactory, merge
+from tests.helpers import TOKEN, TOKENS_CONFIG, Restartable, deny_factory, wait_until
 
 WAIT = 10.0
 
@@ -72,50 +71,6 @@ def kick(broker: Broker, code: int = CloseCode.GOING_AWAY, reason: str = "kicked
 def live(broker: Broker) -> list[Connection]:
     """The broker's connections that are not closing."""
     return [c for c in broker.connections if c.close_code is None]
-
-
-class Restartable:
-    """A broker that can be stopped and started again on the same port."""
-
-    def __init__(self, nursery: trio.Nursery, config: Mapping[str, Any] | None = None) -> None:
-        self.nursery = nursery
-        self.config = dict(config or {})
-        self.port = 0
-        self.broker: Broker | None = None
-        self._done: trio.Event | None = None
-
-    async def start(
-        self,
-        extra: Mapping[str, Any] | None = None,
-        *,
-        factories: Mapping[str, PluginFactory] | None = None,
-    ) -> Broker:
-        base = {"listener": {"host": "127.0.0.1", "port": self.port}, "admin": {"port": 0}}
-        cfg = config_from_dict(merge(merge(base, self.config), extra or {}))
-        plugins = PluginHost.from_config(cfg, factories=factories)
-        broker = Broker(cfg, plugins=plugins, close_timeout=CLOSE_TIMEOUT)
-        done = trio.Event()
-
-        async def serve(task_status: trio.TaskStatus[Broker]) -> None:
-            try:
-                await broker.serve(task_status=task_status)
-            finally:
-                done.set()
-
-        await self.nursery.start(serve)
-        self.broker, self._done, self.port = broker, done, broker.port
-        return broker
-
-    async def stop(self) -> None:
-        """Stop the broker and wait until it has closed its port."""
-        assert self.broker is not None and self._done is not None
-        self.broker.stop()
-        with trio.fail_after(WAIT):
-            await self._done.wait()
-
-    @property
-    def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws"
 
 
 @pytest.fixture
