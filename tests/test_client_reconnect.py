@@ -15,7 +15,7 @@ import pytest
 import trio
 import trio.testing
 
-from broker import Broker, PluginContext, hookimpl
+from broker import Action, Broker, ClientInfo, PluginContext, hookimpl
 from broker.client import (
     ConnectionLost,
     Disconnected,
@@ -249,6 +249,47 @@ async def test_gives_up_after_max_attempts(restartable: Restartable) -> None:
         assert info.value.error.status is None
         assert "refused" in info.value.error.reason.lower()
         assert client.closed
+
+
+class KickOnSubscribe:
+    """Once armed, closes (1001) every connection that subscribes."""
+
+    def __init__(self) -> None:
+        self.broker: Broker | None = None
+        self.kicked = 0
+
+    @hookimpl
+    def broker_authorize(self, action: Action, client: ClientInfo | None) -> None:
+        if self.broker is None or action is not Action.SUBSCRIBE or client is None:
+            return
+        (conn,) = [c for c in self.broker.connections if c.id == client.id]
+        self.kicked += 1
+        conn.close(CloseCode.GOING_AWAY, "kicked again")
+
+
+async def test_connections_lost_before_resubscribing_count_as_failures(
+    start_broker: BrokerFactory,
+) -> None:
+    kicker = KickOnSubscribe()
+
+    def factory(settings: Mapping[str, Any], context: PluginContext) -> KickOnSubscribe:
+        return kicker
+
+    broker = await start_broker(
+        {"plugins": {"enabled": ["kick", "noauth"]}}, factories={"kick": factory}
+    )
+    settings = Reconnect(initial_delay=0.01, max_delay=0.01, max_attempts=3)
+    async with open_client(broker.url, reconnect=settings) as client, client.subscribe("t") as sub:
+        kicker.broker = broker
+        kick(broker)
+        assert await receive(sub) == Interrupted(1001, "kicked")
+        # Each new connection is accepted, then dropped while resubscribing.
+        with pytest.raises(ReconnectFailed) as info:
+            await receive(sub)
+        assert info.value.attempts == 3
+        assert kicker.kicked == 3
+        assert "lost before resubscribing (1001): kicked again" in str(info.value)
+        assert client.reconnects == 0
 
 
 async def test_policy_close_is_not_reconnected(start_broker: BrokerFactory) -> None:

@@ -798,33 +798,36 @@ class Client:
             reconnect = self._reconnect
             if reconnect is None:
                 return
+            # Failed attempts in a row. A connection lost before its
+            # subscriptions were back counts as one: a broker that accepts
+            # and drops at once must not be retried in a tight loop.
+            failures = 0
+            error: ConnectError | None = None
             while self._close_info is None:
-                failures = 0
-                error: ConnectError | None = None
-                while True:
-                    if error is not None and (
-                        reconnect.gives_up(failures) or not retry_after_refusal(error)
-                    ):
-                        log.warning("giving up reconnecting to %s: %s", self._url, error)
-                        self._gave_up = (error, failures)
-                        self._finish(self._lost)
-                        return
-                    await trio.sleep(reconnect.delay(failures, self._random))
-                    try:
-                        await self._session(failures + 1)
-                    except ConnectError as exc:
-                        error = exc
-                    else:
-                        break
-                    failures += 1
-                    log.info(
-                        "reconnecting to %s: attempt %d failed: %s", self._url, failures, error
-                    )
+                if error is not None and (
+                    reconnect.gives_up(failures) or not retry_after_refusal(error)
+                ):
+                    log.warning("giving up reconnecting to %s: %s", self._url, error)
+                    self._gave_up = (error, failures)
+                    self._finish(self._lost)
+                    return
+                await trio.sleep(reconnect.delay(failures, self._random))
+                try:
+                    if await self._session(failures + 1):
+                        failures, error = 0, None
+                        continue
+                    code, reason = self._lost
+                    error = ConnectError(None, f"lost before resubscribing ({code}): {reason}")
+                except ConnectError as exc:
+                    error = exc
+                failures += 1
+                log.info("reconnecting to %s: attempt %d failed: %s", self._url, failures, error)
 
     async def _session(
         self, attempts: int, task_status: trio.TaskStatus[None] | None = None
-    ) -> None:
-        """One connection, from the handshake until it is lost.
+    ) -> bool:
+        """One connection, from the handshake until it is lost; returns
+        whether it became ready (after a reconnect: resubscribed).
 
         *attempts* is 0 for the first connection, else the attempt number of
         this reconnection.
@@ -839,7 +842,7 @@ class Client:
                 raise
             raise ConnectError(None, f"get_token failed: {exc!r}") from exc
         subprotocol = _SUBPROTOCOL[self.encoding]
-        connected = False
+        connected = ready = False
         with trio.CancelScope() as closing:
             try:
                 async with trio_websocket.open_websocket_url(
@@ -857,7 +860,7 @@ class Client:
                             None, f"the server did not accept subprotocol {subprotocol}"
                         )
                     conn = self._conn = _Connection(ws)
-                    await self._serve(conn, attempts, task_status)
+                    ready = await self._serve(conn, attempts, task_status)
                     # Leaving closes the WebSocket and waits for the TCP
                     # close; a broker that never closes it gets this long.
                     closing.deadline = trio.current_time() + CLOSE_TIMEOUT
@@ -878,18 +881,20 @@ class Client:
                 if failure is None:
                     raise
                 raise _connect_error(next(_leaves(failure)), self._connect_timeout) from group
+        return ready
 
     async def _serve(
         self, conn: _Connection, attempts: int, task_status: trio.TaskStatus[None] | None
-    ) -> None:
+    ) -> bool:
         """Run the reader on *conn* until the connection closes; after a
-        reconnect, first resubscribe. Then the connection is *ready*."""
+        reconnect, first resubscribe. Then the connection is *ready*: returns
+        whether it got there."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._read_loop, conn)
             if attempts:
                 await self._resubscribe(conn, attempts)
             if conn.close_info is not None or self._close_info is not None:
-                return
+                return False
             conn.ready = True
             self._up.set()
             if attempts:
@@ -897,6 +902,7 @@ class Client:
                 log.info("reconnected to %s (attempt %d)", self._url, attempts)
             if task_status is not None:
                 task_status.started()
+        return True
 
     def _connection_lost(self, conn: _Connection, details: _Details) -> None:
         """Called by the reader when *conn* closes: close the client for good
