@@ -3,7 +3,7 @@ delivers, and when it must resync. Pure: no broker, no I/O."""
 
 from __future__ import annotations
 
-from broker.client import Resync
+from broker.client import Message, Resync
 from broker.client.positions import Positions
 from broker.core.protocol import Msg, Ok, Position, Resume
 
@@ -156,3 +156,8 @@ def test_too_many_topics_forgets_the_oldest_and_cannot_vouch() -> None:
     assert resync == Resync("a.*", None, None, (), False, "too_many_topics")
     assert not p.overflowed
     assert p.resumed(Ok(3, cursor="C3", recovered=True), p.since()) is None
+
+
+def test_message_equality_leaves_the_epoch_out() -> None:
+    assert Message("t", 1, "x", epoch="E1") == Message("t", 1, "x")
+    assert Message("t", 1, "x", snapshot=True) != Message("t", 1, "x")

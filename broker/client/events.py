@@ -14,7 +14,7 @@ A subscription yields, in the order they happened:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 __all__ = [
@@ -43,7 +43,9 @@ class Message:
         data: the payload (any JSON value).
         key: the publisher's conflation key, if any.
         epoch: the epoch this message starts, when the broker sent it: only
-            on ``seq`` 1 (see docs/client.md, "Positions").
+            on ``seq`` 1 (see docs/client.md, "Positions and recovery").
+            Stream metadata, left out of ``==``: a message equals another
+            with the same topic, seq, data, key and snapshot flag.
         snapshot: True for a message sent as part of a snapshot (the latest
             per topic and key, ``subscribe(snapshot=True)``), not live.
     """
@@ -52,7 +54,7 @@ class Message:
     seq: int
     data: Any
     key: str | None = None
-    epoch: str | None = None
+    epoch: str | None = field(default=None, compare=False)
     snapshot: bool = False
 
 
