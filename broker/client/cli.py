@@ -176,9 +176,8 @@ def run_sub(args: argparse.Namespace) -> int:
     messages as JSON lines.
 
     Each :class:`~broker.client.Message` is one line
-    ``{"topic": ..., "seq": ..., "data": ...[, "key": ...][, "epoch": ...]}``
-    (``epoch`` on the first message of an epoch, ``"snapshot": true`` on
-    snapshot messages) and each :class:`~broker.client.Dropped` notice
+    ``{"topic": ..., "seq": ..., "data": ...[, "key": ...]}`` (plus
+    ``"snapshot": true`` on snapshot messages) and each :class:`~broker.client.Dropped` notice
     ``{"dropped": topic, "count": n}``, flushed as it comes. A message
     matching several of the patterns is printed once.
 
@@ -263,8 +262,6 @@ def _line(item: Message | Dropped | Join | Leave) -> str:
         fields = {"topic": item.topic, "seq": item.seq, "data": item.data}
         if item.key is not None:
             fields["key"] = item.key
-        if item.epoch is not None:
-            fields["epoch"] = item.epoch
         if item.snapshot:
             fields["snapshot"] = True
     return json.dumps(fields, ensure_ascii=False)
