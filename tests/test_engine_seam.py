@@ -24,6 +24,9 @@ import pytest
 import trio
 
 from broker import Broker
+from broker.core.config import Config
+from broker.core.history import History, HistoryPage, Recovery, Replay
+from broker.core.protocol import Position
 from broker.core.topics import pattern_matches
 from broker.engine import Delivery, Interest, MemoryEngine
 from tests.conftest import BrokerFactory
@@ -31,15 +34,20 @@ from tests.helpers import Client, connect, wait_until
 
 
 class YieldingEngine:
-    """An engine that awaits at random points (see the module doc)."""
+    """An engine that awaits at random points (see the module doc); its
+    positions and history are a :class:`~broker.core.history.History`, read
+    and written in its atomic steps, as a Redis engine does in a script."""
 
     tracks_interest = True
+    delivers_inline = False
 
     def __init__(self, delivery: Delivery, seed: int) -> None:
         self._delivery = delivery
         self._rng = random.Random(seed)
-        self._seq: dict[str, int] = {}
-        self._stream: deque[tuple[str, int, Any, str | None]] = deque()
+        self.log = History(
+            (), clock=trio.current_time, max_bytes=1 << 26, max_topics=1 << 20, idle=600.0
+        )
+        self._stream: deque[tuple[str, int, Any, str | None, str | None]] = deque()
         self._more = trio.Event()
         self.interest: set[str] = set()
         self.published = 0
@@ -50,10 +58,10 @@ class YieldingEngine:
 
     async def publish(self, topic: str, data: Any, key: str | None) -> int:
         await self._yield()
-        # The atomic step: number the message and fix its place in the stream.
-        seq = self._seq.get(topic, 0) + 1
-        self._seq[topic] = seq
-        self._stream.append((topic, seq, data, key))
+        # The atomic step: number (and store) the message and fix its place
+        # in the stream.
+        seq, epoch = self.log.append(topic, data, key)
+        self._stream.append((topic, seq, data, key, epoch))
         self._more.set()
         self.published += 1
         await self._yield()
@@ -75,10 +83,10 @@ class YieldingEngine:
             await self._more.wait()
             self._more = trio.Event()
             while self._stream:
-                topic, seq, data, key = self._stream.popleft()
+                topic, seq, data, key, epoch = self._stream.popleft()
                 # A pub/sub channel brings this node only what it asked for.
                 if any(pattern_matches(p, topic) for p in self.interest):
-                    self._delivery.deliver(topic, seq, data, key)
+                    self._delivery.deliver(topic, seq, data, key, epoch)
                 if self._rng.random() < 0.3:
                     self._delivery.flush()
                     await self._yield()
@@ -86,6 +94,24 @@ class YieldingEngine:
 
     def healthy(self) -> bool:
         return True
+
+    def configure(self, config: Config) -> None:
+        self.log.configure(config.history)
+
+    async def recover(self, pattern: str, replay: Replay) -> Recovery:
+        # The read is atomic too, but publications numbered before it may
+        # still be in the stream, on their way to the hub.
+        await self._yield()
+        recovery = self.log.recover(pattern, replay)
+        await self._yield()
+        return recovery
+
+    async def history(self, topic: str, since: Position | None, limit: int) -> HistoryPage | None:
+        await self._yield()
+        return self.log.page(topic, since, limit)
+
+    def history_stats(self) -> dict[str, int]:
+        return {"messages": self.log.messages}
 
 
 async def start_yielding(
@@ -278,7 +304,9 @@ async def test_interest_converges_when_changes_interleave() -> None:
 
 
 class _NullDelivery:
-    def deliver(self, topic: str, seq: int, data: Any, key: str | None) -> int:
+    def deliver(
+        self, topic: str, seq: int, data: Any, key: str | None, epoch: str | None = None
+    ) -> int:
         return 0
 
     def flush(self) -> None:

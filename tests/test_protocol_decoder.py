@@ -40,7 +40,9 @@ from broker.core.protocol import (
     Auth,
     Command,
     Encoding,
+    HistoryQuery,
     Ping,
+    PresenceQuery,
     Publish,
     RequestId,
     Subscribe,
@@ -945,6 +947,10 @@ def describe(command: Command) -> str:
             return "auth"
         case Ping(request_id):
             return f"ping {request_id}"
+        case HistoryQuery(topic=topic):
+            return f"history {topic}"
+        case PresenceQuery(topic=topic):
+            return f"presence {topic}"
         case _:
             assert_never(command)
 
@@ -955,6 +961,8 @@ def test_commands_match_exhaustively() -> None:
     assert describe(Unsubscribe(None, "a.>")) == "unsub a.>"
     assert describe(Auth(2, "tok")) == "auth"
     assert describe(Ping(3)) == "ping 3"
+    assert describe(HistoryQuery(4, "a.b")) == "history a.b"
+    assert describe(PresenceQuery(5, "a.b")) == "presence a.b"
     assert repr(Auth(2, "secret-token")) == "Auth(id=2)"
 
 

@@ -15,17 +15,18 @@ remote alike, and :meth:`Hub.flush` once a batch is queued.
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Any, Protocol
 
 from broker.core.config import QueueConfig
 from broker.core.frames import frame
+from broker.core.history import Stored
 from broker.core.outbox import Outbox, Policy, PushResult, QueueRule
-from broker.core.protocol import Encoding, encode_msg
+from broker.core.protocol import Encoding, encode_msg, encode_stored_msg
 from broker.core.router import Router
-from broker.core.topics import pattern_matches
+from broker.core.topics import is_pattern, pattern_matches
 
-__all__ = ["Hub", "Subscriber"]
+__all__ = ["Hub", "LiveBuffer", "Subscriber"]
 
 
 class Subscriber(Hashable, Protocol):
@@ -43,6 +44,45 @@ class Subscriber(Hashable, Protocol):
 
     def slow_consumer(self) -> None:
         """A ``disconnect`` rule overflowed: close this subscriber."""
+
+
+class LiveBuffer:
+    """The publications of one pattern that arrived while a new subscriber's
+    replay was being read; bounded (past *limit*, counted as dropped)."""
+
+    __slots__ = ("exact", "items", "limit", "overflowed", "pattern")
+
+    def __init__(self, pattern: str, limit: int) -> None:
+        self.pattern = pattern
+        self.exact = not is_pattern(pattern)
+        self.limit = limit
+        self.items: list[tuple[str, int, Any, str | None, str | None]] = []
+        #: Publications past the limit, per topic.
+        self.overflowed: dict[str, int] = {}
+
+    def offer(self, topic: str, seq: int, data: Any, key: str | None, epoch: str | None) -> None:
+        if topic == self.pattern if self.exact else pattern_matches(self.pattern, topic):
+            if len(self.items) < self.limit:
+                self.items.append((topic, seq, data, key, epoch))
+            else:
+                self.overflowed[topic] = self.overflowed.get(topic, 0) + 1
+
+
+def _builder(encoding: Encoding, snapshot: bool) -> Callable[[Stored], bytes]:
+    def build(entry: Stored) -> bytes:
+        return frame(
+            encode_stored_msg(
+                entry.topic,
+                entry.seq,
+                entry.data,
+                entry.key,
+                encoding,
+                epoch=entry.epoch if entry.seq == 1 else None,
+                snapshot=snapshot,
+            )
+        )
+
+    return build
 
 
 class Hub:
@@ -64,6 +104,12 @@ class Hub:
         self.dirty: list[Subscriber] = []
         #: Deliveries queued since the last flush.
         self.pending = 0
+        #: Subscriptions being set up (see buffer()); usually none.
+        self._buffers: list[LiveBuffer] = []
+        #: Per subscriber, what its replay covered (see fence()); usually none.
+        self._fences: dict[Subscriber, dict[str, tuple[str, int]]] = {}
+        #: Most publications one LiveBuffer keeps.
+        self._buffer_limit = queue.connection_limits()[0]
 
     def configure(self, queue: QueueConfig) -> None:
         """Apply (new) queue rules; messages already queued keep theirs."""
@@ -91,23 +137,35 @@ class Hub:
     def unsubscribe(self, pattern: str, subscriber: Subscriber) -> bool:
         return self.router.remove(pattern, subscriber)
 
-    def deliver(self, topic: str, seq: int, data: Any, key: str | None) -> int:
+    def deliver(
+        self, topic: str, seq: int, data: Any, key: str | None, epoch: str | None = None
+    ) -> int:
         """Queue one message for every subscriber of *topic*; returns how many.
 
         Subscribers that got frames are marked dirty; :meth:`flush` writes them.
+        *epoch* comes with the first message of an epoch and goes into its frame.
         """
         self.published += 1
+        if self._buffers:
+            for buffer in self._buffers:
+                buffer.offer(topic, seq, data, key, epoch)
         subscribers = self.router.match(topic)
         if not subscribers:
             return 0
+        if self._fences:
+            subscribers = self._unfenced(subscribers, topic, seq, epoch)
+            if not subscribers:
+                return 0
         rule = self.rule_for(topic)
         if len(subscribers) == 1:
             # One subscriber (a per-user or per-instrument topic): no frame
             # cache to keep, no loop.
             sub = subscribers[0]
-            self._push(
-                sub, frame(encode_msg(topic, seq, data, key, sub.encoding)), topic, rule, key
-            )
+            if epoch is None:
+                payload = encode_msg(topic, seq, data, key, sub.encoding)
+            else:
+                payload = encode_stored_msg(topic, seq, data, key, sub.encoding, epoch=epoch)
+            self._push(sub, frame(payload), topic, rule, key)
             self.delivered += 1
             self.pending += 1
             return 1
@@ -123,7 +181,11 @@ class Hub:
                 last_encoding = encoding
                 cached = frames.get(encoding)
                 if cached is None:
-                    cached = frames[encoding] = frame(encode_msg(topic, seq, data, key, encoding))
+                    cached = frames[encoding] = frame(
+                        encode_msg(topic, seq, data, key, encoding)
+                        if epoch is None
+                        else encode_stored_msg(topic, seq, data, key, encoding, epoch=epoch)
+                    )
                 data_frame = cached
             result = sub.outbox.push(data_frame, topic, rule, key)
             if result is not queued:
@@ -155,6 +217,94 @@ class Hub:
         if not sub.dirty:
             sub.dirty = True
             self.dirty.append(sub)
+
+    # -- a subscription's way in: replay, then live --------------------------------
+
+    def buffer(self, pattern: str) -> LiveBuffer:
+        """Start keeping the publications of *pattern* that arrive from now on,
+        while a new subscriber's replay is read (see :meth:`replay`)."""
+        buffer = LiveBuffer(pattern, self._buffer_limit)
+        self._buffers.append(buffer)
+        return buffer
+
+    def unbuffer(self, buffer: LiveBuffer) -> None:
+        self._buffers.remove(buffer)
+
+    def replay(
+        self,
+        sub: Subscriber,
+        stored: list[tuple[Stored, bool]],
+        buffer: LiveBuffer,
+        positions: dict[str, tuple[str, int]],
+    ) -> int:
+        """Queue a new subscriber's replay: the *stored* messages read for it
+        (each with whether it is a snapshot copy), then what *buffer* caught
+        while they were read, except what the read already covered
+        (*positions*: each topic's (epoch, seq) as of the read). The caller
+        subscribes *sub* in the same synchronous step, so live messages follow
+        without a gap or a duplicate. Returns how many messages were queued.
+        """
+        encoding = sub.encoding
+        queued = 0
+        for entry, snapshot in stored:
+            data_frame = entry.frame(encoding.value, snapshot, _builder(encoding, snapshot))
+            self._push(sub, data_frame, entry.topic, self.rule_for(entry.topic), entry.key)
+            queued += 1
+        seen = dict(positions)
+        for topic, seq, data, key, epoch in buffer.items:
+            position = seen.get(topic)
+            if position is not None:
+                if epoch is not None and epoch != position[0]:
+                    pass  # a new epoch began after the read: all of it is new
+                elif seq <= position[1]:
+                    continue  # the read covered it
+                seen[topic] = (epoch or position[0], seq)
+            payload = (
+                encode_msg(topic, seq, data, key, encoding)
+                if epoch is None
+                else encode_stored_msg(topic, seq, data, key, encoding, epoch=epoch)
+            )
+            self._push(sub, frame(payload), topic, self.rule_for(topic), key)
+            queued += 1
+        if buffer.overflowed:
+            # Live messages were lost while the replay was read: the
+            # subscriber is told as for any other overflow.
+            for topic, count in buffer.overflowed.items():
+                sub.outbox.count_drops(topic, count)
+            if not sub.dirty:
+                sub.dirty = True
+                self.dirty.append(sub)
+        return queued
+
+    def fence(self, sub: Subscriber, positions: dict[str, tuple[str, int]]) -> None:
+        """Skip, for *sub*, live publications at or before *positions* (each
+        topic's (epoch, seq) its replay covered). Needed with an engine whose
+        publications may still be on their way when the replay was read (a
+        remote one); each topic's fence falls at its first later publication,
+        all of them when *sub* leaves (:meth:`unfence`)."""
+        if positions:
+            self._fences.setdefault(sub, {}).update(positions)
+
+    def unfence(self, sub: Subscriber) -> None:
+        self._fences.pop(sub, None)
+
+    def _unfenced(
+        self, subscribers: tuple[Subscriber, ...], topic: str, seq: int, epoch: str | None
+    ) -> tuple[Subscriber, ...]:
+        """*subscribers* less those whose replay already covered this publication."""
+        fences = self._fences
+        out: list[Subscriber] = []
+        for sub in subscribers:
+            fenced = fences.get(sub)
+            position = None if fenced is None else fenced.get(topic)
+            if position is not None:
+                if (epoch is None or epoch == position[0]) and seq <= position[1]:
+                    continue  # replayed already
+                del fenced[topic]  # type: ignore[union-attr]
+                if not fenced:
+                    del fences[sub]
+            out.append(sub)
+        return tuple(out)
 
     def flush(self) -> None:
         """Write out every subscriber that has frames queued.

@@ -403,6 +403,13 @@ class Outbox:
         if self._dead > 64 and self._dead > 2 * len(self):
             self._compact()
 
+    def count_drops(self, topic: str, count: int) -> None:
+        """Count *count* messages of *topic* lost before they reached this
+        queue (a new subscription's live buffer overflowed): reported in the
+        next ``dropped`` notice like any other drop."""
+        for _ in range(count):
+            self._count_drop(topic)
+
     def _count_drop(self, topic: str) -> None:
         self.dropped_total += 1
         drops = self._drops

@@ -82,7 +82,9 @@ from broker.core.topics import (
 )
 
 __all__ = [
+    "DEFAULT_HISTORY_LIMIT",
     "MAX_DATA_DEPTH",
+    "MAX_HISTORY_REQUEST",
     "MAX_ID",
     "MAX_ID_LENGTH",
     "MAX_KEY_LENGTH",
@@ -93,14 +95,12 @@ __all__ = [
     "Encoding",
     "Err",
     "Event",
-    "Msg",
-    "Ok",
-    "MAX_HISTORY_REQUEST",
-    "DEFAULT_HISTORY_LIMIT",
-    "Payload",
     "HistoryQuery",
     "Join",
     "Leave",
+    "Msg",
+    "Ok",
+    "Payload",
     "Ping",
     "Pong",
     "Position",
@@ -117,10 +117,10 @@ __all__ = [
     "encode_dropped",
     "encode_err",
     "encode_member_event",
-    "encode_stored_msg",
     "encode_msg",
     "encode_ok",
     "encode_pong",
+    "encode_stored_msg",
 ]
 
 
@@ -289,8 +289,6 @@ Command = Publish | Subscribe | Unsubscribe | Auth | Ping | HistoryQuery | Prese
 # --------------------------------------------------------------------------
 # Events (broker -> client)
 # --------------------------------------------------------------------------
-
-
 
 
 @dataclass(frozen=True, slots=True)
@@ -940,9 +938,7 @@ def _read_flag(obj: dict[Any, Any], name: str, request_id: RequestId | None) -> 
 
 def _read_epoch(value: object, request_id: RequestId | None, where: str) -> str:
     if type(value) is not str or not 0 < len(value) <= MAX_POSITION_LENGTH:
-        raise _bad(
-            f"{where} must be a string of 1 to {MAX_POSITION_LENGTH} characters", request_id
-        )
+        raise _bad(f"{where} must be a string of 1 to {MAX_POSITION_LENGTH} characters", request_id)
     if _has_surrogate(value):
         raise _bad(f"{where} must not contain lone surrogates", request_id)
     return value

@@ -28,6 +28,8 @@ class BrokerStats:
     bytes_in: int = 0
     bytes_out: int = 0
     messages_dropped: int = 0
+    #: Subscriptions made with ``since``, by result (recovered, not_recovered).
+    recoveries: collections.Counter[str] = field(default_factory=collections.Counter)
 
     def refused(self, code: ErrorCode) -> None:
         """Count a command refused by a plugin or a check, by its ``err`` code."""

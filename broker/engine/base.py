@@ -28,8 +28,15 @@ assigns a ``seq`` and the step that fixes the delivery order are one
 ``tests/test_engine_seam.py`` runs the whole broker over an engine that
 yields at random points and checks exactly that.
 
-The history and presence of later releases live here too: an engine that
-keeps history answers ``history(...)`` from where it keeps its ``seq``.
+**History and recovery.** The engine keeps the stored messages where it
+keeps the ``seq`` (:class:`~broker.core.history.History` in memory), so a
+message is numbered, stored and delivered in one step.
+:meth:`Engine.recover` reads what a subscriber asks for before it goes live
+(its position, the messages after its ``since``, the latest N, a snapshot).
+It may await: the session buffers the live publications of the pattern that
+arrive meanwhile (:meth:`Hub.buffer <broker.core.hub.Hub.buffer>`) and
+drops those the read already covers, so the subscriber gets each message
+once and in order however the read and the live stream interleave.
 """
 
 from __future__ import annotations
@@ -38,14 +45,24 @@ from typing import Any, Protocol
 
 import trio
 
+from broker.core.config import Config
+from broker.core.history import HistoryPage, Recovery, Replay
+from broker.core.protocol import Position
+
 __all__ = ["Delivery", "Engine"]
 
 
 class Delivery(Protocol):
     """Where an engine hands publications to this node (the :class:`~broker.core.hub.Hub`)."""
 
-    def deliver(self, topic: str, seq: int, data: Any, key: str | None) -> int:
-        """Queue one publication for every matching local subscriber; synchronous."""
+    def deliver(
+        self, topic: str, seq: int, data: Any, key: str | None, epoch: str | None = None
+    ) -> int:
+        """Queue one publication for every matching local subscriber; synchronous.
+
+        *epoch* is given with the first message of an epoch (``seq`` 1) and
+        only then: subscribers learn the new epoch from that message.
+        """
         ...
 
     def flush(self) -> None:
@@ -60,6 +77,13 @@ class Engine(Protocol):
     #: to (a remote engine); False for one that delivers every publication
     #: locally anyway, which spares the per-pattern bookkeeping.
     tracks_interest: bool
+
+    #: Whether every publication numbered so far has reached the node's
+    #: Delivery by the time :meth:`recover` reads (true in memory, where
+    #: numbering and delivering are one step). False for an engine whose
+    #: publications may still be on their way: the hub then fences the new
+    #: subscriber against what its replay covered (see ``Hub.fence``).
+    delivers_inline: bool
 
     async def publish(self, topic: str, data: Any, key: str | None) -> int:
         """Publish; return the message's per-topic ``seq``.
@@ -89,4 +113,27 @@ class Engine(Protocol):
 
     def healthy(self) -> bool:
         """False while the engine cannot publish (``/readyz`` answers 503)."""
+        ...
+
+    def configure(self, config: Config) -> None:
+        """Apply the ``[[history]]`` rules and limits of *config* (at start and
+        on reload; topics already stored take their new rule)."""
+        ...
+
+    async def recover(self, pattern: str, replay: Replay) -> Recovery:
+        """What a new subscription to *pattern* gets before live messages:
+        its position (or cursor), and the stored messages *replay* asks for.
+
+        May await; see the module doc for how the caller keeps the result and
+        the live stream gapless.
+        """
+        ...
+
+    async def history(self, topic: str, since: Position | None, limit: int) -> HistoryPage | None:
+        """A ``history`` command's page of *topic*; None when no rule keeps its history."""
+        ...
+
+    def history_stats(self) -> dict[str, int]:
+        """Gauges of what the engine keeps: ``messages``, ``bytes``,
+        ``topics`` (positions tracked), ``stored_topics``, ``evicted``."""
         ...

@@ -6,35 +6,59 @@ from typing import Any
 
 import trio
 
+from broker.core.config import Config
+from broker.core.history import History, HistoryPage, Recovery, Replay
+from broker.core.protocol import Position
 from broker.engine.base import Delivery
 
 __all__ = ["MemoryEngine"]
 
+#: Seconds between sweeps of expired history and idle topics.
+SWEEP_INTERVAL = 1.0
+
 
 class MemoryEngine:
-    """One process, nothing shared: numbers messages per topic and delivers
-    them in the same synchronous step, so the ``seq`` order is the delivery
-    order by construction.
+    """One process, nothing shared: numbers (and stores) messages per topic
+    and delivers them in the same synchronous step, so the ``seq`` order is
+    the delivery order by construction.
 
-    ``seq`` starts at 1 for each topic and grows by one per message. The
-    counters live as long as the process.
+    Positions and history live in a :class:`~broker.core.history.History`
+    for as long as the process: its node epoch is new at every start, so a
+    client resuming from before a restart is told ``recovered: false``.
     """
 
-    __slots__ = ("_delivery", "_seq")
+    __slots__ = ("_delivery", "_history")
 
     #: Every publication is local: no need to know the node's patterns.
     tracks_interest = False
+    #: Numbering and delivering are one step.
+    delivers_inline = True
 
-    def __init__(self, delivery: Delivery) -> None:
+    def __init__(self, delivery: Delivery, config: Config | None = None) -> None:
         self._delivery = delivery
-        self._seq: dict[str, int] = {}
+        config = config or Config()
+        limits = config.limits
+        self._history = History(
+            config.history,
+            clock=trio.current_time,
+            max_bytes=limits.max_history_bytes,
+            max_topics=limits.max_topics,
+            idle=limits.topic_idle,
+        )
+
+    @property
+    def log(self) -> History:
+        """The positions and stored messages (for tests and stats)."""
+        return self._history
 
     async def publish(self, topic: str, data: Any, key: str | None) -> int:
-        # One synchronous block: assign, then deliver. Nothing may await in
-        # between, or another publish could deliver seq + 1 first.
-        seq = self._seq.get(topic, 0) + 1
-        self._seq[topic] = seq
-        self._delivery.deliver(topic, seq, data, key)
+        # One synchronous block: number and store, then deliver. Nothing may
+        # await in between, or another publish could deliver seq + 1 first.
+        seq, epoch = self._history.append(topic, data, key)
+        if epoch is None:
+            self._delivery.deliver(topic, seq, data, key)
+        else:
+            self._delivery.deliver(topic, seq, data, key, epoch)
         return seq
 
     async def subscribe(self, pattern: str) -> None:
@@ -45,6 +69,33 @@ class MemoryEngine:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
+        while True:
+            await trio.sleep(SWEEP_INTERVAL)
+            self._history.expire()
 
     def healthy(self) -> bool:
         return True
+
+    def configure(self, config: Config) -> None:
+        limits = config.limits
+        history = self._history
+        history.max_bytes = limits.max_history_bytes
+        history.max_topics = limits.max_topics
+        history.idle = limits.topic_idle
+        history.configure(config.history)
+
+    async def recover(self, pattern: str, replay: Replay) -> Recovery:
+        return self._history.recover(pattern, replay)
+
+    async def history(self, topic: str, since: Position | None, limit: int) -> HistoryPage | None:
+        return self._history.page(topic, since, limit)
+
+    def history_stats(self) -> dict[str, int]:
+        history = self._history
+        return {
+            "messages": history.messages,
+            "bytes": history.bytes,
+            "topics": history.topics,
+            "stored_topics": history.stored_topics,
+            "evicted": history.evicted,
+        }

@@ -109,6 +109,7 @@ class Broker:
         self.hub = Hub(config.queue)
         #: Where publishes go and publications come from (see broker.engine).
         self.engine: Engine = engine(self.hub)
+        self.engine.configure(config)
         self.interest = Interest(self.engine)
         self.stats = BrokerStats()
         self.pipeline = PublishPipeline(self.runtime, self.engine, self.stats)
@@ -116,6 +117,7 @@ class Broker:
             runtime=self.runtime,
             pipeline=self.pipeline,
             hub=self.hub,
+            engine=self.engine,
             interest=self.interest,
             stats=self.stats,
             identity_changed=self.identity_changed,

@@ -18,17 +18,20 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, assert_never
+from typing import Final, Protocol, assert_never
 
 import trio
 
 from broker.core.errors import CloseCode, ErrorCode, ProtocolError
 from broker.core.frames import frame
+from broker.core.history import Recovery, Replay
 from broker.core.hub import Hub, Subscriber
 from broker.core.protocol import (
     Auth,
     Encoding,
+    HistoryQuery,
     Ping,
+    PresenceQuery,
     Publish,
     RequestId,
     Subscribe,
@@ -40,13 +43,40 @@ from broker.core.protocol import (
 )
 from broker.core.stats import BrokerStats
 from broker.core.values import Action, ClientInfo, Identity, Refusal, Reject
-from broker.engine import Interest
+from broker.engine import Engine, Interest
 from broker.plugin.runtime import Runtime
 from broker.server.publish import Origin, PublishPipeline
 
 __all__ = ["Session", "SessionHost", "SessionServices"]
 
 log = logging.getLogger("broker.connection")
+
+#: Largest ``history`` answer, in (estimated) bytes: past it the page ends
+#: early with ``"more": true``.
+MAX_HISTORY_REPLY_BYTES: Final = 1_048_576
+#: Most topics a pattern's ``ok`` names in ``lost``; past it ``unknown`` is set.
+MAX_LOST_TOPICS: Final = 1000
+
+
+def _position_fields(recovery: Recovery) -> dict[str, object] | None:
+    """The ``ok`` fields of a ``sub``: position or cursor, and the recovery's result."""
+    if not recovery.has_history and recovery.recovered is None:
+        return None
+    fields: dict[str, object] = {}
+    if recovery.epoch is not None:
+        fields["epoch"] = recovery.epoch
+        fields["seq"] = recovery.seq
+    if recovery.cursor is not None:
+        fields["cursor"] = recovery.cursor
+    if recovery.recovered is not None:
+        fields["recovered"] = recovery.recovered
+    unknown = recovery.unknown
+    if recovery.lost:
+        fields["lost"] = recovery.lost[:MAX_LOST_TOPICS]
+        unknown = unknown or len(recovery.lost) > MAX_LOST_TOPICS
+    if unknown:
+        fields["unknown"] = True
+    return fields
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +86,7 @@ class SessionServices:
     runtime: Runtime
     pipeline: PublishPipeline
     hub: Hub
+    engine: Engine
     interest: Interest
     stats: BrokerStats
     #: A connection's identity (or its expiry) changed: re-plan the expiry task.
@@ -134,6 +165,10 @@ class Session:
                     await self._refresh(command)
                 case Ping():
                     self._reply(encode_pong(command.id, self.encoding))
+                case HistoryQuery():
+                    await self._history(command)
+                case PresenceQuery():
+                    self._error(command.id, ErrorCode.BAD_REQUEST, "presence is not configured")
                 case _:
                     assert_never(command)
         except ProtocolError as e:
@@ -160,6 +195,21 @@ class Session:
 
     # -- commands -------------------------------------------------------------------
 
+    async def _authorize_subscribe(self, pattern: str, request_id: RequestId | None) -> bool:
+        """``broker_authorize`` (``subscribe``) for a ``sub``, ``history`` or
+        ``presence``; a refusal is answered and counted."""
+        decision = await self.services.runtime.plugins.authorize_detail(
+            self.identity, Action.SUBSCRIBE, pattern, client=self.info
+        )
+        if decision is True:
+            return True
+        log.info("%s subscribe to %s refused for %s", self.host.id, pattern, self.identity.subject)
+        if decision is False:
+            decision = Refusal(ErrorCode.FORBIDDEN, f"not allowed to subscribe to {pattern}")
+        self.services.stats.refused(decision.code)
+        self._refuse(request_id, decision)
+        return False
+
     async def _subscribe(self, command: Subscribe) -> None:
         pattern = command.pattern
         services = self.services
@@ -170,18 +220,7 @@ class Session:
         if len(self.subscriptions) >= limit:
             self._error(command.id, ErrorCode.LIMIT, f"too many subscriptions (max {limit})")
             return
-        plugins = services.runtime.plugins
-        decision = await plugins.authorize_detail(
-            self.identity, Action.SUBSCRIBE, pattern, client=self.info
-        )
-        if decision is not True:
-            log.info(
-                "%s subscribe to %s refused for %s", self.host.id, pattern, self.identity.subject
-            )
-            if decision is False:
-                decision = Refusal(ErrorCode.FORBIDDEN, f"not allowed to subscribe to {pattern}")
-            services.stats.refused(decision.code)
-            self._refuse(command.id, decision)
+        if not await self._authorize_subscribe(pattern, command.id):
             return
         if self.host.close_code is not None:
             return
@@ -191,10 +230,78 @@ class Session:
         if self.host.close_code is not None:
             await services.interest.release(pattern)
             return
+        # What the subscriber gets before live messages: its position, and the
+        # replay it asked for. The read may await; what is published meanwhile
+        # waits in the hub's buffer, and the replay, the buffer and the
+        # subscription join the hub in one synchronous step below.
+        hub = services.hub
+        buffer = hub.buffer(pattern)
+        try:
+            recovery = await services.engine.recover(
+                pattern, Replay(command.since, command.history, command.snapshot)
+            )
+        except Exception:
+            hub.unbuffer(buffer)
+            log.exception("%s: the engine could not read the history of %s", self.host.id, pattern)
+            await services.interest.release(pattern)
+            self._error(command.id, ErrorCode.INTERNAL, f"history of {pattern} unavailable")
+            return
+        except BaseException:
+            hub.unbuffer(buffer)
+            raise
+        hub.unbuffer(buffer)
+        if self.host.close_code is not None:
+            await services.interest.release(pattern)
+            return
         self.subscriptions.add(pattern)
-        services.hub.subscribe(pattern, self.host)
-        self._reply(encode_ok(command.id, self.encoding))
-        await plugins.notify("broker_subscribed", client=self.info, pattern=pattern)
+        hub.subscribe(pattern, self.host)
+        self._reply(encode_ok(command.id, self.encoding, fields=_position_fields(recovery)))
+        if recovery.messages or buffer.items or buffer.overflowed:
+            hub.replay(self.host, recovery.messages, buffer, recovery.positions)
+        if not services.engine.delivers_inline:
+            hub.fence(self.host, recovery.positions)
+        if recovery.recovered is not None and command.since is not None:
+            services.stats.recoveries["recovered" if recovery.recovered else "not_recovered"] += 1
+        await services.runtime.plugins.notify(
+            "broker_subscribed", client=self.info, pattern=pattern
+        )
+
+    async def _history(self, command: HistoryQuery) -> None:
+        """``history``: a page of stored messages, without subscribing."""
+        topic = command.topic
+        if not await self._authorize_subscribe(topic, command.id):
+            return
+        try:
+            page = await self.services.engine.history(topic, command.since, command.limit)
+        except Exception:
+            log.exception("%s: the engine could not read the history of %s", self.host.id, topic)
+            self._error(command.id, ErrorCode.INTERNAL, f"history of {topic} unavailable")
+            return
+        if page is None:
+            self._error(command.id, ErrorCode.BAD_REQUEST, f"no history is kept for {topic}")
+            return
+        messages: list[dict[str, object]] = []
+        size = 0
+        more = page.more
+        for entry in page.messages:
+            size += entry.size
+            if messages and size > MAX_HISTORY_REPLY_BYTES:
+                more = True
+                break
+            item: dict[str, object] = {"seq": entry.seq, "data": entry.data}
+            if entry.key is not None:
+                item["key"] = entry.key
+            messages.append(item)
+        fields: dict[str, object] = {
+            "topic": topic,
+            "epoch": page.epoch,
+            "seq": page.seq,
+            "messages": messages,
+            "more": more,
+        }
+        if page.recovered is not None:
+            fields["recovered"] = page.recovered
+        self._reply(encode_ok(command.id, self.encoding, fields=fields))
 
     async def _unsubscribe(self, command: Unsubscribe) -> None:
         pattern = command.pattern
@@ -216,6 +323,7 @@ class Session:
         this node needs any more in :meth:`settle`."""
         services = self.services
         hub, interest = services.hub, services.interest
+        hub.unfence(self.host)
         for pattern in self.subscriptions:
             hub.unsubscribe(pattern, self.host)
             if interest.release_nowait(pattern):
