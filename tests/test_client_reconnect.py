@@ -63,8 +63,11 @@ async def receive_message(subscription: Subscription) -> Message:
 
 
 def kick(broker: Broker, code: int = CloseCode.GOING_AWAY, reason: str = "kicked") -> None:
-    """Close the broker's side of its only open connection."""
-    (conn,) = live(broker)
+    """Close the broker's side of its only open connection that subscribes
+    (or its only open connection, if none subscribes)."""
+    conns = live(broker)
+    subscribers = [c for c in conns if c.subscriptions]
+    (conn,) = subscribers or conns
     conn.close(code, reason)
 
 
@@ -458,3 +461,139 @@ async def test_no_reconnect_after_aclose(start_broker: BrokerFactory) -> None:
         assert info.value.code == 1000
     await wait_until(lambda: not broker.connections)
     assert client.reconnects == 0
+
+
+# -- recovery through a broker that keeps history -----------------------------------------
+
+HISTORY: dict[str, Any] = {"history": [{"pattern": "t.>", "size": 100}]}
+
+
+def gated_token() -> tuple[trio.Event, Any]:
+    """A get_token that returns at once the first time and, for every
+    reconnection, only once the event is set: the test decides how long the
+    client stays disconnected."""
+    gate = trio.Event()
+    calls = 0
+
+    async def get_token() -> str:
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            await gate.wait()
+        return TOKEN
+
+    return gate, get_token
+
+
+async def test_messages_published_while_disconnected_are_recovered(
+    start_broker: BrokerFactory,
+) -> None:
+    broker = await start_broker(merge(TOKENS_CONFIG, HISTORY))
+    gate, get_token = gated_token()
+    async with (
+        open_client(broker.url, token=TOKEN) as publisher,
+        open_client(broker.url, get_token=get_token, reconnect=FAST) as client,
+        client.subscribe("t.a") as exact,
+        client.subscribe("t.*") as pattern,  # overlaps t.a
+    ):
+        await publisher.publish("t.a", "a1")
+        await publisher.publish("t.b", "b1")
+        assert await receive(exact) == Message("t.a", 1, "a1")
+        assert [await receive(pattern), await receive(pattern)] == [
+            Message("t.a", 1, "a1"),
+            Message("t.b", 1, "b1"),
+        ]
+        kick(broker)
+        assert await receive(exact) == Interrupted(1001, "kicked")
+        assert await receive(pattern) == Interrupted(1001, "kicked")
+        # Published while the client cannot reconnect (its token is pending):
+        # t.c is a topic the pattern subscription has no position for.
+        missed = [("t.a", "a2"), ("t.b", "b2"), ("t.a", "a3"), ("t.c", "c1")]
+        for topic, data in missed:
+            await publisher.publish(topic, data)
+        gate.set()
+        # Each subscription: back, then exactly what it missed, in order.
+        assert await receive(exact) == Reconnected(1)
+        assert [await receive(exact) for _ in range(2)] == [
+            Message("t.a", 2, "a2"),
+            Message("t.a", 3, "a3"),
+        ]
+        assert await receive(pattern) == Reconnected(1)
+        assert [await receive(pattern) for _ in range(4)] == [
+            Message("t.a", 2, "a2"),
+            Message("t.b", 2, "b2"),
+            Message("t.a", 3, "a3"),
+            Message("t.c", 1, "c1"),
+        ]
+        # Then live, once each: no Resync, no duplicate of the replay (both
+        # resubscriptions replayed t.a 2 and 3 on the one connection).
+        await publisher.publish("t.a", "a4")
+        assert await receive(exact) == Message("t.a", 4, "a4")
+        assert await receive(pattern) == Message("t.a", 4, "a4")
+        assert client.reconnects == 1
+
+
+async def test_a_broker_restart_surfaces_as_resync(restartable: Restartable) -> None:
+    restartable.config = HISTORY
+    await restartable.start()
+    async with (
+        open_client(restartable.url, reconnect=FAST) as client,
+        client.subscribe("t.a") as exact,
+        client.subscribe("t.*") as pattern,
+    ):
+        for n in range(1, 4):
+            await client.publish("t.a", n)
+        for _ in range(3):
+            await receive(exact)
+            await receive(pattern)
+        await restartable.stop()
+        broker = await restartable.start()  # memory engine: history lost, new epochs
+        assert isinstance(await receive(exact), Interrupted)
+        assert isinstance(await receive(exact), Reconnected)
+        topic_resync = await receive(exact)
+        assert isinstance(topic_resync, Resync)
+        assert (topic_resync.topic, topic_resync.reason) == ("t.a", "not_recovered")
+        assert topic_resync.seq == 0  # the new broker has nothing on t.a yet
+        assert topic_resync.epoch is not None
+        assert isinstance(await receive(pattern), Interrupted)
+        assert isinstance(await receive(pattern), Reconnected)
+        resync = await receive(pattern)
+        assert isinstance(resync, Resync)
+        assert (resync.topic, resync.reason) == ("t.*", "not_recovered")
+        # The new broker numbers from 1 again: delivered, not taken for a
+        # duplicate of the old seq 1.
+        assert broker.hub.router.pattern_count == 2
+        assert await client.publish("t.a", "new") == 1
+        first = await receive_message(exact)  # no second Resync before it
+        assert first == Message("t.a", 1, "new")
+        assert first.epoch == topic_resync.epoch
+        assert await receive_message(pattern) == Message("t.a", 1, "new")
+
+
+async def test_subscribe_with_history_and_the_history_command(
+    start_broker: BrokerFactory,
+) -> None:
+    broker = await start_broker(HISTORY)
+    async with open_client(broker.url) as client:
+        for n in range(1, 6):
+            await client.publish("t.a", n)
+        async with client.subscribe("t.a", history=2) as sub:
+            assert [await receive(sub), await receive(sub)] == [
+                Message("t.a", 4, 4),
+                Message("t.a", 5, 5),
+            ]
+            await client.publish("t.a", 6)
+            assert await receive(sub) == Message("t.a", 6, 6)
+        latest = await client.history("t.a", limit=2)
+        assert [m.data for m in latest.messages] == [5, 6]
+        assert (latest.seq, latest.recovered) == (6, None)
+        assert latest.epoch is not None
+        page = await client.history("t.a", since=(latest.epoch, 1), limit=3)
+        assert [m.seq for m in page.messages] == [2, 3, 4]
+        assert page.more
+        rest = await client.history("t.a", since=(latest.epoch, 4))
+        assert [m.seq for m in rest.messages] == [5, 6]
+        assert not rest.more
+        stale = await client.history("t.a", since=("another-epoch", 1))
+        assert stale.recovered is False
+        assert stale.messages == ()
