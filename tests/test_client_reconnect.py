@@ -597,3 +597,21 @@ async def test_subscribe_with_history_and_the_history_command(
         stale = await client.history("t.a", since=("another-epoch", 1))
         assert stale.recovered is False
         assert stale.messages == ()
+
+
+async def test_subscribe_with_snapshot(start_broker: BrokerFactory) -> None:
+    broker = await start_broker({"history": [{"pattern": "p.>", "size": 0, "snapshot": True}]})
+    async with open_client(broker.url) as client:
+        await client.publish("p.x", {"v": 1}, key="a")
+        await client.publish("p.x", {"v": 2}, key="b")
+        await client.publish("p.x", {"v": 3}, key="a")
+        async with client.subscribe("p.x", snapshot=True) as sub:
+            snapshot = [await receive_message(sub), await receive_message(sub)]
+            assert all(m.snapshot for m in snapshot)
+            assert sorted((m.key, m.seq, m.data["v"]) for m in snapshot) == [
+                ("a", 3, 3),
+                ("b", 2, 2),
+            ]
+            await client.publish("p.x", {"v": 4}, key="b")
+            live = await receive_message(sub)
+            assert (live.seq, live.snapshot) == (4, False)
