@@ -8,6 +8,7 @@ plugin, or broker state, bounded by ``WAIT``; nothing sleeps to synchronise.
 from __future__ import annotations
 
 import random
+import socket
 from collections.abc import Mapping
 from typing import Any
 
@@ -152,6 +153,20 @@ async def test_reconnects_after_the_broker_closes_the_connection(
         # The client's own requests work on the new connection.
         assert await client.publish("t", "mine") == 3
         assert await receive_message(sub) == Message("t", 3, "mine")
+
+
+async def test_reconnects_after_the_tcp_connection_drops(start_broker: BrokerFactory) -> None:
+    # No close frame: what a network failure or a killed broker looks like.
+    broker = await start_broker()
+    async with open_client(broker.url, reconnect=FAST) as client, client.subscribe("t") as sub:
+        (conn,) = live(broker)
+        assert isinstance(conn.stream, trio.SocketStream)
+        conn.stream.socket.shutdown(socket.SHUT_RDWR)
+        assert await receive(sub) == Interrupted(1006, "abnormal closure")
+        assert await receive(sub) == Reconnected(1)
+        assert isinstance(await receive(sub), Resync)
+        assert await client.publish("t", "back") == 1
+        assert await receive(sub) == Message("t", 1, "back")
 
 
 async def test_reconnects_across_a_broker_restart(restartable: Restartable) -> None:
