@@ -60,6 +60,14 @@ def _parser() -> argparse.ArgumentParser:
     subp = sub.add_parser("sub", help="print messages as JSON lines")
     subp.add_argument("pattern", nargs="+")
     subp.add_argument("-n", "--count", type=int, default=0, help="exit after N messages")
+    subp.add_argument(
+        "--history", type=int, metavar="N", help="first replay the N latest stored messages"
+    )
+    subp.add_argument(
+        "--no-reconnect",
+        action="store_true",
+        help="exit with status 1 when the connection is lost instead of reconnecting",
+    )
     client_options(subp)
     return parser
 

@@ -36,7 +36,9 @@ from wsproto.events import (
     TextMessage,
 )
 
-from broker import Action, Identity, PluginContext, hookimpl
+from broker import Action, Broker, Identity, PluginContext, PluginHost, config_from_dict, hookimpl
+from broker.plugin.host import PluginFactory
+from tests.conftest import CLOSE_TIMEOUT, merge
 
 JSON = "broker.v1.json"
 MSGPACK = "broker.v1.msgpack"
@@ -349,3 +351,49 @@ class DenySecret:
 
 def deny_factory(settings: Mapping[str, Any], context: PluginContext) -> DenySecret:
     return DenySecret()
+
+
+class Restartable:
+    """An in-process broker that can be stopped and started again on the
+    same port (a restart, as clients see it). Each start is a new
+    :class:`Broker` with its own state."""
+
+    def __init__(self, nursery: trio.Nursery, config: Mapping[str, Any] | None = None) -> None:
+        self.nursery = nursery
+        self.config = dict(config or {})
+        self.port = 0
+        self.broker: Broker | None = None
+        self._done: trio.Event | None = None
+
+    async def start(
+        self,
+        extra: Mapping[str, Any] | None = None,
+        *,
+        factories: Mapping[str, PluginFactory] | None = None,
+    ) -> Broker:
+        base = {"listener": {"host": "127.0.0.1", "port": self.port}, "admin": {"port": 0}}
+        cfg = config_from_dict(merge(merge(base, self.config), extra or {}))
+        plugins = PluginHost.from_config(cfg, factories=factories)
+        broker = Broker(cfg, plugins=plugins, close_timeout=CLOSE_TIMEOUT)
+        done = trio.Event()
+
+        async def serve(task_status: trio.TaskStatus[Broker]) -> None:
+            try:
+                await broker.serve(task_status=task_status)
+            finally:
+                done.set()
+
+        await self.nursery.start(serve)
+        self.broker, self._done, self.port = broker, done, broker.port
+        return broker
+
+    async def stop(self) -> None:
+        """Stop the broker and wait until it has closed its port."""
+        assert self.broker is not None and self._done is not None
+        self.broker.stop()
+        with trio.fail_after(WAIT):
+            await self._done.wait()
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import ssl
 import subprocess
@@ -23,7 +24,14 @@ import trio
 from broker import Broker
 from broker.client import Message, Subscription, open_client
 from tests.conftest import BrokerFactory
-from tests.helpers import ENCODINGS, TOKEN, TOKENS_CONFIG, EncodingName, deny_factory
+from tests.helpers import (
+    ENCODINGS,
+    TOKEN,
+    TOKENS_CONFIG,
+    EncodingName,
+    Restartable,
+    deny_factory,
+)
 
 #: Bound on any single wait (a subprocess starts a Python interpreter).
 WAIT = 30.0
@@ -237,17 +245,114 @@ async def test_sub_ctrl_c_exits_130(start_broker: BrokerFactory, nursery: trio.N
     assert b"Traceback" not in sub.stderr
 
 
-async def test_sub_broker_shutdown_exits_1(
+async def test_sub_no_reconnect_broker_shutdown_exits_1(
     start_broker: BrokerFactory, nursery: trio.Nursery
 ) -> None:
     broker = await start_broker()
-    sub = await start_cli(nursery, "sub", "t", "--url", broker.url)
+    sub = await start_cli(nursery, "sub", "t", "--no-reconnect", "--url", broker.url)
     await wait_until(lambda: broker.hub.router.pattern_count == 1, sub)
     broker.stop()
     assert await sub.wait() == 1
     assert sub.stderr.decode() == (
         "broker: disconnected: connection closed (1001): server shutting down\n"
     )
+
+
+@pytest.mark.parametrize("history", [False, True])
+async def test_sub_reconnects_across_a_broker_restart(nursery: trio.Nursery, history: bool) -> None:
+    config = {"history": [{"pattern": "t", "size": 10}]} if history else {}
+    restartable = Restartable(nursery, config)
+    broker = await restartable.start()
+    sub = await start_cli(nursery, "sub", "t", "-n", "2", "--url", restartable.url)
+    await wait_until(lambda: broker.hub.router.pattern_count == 1, sub)
+    await publish(broker, "t", "before")
+    await wait_until(lambda: b"before" in sub.stdout, sub)
+    await restartable.stop()
+    broker = await restartable.start()  # same port, new broker: seqs start again
+    await wait_until(lambda: broker.hub.router.pattern_count == 1, sub)
+    await publish(broker, "t", "after")
+    assert await sub.wait() == 0, sub.stderr.decode()
+    assert sub.lines() == [
+        {"topic": "t", "seq": 1, "data": "before"},
+        {"topic": "t", "seq": 1, "data": "after"},
+    ]
+    disconnected, reconnected, resync = sub.stderr.decode().splitlines()
+    assert disconnected == (
+        "broker: disconnected: connection closed (1001): server shutting down; reconnecting"
+    )
+    assert reconnected == "broker: reconnected"
+    if history:
+        # The restarted broker lost its history (a new epoch): not recovered.
+        assert re.fullmatch(
+            r"broker: resync t: recovered=false epoch=\S+ seq=0 reason=not_recovered", resync
+        ), resync
+    else:
+        # No history on the broker: what was published meanwhile is lost.
+        assert resync == "broker: resync t: recovered=false reason=no_history"
+
+
+async def test_sub_ctrl_c_while_reconnecting_exits_130(nursery: trio.Nursery) -> None:
+    restartable = Restartable(nursery)
+    broker = await restartable.start()
+    sub = await start_cli(nursery, "sub", "t", "--url", restartable.url)
+    await wait_until(lambda: broker.hub.router.pattern_count == 1, sub)
+    await restartable.stop()
+    await wait_until(lambda: b"reconnecting" in sub.stderr, sub)
+    sub.process.send_signal(signal.SIGINT)
+    assert await sub.wait() == 130
+    assert b"Traceback" not in sub.stderr
+
+
+async def test_sub_history_replays_stored_messages_first(
+    start_broker: BrokerFactory, nursery: trio.Nursery
+) -> None:
+    broker = await start_broker({"history": [{"pattern": "t", "size": 10}]})
+    for n in range(1, 4):
+        await publish(broker, "t", n)
+    sub = await start_cli(nursery, "sub", "t", "--history", "2", "-n", "3", "--url", broker.url)
+    await wait_until(lambda: broker.hub.router.pattern_count == 1, sub)
+    await publish(broker, "t", 4)
+    assert await sub.wait() == 0, sub.stderr.decode()
+    assert [line["seq"] for line in sub.lines()] == [2, 3, 4]
+    assert sub.stderr == b""
+
+
+async def test_sub_recovers_what_was_published_while_disconnected(
+    start_broker: BrokerFactory, nursery: trio.Nursery
+) -> None:
+    broker = await start_broker({"history": [{"pattern": "t.>", "size": 100}]})
+    # Overlapping patterns: both resubscriptions replay t.a; printed once.
+    sub = await start_cli(nursery, "sub", "t.a", "t.*", "-n", "5", "--url", broker.url)
+    await wait_until(lambda: broker.hub.router.pattern_count == 2, sub)
+    async with open_client(broker.url) as client:
+        await client.publish("t.a", 1)
+        await wait_until(lambda: sub.stdout.count(b"\n") == 1, sub)
+        (conn,) = [c for c in broker.connections if c.subscriptions]
+        conn.close(1001, "kicked")  # nothing more is queued for it from here on
+        for topic, n in [("t.a", 2), ("t.b", 1), ("t.a", 3), ("t.a", 4)]:
+            await client.publish(topic, n)
+        assert await sub.wait() == 0, sub.stderr.decode()
+    # Each message once; in order per topic (the two subscriptions' replays
+    # may interleave topics differently from the publish order).
+    printed = [(line["topic"], line["seq"]) for line in sub.lines()]
+    assert [seq for topic, seq in printed if topic == "t.a"] == [1, 2, 3, 4]
+    assert [seq for topic, seq in printed if topic == "t.b"] == [1]
+    assert sub.stderr.decode().splitlines() == [
+        "broker: disconnected: connection closed (1001): kicked; reconnecting",
+        "broker: reconnected",
+    ]
+
+
+@pytest.mark.parametrize("value", ["0", "1001"])
+async def test_sub_history_out_of_range_is_usage_error(value: str) -> None:
+    done = await run_cli("sub", "t", "--history", value, "--url", "ws://127.0.0.1:1/ws")
+    assert done.returncode == 2
+    assert done.stderr.decode() == "broker: --history must be from 1 to 1000\n"
+
+
+async def publish(broker: Broker, topic: str, data: Any) -> None:
+    async with open_client(broker.url, reconnect=False) as client:
+        await client.publish(topic, data)
 
 
 async def test_sub_forbidden_pattern_fails(start_broker: BrokerFactory) -> None:

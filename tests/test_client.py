@@ -22,6 +22,7 @@ from broker.client import (
     Disconnected,
     Dropped,
     Forbidden,
+    Item,
     LimitExceeded,
     Message,
     ServerError,
@@ -61,7 +62,7 @@ async def endpoint(
     return Endpoint(await start_broker(), None)
 
 
-async def receive(subscription: Subscription) -> Message | Dropped:
+async def receive(subscription: Subscription) -> Item:
     with trio.fail_after(WAIT):
         return await subscription.receive()
 
@@ -212,6 +213,7 @@ async def test_slow_subscription_gets_dropped_notice(start_broker: BrokerFactory
                 assert item.topic == "big.data"
                 dropped += item.count
             else:
+                assert isinstance(item, Message)
                 assert item.topic == "big.data"
                 assert item.data == payload
                 received += 1
@@ -415,8 +417,9 @@ async def test_cancelled_block_exits_cleanly(start_broker: BrokerFactory) -> Non
 async def test_broker_shutdown_raises_disconnected_1001(
     endpoint: Endpoint, encoding: EncodingName
 ) -> None:
+    # Without reconnect; with it, see test_client_reconnect.py.
     async with open_client(
-        endpoint.url, encoding=encoding, ssl_context=endpoint.ssl_context
+        endpoint.url, encoding=encoding, ssl_context=endpoint.ssl_context, reconnect=False
     ) as client:
         async with client.subscribe("t") as sub:
             endpoint.broker.stop()

@@ -14,6 +14,7 @@ that cannot be encoded), 130 interrupted (Ctrl-C).
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import json
 import os
@@ -30,13 +31,18 @@ from broker.client.client import (
     ConnectError,
     Disconnected,
     Dropped,
+    Interrupted,
+    Item,
+    Join,
+    Leave,
     Message,
+    Reconnected,
+    Resync,
     ServerError,
     Subscription,
     open_client,
 )
-from broker.core.outbox import OTHER_TOPICS
-from broker.core.protocol import Encoding
+from broker.core.protocol import MAX_HISTORY_REQUEST, Encoding
 from broker.core.topics import pattern_matches
 
 __all__ = ["run_pub", "run_sub"]
@@ -148,6 +154,7 @@ async def _pub(target: _Target, topic: str, data: Any, key: str | None) -> int:
             token=target.token,
             encoding=target.encoding,
             ssl_context=target.ssl_context,
+            reconnect=False,  # one publish: a lost connection is a failure
         ) as client:
             seq = await client.publish(topic, data, key=key)
     except (ConnectError, ServerError, Disconnected) as e:
@@ -165,33 +172,49 @@ async def _pub(target: _Target, topic: str, data: Any, key: str | None) -> int:
 
 
 def run_sub(args: argparse.Namespace) -> int:
-    """``broker sub PATTERN... [-n N]``: print messages as JSON lines.
+    """``broker sub PATTERN... [-n N] [--history N] [--no-reconnect]``: print
+    messages as JSON lines.
 
     Each :class:`~broker.client.Message` is one line
-    ``{"topic": ..., "seq": ..., "data": ...[, "key": ...]}`` and each
-    :class:`~broker.client.Dropped` notice ``{"dropped": topic, "count": n}``,
-    flushed as it comes. A message matching several of the patterns is
-    printed once.
+    ``{"topic": ..., "seq": ..., "data": ...[, "key": ...]}`` (plus
+    ``"snapshot": true`` on snapshot messages) and each :class:`~broker.client.Dropped` notice
+    ``{"dropped": topic, "count": n}``, flushed as it comes. A message
+    matching several of the patterns is printed once.
+
+    A lost connection is reconnected (unless ``--no-reconnect``), with one
+    line on stderr when it is lost (``broker: disconnected: ...;
+    reconnecting``), one when it is back (``broker: reconnected``) and one per
+    :class:`~broker.client.Resync` (``broker: resync TOPIC: recovered=false
+    epoch=E seq=S reason=R``): messages of TOPIC may have been missed.
 
     Args:
         args: parsed options: ``pattern`` (a list), ``count`` (exit after
-            that many messages; 0 means never), ``url``, ``token``,
-            ``encoding``, ``cafile``.
+            that many messages; 0 means never), ``history`` (replay that many
+            stored messages per pattern first; ``None``: none),
+            ``no_reconnect``, ``url``, ``token``, ``encoding``, ``cafile``.
 
     Returns:
         The exit status: 0 after ``count`` messages, 1 refused or
-        disconnected, 2 bad usage, 130 interrupted (the normal way to stop
-        ``count = 0``).
+        disconnected for good (with ``--no-reconnect``, on any disconnection),
+        2 bad usage, 130 interrupted (the normal way to stop ``count = 0``).
     """
+    history: int | None = getattr(args, "history", None)
     try:
         target = _target(args)
         if args.count < 0:
             raise _UsageError("--count must be >= 0")
+        if history is not None and not 1 <= history <= MAX_HISTORY_REQUEST:
+            raise _UsageError(f"--history must be from 1 to {MAX_HISTORY_REQUEST}")
     except _UsageError as e:
         _error(str(e))
         return 2
+    options = _SubOptions(
+        count=args.count,
+        history=history,
+        reconnect=not getattr(args, "no_reconnect", False),
+    )
     try:
-        return _run(_sub, target, list(args.pattern), args.count)
+        return _run(_sub, target, list(args.pattern), options)
     except BrokenPipeError:
         # The reader went away (`broker sub ... | head -1`): exit quietly,
         # and keep the interpreter's final flush from complaining again.
@@ -200,7 +223,14 @@ def run_sub(args: argparse.Namespace) -> int:
         return 1
 
 
-async def _sub(target: _Target, patterns: list[str], count: int) -> int:
+@dataclass(frozen=True, slots=True)
+class _SubOptions:
+    count: int
+    history: int | None
+    reconnect: bool
+
+
+async def _sub(target: _Target, patterns: list[str], options: _SubOptions) -> int:
     try:
         async with (
             open_client(
@@ -208,61 +238,140 @@ async def _sub(target: _Target, patterns: list[str], count: int) -> int:
                 token=target.token,
                 encoding=target.encoding,
                 ssl_context=target.ssl_context,
+                reconnect=options.reconnect,
             ) as client,
             contextlib.AsyncExitStack() as stack,
         ):
             subscriptions = [
-                await stack.enter_async_context(client.subscribe(pattern)) for pattern in patterns
+                await stack.enter_async_context(client.subscribe(pattern, history=options.history))
+                for pattern in patterns
             ]
-            await _print_items(subscriptions, count)
+            await _print_items(subscriptions, options.count)
     except (ConnectError, ServerError, Disconnected) as e:
         return _report(e, target.url)
     return 0
 
 
-def _line(item: Message | Dropped) -> str:
+def _line(item: Message | Dropped | Join | Leave) -> str:
     fields: dict[str, Any]
     if isinstance(item, Dropped):
         fields = {"dropped": item.topic, "count": item.count}
+    elif isinstance(item, Join | Leave):
+        fields = {type(item).__name__.lower(): item.topic, "member": item.member}
     else:
         fields = {"topic": item.topic, "seq": item.seq, "data": item.data}
         if item.key is not None:
             fields["key"] = item.key
+        if item.snapshot:
+            fields["snapshot"] = True
     return json.dumps(fields, ensure_ascii=False)
 
 
-def _copies(item: Message | Dropped, patterns: list[str]) -> int:
-    """How many of the subscriptions receive *item* (the client's fan-out rule)."""
-    if isinstance(item, Dropped) and item.topic == OTHER_TOPICS:
-        return len(patterns)
-    return sum(1 for p in patterns if pattern_matches(p, item.topic))
+def _resync_line(item: Resync) -> str:
+    parts = [f"resync {item.topic}: recovered=false"]
+    if item.epoch is not None:
+        parts.append(f"epoch={item.epoch}")
+    if item.seq is not None:
+        parts.append(f"seq={item.seq}")
+    if item.lost:
+        parts.append(f"lost={','.join(item.lost)}")
+    if item.unknown:
+        parts.append("unknown=true")
+    parts.append(f"reason={item.reason}")
+    return " ".join(parts)
+
+
+#: Topics whose last printed seq is remembered, to print each message once.
+_PRINTED_TOPICS = 10_000
+#: Notices (shared by the subscriptions) remembered, to print each once.
+_SEEN_NOTICES = 1024
+
+
+class _Printer:
+    """Prints what the subscriptions yield, each message once.
+
+    The client hands the same object to every matching subscription; but a
+    message replayed after a reconnect may reach two overlapping patterns as
+    two objects. So a message is skipped when it is the object last printed
+    for its topic, or when its seq is not above the last printed one (unless
+    it starts an epoch, or a resync said the numbering restarted).
+    """
+
+    def __init__(self) -> None:
+        self._printed: collections.OrderedDict[str, tuple[int, Message]] = collections.OrderedDict()
+        self._notices: collections.OrderedDict[int, Item] = collections.OrderedDict()
+        self._reconnecting = False
+
+    def _first_copy(self, item: Item) -> bool:
+        key = id(item)
+        if self._notices.get(key) is item:
+            return False
+        self._notices[key] = item  # kept alive, so its id is not reused meanwhile
+        if len(self._notices) > _SEEN_NOTICES:
+            self._notices.popitem(last=False)
+        return True
+
+    def _new_message(self, item: Message) -> bool:
+        last = self._printed.get(item.topic)
+        if last is not None and (last[1] is item or (item.epoch is None and item.seq <= last[0])):
+            return False
+        self._printed[item.topic] = (item.seq, item)
+        self._printed.move_to_end(item.topic)
+        if len(self._printed) > _PRINTED_TOPICS:
+            self._printed.popitem(last=False)
+        return True
+
+    def _forget(self, topic_or_pattern: str) -> None:
+        for topic in [t for t in self._printed if pattern_matches(topic_or_pattern, t)]:
+            del self._printed[topic]
+
+    def handle(self, item: Item) -> bool:
+        """Print *item* unless it was already; True for a message printed."""
+        if isinstance(item, Message):
+            if not self._new_message(item):
+                return False
+            sys.stdout.write(_line(item) + "\n")
+            sys.stdout.flush()
+            return True
+        if not self._first_copy(item):
+            return False
+        if isinstance(item, Interrupted):
+            if not self._reconnecting:
+                self._reconnecting = True
+                _error(f"disconnected: {Disconnected(item.code, item.reason)}; reconnecting")
+        elif isinstance(item, Reconnected):
+            if self._reconnecting:
+                self._reconnecting = False
+                _error("reconnected")
+        elif isinstance(item, Resync):
+            self._forget(item.topic)
+            _error(_resync_line(item))
+        else:
+            sys.stdout.write(_line(item) + "\n")
+            sys.stdout.flush()
+        return False
 
 
 async def _print_items(subscriptions: list[Subscription], count: int) -> None:
     """Print what the subscriptions receive, each item once, until *count* messages.
 
     Raises:
-        Disconnected: the connection closed.
+        Disconnected: the client is closed.
+        ServerError: the broker refused a resubscription.
         BrokenPipeError: stdout was closed.
     """
-    patterns = [s.pattern for s in subscriptions]
-    send, receive = trio.open_memory_channel[Message | Dropped](0)
-    failures: list[Disconnected] = []
+    printer = _Printer()
+    send, receive = trio.open_memory_channel[Item](0)
+    failures: list[Disconnected | ServerError] = []
 
-    async def forward(
-        subscription: Subscription, send: trio.MemorySendChannel[Message | Dropped]
-    ) -> None:
+    async def forward(subscription: Subscription, send: trio.MemorySendChannel[Item]) -> None:
         async with send:
             try:
                 async for item in subscription:
                     await send.send(item)
-            except Disconnected as e:
+            except (Disconnected, ServerError) as e:
                 failures.append(e)
 
-    # The client hands the same object to every matching subscription, so a
-    # duplicate is recognised by identity. Each entry keeps its item alive
-    # (its id cannot be reused) until all its copies have been seen.
-    copies_left: dict[int, tuple[Message | Dropped, int]] = {}
     printed = 0
     broken_pipe = done = False
     async with trio.open_nursery() as nursery:
@@ -271,22 +380,13 @@ async def _print_items(subscriptions: list[Subscription], count: int) -> None:
                 nursery.start_soon(forward, subscription, send.clone())
         async with receive:
             async for item in receive:
-                seen = copies_left.pop(id(item), None)
-                if seen is not None:  # a copy of an item already printed
-                    if seen[1] > 1:
-                        copies_left[id(item)] = (item, seen[1] - 1)
-                    continue
-                copies = _copies(item, patterns)
-                if copies > 1:
-                    copies_left[id(item)] = (item, copies - 1)
                 try:
-                    sys.stdout.write(_line(item) + "\n")
-                    sys.stdout.flush()
+                    is_message = printer.handle(item)
                 except BrokenPipeError:
                     broken_pipe = True
                     nursery.cancel_scope.cancel()
                     break
-                if isinstance(item, Message):
+                if is_message:
                     printed += 1
                     if printed == count:
                         done = True

@@ -1,51 +1,65 @@
-"""A Trio client for the broker.
+"""A Trio client for the broker that reconnects and resumes.
 
 ::
 
-    from broker.client.client import open_client
+    from broker.client import Message, Resync, open_client
 
     async with open_client("ws://127.0.0.1:8765/ws", token=token) as client:
         async with client.subscribe("trades.*") as sub:
             seq = await client.publish("trades.BTC-USD", {"price": 97000})
-            async for item in sub:  # Message or Dropped
-                print(item)
+            async for item in sub:
+                match item:
+                    case Message():
+                        print(item.topic, item.seq, item.data)
+                    case Resync():
+                        ...  # messages may have been missed: reload the state
 
-One WebSocket connection per :func:`open_client`. A background task (the
-*reader*) reads every frame the broker sends: replies (``ok``/``err``/
-``pong``) wake the request waiting for them, and messages (``msg``/
-``dropped``) are handed to every :class:`Subscription` of the client whose
-pattern matches the topic. The broker sends a message once per connection
-however many of its patterns match; the fan-out to overlapping subscriptions
-happens here.
+One WebSocket connection at a time per :func:`open_client`. A background
+task, the *connection loop*, opens it, and when it is lost (the broker
+restarted, the network failed) opens a new one after a randomized,
+growing delay (:class:`~broker.client.reconnect.Reconnect`), then
+resubscribes every subscription with ``since``: where it was in each topic,
+so that a broker keeping history replays what was missed, in order, with no
+gap and no duplicate. When it cannot, the subscription gets a
+:class:`~broker.client.Resync`. See docs/client.md.
 
-Backpressure: each subscription buffers at most ``queue_size`` items. When
-one is full the reader *waits* for it to be drained, so it stops reading the
-socket; TCP then pushes back to the broker, whose per-subscriber queue policy
-(drop the oldest message, conflate, disconnect...) takes over and reports
-what it dropped with a :class:`Dropped` item. The catch: while the reader
-waits, replies wait too. A task that consumes a subscription and, in the
-same loop, awaits an acknowledgement (``publish()`` with ``ack=True``,
-``ping()``, entering or leaving ``subscribe()``) stalls if any subscription
-of the client is full, until that subscription is read. Consume every
-subscription you open, publish from a task that does not consume, or use
-``ack=False``. And since a waiting reader does not answer the broker's
-WebSocket pings either, a client whose subscription stays full for longer
-than the broker's ``ping_interval + ping_timeout`` is dropped as dead.
+While a connection is up its *reader* reads every frame the broker sends:
+replies (``ok``/``err``/``pong``) wake the request waiting for them, and
+messages (``msg``/``dropped``/``join``/``leave``) are handed to every
+:class:`Subscription` whose pattern matches the topic. The broker sends a
+message once per connection however many of its patterns match; the
+fan-out to overlapping subscriptions happens here.
+
+Backpressure: each subscription buffers at most ``queue_size`` items from
+the broker. When one is full the reader *waits* for it to be drained, so it
+stops reading the socket; TCP then pushes back to the broker, whose
+per-subscriber queue policy (drop the oldest message, conflate,
+disconnect...) takes over and reports what it dropped with a
+:class:`Dropped` item. The catch: while the reader waits, replies wait too.
+A task that consumes a subscription and, in the same loop, awaits an
+acknowledgement (``publish()`` with ``ack=True``, ``ping()``, entering or
+leaving ``subscribe()``) stalls if any subscription of the client is full,
+until that subscription is read. Consume every subscription you open,
+publish from a task that does not consume, or use ``ack=False``. And since
+a waiting reader does not answer the broker's WebSocket pings either, a
+client whose subscription stays full for longer than the broker's
+``ping_interval + ping_timeout`` is dropped as dead (close code 1008, after
+which the client does not reconnect).
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
+import functools
 import http
 import itertools
 import logging
 import os
+import random
 import ssl
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass
-from typing import Any, Final, Literal, NoReturn, Self
+from typing import Any, Final, Literal, NoReturn
 
 import trio
 import trio_websocket
@@ -58,42 +72,92 @@ from trio_websocket import (
     WebSocketConnection,
 )
 
+from broker.client.errors import (
+    BadRequest,
+    ClientError,
+    ConnectError,
+    ConnectionLost,
+    Disconnected,
+    Forbidden,
+    InternalError,
+    Invalid,
+    LimitExceeded,
+    RateLimited,
+    ReconnectFailed,
+    ServerError,
+    TooLarge,
+    Unauthorized,
+    server_error,
+)
+from broker.client.events import (
+    Dropped,
+    History,
+    Interrupted,
+    Item,
+    Join,
+    Leave,
+    Message,
+    Presence,
+    Reconnected,
+    Resync,
+    ResyncReason,
+)
+from broker.client.positions import Positions
+from broker.client.reconnect import Reconnect, reconnect_after_close, retry_after_refusal
+from broker.client.subscription import Subscription
 from broker.core.errors import ErrorCode, ProtocolError
 from broker.core.outbox import OTHER_TOPICS
 from broker.core.protocol import (
+    MAX_HISTORY_REQUEST,
     SUBPROTOCOLS,
     Auth,
     Command,
     Encoding,
     Err,
-    Join,
-    Leave,
+    HistoryQuery,
     Msg,
     Ok,
     Ping,
     Pong,
+    Position,
+    PresenceQuery,
     Publish,
+    Resume,
     Subscribe,
     Unsubscribe,
     decode_event,
     encode_command,
 )
 from broker.core.protocol import Dropped as DroppedEvent
-from broker.core.topics import TopicError, pattern_matches, validate_pattern
+from broker.core.protocol import Join as JoinEvent
+from broker.core.protocol import Leave as LeaveEvent
+from broker.core.topics import TopicError, pattern_matches, validate_pattern, validate_topic
 
 __all__ = [
     "BadRequest",
     "Client",
     "ClientError",
     "ConnectError",
+    "ConnectionLost",
     "Disconnected",
     "Dropped",
     "Forbidden",
+    "History",
     "InternalError",
+    "Interrupted",
     "Invalid",
+    "Item",
+    "Join",
+    "Leave",
     "LimitExceeded",
     "Message",
+    "Presence",
     "RateLimited",
+    "Reconnect",
+    "ReconnectFailed",
+    "Reconnected",
+    "Resync",
+    "ResyncReason",
     "ServerError",
     "Subscription",
     "TooLarge",
@@ -114,151 +178,91 @@ UNSUBSCRIBE_TIMEOUT: Final = 5.0
 MAX_MESSAGE_SIZE: Final = 16 * 1024 * 1024
 #: Server errors kept in :attr:`Client.errors`.
 MAX_KEPT_ERRORS: Final = 100
+#: The reason given when :meth:`Client.aclose` closes a client that had no
+#: connection at the time.
+CLOSED_BY_CLIENT: Final = "client closed the connection"
 
 _SUBPROTOCOL: Final[dict[Encoding, str]] = {enc: name for name, enc in SUBPROTOCOLS.items()}
 
+#: A token callback: called before every connection attempt.
+TokenSource = Callable[[], Awaitable[str]]
 
-# --------------------------------------------------------------------------
-# Exceptions
-# --------------------------------------------------------------------------
-
-
-class ClientError(Exception):
-    """Base class of the exceptions this module raises."""
-
-
-class ConnectError(ClientError):
-    """The connection could not be established.
-
-    Attributes:
-        status: the HTTP status when the broker rejected the handshake (401
-            bad credentials, 403 not allowed, 404 wrong path, 429/503 too
-            many connections...), ``None`` when it could not be reached at
-            all (refused, unresolvable, timed out, TLS failure).
-        reason: the broker's explanation (the body of its rejection) or a
-            description of the network error.
-    """
-
-    def __init__(self, status: int | None, reason: str) -> None:
-        super().__init__(reason if status is None else f"HTTP {status}: {reason}")
-        self.status = status
-        self.reason = reason
-
-
-class ServerError(ClientError):
-    """The broker answered a request with ``err``.
-
-    A subclass per known code is raised (:class:`Forbidden` for
-    ``forbidden``...); a code this client does not know gives a plain
-    :class:`ServerError`, so catching :class:`ServerError` catches them all.
-
-    Attributes:
-        code: the ``err`` code, e.g. ``"forbidden"`` (see
-            :class:`broker.core.errors.ErrorCode`).
-        message: the broker's human-readable explanation.
-    """
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-
-
-class BadRequest(ServerError):
-    """``bad_request``: malformed command, bad topic or pattern, wildcard in a publish."""
-
-
-class Unauthorized(ServerError):
-    """``unauthorized``: the connection has no valid identity (e.g. it expired)."""
-
-
-class Forbidden(ServerError):
-    """``forbidden``: authorization denied this publish or subscribe."""
-
-
-class Invalid(ServerError):
-    """``invalid``: a validation plugin rejected the message."""
-
-
-class TooLarge(ServerError):
-    """``too_large``: the message exceeds a configured limit."""
-
-
-class RateLimited(ServerError):
-    """``rate_limited``: a rate limit was hit; the connection stays up."""
-
-
-class LimitExceeded(ServerError):
-    """``limit``: a per-connection limit was hit (e.g. too many subscriptions)."""
-
-
-class InternalError(ServerError):
-    """``internal``: the broker failed; the request was not at fault."""
-
-
-_SERVER_ERRORS: Final[dict[str, type[ServerError]]] = {
-    ErrorCode.BAD_REQUEST: BadRequest,
-    ErrorCode.UNAUTHORIZED: Unauthorized,
-    ErrorCode.FORBIDDEN: Forbidden,
-    ErrorCode.INVALID: Invalid,
-    ErrorCode.TOO_LARGE: TooLarge,
-    ErrorCode.RATE_LIMITED: RateLimited,
-    ErrorCode.LIMIT: LimitExceeded,
-    ErrorCode.INTERNAL: InternalError,
-}
-
-
-def _server_error(code: str, message: str) -> ServerError:
-    return _SERVER_ERRORS.get(code, ServerError)(code, message)
-
-
-class Disconnected(ClientError):
-    """The connection is closed: requests and subscriptions cannot go on.
-
-    Attributes:
-        code: the WebSocket close code (1000 normal, 1001 broker shutting
-            down, 1006 connection lost without a close frame, 1008 policy,
-            e.g. a slow consumer...), or ``None`` if unknown.
-        reason: the close reason, or a description when the broker gave none.
-    """
-
-    def __init__(self, code: int | None, reason: str) -> None:
-        super().__init__(reason if code is None else f"connection closed ({code}): {reason}")
-        self.code = code
-        self.reason = reason
+_Details = tuple[int | None, str]
 
 
 # --------------------------------------------------------------------------
-# What subscriptions yield
+# Internal state
 # --------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
-    """A message published on *topic*.
+class _Reply:
+    """A one-shot slot for the answer to one request."""
 
-    Attributes:
-        topic: the concrete topic it was published on.
-        seq: the broker's sequence number for *topic* (1, 2, ...).
-        data: the payload (any JSON value).
-        key: the publisher's conflation key, if any.
-    """
+    __slots__ = ("done", "event", "handler")
 
-    topic: str
-    seq: int
-    data: Any
-    key: str | None = None
+    def __init__(self, handler: Callable[[Ok | Err], None] | None) -> None:
+        self.done = trio.Event()
+        #: The answer; still None when ``done`` is set means disconnected.
+        self.event: Ok | Err | Pong | None = None
+        #: Run by the reader on the answer before the next frame is read,
+        #: so that what follows the answer is seen in its light.
+        self.handler = handler
 
 
-@dataclass(frozen=True, slots=True)
-class Dropped:
-    """The broker dropped *count* messages of *topic* because this client read
-    too slowly. *topic* is ``">"`` when the broker no longer tracks topics
-    separately ("other topics"); such a notice goes to every subscription.
-    """
+class _Connection:
+    """One WebSocket connection of the client; a reconnection makes a new one."""
 
-    topic: str
-    count: int
+    __slots__ = ("close_info", "pending", "ready", "ws")
+
+    def __init__(self, ws: WebSocketConnection) -> None:
+        self.ws = ws
+        #: Requests sent on this connection, waiting for their answer.
+        self.pending: dict[int, _Reply] = {}
+        #: Requests may be sent: the subscriptions are back (after a reconnect).
+        self.ready = False
+        #: Set when the reader has seen the connection close.
+        self.close_info: _Details | None = None
+
+
+class _Held:
+    """The broker-side subscription of one pattern, shared by the
+    ``subscribe()`` blocks of that pattern, and its position."""
+
+    __slots__ = (
+        "blocks",
+        "conn",
+        "established",
+        "history",
+        "pattern",
+        "positions",
+        "presence",
+        "sent",
+        "snapshot",
+        "subscribing",
+        "users",
+    )
+
+    def __init__(
+        self, pattern: str, *, history: int | None, snapshot: bool, presence: bool
+    ) -> None:
+        self.pattern = pattern
+        self.history = history
+        self.snapshot = snapshot
+        self.presence = presence
+        self.positions = Positions(pattern)
+        #: Blocks that receive its messages (entered, not yet left).
+        self.blocks: list[Subscription] = []
+        #: Blocks entered or entering.
+        self.users = 0
+        #: The connection on which the broker holds it (its ok was read).
+        self.conn: _Connection | None = None
+        #: The connection its last ``sub`` was sent on, unless refused: leaving
+        #: the last block sends ``unsub`` there if it is still the current one.
+        self.sent: _Connection | None = None
+        #: The broker held it once: it is resubscribed after a reconnect.
+        self.established = False
+        #: Set while a block's first ``sub`` is in flight.
+        self.subscribing: trio.Event | None = None
 
 
 # --------------------------------------------------------------------------
@@ -266,107 +270,85 @@ class Dropped:
 # --------------------------------------------------------------------------
 
 
-class _Reply:
-    """A one-shot slot for the answer to one request."""
-
-    __slots__ = ("done", "event")
-
-    def __init__(self) -> None:
-        self.done = trio.Event()
-        #: The answer; still None when ``done`` is set means disconnected.
-        self.event: Ok | Err | Pong | None = None
-
-
-class Subscription:
-    """Messages matching one pattern; yielded by :meth:`Client.subscribe`.
-
-    An async iterator of :class:`Message` and :class:`Dropped` items, in the
-    order the broker sent them. It never ends quietly: when the connection
-    closes, the items already buffered are delivered and then
-    :class:`Disconnected` is raised, so a consumer loop cannot mistake a
-    lost connection for the end of the stream.
-
-    Attributes:
-        pattern: the subscribed pattern.
-    """
-
-    def __init__(self, client: Client, pattern: str, queue_size: int) -> None:
-        self.pattern = pattern
-        self._client = client
-        self._send, self._recv = trio.open_memory_channel[Message | Dropped](queue_size)
-
-    def __repr__(self) -> str:
-        return f"<Subscription {self.pattern!r}>"
-
-    def __aiter__(self) -> Self:
-        return self
-
-    async def __anext__(self) -> Message | Dropped:
-        return await self.receive()
-
-    async def receive(self) -> Message | Dropped:
-        """Wait for the next item.
-
-        Returns:
-            The next :class:`Message`, or a :class:`Dropped` notice.
-
-        Raises:
-            Disconnected: the connection closed and every buffered item has
-                been received.
-            trio.ClosedResourceError: the ``subscribe()`` block was left.
-        """
-        try:
-            return await self._recv.receive()
-        except trio.EndOfChannel:
-            raise self._client._disconnected() from None
-
-    def _wants(self, item: Message | Dropped) -> bool:
-        if isinstance(item, Dropped) and item.topic == OTHER_TOPICS:
-            return True
-        return pattern_matches(self.pattern, item.topic)
-
-    async def _put(self, item: Message | Dropped) -> None:
-        """Called by the reader: wait for room (backpressure), drop if closed."""
-        # Broken: the subscription was left. Closed: the connection is closing.
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            await self._send.send(item)
-
-
 class Client:
-    """A connection to the broker. Get one from :func:`open_client`.
+    """A connection to the broker, kept up. Get one from :func:`open_client`.
 
-    The methods may be called from any number of tasks at once.
+    The methods may be called from any number of tasks at once. While the
+    client is reconnecting, requests (``publish()``, ``subscribe()``,
+    ``ping()``...) wait for the new connection, for at most
+    :attr:`Reconnect.wait_timeout <broker.client.reconnect.Reconnect.wait_timeout>`,
+    then raise :class:`ConnectionLost`; a request whose answer was lost with
+    the connection raises :class:`ConnectionLost` at once.
 
     Attributes:
         encoding: the negotiated :class:`~broker.core.protocol.Encoding`.
         errors: the last ``err`` replies no request was waiting for (most
-            recent last, at most 100): failures of ``publish(ack=False)`` and
-            errors the broker could not attribute to a request. Each is also
-            logged at WARNING on the ``broker.client`` logger.
+            recent last, at most 100): failures of ``publish(ack=False)``,
+            refused resubscriptions, errors the broker could not attribute
+            to a request. Each is also logged at WARNING on the
+            ``broker.client`` logger.
+        reconnects: how many times the client has reconnected.
     """
 
-    def __init__(self, ws: WebSocketConnection, encoding: Encoding, queue_size: int) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        encoding: Encoding,
+        token: str | None,
+        get_token: TokenSource | None,
+        ssl_context: ssl.SSLContext | None,
+        connect_timeout: float,
+        queue_size: int,
+        reconnect: Reconnect | None,
+    ) -> None:
         self.encoding = encoding
         self.errors: collections.deque[ServerError] = collections.deque(maxlen=MAX_KEPT_ERRORS)
-        self._ws = ws
+        self.reconnects = 0
+        self._url = url
+        self._token = token
+        self._get_token = get_token
+        self._ssl_context = ssl_context
+        self._connect_timeout = connect_timeout
         self._queue_size = queue_size
+        self._reconnect = reconnect
+        self._random = random.Random()
         self._ids = itertools.count(1)
-        self._pending: dict[int, _Reply] = {}
-        #: Subscriptions that get messages, in subscription order.
-        self._subscriptions: list[Subscription] = []
-        #: Subscription blocks per pattern, including those still subscribing:
-        #: the ``unsub`` goes out only when the last one for a pattern leaves.
-        self._pattern_users: collections.Counter[str] = collections.Counter()
-        self._close_info: tuple[int | None, str] | None = None
+        self._conn: _Connection | None = None
+        #: Set while a connection is ready, and once the client is closed;
+        #: replaced by a new one when a connection is lost.
+        self._up = trio.Event()
+        #: The broker-side subscriptions, in subscription order.
+        self._held: dict[str, _Held] = {}
+        #: The close details once the client is closed for good.
+        self._close_info: _Details | None = None
+        #: Why reconnecting gave up (its last error and attempts), if it did.
+        self._gave_up: tuple[ConnectError, int] | None = None
+        #: The details of the last lost connection.
+        self._lost: _Details = (None, "not connected")
+        self._closing = False
+        self._run_scope = trio.CancelScope()
 
     def __repr__(self) -> str:
-        state = "closed" if self.closed else "open"
-        return f"<Client {state} {self.encoding.value}, {len(self._subscriptions)} subscriptions>"
+        if self.closed:
+            state = "closed"
+        elif self.connected:
+            state = "open"
+        else:
+            state = "reconnecting"
+        count = sum(len(held.blocks) for held in self._held.values())
+        return f"<Client {state} {self.encoding.value}, {count} subscriptions>"
 
     @property
     def closed(self) -> bool:
-        """True once the connection is closed (by either side)."""
+        """True once the client is closed for good (see :class:`Disconnected`)."""
         return self._close_info is not None
+
+    @property
+    def connected(self) -> bool:
+        """True while a connection is up and its subscriptions are active."""
+        conn = self._conn
+        return self._close_info is None and conn is not None and conn.ready
 
     # -- public API --------------------------------------------------------
 
@@ -374,6 +356,9 @@ class Client:
         self, topic: str, data: Any, *, key: str | None = None, ack: bool = True
     ) -> int | None:
         """Publish *data* on *topic*.
+
+        While the client is reconnecting, the publish waits for the new
+        connection (at most ``Reconnect.wait_timeout`` seconds).
 
         Args:
             topic: a concrete topic (no wildcards), e.g. ``"trades.BTC-USD"``.
@@ -394,18 +379,27 @@ class Client:
             ServerError: (with ``ack=True``) the subclass for the broker's
                 ``err``: :class:`BadRequest` for an invalid topic,
                 :class:`Forbidden`, :class:`Invalid`...
-            Disconnected: the connection is closed, or closed before the
-                answer came.
+            ConnectionLost: the connection was lost before the answer came
+                (the message may or may not have been published), or the
+                client did not reconnect within ``wait_timeout``.
+            Disconnected: the client is closed.
             ValueError, TypeError, OverflowError: *data* cannot be encoded.
         """
         if not ack:
-            self._raise_if_closed()
-            await self._send(Publish(None, topic, data, key))
+            conn = await self._ready_connection()
+            await self._send_on(conn, Publish(None, topic, data, key))
             return None
         answer = await self._request(lambda request_id: Publish(request_id, topic, data, key))
         return answer.seq if isinstance(answer, Ok) else None
 
-    def subscribe(self, pattern: str) -> AbstractAsyncContextManager[Subscription]:
+    def subscribe(
+        self,
+        pattern: str,
+        *,
+        history: int | None = None,
+        snapshot: bool = False,
+        presence: bool = False,
+    ) -> AbstractAsyncContextManager[Subscription]:
         """Subscribe to *pattern* for the duration of an ``async with`` block.
 
         ::
@@ -414,20 +408,32 @@ class Client:
                 async for item in sub:
                     ...
 
-        Entering sends ``sub`` and waits for the broker's ``ok``; leaving
-        sends ``unsub`` (unless the connection is closed, or another block
-        of this client still holds the same pattern) and waits for its
-        ``ok``, at most :data:`UNSUBSCRIBE_TIMEOUT` seconds and shielded
-        from cancellation. An ``unsub`` the broker refuses is logged and
+        Entering sends ``sub`` and waits for the broker's ``ok`` (while the
+        client is reconnecting, for the new connection first); leaving sends
+        ``unsub`` (unless the connection is gone, or another block of this
+        client still uses the pattern). A failed ``unsub`` is logged and
         kept in :attr:`errors`, not raised.
 
         Each subscription whose pattern matches a message gets it (the very
         same :class:`Message` object): overlapping patterns on one client
-        each see the message, although the broker sent it once.
+        each see the message, although the broker sent it once. After a
+        reconnect the subscription resumes where it was (see the module
+        docs); it never yields a message twice.
+
+        Blocks of the same pattern share one broker-side subscription: the
+        options are those of the first block, and a later block of a pattern
+        this client already subscribes to may not ask for *history*,
+        *snapshot* or a *presence* the first one did not.
 
         Args:
             pattern: dot-separated tokens, ``*`` for exactly one token and a
                 final ``>`` for one or more, e.g. ``"trades.*"``, ``"eth.>"``.
+            history: first replay up to that many of the latest stored
+                messages (1 to 1000; needs a history rule on the broker).
+            snapshot: first receive the latest message per topic and key
+                (``Message.snapshot`` is set on those).
+            presence: also receive :class:`Join` / :class:`Leave` events of
+                the topic (an exact topic with a presence rule).
 
         Returns:
             An async context manager yielding the :class:`Subscription`.
@@ -435,11 +441,65 @@ class Client:
         Raises:
             BadRequest: *pattern* is not a valid pattern (checked locally,
                 without a round trip).
+            ValueError: *history* out of range, or options on a pattern
+                already subscribed (see above).
             ServerError: the broker refused: :class:`Forbidden`,
                 :class:`LimitExceeded` (too many subscriptions)...
-            Disconnected: the connection is closed.
+            ConnectionLost: the client did not reconnect within
+                ``wait_timeout``.
+            Disconnected: the client is closed.
         """
-        return self._subscription(pattern)
+        return self._subscription(pattern, history, snapshot, presence)
+
+    async def history(
+        self, topic: str, *, since: tuple[str, int] | None = None, limit: int = 100
+    ) -> History:
+        """The messages the broker keeps for *topic*, without subscribing.
+
+        Args:
+            topic: a concrete topic.
+            since: an ``(epoch, seq)`` position: the messages after it,
+                oldest first (page on with the last one's seq while
+                :attr:`History.more`). Without it: the latest *limit*
+                messages, oldest first.
+            limit: at most that many messages (1 to 1000).
+
+        Raises:
+            BadRequest: *topic* is not a valid topic, or the broker keeps no
+                history for it.
+            ValueError: *limit* out of range.
+            Forbidden: not allowed to subscribe to *topic*.
+            ConnectionLost, Disconnected: as for :meth:`publish`.
+        """
+        try:
+            validate_topic(topic)
+        except TopicError as exc:
+            raise BadRequest(ErrorCode.BAD_REQUEST, str(exc)) from None
+        if not 1 <= limit <= MAX_HISTORY_REQUEST:
+            raise ValueError(f"limit must be from 1 to {MAX_HISTORY_REQUEST}")
+        position = None if since is None else Position(since[0], since[1])
+        answer = await self._request(
+            lambda request_id: HistoryQuery(request_id, topic, position, limit)
+        )
+        assert isinstance(answer, Ok)
+        messages = tuple(_message(m) for m in answer.messages)
+        return History(topic, answer.epoch, answer.seq, messages, answer.more, answer.recovered)
+
+    async def presence(self, topic: str) -> Presence:
+        """Who is subscribed to *topic* (a topic with a presence rule).
+
+        Raises:
+            BadRequest: *topic* is invalid, or no presence rule covers it.
+            Forbidden: not allowed to subscribe to *topic*.
+            ConnectionLost, Disconnected: as for :meth:`publish`.
+        """
+        try:
+            validate_topic(topic)
+        except TopicError as exc:
+            raise BadRequest(ErrorCode.BAD_REQUEST, str(exc)) from None
+        answer = await self._request(lambda request_id: PresenceQuery(request_id, topic))
+        assert isinstance(answer, Ok)
+        return Presence(answer.count or 0, answer.connections or 0, answer.members)
 
     async def ping(self) -> float:
         """Measure the round trip of a protocol-level ``ping``.
@@ -450,116 +510,271 @@ class Client:
             subscription, see the module docs).
 
         Raises:
-            Disconnected: the connection is closed.
+            ConnectionLost, Disconnected: as for :meth:`publish`.
         """
+        conn = await self._ready_connection()
         start = trio.current_time()
-        await self._request(Ping)
+        await self._request_on(conn, Ping)
         return trio.current_time() - start
 
     async def refresh(self, token: str) -> None:
         """Present a new *token* (``auth``), e.g. a fresh JWT before the
         current one expires; the broker closes the connection with 1008 at
-        the expiry of the identity it holds.
+        the expiry of the identity it holds. Without ``get_token``, the
+        client also uses *token* when it reconnects.
 
         Raises:
             Unauthorized: the broker refused the token (invalid, expired, for
                 another subject, or refresh not supported); the connection
                 keeps its current identity.
-            Disconnected: the connection is closed.
+            ConnectionLost, Disconnected: as for :meth:`publish`.
         """
         await self._request(lambda request_id: Auth(request_id, token))
+        self._token = token
 
     async def aclose(self) -> None:
-        """Close the connection with code 1000 (idempotent).
+        """Close the connection with code 1000 and stop reconnecting (idempotent).
 
         Pending requests then raise :class:`Disconnected`, and so does every
         subscription once its buffered items are read. The closing handshake
         is bounded by :data:`CLOSE_TIMEOUT`; if it does not finish in time,
-        or this is cancelled, the TCP connection is cut.
+        or this is cancelled, the TCP connection is cut. Called while the
+        client waits to reconnect, it returns at once.
         """
+        self._closing = True
+        conn = self._conn
+        was_open = conn is not None and conn.close_info is None and conn.ws.closed is None
         try:
-            with trio.move_on_after(CLOSE_TIMEOUT):
-                await self._ws.aclose(1000, "client closed the connection")
+            if conn is not None and was_open:
+                with trio.move_on_after(CLOSE_TIMEOUT):
+                    await conn.ws.aclose(1000, CLOSED_BY_CLIENT)
         finally:
-            # Do not leave it to the reader: it may not have run yet.
-            if self._ws.closed is not None:
-                self._on_closed(_close_details(self._ws.closed))
+            if conn is not None and was_open and conn.ws.closed is not None:
+                self._finish(_close_details(conn.ws.closed))
+            else:
+                self._finish((1000, CLOSED_BY_CLIENT))
+            # Stops a backoff, a connection attempt or a resubscription.
+            self._run_scope.cancel()
 
     # -- requests ----------------------------------------------------------
 
-    def _disconnected(self, reason: CloseReason | None = None) -> Disconnected:
-        """A fresh Disconnected (one per raise: tracebacks must not pile up)."""
-        if self._close_info is not None:
-            return Disconnected(*self._close_info)
-        return Disconnected(*_close_details(reason if reason is not None else self._ws.closed))
+    def _disconnected(self) -> Disconnected:
+        """A fresh exception for a closed client (one per raise: tracebacks
+        must not pile up)."""
+        code, reason = self._close_info or (None, "connection closed")
+        if self._gave_up is not None:
+            error, attempts = self._gave_up
+            return ReconnectFailed(code, reason, error=error, attempts=attempts)
+        return Disconnected(code, reason)
 
-    def _raise_if_closed(self) -> None:
+    def _lost_error(self, conn: _Connection) -> Disconnected:
+        """What a request on *conn*, now closed, raises."""
         if self._close_info is not None:
-            raise self._disconnected()
+            return self._disconnected()
+        details = conn.close_info or _close_details(conn.ws.closed)
+        if self._closing or self._reconnect is None or not reconnect_after_close(details[0]):
+            return Disconnected(*details)
+        return ConnectionLost(*details)
 
-    async def _send(self, command: Command) -> None:
-        payload = encode_command(command, self.encoding)
-        try:
-            await self._ws.send_message(payload)
-        except ConnectionClosed as exc:
-            raise self._disconnected(exc.reason) from None
+    async def _ready_connection(self) -> _Connection:
+        """The connection to send a request on, once it is ready.
+
+        Raises:
+            Disconnected: the client is closed.
+            ConnectionLost: it is reconnecting, and did not within ``wait_timeout``.
+        """
+        deadline: float | None = None
+        while True:
+            if self._close_info is not None:
+                raise self._disconnected()
+            conn = self._conn
+            if conn is not None and conn.ready:
+                return conn
+            if self._reconnect is None:  # lost, the reader will close the client
+                raise Disconnected(*self._lost)
+            if deadline is None:
+                deadline = trio.current_time() + self._reconnect.wait_timeout
+            with trio.move_on_at(deadline):
+                await self._up.wait()
+            if trio.current_time() >= deadline and not self.connected and not self.closed:
+                code, reason = self._lost
+                wait = self._reconnect.wait_timeout
+                raise ConnectionLost(code, f"{reason}; not reconnected within {wait:g}s")
 
     async def _request(self, make: Callable[[int], Command]) -> Ok | Pong:
-        """Send the command *make(id)* and wait for the answer with that id."""
-        self._raise_if_closed()
-        request_id = next(self._ids)
-        reply = _Reply()
-        self._pending[request_id] = reply
+        """Send *make(id)* once connected; wait for the answer with that id."""
+        return await self._request_on(await self._ready_connection(), make)
+
+    async def _send_on(self, conn: _Connection, command: Command) -> None:
+        payload = encode_command(command, self.encoding)
         try:
-            await self._send(make(request_id))
+            await conn.ws.send_message(payload)
+        except ConnectionClosed:
+            raise self._lost_error(conn) from None
+
+    async def _request_on(
+        self,
+        conn: _Connection,
+        make: Callable[[int], Command],
+        handler: Callable[[Ok | Err], None] | None = None,
+    ) -> Ok | Pong:
+        """Send *make(id)* on *conn* and wait for its answer; *handler* is
+        run by the reader on it (see :class:`_Reply`)."""
+        request_id = next(self._ids)
+        reply = _Reply(handler)
+        conn.pending[request_id] = reply
+        try:
+            await self._send_on(conn, make(request_id))
             await reply.done.wait()
         finally:
-            del self._pending[request_id]
+            conn.pending.pop(request_id, None)
         answer = reply.event
         if answer is None:
-            raise self._disconnected()
+            raise self._lost_error(conn)
         if isinstance(answer, Err):
-            raise _server_error(answer.code, answer.message)
+            raise server_error(answer.code, answer.message)
         return answer
 
+    # -- subscriptions ---------------------------------------------------------
+
     @asynccontextmanager
-    async def _subscription(self, pattern: str) -> AsyncIterator[Subscription]:
+    async def _subscription(
+        self, pattern: str, history: int | None, snapshot: bool, presence: bool
+    ) -> AsyncIterator[Subscription]:
         try:
             validate_pattern(pattern)
         except TopicError as exc:
             raise BadRequest(ErrorCode.BAD_REQUEST, str(exc)) from None
-        self._raise_if_closed()
-        subscription = Subscription(self, pattern, self._queue_size)
-        self._pattern_users[pattern] += 1
-        # Whether the broker may hold the subscription: once sent, unless it
-        # explicitly refused.
-        held = True
+        if history is not None and not 1 <= history <= MAX_HISTORY_REQUEST:
+            raise ValueError(f"history must be from 1 to {MAX_HISTORY_REQUEST}")
+        if self._close_info is not None:
+            raise self._disconnected()
+        held = self._held.get(pattern)
+        if held is None:
+            held = self._held[pattern] = _Held(
+                pattern, history=history, snapshot=snapshot, presence=presence
+            )
+        elif history is not None or snapshot or (presence and not held.presence):
+            raise ValueError(
+                f"this client already subscribes to {pattern!r}: its blocks share the options "
+                "of the first one (history, snapshot and presence cannot be added)"
+            )
+        subscription = Subscription(pattern, self._queue_size, presence=presence)
+        held.users += 1
         try:
-            try:
-                await self._request(lambda request_id: Subscribe(request_id, pattern))
-            except ServerError:
-                held = False
-                raise
-            self._subscriptions.append(subscription)
-            if self.closed:  # closed while this task waited to resume
-                subscription._send.close()
+            await self._hold(held, subscription)
             try:
                 yield subscription
             finally:
-                self._subscriptions.remove(subscription)
-                # Wakes a reader blocked on this subscription (BrokenResourceError).
-                subscription._recv.close()
+                # Wakes a reader blocked on this subscription.
+                subscription._buffer.leave()
         finally:
-            self._pattern_users[pattern] -= 1
-            if not self._pattern_users[pattern]:
-                del self._pattern_users[pattern]
-                if held and not self.closed:
-                    await self._unsubscribe(pattern)
+            if subscription in held.blocks:
+                held.blocks.remove(subscription)
+            held.users -= 1
+            if not held.users:
+                if self._held.get(pattern) is held:
+                    del self._held[pattern]
+                conn = held.sent
+                if conn is not None and conn is self._conn and conn.close_info is None:
+                    await self._unsubscribe(conn, pattern)
 
-    async def _unsubscribe(self, pattern: str) -> None:
+    async def _hold(self, held: _Held, subscription: Subscription) -> None:
+        """Make the broker hold *held* on the current connection and add
+        *subscription* to its blocks; retried after a reconnect."""
+        while True:
+            conn = await self._ready_connection()
+            if held.conn is conn:
+                held.blocks.append(subscription)
+                return
+            if held.subscribing is not None:  # another block is subscribing
+                await held.subscribing.wait()
+                continue
+            done = held.subscribing = trio.Event()
+            try:
+                command = functools.partial(
+                    Subscribe,
+                    pattern=held.pattern,
+                    history=held.history,
+                    snapshot=held.snapshot,
+                    presence=held.presence,
+                )
+                held.sent = conn
+                handler = functools.partial(self._subscribed, held, subscription, conn)
+                await self._request_on(conn, command, handler)
+                return
+            except ConnectionLost:
+                continue  # on the next connection
+            finally:
+                held.subscribing = None
+                done.set()
+
+    def _subscribed(
+        self, held: _Held, subscription: Subscription, conn: _Connection, event: Ok | Err
+    ) -> None:
+        """The reader's handling of a first ``sub``'s answer."""
+        if isinstance(event, Err):
+            held.sent = None
+            return
+        held.conn = conn
+        held.established = True
+        held.positions.started(event, history=held.history)
+        held.blocks.append(subscription)
+
+    async def _resubscribe(self, conn: _Connection, attempts: int) -> None:
+        """After a reconnect: resubscribe every established pattern with
+        ``since`` and wait for the answers (handled by :meth:`_resubscribed`)."""
+        reconnected = Reconnected(attempts)
+        replies: list[trio.Event] = []
+        for held in list(self._held.values()):
+            if not held.established or not held.users or held.conn is conn:
+                continue
+            since = held.positions.since()
+            command = functools.partial(
+                Subscribe, pattern=held.pattern, since=since, presence=held.presence
+            )
+            handler = functools.partial(self._resubscribed, held, conn, since, reconnected)
+            request_id = next(self._ids)
+            reply = conn.pending[request_id] = _Reply(handler)
+            held.sent = conn
+            try:
+                await self._send_on(conn, command(request_id))
+            except Disconnected:
+                return  # lost again: the connection loop goes on
+            replies.append(reply.done)
+        for done in replies:
+            await done.wait()
+
+    def _resubscribed(
+        self,
+        held: _Held,
+        conn: _Connection,
+        since: Position | Resume | None,
+        reconnected: Reconnected,
+        event: Ok | Err,
+    ) -> None:
+        """The reader's handling of a resubscription's answer."""
+        if isinstance(event, Err):
+            held.sent = None
+            held.established = False
+            if self._held.get(held.pattern) is held:
+                del self._held[held.pattern]  # a new subscribe() starts afresh
+            code, message = event.code, event.message
+            self._keep_error(server_error(code, message), f"resubscribing to {held.pattern!r}")
+            for subscription in held.blocks:
+                subscription._buffer.end(functools.partial(server_error, code, message))
+            return
+        held.conn = conn
+        resync = held.positions.resumed(event, since)
+        for subscription in held.blocks:
+            subscription._buffer.notice(reconnected)
+            if resync is not None:
+                subscription._buffer.notice(resync)
+
+    async def _unsubscribe(self, conn: _Connection, pattern: str) -> None:
         with trio.move_on_after(UNSUBSCRIBE_TIMEOUT, shield=True) as scope:
             try:
-                await self._request(lambda request_id: Unsubscribe(request_id, pattern))
+                await self._request_on(conn, lambda request_id: Unsubscribe(request_id, pattern))
             except Disconnected:
                 return  # the broker forgets every subscription of a closed connection
             except ServerError as exc:
@@ -571,13 +786,175 @@ class Client:
         self.errors.append(exc)
         log.warning("%s: %s: %s", context, exc.code, exc.message)
 
+    # -- the connection loop ---------------------------------------------------
+
+    async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Connect; then, each time the connection is lost, reconnect (unless
+        the client is closed for good). Reports started once the first
+        connection is up; raises :class:`ConnectError` if it cannot be made.
+        """
+        with self._run_scope:
+            await self._session(0, task_status)
+            reconnect = self._reconnect
+            if reconnect is None:
+                return
+            # Failed attempts in a row. A connection lost before its
+            # subscriptions were back counts as one: a broker that accepts
+            # and drops at once must not be retried in a tight loop.
+            failures = 0
+            error: ConnectError | None = None
+            while self._close_info is None:
+                if error is not None and (
+                    reconnect.gives_up(failures) or not retry_after_refusal(error)
+                ):
+                    log.warning("giving up reconnecting to %s: %s", self._url, error)
+                    self._gave_up = (error, failures)
+                    self._finish(self._lost)
+                    return
+                await trio.sleep(reconnect.delay(failures, self._random))
+                try:
+                    if await self._session(failures + 1):
+                        failures, error = 0, None
+                        continue
+                    code, reason = self._lost
+                    error = ConnectError(None, f"lost before resubscribing ({code}): {reason}")
+                except ConnectError as exc:
+                    error = exc
+                failures += 1
+                log.info("reconnecting to %s: attempt %d failed: %s", self._url, failures, error)
+
+    async def _session(
+        self, attempts: int, task_status: trio.TaskStatus[None] | None = None
+    ) -> bool:
+        """One connection, from the handshake until it is lost; returns
+        whether it became ready (after a reconnect: resubscribed).
+
+        *attempts* is 0 for the first connection, else the attempt number of
+        this reconnection.
+        """
+        token = self._token
+        try:
+            if self._get_token is not None:
+                token = await self._get_token()
+            headers = _auth_headers(token)
+        except Exception as exc:
+            if not attempts:
+                raise
+            raise ConnectError(None, f"get_token failed: {exc!r}") from exc
+        subprotocol = _SUBPROTOCOL[self.encoding]
+        connected = ready = False
+        with trio.CancelScope() as closing:
+            try:
+                async with trio_websocket.open_websocket_url(
+                    self._url,
+                    self._ssl_context,
+                    subprotocols=[subprotocol],
+                    extra_headers=headers,
+                    max_message_size=MAX_MESSAGE_SIZE,
+                    connect_timeout=self._connect_timeout,
+                    disconnect_timeout=CLOSE_TIMEOUT,
+                ) as ws:
+                    connected = True
+                    if ws.subprotocol != subprotocol:
+                        raise ConnectError(
+                            None, f"the server did not accept subprotocol {subprotocol}"
+                        )
+                    conn = self._conn = _Connection(ws)
+                    ready = await self._serve(conn, attempts, task_status)
+                    # Leaving closes the WebSocket and waits for the TCP
+                    # close; a broker that never closes it gets this long.
+                    closing.deadline = trio.current_time() + CLOSE_TIMEOUT
+            except HandshakeError as exc:
+                if not connected:
+                    raise _connect_error(exc, self._connect_timeout) from exc
+                # DisconnectionTimeout: the closing handshake took too long.
+                log.debug("closing the connection: %r", exc)
+            except OSError as exc:
+                if connected:
+                    raise
+                raise _connect_error(exc, self._connect_timeout) from exc
+            except BaseExceptionGroup as group:
+                if connected:
+                    raise
+                # trio-websocket unwraps its groups; be safe if a path does not.
+                failure = group.subgroup((HandshakeError, OSError))
+                if failure is None:
+                    raise
+                raise _connect_error(next(_leaves(failure)), self._connect_timeout) from group
+        return ready
+
+    async def _serve(
+        self, conn: _Connection, attempts: int, task_status: trio.TaskStatus[None] | None
+    ) -> bool:
+        """Run the reader on *conn* until the connection closes; after a
+        reconnect, first resubscribe. Then the connection is *ready*: returns
+        whether it got there."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._read_loop, conn)
+            if attempts:
+                await self._resubscribe(conn, attempts)
+            if conn.close_info is not None or self._close_info is not None:
+                return False
+            conn.ready = True
+            self._up.set()
+            if attempts:
+                self.reconnects += 1
+                log.info("reconnected to %s (attempt %d)", self._url, attempts)
+            if task_status is not None:
+                task_status.started()
+        return True
+
+    def _connection_lost(self, conn: _Connection, details: _Details) -> None:
+        """Called by the reader when *conn* closes: close the client for good
+        or tell the subscriptions the client is reconnecting; wake the
+        requests waiting on *conn*."""
+        if conn.close_info is not None:
+            return
+        conn.close_info = details
+        conn.ready = False
+        final = self._closing or self._reconnect is None or not reconnect_after_close(details[0])
+        if self._conn is conn:
+            self._lost = details
+            if self._up.is_set():
+                self._up = trio.Event()
+        interrupted = Interrupted(*details)
+        for held in self._held.values():
+            if held.sent is conn:
+                held.sent = None
+            if held.conn is conn:
+                held.conn = None
+                if not final:
+                    for subscription in held.blocks:
+                        subscription._buffer.notice(interrupted)
+        if final:
+            self._finish(details)
+        else:
+            log.info("connection to %s lost (%s): %s; reconnecting", self._url, *details)
+        for reply in conn.pending.values():
+            reply.done.set()
+
+    def _finish(self, details: _Details) -> None:
+        """Close the client for good: fail every waiter; end every
+        subscription after its buffered items."""
+        if self._close_info is not None:
+            return
+        self._close_info = details
+        self._up.set()
+        for held in self._held.values():
+            for subscription in held.blocks:
+                subscription._buffer.end(self._disconnected)
+        conn = self._conn
+        if conn is not None:
+            for reply in conn.pending.values():
+                reply.done.set()
+
     # -- the reader ----------------------------------------------------------
 
-    async def _read_loop(self) -> None:
-        """Read and dispatch every frame until the connection closes."""
-        ws = self._ws
+    async def _read_loop(self, conn: _Connection) -> None:
+        """Read and dispatch every frame of *conn* until it closes."""
+        ws = conn.ws
         encoding = self.encoding
-        details: tuple[int | None, str] | None = None
+        details: _Details | None = None
         try:
             while True:
                 try:
@@ -592,26 +969,55 @@ class Client:
                     log.warning("ignoring a frame from the broker: %s", exc.message)
                     continue
                 if isinstance(event, Msg):
-                    await self._dispatch(Message(event.topic, event.seq, event.data, event.key))
+                    await self._on_msg(conn, event)
                 elif isinstance(event, DroppedEvent):
-                    await self._dispatch(Dropped(event.topic, event.count))
-                elif isinstance(event, Join | Leave):
-                    continue  # presence events: not surfaced by this client yet
+                    await self._on_dropped(conn, Dropped(event.topic, event.count))
+                elif isinstance(event, JoinEvent | LeaveEvent):
+                    await self._on_member(conn, event)
                 else:
-                    self._answer(event)
+                    self._answer(conn, event)
         finally:
-            self._on_closed(details if details is not None else _close_details(ws.closed))
+            self._connection_lost(conn, details or _close_details(ws.closed))
 
-    async def _dispatch(self, item: Message | Dropped) -> None:
+    async def _on_msg(self, conn: _Connection, msg: Msg) -> None:
+        message: Message | None = None
         # A snapshot: subscriptions may come and go while we wait for room.
-        for subscription in tuple(self._subscriptions):
-            if subscription._wants(item):
-                await subscription._put(item)
+        for held in tuple(self._held.values()):
+            if held.conn is not conn or not pattern_matches(held.pattern, msg.topic):
+                continue
+            deliver, resync = held.positions.accept(msg)
+            subscriptions = tuple(held.blocks)
+            if resync is not None:
+                for subscription in subscriptions:
+                    subscription._buffer.notice(resync)
+            if deliver:
+                if message is None:
+                    message = _message(msg)
+                for subscription in subscriptions:
+                    await subscription._buffer.put(message)
 
-    def _answer(self, event: Ok | Err | Pong) -> None:
+    async def _on_dropped(self, conn: _Connection, item: Dropped) -> None:
+        everyone = item.topic == OTHER_TOPICS
+        for held in tuple(self._held.values()):
+            if held.conn is conn and (everyone or pattern_matches(held.pattern, item.topic)):
+                for subscription in tuple(held.blocks):
+                    await subscription._buffer.put(item)
+
+    async def _on_member(self, conn: _Connection, event: JoinEvent | LeaveEvent) -> None:
+        kind = Join if isinstance(event, JoinEvent) else Leave
+        item = kind(event.topic, event.member)
+        for held in tuple(self._held.values()):
+            if held.conn is conn and pattern_matches(held.pattern, event.topic):
+                for subscription in tuple(held.blocks):
+                    if subscription.presence:
+                        await subscription._buffer.put(item)
+
+    def _answer(self, conn: _Connection, event: Ok | Err | Pong) -> None:
         request_id = event.id
-        reply = self._pending.get(request_id) if isinstance(request_id, int) else None
-        if reply is not None and reply.event is None:
+        reply = conn.pending.pop(request_id, None) if isinstance(request_id, int) else None
+        if reply is not None:
+            if reply.handler is not None and not isinstance(event, Pong):
+                reply.handler(event)
             reply.event = event
             reply.done.set()
         elif isinstance(event, Err):
@@ -619,21 +1025,16 @@ class Client:
                 context = "broker error"
             else:
                 context = f"broker error for request {request_id!r} (no longer awaited)"
-            self._keep_error(_server_error(event.code, event.message), context)
+            self._keep_error(server_error(event.code, event.message), context)
         else:
             log.debug("ignoring %r: no request is waiting for it", event)
 
-    def _on_closed(self, details: tuple[int | None, str]) -> None:
-        """Fail every waiter; end every subscription after its buffered items."""
-        if self._close_info is None:
-            self._close_info = details
-        for reply in self._pending.values():
-            reply.done.set()
-        for subscription in self._subscriptions:
-            subscription._send.close()
+
+def _message(msg: Msg) -> Message:
+    return Message(msg.topic, msg.seq, msg.data, msg.key, msg.epoch, msg.snapshot)
 
 
-def _close_details(reason: CloseReason | None) -> tuple[int | None, str]:
+def _close_details(reason: CloseReason | None) -> _Details:
     if reason is None:
         return None, "connection closed"
     if reason.reason:
@@ -647,15 +1048,29 @@ def _close_details(reason: CloseReason | None) -> tuple[int | None, str]:
 # --------------------------------------------------------------------------
 
 
+def _check_token(token: str) -> None:
+    if not token or not all("!" <= c <= "~" for c in token):
+        raise ValueError("token must be a non-empty string of printable ASCII characters")
+
+
+def _auth_headers(token: str | None) -> list[tuple[bytes, bytes]] | None:
+    if token is None:
+        return None
+    _check_token(token)
+    return [(b"Authorization", b"Bearer " + token.encode("ascii"))]
+
+
 @asynccontextmanager
 async def open_client(
     url: str,
     *,
     token: str | None = None,
+    get_token: TokenSource | None = None,
     encoding: Literal["json", "msgpack"] | Encoding = "json",
     ssl_context: ssl.SSLContext | None = None,
     connect_timeout: float = 10,
     queue_size: int = 1000,
+    reconnect: Reconnect | bool = True,
 ) -> AsyncIterator[Client]:
     """Connect to the broker at *url* for the duration of an ``async with`` block.
 
@@ -664,15 +1079,25 @@ async def open_client(
         async with open_client("wss://broker.example/ws", token=token) as client:
             ...
 
-    The reader task lives in a nursery owned by this context manager; leaving
-    the block closes the connection (code 1000) and stops the reader. An
-    exception raised in the block propagates as it is, not wrapped in an
-    exception group.
+    The first connection is made before the block starts; if it fails,
+    :class:`ConnectError` is raised (no retry). Later, a lost connection is
+    reconnected in the background (unless *reconnect* is ``False``), see
+    :class:`~broker.client.reconnect.Reconnect` and docs/client.md.
+
+    The connection loop and its reader live in a nursery owned by this
+    context manager; leaving the block closes the connection (code 1000) and
+    stops them. An exception raised in the block propagates as it is, not
+    wrapped in an exception group.
 
     Args:
         url: a ``ws://`` or ``wss://`` URL, path included (the broker's
             default is ``/ws``).
-        token: sent as ``Authorization: Bearer <token>``.
+        token: sent as ``Authorization: Bearer <token>`` (the last one given
+            to :meth:`Client.refresh` after a refresh).
+        get_token: instead of *token*: an async function returning the token,
+            called before every connection attempt, so that an expiring
+            token is fresh on each reconnect. If it raises during a
+            reconnection, the attempt counts as failed.
         encoding: ``"json"`` (subprotocol ``broker.v1.json``, text frames) or
             ``"msgpack"`` (``broker.v1.msgpack``, binary frames).
         ssl_context: for ``wss://``; by default the system's trust store is
@@ -680,6 +1105,10 @@ async def open_client(
         connect_timeout: seconds for TCP, TLS and the WebSocket handshake.
         queue_size: items each :class:`Subscription` buffers before the
             reader waits (see the module docs on backpressure).
+        reconnect: ``True`` (the default) to reconnect with the default
+            :class:`~broker.client.reconnect.Reconnect` settings, a
+            ``Reconnect`` to choose them, ``False`` to close the client for
+            good when the connection is lost (as :class:`Disconnected`).
 
     Yields:
         The connected :class:`Client`.
@@ -690,57 +1119,41 @@ async def open_client(
             0.12 reports a TLS failure (e.g. an untrusted certificate) as a
             timeout after *connect_timeout*: python-trio/trio-websocket#199.
         ValueError: *url* is not a ``ws://``/``wss://`` URL, *token* is not
-            printable ASCII, *ssl_context* was given for ``ws://``, or
-            *queue_size* is negative.
+            printable ASCII, *token* and *get_token* were both given,
+            *ssl_context* was given for ``ws://``, or *queue_size* is
+            negative.
     """
     enc = Encoding(encoding)
-    subprotocol = _SUBPROTOCOL[enc]
     if queue_size < 0:
         raise ValueError("queue_size must be >= 0")
-    headers: list[tuple[bytes, bytes]] | None = None
+    if token is not None and get_token is not None:
+        raise ValueError("give token or get_token, not both")
     if token is not None:
-        if not token or not all("!" <= c <= "~" for c in token):
-            raise ValueError("token must be a non-empty string of printable ASCII characters")
-        headers = [(b"Authorization", b"Bearer " + token.encode("ascii"))]
-    connected = False
+        _check_token(token)
+    settings = Reconnect() if reconnect is True else reconnect or None
+    client = Client(
+        url,
+        encoding=enc,
+        token=token,
+        get_token=get_token,
+        ssl_context=ssl_context,
+        connect_timeout=connect_timeout,
+        queue_size=queue_size,
+        reconnect=settings,
+    )
     try:
-        async with trio_websocket.open_websocket_url(
-            url,
-            ssl_context,
-            subprotocols=[subprotocol],
-            extra_headers=headers,
-            max_message_size=MAX_MESSAGE_SIZE,
-            connect_timeout=connect_timeout,
-            disconnect_timeout=CLOSE_TIMEOUT,
-        ) as ws:
-            connected = True
-            if ws.subprotocol != subprotocol:
-                raise ConnectError(None, f"the server did not accept subprotocol {subprotocol}")
-            client = Client(ws, enc, queue_size)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(client._run)
             try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(client._read_loop)
-                    try:
-                        yield client
-                    finally:
-                        await client.aclose()
-                        nursery.cancel_scope.cancel()
-            except BaseExceptionGroup as group:
-                # The reader never raises on purpose, so this is the block's
-                # exception (plus Cancelled): let the caller see it unwrapped.
-                _reraise(_representative(group))
-    except (HandshakeError, OSError) as exc:
-        if connected:
-            raise
-        raise _connect_error(exc, connect_timeout) from exc
+                yield client
+            finally:
+                await client.aclose()
+                nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
-        if connected:
-            raise
-        # trio-websocket unwraps its groups; be safe if a path does not.
-        failure = group.subgroup((HandshakeError, OSError))
-        if failure is None:
-            raise
-        raise _connect_error(next(_leaves(failure)), connect_timeout) from group
+        # The connection loop never raises once started, so this is the
+        # block's exception (plus Cancelled), or the first connection's
+        # failure: let the caller see it unwrapped.
+        _reraise(_representative(group))
 
 
 def _connect_error(exc: BaseException, timeout: float) -> ConnectError:
@@ -786,7 +1199,8 @@ def _representative(group: BaseExceptionGroup[BaseException]) -> BaseException:
     """The one exception *group* stands for (Cancelled aside), else the group."""
     excs = group.exceptions
     if len(excs) == 1:
-        return excs[0]
+        inner = excs[0]
+        return _representative(inner) if isinstance(inner, BaseExceptionGroup) else inner
     real = [e for e in excs if not isinstance(e, trio.Cancelled)]
     if len(real) == 1:
         return real[0]
