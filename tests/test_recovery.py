@@ -489,3 +489,32 @@ async def _property(schedule: list[tuple[str, int]], engine: str, seed: int) -> 
         for topic, count in published.items():
             if pattern_matches(tracker.pattern, topic):
                 assert tracker.seen[topic] == list(range(1, count + 1)), (tracker.pattern, topic)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"since": {"epoch": "e"}}, "since.seq must be a non-negative integer"),
+        ({"since": {"seq": 1}}, "since.epoch must be a string"),
+        ({"since": 3}, "since must be an object with epoch and seq"),
+        ({"history": 0}, "history must be an integer from 1 to 1000"),
+        ({"history": 2, "since": {"epoch": "e", "seq": 1}}, "since and history cannot be combined"),
+        ({"snapshot": "yes"}, "snapshot must be true or false"),
+    ],
+)
+async def test_bad_sub_options_get_a_clear_error_and_nothing_else_changes(
+    start_broker: BrokerFactory, options: dict[str, Any], message: str
+) -> None:
+    broker = await start_broker({**HISTORY})
+    async with connect(broker.url) as client:
+        reply = await client.request({"op": "sub", "id": 1, "topic": "t.a", **options})
+        assert reply["op"] == "err" and reply["code"] == "bad_request", reply
+        assert reply["message"].startswith(message), reply
+        # Not subscribed, and the connection works.
+        await client.pub("t.a", 1)
+        await client.assert_alive()
+        bad = await client.request(
+            {"op": "sub", "id": 2, "topic": "t.*", "since": {"epoch": "e", "seq": 1}}
+        )
+        assert bad["message"].startswith("since on a pattern must be an object with cursor")
+        await client.assert_alive()

@@ -1256,15 +1256,12 @@ def _event_ok(obj: dict[Any, Any]) -> Ok:
     lost = obj.get("lost") or []
     if type(lost) is not list or not all(type(t) is str for t in lost):
         raise _bad("lost must be a list of topics")
-    topic = obj.get("topic")
     messages_value = obj.get("messages") or []
     if type(messages_value) is not list or not all(type(m) is dict for m in messages_value):
         raise _bad("messages must be a list of objects")
+    # A history answer names its topic once, not in each message.
     messages = tuple(
-        _event_msg(m, topic if type(topic) is str else _event_str(m, "topic"))
-        if "topic" not in m
-        else _event_msg(m, _event_str(m, "topic"))
-        for m in messages_value
+        _event_msg(m, _event_str(m if "topic" in m else obj, "topic")) for m in messages_value
     )
     members_value = obj.get("members")
     members: tuple[dict[str, Any], ...] | None = None
