@@ -223,6 +223,36 @@ async def test_authorization_and_queue_rules_apply_to_open_connections(tmp_path:
         assert broker.metrics.reloads.labels("ok")._value.get() == 1
 
 
+async def test_history_rules_apply_on_reload(tmp_path: Path) -> None:
+    """A reload that adds a history rule starts keeping history for it; one
+    that removes a rule forgets that topic's history, and a client resuming
+    from the forgotten position is told it was not recovered."""
+    path = tmp_path / "broker.toml"
+    path.write_text(BASE)
+    async with serve_file(path) as broker, connect(broker.url) as client:
+        path.write_text(BASE + '[[history]]\npattern = "trades.>"\nsize = 10\n')
+        result = await reload_broker(broker)
+        assert result.ok and result.changed == ("history",)
+        for i in range(3):
+            await client.request({"op": "pub", "id": 10 + i, "topic": "trades.x", "data": i})
+        ok = await client.request({"op": "sub", "id": 1, "topic": "trades.x", "history": 5})
+        assert ok["seq"] == 3
+        replayed = [await client.recv() for _ in range(3)]
+        assert [m["data"] for m in replayed] == [0, 1, 2]
+        position = {"epoch": ok["epoch"], "seq": 1}
+
+        path.write_text(BASE)
+        assert (await reload_broker(broker)).ok
+        async with connect(broker.url) as late:
+            ok = await late.request({"op": "sub", "id": 1, "topic": "trades.x", "since": position})
+            assert ok["recovered"] is False
+            # No rule covers the topic any more: no position to vouch for,
+            # and no replay.
+            assert ok == {"op": "ok", "id": 1, "recovered": False}
+            await late.assert_alive()
+        assert broker.engine.history_stats()["messages"] == 0
+
+
 async def test_restart_only_keys_keep_their_running_values(tmp_path: Path) -> None:
     path = tmp_path / "broker.toml"
     path.write_text(BASE)

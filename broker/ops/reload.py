@@ -63,7 +63,9 @@ __all__ = [
 log = logging.getLogger("broker.reload")
 
 #: Tables applied as a whole on reload.
-LIVE_TABLES: Final = frozenset({"limits", "queue", "authorization", "plugins", "log"})
+LIVE_TABLES: Final = frozenset(
+    {"limits", "queue", "authorization", "plugins", "log", "history", "presence"}
+)
 #: Keys of ``[listener]`` and ``[admin]`` that only a restart changes.
 RESTART_KEYS: Final[Mapping[str, tuple[str, ...]]] = {
     "listener": ("host", "port", "path"),
@@ -234,6 +236,10 @@ def apply(broker: Broker, prepared: Prepared) -> None:
     broker.runtime.swap(new, plugins)
     broker.ssl_context = prepared.ssl_context
     broker.hub.configure(new.queue)
+    # History rules and limits: a stored topic takes the rule that now covers
+    # it, one no rule covers any more is forgotten (its next message starts a
+    # new epoch, so a client resuming from it is told, never misled).
+    broker.engine.configure(new)
     if old.log != new.log:
         apply_logging(new.log.level, new.log.format)
 
