@@ -91,6 +91,15 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "control_s": 8,
         "duration_s": 14,
     },
+    # 1,000 subscribers of one topic drop their connections, 1,000 messages
+    # are published, and all reconnect at once resuming from where they were
+    # (needs a [[history]] rule: only the broker-history target runs it).
+    "recovery-1000": {
+        "scenario": "recovery",
+        "n": 1000,
+        "missed": 1000,
+        "connect_concurrency": 256,
+    },
     "connect-rate": {
         "scenario": "connect",
         "n": 1,
@@ -102,6 +111,9 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "connect_concurrency": 128,
     },
 }
+# Scenario kind -> the only targets that can run it (others are skipped).
+ONLY: dict[str, tuple[str, ...]] = {"recovery": ("broker-history",)}
+
 # --quick: shorter windows for the scenarios that set their own
 QUICK = {
     "slow-100": {"control_s": 2, "duration_s": 4, "slow_drain_s": 3},
@@ -117,6 +129,7 @@ METRICS: dict[str, list[tuple[str, bool]]] = {
     "idle": [("bytes_per_conn", False), ("connects_per_s", True)],
     "slow": [("readers_deliveries_per_s", True), ("rss_growth_kb", False)],
     "connect": [("connections_per_s", True)],
+    "recovery": [("recover_s", False)],
 }
 
 GEN_SATURATED = 0.9  # generator CPU (cores) from which a number may be generator-bound
@@ -371,6 +384,8 @@ def brief(res: dict[str, Any]) -> str:
         "control_worst_over_median",
         "readers_vs_control",
         "rss_growth_kb",
+        "recover_s",
+        "rss_peak_kb",
         "slow_disconnected",
         "broker_cpu",
         "gen_cpu",
@@ -629,6 +644,44 @@ def render(results: dict[str, Any]) -> str:
                 m = S[s][b]
                 cells += [num(m.get("deliveries_per_s")), *rcols(s, b, "deliveries_per_s"), cpu(m)]
             L.append(f"| {label[b]} | " + " | ".join(cells) + " |")
+        L.append("")
+
+    if tp and "broker" in brokers and "broker-history" in brokers:
+        with_history = ratios(runs, brokers, tp, kinds, "broker")
+        L.append(
+            "With a history rule on every topic / without (broker-history / broker, "
+            "median of the per-repeat ratio): "
+            + ", ".join(
+                f"{s} {ratio(with_history[s]['broker-history'].get('deliveries_per_s'))}"
+                for s in tp
+            )
+            + "."
+        )
+        L.append("")
+
+    for s in [s for s in scenarios if kinds[s] == "recovery"]:
+        conf = meta.get("scenario_configs", {}).get(s, SCENARIOS.get(s, {}))
+        L.append(
+            f"### {s}: {num(conf.get('n'))} subscribers reconnect at once and recover "
+            f"{num(conf.get('missed'))} missed messages each"
+        )
+        L.append("")
+        L.append(
+            "| broker | all caught up s | all subscribed s | replayed/s | RSS before MiB "
+            "| peak MiB | after MiB | cpu b/g | not recovered | gaps | duplicates |"
+        )
+        L.append("|---|" + "---|" * 10)
+        for b in brokers:
+            m = S[s][b]
+            if not m.get("runs"):
+                continue
+            L.append(
+                f"| {label[b]} | {num(m.get('recover_s'), 2)} | {num(m.get('connect_s'), 2)} | "
+                f"{num(m.get('replayed_per_s'))} | {mib(m.get('rss_before_kb'))} | "
+                f"{mib(m.get('rss_peak_kb'))} | {mib(m.get('rss_after_kb'))} | {cpu(m)} | "
+                f"{num(m.get('not_recovered'))} | {num(m.get('gaps'))} | "
+                f"{num(m.get('duplicates'))} |"
+            )
         L.append("")
 
     lt = [s for s in scenarios if kinds[s] == "latency"]
@@ -969,6 +1022,9 @@ def main(argv: list[str] | None = None) -> int:
                 # rotate the broker order each repeat so drift favours none
                 k = (rep - 1) % len(brokers)
                 for b in brokers[k:] + brokers[:k]:
+                    only = ONLY.get(SCENARIOS[s]["scenario"])
+                    if only is not None and b not in only:
+                        continue
                     t0 = time.monotonic()
                     res = run_one(b, s, args, settings, workdir)
                     results["runs"].append({"rep": rep, "scenario": s, "broker": b, "result": res})

@@ -19,6 +19,12 @@
 //            happened to the slow one
 //   connect  open + handshake + one protocol round trip + close, as fast as
 //            possible with bounded concurrency            -> connections/s
+//   recovery (trio-broker with a history rule only) n subscribers of one
+//            topic disconnect, `missed` messages are published, then all n
+//            reconnect at once and resume with `since`  -> time until every
+//            subscriber has every missed message, replayed deliveries/s,
+//            the broker's RSS before, at peak and after; gaps, duplicates
+//            and resumes not recovered are counted (all must be 0)
 //   stream   n subscribers and no publisher, against the calibration server
 //            (trivial.mjs --mode stream)         -> the generator's ceiling
 //
@@ -51,6 +57,7 @@ const cfg = {
   slow_drain_s: 10, // slow: how long the slow subscriber may read at the end
   control_s: 8, // slow: the phase before, with every subscriber reading
   slow_rate: 0, // slow: publishes/s (open loop); 0: closed loop on `inflight`
+  missed: 1000, // recovery: messages published while the subscribers are away
   deadline_s: 0, // 0: computed from the durations
   ...JSON.parse(process.argv[2] || '{}'),
 };
@@ -163,7 +170,8 @@ let closing = false;
 function sinkFor(c) {
   return {
     msg: (buf, s, e) => onDelivery(c, buf, s, e),
-    ack: () => {
+    ack: (buf, s, e) => {
+      if (c.onAckFrame !== null) c.onAckFrame(buf, s, e);
       c.acks++;
       if (c.ackWaiter !== null && c.acks >= c.ackWaiter.n) {
         const w = c.ackWaiter;
@@ -196,7 +204,7 @@ function waitAcks(c, n, timeoutMs = cfg.connect_timeout_s * 1000) {
 
 async function open(idx, role, { waitHello = true } = {}) {
   const c = await wsConnect({ host: cfg.host, port: cfg.port, path: PATH, subprotocol: SUBPROTOCOL, timeoutMs: cfg.connect_timeout_s * 1000, useTls: !!cfg.tls });
-  Object.assign(c, { idx, role, acks: 0, wanted: 0, ackWaiter: null, dropped: 0 });
+  Object.assign(c, { idx, role, acks: 0, wanted: 0, ackWaiter: null, dropped: 0, onAckFrame: null });
   allConns.add(c);
   c.onmessage = proto.reader(c, sinkFor(c));
   c.onclose = (code) => {
@@ -800,6 +808,129 @@ async function runConnect() {
   };
 }
 
+// ------------------------------------------------------------ recovery
+const SEQ_KEY = Buffer.from('"seq":');
+function frameSeq(buf, s, e) {
+  const at = buf.subarray(s, e).indexOf(SEQ_KEY);
+  return at < 0 ? -1 : readNumber(buf, s + at + SEQ_KEY.length, e);
+}
+function readNumber(buf, at, end) {
+  let v = 0;
+  while (at < end && buf[at] >= 0x30 && buf[at] <= 0x39) v = v * 10 + (buf[at++] - 0x30);
+  return v;
+}
+
+async function runRecovery() {
+  if (cfg.protocol !== 'broker') throw new Error('recovery: trio-broker JSON protocol only');
+  const n = cfg.n;
+  const missed = cfg.missed;
+  gotBy = new Uint32Array(n);
+  // the position of each subscriber: the last seq it received
+  const last = new Float64Array(n);
+  let gaps = 0;
+  let duplicates = 0;
+  let caughtUp = 0;
+  let target = Infinity;
+  let onCaughtUp = () => {};
+  onDelivery = (c, buf, s, e) => {
+    gotBy[c.idx]++;
+    lastDeliveryAt = performance.now();
+    if (c.role !== ROLE_READER) return;
+    const seq = frameSeq(buf, s, e);
+    const prev = last[c.idx];
+    if (seq <= prev) duplicates++;
+    else if (prev > 0 && seq !== prev + 1) gaps++;
+    last[c.idx] = Math.max(prev, seq);
+    if (seq === target) {
+      caughtUp++;
+      if (caughtUp === n) onCaughtUp();
+    }
+  };
+  let epoch = null;
+  const EPOCH_RE = /"epoch":"([^"]+)"/;
+  const subs = await openMany(n, ROLE_READER);
+  for (const c of subs) {
+    c.onAckFrame = (buf, s, e) => {
+      const m = EPOCH_RE.exec(buf.toString('utf8', s, e));
+      if (m) epoch = m[1];
+      c.onAckFrame = null;
+    };
+  }
+  await subscribeAll(subs, () => 't0');
+  if (epoch === null) throw new Error('recovery: the sub ok carried no epoch (no [[history]] rule on t0?)');
+  const pub = await open(n, ROLE_PUB);
+  await barrier(pub, subs, () => 't0');
+  // every subscriber drops its connection (no close handshake)
+  for (const c of subs) {
+    c.onclose = () => allConns.delete(c);
+    c.destroy();
+  }
+  await sleep(1000); // the broker notices the EOFs and forgets the subscriptions
+  // the messages they miss; a ping after them: the broker has handled them
+  const start = Math.max(...last);
+  for (let i = 0; i < missed; i++) {
+    proto.publish(pub, 't0', stampPayload());
+    if (pub.buffered > 1 << 20) await sleep(1);
+  }
+  proto.ping(pub);
+  pub.wanted++;
+  await waitAcks(pub, pub.wanted, cfg.barrier_timeout_s * 1000);
+  target = start + missed;
+  const rssBefore = brokerRssKb();
+  let rssPeak = rssBefore;
+  const sampler = setInterval(() => {
+    const v = brokerRssKb();
+    if (v != null && (rssPeak == null || v > rssPeak)) rssPeak = v;
+  }, 20);
+  let recovered = 0;
+  let notRecovered = 0;
+  const done = new Promise((resolve) => (onCaughtUp = resolve));
+  const c0 = cpuMark();
+  // all reconnect at once (bounded concurrency of handshakes) and resume
+  const again = await openMany(
+    n,
+    ROLE_READER,
+    (c, i) => {
+      c.idx = i;
+      c.onAckFrame = (buf, s, e) => {
+        const text = buf.toString('utf8', s, e);
+        if (text.includes('"recovered":true')) recovered++;
+        else notRecovered++;
+        c.onAckFrame = null;
+      };
+      c.text(Buffer.from(`{"op":"sub","id":1,"topic":"t0","since":{"epoch":"${epoch}","seq":${last[i]}}}`));
+      c.wanted++;
+    },
+    cfg.connect_concurrency,
+  );
+  const connected = cpuMark();
+  await Promise.race([done, sleep(cfg.barrier_timeout_s * 1000)]);
+  const c1 = cpuMark();
+  clearInterval(sampler);
+  await sleep(cfg.settle_s * 1000);
+  const rssAfter = brokerRssKb();
+  const replayS = (c1.t - c0.t) / 1000;
+  return {
+    ok: caughtUp === n && gaps === 0 && duplicates === 0 && notRecovered === 0,
+    ...(caughtUp === n ? {} : { error: `${n - caughtUp} of ${n} subscribers did not catch up` }),
+    subscribers: n,
+    missed,
+    recover_s: round(replayS, 3),
+    connect_s: round((connected.t - c0.t) / 1000, 3),
+    replayed_per_s: Math.round((n * missed) / replayS),
+    recovered,
+    not_recovered: notRecovered,
+    gaps,
+    duplicates,
+    rss_before_kb: rssBefore,
+    rss_peak_kb: rssPeak,
+    rss_after_kb: rssAfter,
+    ...cpuBetween(c0, c1),
+    open_after: again.filter((c) => !c.closed).length,
+    unexpected_closes: closes.length,
+  };
+}
+
 async function runStream() {
   const n = cfg.n;
   gotBy = new Uint32Array(n);
@@ -825,6 +956,7 @@ const SCENARIOS = {
   idle: runIdle,
   slow: runSlow,
   connect: runConnect,
+  recovery: runRecovery,
   stream: runStream,
 };
 

@@ -86,7 +86,7 @@ const broker = {
       if (op === 0x6d && buf[s + 8] === 0x73 && buf[s + 9] === 0x67 && buf[s + 10] === 0x22) {
         sink.msg(buf, s, e); // "msg"
       } else if (op === 0x6f || op === 0x70) {
-        sink.ack(); // "ok" or "pong"
+        sink.ack(buf, s, e); // "ok" or "pong"
       } else if (op === 0x64) {
         const at = buf.subarray(s, e).indexOf(J_COUNT);
         sink.dropped(at < 0 ? 1 : readDigits(buf, s + at + J_COUNT.length, e));

@@ -89,15 +89,16 @@ class Stored:
     def topic(self) -> str:
         return self.log.topic
 
-    def frame(self, encoding: str, snapshot: bool, build: Callable[[Stored], bytes]) -> bytes:
-        """This message's frame for *encoding* (a snapshot copy if *snapshot*),
-        built by *build* the first time and kept for later replays."""
+    def frame(self, kind: tuple[str, bool], build: Callable[[Stored], bytes]) -> bytes:
+        """This message's frame of *kind* (encoding, and whether it is a
+        snapshot copy), built by *build* the first time and kept for later
+        replays."""
         frames = self.frames
         if frames is None:
             frames = self.frames = {}
-        found = frames.get((encoding, snapshot))
+        found = frames.get(kind)
         if found is None:
-            found = frames[(encoding, snapshot)] = build(self)
+            found = frames[kind] = build(self)
         return found
 
     @property
