@@ -81,20 +81,20 @@ def upgrade(path: str = "/ws", headers: Sequence[tuple[str, str]] = ()) -> bytes
 
 
 async def exchange(
-    broker: Broker,
+    port: int,
     data: bytes | Sequence[bytes],
     *,
     source: str = PROXY,
     tls: ssl.SSLContext | None = None,
     eof: bool = False,
 ) -> bytes:
-    """Connect from *source*, send *data* (pieces in order; with *eof*, then
+    """Connect from *source* to *port*, send *data* (pieces in order; with *eof*, then
     end the sending side), and return what the broker answers until it
     closes the connection or a response head has come (b"" when it closes
     without a word)."""
     sock = trio.socket.socket()
     await sock.bind((source, 0))
-    await sock.connect(("127.0.0.1", broker.port))
+    await sock.connect(("127.0.0.1", port))
     stream: trio.abc.Stream = trio.SocketStream(sock)
     pieces = [data] if isinstance(data, bytes) else list(data)
     answer = b""
@@ -208,7 +208,7 @@ async def test_per_ip_limit_applies_to_the_forwarded_address(
     b = [("X-Forwarded-For", "203.0.113.8")]
     async with raw_connect(broker.url, source=PROXY, headers=a):
         # A second connection of the same client is one too many...
-        answer = await exchange(broker, upgrade(headers=a))
+        answer = await exchange(broker.port, upgrade(headers=a))
         assert status(answer) == 429 and b"too many connections" in answer
         # ... while another client, through the same proxy, gets in.
         # The proxy's own connections (no client named) are exempt.
@@ -229,7 +229,7 @@ async def test_per_ip_limit_of_a_direct_client_is_unchanged(start_broker: Broker
     )
     async with raw_connect(broker.url, source=CLIENT):
         answer = await exchange(
-            broker, upgrade(headers=[("X-Forwarded-For", "203.0.113.9")]), source=CLIENT
+            broker.port, upgrade(headers=[("X-Forwarded-For", "203.0.113.9")]), source=CLIENT
         )
         assert status(answer) == 429
 
@@ -238,7 +238,7 @@ async def test_allow_insecure_with_trusted_proxies_serves_the_proxies_only(
     start_broker: BrokerFactory,
 ) -> None:
     broker, _ = await start(start_broker, {"trusted_proxies": [PROXY], "allow_insecure": True})
-    answer = await exchange(broker, upgrade(), source=CLIENT)
+    answer = await exchange(broker.port, upgrade(), source=CLIENT)
     assert status(answer) == 403 and b"trusted proxies" in answer
     assert broker.stats.rejected["not_proxied"] == 1
     async with raw_connect(broker.url, source=PROXY, headers=[("X-Forwarded-For", CLIENT)]) as c:
@@ -314,7 +314,7 @@ async def test_proxy_protocol_before_tls(
     assert seen.handshakes[0].peer == ("203.0.113.10", 40003)
     assert seen.handshakes[0].tls
     # Without the header, the ClientHello itself is refused as not one.
-    assert await exchange(broker, [b"", b"x"], tls=client_ssl) == b""
+    assert await exchange(broker.port, [b"", b"x"], tls=client_ssl) == b""
     assert broker.stats.rejected["proxy_protocol"] == 1
 
 
@@ -325,7 +325,7 @@ async def test_proxy_protocol_per_ip_limit_and_forwarded_headers(
     broker, seen = await start(start_broker, listener, limits={"max_connections_per_ip": 1})
     header = v1("203.0.113.11", 1, broker.port)
     async with raw_connect(broker.url, source=PROXY, prefix=header):
-        assert status(await exchange(broker, header + upgrade())) == 429
+        assert status(await exchange(broker.port, header + upgrade())) == 429
     # A PROXY header naming another trusted proxy: its forwarded header counts...
     xff = [("X-Forwarded-For", "198.51.100.5")]
     async with raw_connect(broker.url, source=PROXY, prefix=v1("10.1.2.3", 2, 1), headers=xff):
@@ -353,7 +353,7 @@ async def test_proxy_protocol_bad_headers_are_refused_without_an_answer(
     start_broker: BrokerFactory, data: bytes, reason: str
 ) -> None:
     broker, seen = await start(start_broker, PROXY_PROTOCOL)
-    assert await exchange(broker, data, eof=True) == b""
+    assert await exchange(broker.port, data, eof=True) == b""
     await wait_until(lambda: broker.stats.rejected[reason] == 1)
     assert not seen.handshakes
     await wait_until(lambda: not broker._per_ip and not broker.sockets_open)
@@ -364,7 +364,7 @@ async def test_proxy_protocol_from_an_untrusted_peer_is_refused(
 ) -> None:
     broker, seen = await start(start_broker, PROXY_PROTOCOL)
     header = v1("203.0.113.1", 1, broker.port)
-    assert await exchange(broker, header + upgrade(), source=CLIENT) == b""
+    assert await exchange(broker.port, header + upgrade(), source=CLIENT) == b""
     assert broker.stats.rejected["untrusted_proxy"] == 1
     assert not seen.handshakes
 
