@@ -45,13 +45,17 @@ ALICE = "127.0.0.2"
 BOB = "127.0.0.3"
 
 
-def deploy_block(heading: str, language: str) -> str:
-    """The first ``language`` code block under the docs/deploy.md heading *heading*."""
+def deploy_block(heading: str, language: str, index: int = 0) -> str:
+    """The *index*-th ``language`` code block under the docs/deploy.md heading
+    *heading* (and before the next heading of the same level)."""
     text = DEPLOY.read_text(encoding="utf-8")
-    start = text.index(f"\n{heading}\n")
-    match = re.compile(rf"```{language}\n(.*?)```", re.DOTALL).search(text, start)
-    assert match is not None, f"no {language} block under {heading!r}"
-    return match.group(1)
+    start = text.index(f"\n{heading}\n") + len(heading) + 2
+    level = heading.split(" ")[0]
+    end = text.find(f"\n{level} ", start)
+    section = text[start : end if end >= 0 else len(text)]
+    blocks = re.findall(rf"^```{language}\n(.*?)^```", section, re.DOTALL | re.MULTILINE)
+    assert len(blocks) > index, f"no {language} block #{index} under {heading!r}"
+    return str(blocks[index])
 
 
 def adapt(snippet: str, changes: Mapping[str, str]) -> str:
@@ -72,6 +76,42 @@ def stream_module() -> str | None:
     found = re.search(r"--modules-path=(\S+)", info)
     module = Path(found.group(1) if found else "/usr/lib/nginx/modules") / "ngx_stream_module.so"
     return f"load_module {module};\n" if module.is_file() else None
+
+
+@asynccontextmanager
+async def run_server(argv: list[str], port: int, logs: Path) -> AsyncIterator[None]:
+    """Run *argv* (a proxy in the foreground) until the block ends; wait
+    until it accepts connections on *port*. Its output goes to *logs*
+    (quoted, with the files next to it, if it exits early)."""
+    with logs.open("wb") as out:
+        process = await trio.lowlevel.open_process(
+            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out
+        )
+    try:
+        # An external process: poll its port, with a deadline.
+        with trio.fail_after(10):
+            while True:
+                if process.poll() is not None:
+                    found = "\n".join(
+                        f"{f.name}:\n{f.read_text()}" for f in logs.parent.glob("*.log")
+                    )
+                    raise AssertionError(f"{argv[0]} exited:\n{found}")
+                try:
+                    probe = await trio.open_tcp_stream("127.0.0.1", port)
+                except OSError:
+                    await trio.sleep(0.02)
+                else:
+                    await probe.aclose()
+                    break
+        yield
+    finally:
+        process.terminate()  # nginx and HAProxy stop at once on SIGTERM
+        with trio.move_on_after(5, shield=True):
+            await process.wait()
+        if process.poll() is None:
+            process.kill()
+            with trio.CancelScope(shield=True):
+                await process.wait()
 
 
 @asynccontextmanager
@@ -107,41 +147,9 @@ async def run_nginx(
         "}\n"
         f"{stream}\n"
     )
-    log = prefix / "stderr.log"
-    with log.open("wb") as out:
-        process = await trio.lowlevel.open_process(
-            [NGINX, "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")],
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=out,
-        )
-    try:
-        # An external process: poll its port, with a deadline.
-        with trio.fail_after(10):
-            while True:
-                if process.poll() is not None:
-                    errors = (
-                        (prefix / "error.log").read_text()
-                        if (prefix / "error.log").exists()
-                        else ""
-                    )
-                    raise AssertionError(f"nginx exited: {log.read_text()}{errors}")
-                try:
-                    probe = await trio.open_tcp_stream("127.0.0.1", port)
-                except OSError:
-                    await trio.sleep(0.02)
-                else:
-                    await probe.aclose()
-                    break
+    argv = [NGINX, "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")]
+    async with run_server(argv, port, prefix / "stderr.log"):
         yield
-    finally:
-        process.terminate()  # SIGTERM: nginx's fast shutdown
-        with trio.move_on_after(5, shield=True):
-            await process.wait()
-        if process.poll() is None:
-            process.kill()
-            with trio.CancelScope(shield=True):
-                await process.wait()
 
 
 @pytest.fixture
