@@ -527,6 +527,9 @@ def test_forwarded_and_x_forwarded_for_agree() -> None:
         ("[203.0.113.7]", None),
         ("fe80::1%eth0", None),
         ("example.com", None),
+        ("203.0.113.07", None),  # heading zero: octal to some parsers
+        ("256.0.113.7", None),
+        ("203.0.113", None),
         ("\uff11.2.3.4", None),  # a fullwidth digit
     ],
 )
@@ -590,6 +593,12 @@ def test_trusted_proxies() -> None:
     assert 17 not in TRUSTED
     assert not TrustedProxies() and "127.0.0.1" not in TrustedProxies()
     assert TRUSTED
+    # Answers are remembered for a bounded number of addresses, and stay right.
+    trusted = TrustedProxies(["10.0.0.0/8"])
+    for i in range(10_000):
+        assert (f"10.0.{i // 256}.{i % 256}" in trusted) is True
+        assert (f"11.0.{i // 256}.{i % 256}" in trusted) is False
+    assert len(trusted._known) <= 4096
 
 
 def test_check_network_reasons() -> None:

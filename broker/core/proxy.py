@@ -240,15 +240,24 @@ def _parse_v1(buf: bytearray) -> ProxyHeader | None:
 def _v1_ip(text: str, protocol: str) -> str:
     try:
         if protocol == "TCP4":
-            if not _V1_IPV4.fullmatch(text):
+            if _dotted_quad(text) is None:
                 raise ValueError
-            return str(ipaddress.IPv4Address(text))
+            return text
         if not _V1_IPV6.fullmatch(text) or ":" not in text:
             raise ValueError
         return _canonical(ipaddress.IPv6Address(text))
     except ValueError:
         family = "IPv4" if protocol == "TCP4" else "IPv6"
         raise ProxyProtocolError(f"PROXY v1 {protocol} address {text!r} is not {family}") from None
+
+
+def _dotted_quad(text: str) -> str | None:
+    """*text* if it is an IPv4 address in canonical dotted-quad form (four
+    numbers up to 255, no heading zeros), else None. Much cheaper than
+    :class:`ipaddress.IPv4Address`, on the path of every connection."""
+    if _V1_IPV4.fullmatch(text) and all(int(part) <= 255 for part in text.split(".")):
+        return text
+    return None
 
 
 def _v1_port(text: str) -> int:
@@ -387,10 +396,13 @@ class TrustedProxies:
     address (``::ffff:10.0.0.5``) is checked as the IPv4 address it maps.
     """
 
-    __slots__ = ("_networks",)
+    __slots__ = ("_known", "_networks")
 
     def __init__(self, entries: Iterable[str] = ()) -> None:
         self._networks = tuple(check_network(e) for e in entries)
+        #: Answers already given (parsing an address costs microseconds,
+        #: and the same few proxies connect again and again).
+        self._known: dict[str, bool] = {}
 
     def __bool__(self) -> bool:
         return bool(self._networks)
@@ -398,6 +410,14 @@ class TrustedProxies:
     def __contains__(self, address: object) -> bool:
         if not self._networks or not isinstance(address, str):
             return False
+        known = self._known.get(address)
+        if known is None:
+            if len(self._known) >= _KNOWN_ADDRESSES:
+                self._known.clear()
+            known = self._known[address] = self._match(address)
+        return known
+
+    def _match(self, address: str) -> bool:
         try:
             ip = ipaddress.ip_address(address)
         except ValueError:
@@ -405,6 +425,10 @@ class TrustedProxies:
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
         return any(ip in network for network in self._networks)
+
+
+#: Most addresses a TrustedProxies remembers its answer for.
+_KNOWN_ADDRESSES: Final = 4096
 
 
 # -- forwarded headers ------------------------------------------------------------------
@@ -460,6 +484,9 @@ def parse_node(text: str) -> Address | None:
         host = text
     if "%" in host or not host.isascii():
         return None
+    if "." in host and ":" not in host:
+        quad = _dotted_quad(host)
+        return (quad, port) if quad is not None else None
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
