@@ -201,16 +201,29 @@ class RawClient:
         *,
         rcvbuf: int | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        source: str | None = None,
+        prefix: bytes = b"",
+        headers: Sequence[tuple[str, str]] = (),
     ) -> RawClient:
-        """Connect to a ``ws://`` URL, or to a ``wss://`` one with *ssl_context*."""
+        """Connect to a ``ws://`` URL, or to a ``wss://`` one with *ssl_context*.
+
+        *source* binds the socket to that address first (``127.0.0.2``: a
+        different client address on loopback); *prefix* is sent before
+        anything else (a PROXY protocol header); *headers* are added to the
+        request.
+        """
         parts = urlsplit(url)
         assert parts.hostname is not None and parts.port is not None
         sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
         if rcvbuf is not None:
             # Before connect(), so the window advertised in the SYN is small.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        if source is not None:
+            await sock.bind((source, 0))
         await sock.connect((parts.hostname, parts.port))
         stream = trio.SocketStream(sock)
+        if prefix:
+            await stream.send_all(prefix)
         tls = None
         if ssl_context is not None:
             tls = trio.SSLStream(stream, ssl_context, server_hostname=parts.hostname)
@@ -220,6 +233,7 @@ class RawClient:
             host=parts.netloc,
             target=parts.path or "/",
             subprotocols=[subprotocol] if subprotocol else [],
+            extra_headers=[(k.encode(), v.encode()) for k, v in headers],
         )
         await self.io.send_all(ws.send(request))
         event = await self.next_event()
@@ -312,8 +326,19 @@ async def raw_connect(
     *,
     rcvbuf: int | None = None,
     ssl_context: ssl.SSLContext | None = None,
+    source: str | None = None,
+    prefix: bytes = b"",
+    headers: Sequence[tuple[str, str]] = (),
 ) -> AsyncIterator[RawClient]:
-    client = await RawClient.open(url, subprotocol, rcvbuf=rcvbuf, ssl_context=ssl_context)
+    client = await RawClient.open(
+        url,
+        subprotocol,
+        rcvbuf=rcvbuf,
+        ssl_context=ssl_context,
+        source=source,
+        prefix=prefix,
+        headers=headers,
+    )
     try:
         yield client
     finally:

@@ -34,7 +34,14 @@ from broker.plugin.hookspecs import PROJECT, BrokerSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
-DOC_NAMES = ("protocol.md", "configuration.md", "plugins.md", "architecture.md", "operations.md")
+DOC_NAMES = (
+    "protocol.md",
+    "configuration.md",
+    "plugins.md",
+    "architecture.md",
+    "operations.md",
+    "deploy.md",
+)
 
 _HEADING = re.compile(r"^(#{1,6})\s")
 _CELL_SEP = re.compile(r"(?<!\\)\|")

@@ -25,6 +25,7 @@ from typing import Annotated, Any, Final, Literal
 
 from broker.core.errors import ConfigError
 from broker.core.outbox import Policy, QueueRule
+from broker.core.proxy import ForwardedHeader, check_network
 from broker.core.settings import Check, File, Meta, Port, TopicPattern, did_you_mean, parse
 
 __all__ = [
@@ -65,6 +66,8 @@ def _request_path(path: str) -> None:
 
 #: An HTTP request path.
 RequestPath = Annotated[str, Check(_request_path)]
+#: An IP address or network (``[listener] trusted_proxies``).
+IPNetwork = Annotated[str, Check(check_network)]
 
 
 def check_tls_pair(cert: str, key: str) -> None:
@@ -98,6 +101,15 @@ class ListenerConfig:
     tls_client_ca: PemFile = ""
     #: Whether TLS clients must present a certificate signed by tls_client_ca.
     tls_client_auth: Literal["none", "optional", "required"] = "none"
+    #: Addresses or networks of the proxies in front of the broker: only
+    #: from these is the client address taken from a PROXY protocol header
+    #: or a forwarded header (docs/deploy.md).
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    #: Every connection starts with a PROXY protocol header (v1 or v2)
+    #: from one of trusted_proxies; any other connection is refused.
+    proxy_protocol: bool = False
+    #: The request header a trusted proxy names the client in.
+    forwarded_header: ForwardedHeader = "x-forwarded-for"
 
     @property
     def tls(self) -> bool:
@@ -115,6 +127,11 @@ class ListenerConfig:
                 "tls_client_auth", "must be 'optional' or 'required' when tls_client_ca is set"
             )
         check_plain_listener(self.host, self.tls, self.allow_insecure, "ws://")
+        if self.proxy_protocol and not self.trusted_proxies:
+            raise ConfigError(
+                "proxy_protocol",
+                "needs trusted_proxies: the addresses allowed to send the PROXY header",
+            )
 
 
 @dataclass(frozen=True, slots=True)

@@ -104,7 +104,9 @@ class Handshake:
         query: query parameters; each name maps to all its values.
         headers: request headers, names lower-cased; repeated headers are
             joined with ``", "``.
-        peer: the client's (address, port).
+        peer: the client's (address, port); behind a proxy in ``[listener]
+            trusted_proxies``, the one the proxy named (port 0 if it named
+            none).
         listener_host: the address the listener is bound to.
         listener_loopback: True if that address is a loopback address.
         tls: True if the connection came over TLS.

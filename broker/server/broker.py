@@ -45,6 +45,13 @@ from broker.core.handshake import (
 )
 from broker.core.hub import Hub
 from broker.core.protocol import SUBPROTOCOLS, Encoding
+from broker.core.proxy import (
+    Address,
+    ProxyHeaderReader,
+    ProxyProtocolError,
+    TrustedProxies,
+    forwarded_client,
+)
 from broker.core.stats import BrokerStats
 from broker.core.values import Handshake, Identity, Refusal, Reject, SourcesContext
 from broker.core.version import VERSION
@@ -147,7 +154,10 @@ class Broker:
         self._listener_host = config.listener.host
         self._listener_loopback = is_loopback_host(config.listener.host)
         self._sockets_open = 0
+        #: Sockets open per client address (see _Remote, _name_client).
         self._per_ip: collections.Counter[str] = collections.Counter()
+        #: [listener] trusted_proxies as written, and parsed (see _trusted_proxies).
+        self._trusted: tuple[tuple[str, ...], TrustedProxies] = ((), TrustedProxies())
         self._ids = itertools.count(1)
         self._stop = trio.Event()
         self._idle = trio.Event()
@@ -467,6 +477,25 @@ class Broker:
 
     # -- one TCP connection ----------------------------------------------------
 
+    def _trusted_proxies(self) -> TrustedProxies:
+        """``[listener] trusted_proxies``, parsed once per configuration."""
+        entries = self.config.listener.trusted_proxies
+        if entries is not self._trusted[0] and entries != self._trusted[0]:
+            self._trusted = (entries, TrustedProxies(entries))
+        return self._trusted[1]
+
+    def _name_client(self, remote: _Remote, client: Address) -> None:
+        """A trusted proxy named *client*: the socket counts against that
+        address from now on (``max_connections_per_ip``), not the proxy's."""
+        old, new = remote.client[0], client[0]
+        remote.client = client
+        remote.named = True
+        if old != new:
+            self._per_ip[old] -= 1
+            if not self._per_ip[old]:
+                del self._per_ip[old]
+            self._per_ip[new] += 1
+
     async def _handle_stream(self, stream: trio.SocketStream) -> None:
         # One handler per accepted socket; it catches everything but
         # cancellation, and closes the socket whatever happens.
@@ -475,7 +504,10 @@ class Broker:
         except OSError:
             stream.socket.close()
             return
+        remote = _Remote(peer, peer[0] in self._trusted_proxies())
         self._sockets_open += 1
+        # Counted against the peer's address at once, so handshakes in
+        # progress count too; moved once a trusted proxy names the client.
         self._per_ip[peer[0]] += 1
         # Every line logged for this connection carries its id (broker.log).
         CONNECTION_ID.set(f"c{next(self._ids)}")
@@ -483,33 +515,48 @@ class Broker:
             # The handshake's objects (h11 state, parsed headers) are freed
             # when _serve_client returns; only the connection lives on.
             started = trio.current_time()
-            accepted = await self._serve_client(stream, peer)
+            accepted = await self._serve_client(stream, remote)
             self.metrics.handshake_duration.observe(trio.current_time() - started)
             if accepted is not None:
-                await self._run_connection(*accepted)
+                await self._run_connection(*accepted, via=remote.via)
         except Exception:
-            log.exception("unexpected error serving %s:%d", *peer)
+            log.exception("unexpected error serving %s:%d", *remote.client)
         finally:
             # Already closed after a connection; not after a refused handshake.
             stream.socket.close()
             self._sockets_open -= 1
-            self._per_ip[peer[0]] -= 1
-            if not self._per_ip[peer[0]]:
-                del self._per_ip[peer[0]]
+            counted = remote.client[0]
+            self._per_ip[counted] -= 1
+            if not self._per_ip[counted]:
+                del self._per_ip[counted]
             if self._stop.is_set() and not self._sockets_open:
                 self._idle.set()
 
     async def _serve_client(
-        self, tcp: trio.SocketStream, peer: tuple[str, int]
+        self, tcp: trio.SocketStream, remote: _Remote
     ) -> tuple[Connection, bytes] | None:
-        """TLS, the opening handshake and authentication: the accepted
-        connection and the bytes that came after the request, or None."""
+        """The PROXY header, TLS, the opening handshake and authentication:
+        the accepted connection and the bytes that came after the request,
+        or None."""
         limits = self.config.limits
+        listener = self.config.listener
+        peer = remote.client
+        if listener.proxy_protocol and not remote.trusted:
+            # Anyone else could claim any address in a PROXY header.
+            self.stats.rejected["untrusted_proxy"] += 1
+            log.info("refused %s:%d: proxy_protocol is on and it is not a trusted proxy", *peer)
+            return None
         stream: trio.SocketStream | TLSStream = tcp
         cert: dict[str, Any] | None = None
         request: UpgradeRequest | None = None
         with trio.move_on_after(limits.handshake_timeout) as timeout:
             try:
+                if listener.proxy_protocol:
+                    # Before TLS: the proxy writes it ahead of the ClientHello.
+                    if not await self._read_proxy_header(tcp, remote):
+                        self.stats.rejected["closed"] += 1
+                        return None
+                    peer = remote.client
                 if self.ssl_context is not None:
                     tls = TLSStream(tcp, self.ssl_context)
                     await tls.do_handshake()
@@ -518,6 +565,10 @@ class Broker:
                 parser = HandshakeParser()
                 while request is None:
                     request = parser.feed(await stream.receive_some(4096))
+            except ProxyProtocolError as e:
+                self.stats.rejected["proxy_protocol"] += 1
+                log.info("bad PROXY protocol header from %s:%d: %s", *peer, e)
+                return None
             except HandshakeError as e:
                 self.stats.rejected["bad_request"] += 1
                 log.info("bad handshake from %s:%d: %d %s", *peer, e.status, e.reason)
@@ -533,8 +584,16 @@ class Broker:
             log.info("handshake timeout from %s:%d", *peer)
             self.stats.rejected["handshake_timeout"] += 1
             return None
+        header = listener.forwarded_header
+        trusted = self._trusted_proxies()
+        if header != "none" and peer[0] in trusted:
+            values = [value for name, value in request.headers if name == header]
+            client = forwarded_client(header, values, peer, trusted)
+            if client is not None:
+                self._name_client(remote, client)
+                peer = remote.client
         try:
-            terms = await self._authenticate(request, peer, cert)
+            terms = await self._authenticate(request, remote, cert)
         except Exception:
             log.exception("handshake from %s:%d failed", *peer)
             terms = Reject(500, "internal error")
@@ -557,11 +616,62 @@ class Broker:
         )
         return conn, request.trailing
 
+    async def _read_proxy_header(self, tcp: trio.SocketStream, remote: _Remote) -> bool:
+        """Read the PROXY protocol header the connection starts with, and
+        nothing after it: the bytes are peeked at, and only the header's are
+        taken from the socket, so that TLS or HTTP reads the rest. False if
+        the peer closed the connection (or reset it) before the header.
+
+        Raises:
+            ProxyProtocolError: not a valid header, or a truncated one.
+        """
+        sock = tcp.socket
+        reader = ProxyHeaderReader()
+        seen = False
+        try:
+            while reader.header is None:
+                data = await sock.recv(reader.wanted, socket.MSG_PEEK)
+                if not data:
+                    if seen:
+                        raise ProxyProtocolError("the connection closed inside the PROXY header")
+                    return False
+                seen = True
+                used = reader.feed(data)
+                while used:  # peeked, so there: take exactly these bytes
+                    taken = await sock.recv(used)
+                    if not taken:
+                        raise ProxyProtocolError("the connection closed inside the PROXY header")
+                    used -= len(taken)
+        except OSError as e:
+            log.debug("connection from %s:%d failed in the PROXY header: %r", *remote.tcp, e)
+            return False
+        header = reader.header
+        if header.source is not None:
+            self._name_client(remote, header.source)
+        log.debug(
+            "PROXY v%d %s header from %s:%d: client %s:%d",
+            header.version,
+            header.command.upper(),
+            *remote.tcp,
+            *remote.client,
+        )
+        return True
+
     async def _authenticate(
-        self, request: UpgradeRequest, peer: tuple[str, int], cert: dict[str, Any] | None
+        self, request: UpgradeRequest, remote: _Remote, cert: dict[str, Any] | None
     ) -> tuple[Identity, Encoding, str | None] | Reject:
         """Check path, subprotocol, limits and credentials: the terms, or a refusal."""
         cfg = self.config
+        peer = remote.client
+        if (
+            cfg.listener.allow_insecure
+            and self.ssl_context is None
+            and not remote.trusted
+            and self._trusted_proxies()
+        ):
+            # allow_insecure with trusted_proxies: plain ws:// is for the proxies.
+            reject = Reject(403, "plain ws:// is only served through the trusted proxies")
+            return self._refuse(peer, reject, "not_proxied")
         url = urlsplit(request.target)
         if url.path != cfg.listener.path:
             return self._refuse(peer, Reject(404, f"no WebSocket endpoint at {url.path}"), "path")
@@ -579,7 +689,10 @@ class Broker:
         # Sockets, not accepted connections: handshakes in progress count too.
         if self._sockets_open > limits.max_connections:
             return self._refuse(peer, Reject(503, "too many connections"), "max_connections")
-        if self._per_ip[peer[0]] > limits.max_connections_per_ip:
+        # A trusted proxy's own connections (no client named) are exempt:
+        # it carries every client's.
+        exempt = remote.trusted and not remote.named
+        if not exempt and self._per_ip[peer[0]] > limits.max_connections_per_ip:
             reject = Reject(429, "too many connections from this address")
             return self._refuse(peer, reject, "max_per_ip")
         headers: dict[str, str] = {}
@@ -607,16 +720,17 @@ class Broker:
         log.info("rejected %s:%d with %d: %s", *peer, reject.status, reject.reason)
         return reject
 
-    async def _run_connection(self, conn: Connection, initial: bytes) -> None:
+    async def _run_connection(self, conn: Connection, initial: bytes, *, via: str = "") -> None:
         identity, peer, encoding = conn.identity, conn.peer, conn.encoding
         self.stats.accepted += 1
         self.connections.add(conn)
         if identity.expires_at is not None:
             self.identity_changed()
         log.info(
-            "%s connected from %s:%d as %s (%s, %s)",
+            "%s connected from %s:%d%s as %s (%s, %s)",
             conn.id,
             *peer,
+            via,
             identity.subject,
             identity.plugin or "-",
             encoding.value,
@@ -694,6 +808,31 @@ class Broker:
                 elif silent > interval and not conn.ping_outstanding:
                     conn.send_ping()
             self.hub.flush()
+
+
+class _Remote:
+    """The other end of one accepted socket, as the accept path learns it."""
+
+    __slots__ = ("client", "named", "tcp", "trusted")
+
+    def __init__(self, tcp: Address, trusted: bool) -> None:
+        #: The socket's peer.
+        self.tcp = tcp
+        #: Whether that peer is one of ``[listener] trusted_proxies``.
+        self.trusted = trusted
+        #: The client: the peer, until a trusted proxy names another address
+        #: (PROXY header, forwarded header). Logs, limits and plugins use it.
+        self.client = tcp
+        #: Whether a trusted proxy named the client (even as itself).
+        self.named = False
+
+    @property
+    def via(self) -> str:
+        """`` via PROXY:PORT`` for a client named by a proxy, else ``""``."""
+        if not self.named:
+            return ""
+        host = f"[{self.tcp[0]}]" if ":" in self.tcp[0] else self.tcp[0]
+        return f" via {host}:{self.tcp[1]}"
 
 
 async def _send_quietly(stream: trio.abc.Stream, data: bytes) -> None:
