@@ -314,6 +314,25 @@ async def test_noauth_only_on_loopback() -> None:
     assert isinstance(result, Reject) and result.status == 403
 
 
+@pytest.mark.parametrize(
+    ("peer", "headers"),
+    [
+        # a client a trusted proxy named
+        (("203.0.113.7", 0), {}),
+        # a proxy on loopback that the broker was not told to trust
+        (("127.0.0.1", 5), {"x-forwarded-for": "203.0.113.7"}),
+        (("127.0.0.1", 5), {"forwarded": "for=203.0.113.7"}),
+    ],
+)
+async def test_noauth_refuses_clients_a_proxy_brings(
+    peer: tuple[str, int], headers: dict[str, str]
+) -> None:
+    host = PluginHost.from_config(config_from_dict({}))
+    forwarded = Handshake("/ws", {}, headers, peer, "127.0.0.1", True, False)
+    result = await host.authenticate(forwarded, by_timeout())
+    assert isinstance(result, Reject) and result.status == 403
+
+
 @pytest.mark.parametrize("style", ["wrapper", "hookwrapper"])
 def test_hook_wrappers_are_refused(style: str) -> None:
     class Wrapping:

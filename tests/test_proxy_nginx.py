@@ -260,7 +260,9 @@ async def idle_through_nginx(
         {
             "listener": broker_listener("## nginx"),
             "limits": {"ping_interval": ping_interval, "ping_timeout": 5.0},
-        }
+            "plugins": {"enabled": ["seen"]},
+        },
+        factories=plugin(Seen()),
     )
     port = free_port()
     url = f"wss://127.0.0.1:{port}/ws"

@@ -23,7 +23,7 @@ from broker.core.proxy import V2_SIGNATURE
 from broker.ops.reload import reload_broker
 from broker.plugin.host import PluginFactory
 from tests.conftest import BrokerFactory
-from tests.helpers import WAIT, raw_connect, wait_until
+from tests.helpers import TOKEN, WAIT, raw_connect, wait_until
 from tests.test_reload import BASE, serve_file
 
 PROXY = "127.0.0.1"
@@ -41,7 +41,8 @@ class Seen:
     @hookimpl
     def broker_authenticate(self, handshake: Handshake) -> Identity | Reject | None:
         self.handshakes.append(handshake)
-        return None  # noauth decides
+        # Admits everyone: noauth refuses what a proxy forwards, as it must.
+        return Identity("anonymous", plugin="seen")
 
     @hookimpl
     def broker_connected(self, client: ClientInfo) -> None:
@@ -142,6 +143,20 @@ def v2(source: str, sport: int, port: int, *, local: bool = False, tlvs: bytes =
 
 
 # -- forwarded headers ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("trusted", [True, False])
+async def test_default_noauth_refuses_what_a_proxy_forwards(
+    start_broker: BrokerFactory, trusted: bool
+) -> None:
+    """The built-in defaults (noauth) behind a proxy on loopback: anonymous
+    access stays local, whether or not the proxy is trusted."""
+    listener = {"trusted_proxies": [PROXY]} if trusted else {}
+    broker = await start_broker({"listener": listener})
+    answer = await exchange(broker.port, upgrade(headers=[("X-Forwarded-For", "203.0.113.7")]))
+    assert status(answer) == 403
+    assert b"anonymous access" in answer
+    assert status(await exchange(broker.port, upgrade())) == 101  # a local client
 
 
 async def test_x_forwarded_for_from_a_trusted_proxy_names_the_client(
@@ -385,15 +400,20 @@ async def test_proxy_protocol_header_counts_against_the_handshake_timeout(
 
 async def test_reload_applies_trusted_proxies_to_new_connections(tmp_path: Path) -> None:
     path = tmp_path / "broker.toml"
-    path.write_text(BASE)
-    xff = [("X-Forwarded-For", "203.0.113.7")]
+    # An authentication plugin: noauth refuses what a proxy forwards.
+    base = BASE + (
+        '[plugins]\nenabled = ["tokens"]\n'
+        f'[plugin.tokens]\ntokens = [{{ id = "alice", token = "{TOKEN}" }}]\n'
+    )
+    path.write_text(base)
+    xff = [("X-Forwarded-For", "203.0.113.7"), ("Authorization", f"Bearer {TOKEN}")]
     async with (
         serve_file(path) as broker,
         raw_connect(broker.url, source=PROXY, headers=xff) as before,
     ):
         await before.send({"op": "ping", "id": 1})
         await before.recv()
-        path.write_text(BASE.replace("[admin]", 'trusted_proxies = ["127.0.0.1"]\n[admin]'))
+        path.write_text(base.replace("[admin]", 'trusted_proxies = ["127.0.0.1"]\n[admin]'))
         result = await reload_broker(broker)
         assert result.ok and result.changed == ("listener.trusted_proxies",)
         async with raw_connect(broker.url, source=PROXY, headers=xff) as after:

@@ -1,8 +1,12 @@
-"""noauth: anonymous access, but only on a loopback listener.
+"""noauth: anonymous access, but only for clients on this machine.
 
 Enabled in the default configuration so that ``broker serve`` works out of
-the box on 127.0.0.1. On a listener bound to any other address it rejects
-every handshake (403): exposing an unauthenticated broker takes writing an
+the box on 127.0.0.1. It admits a handshake only when the listener is bound
+to a loopback address, the client is on loopback too, and no proxy forwarded
+the request (a proxy on loopback carries clients from anywhere: behind
+``[listener] trusted_proxies`` the client is the address the proxy names; a
+request with ``Forwarded`` or ``X-Forwarded-For`` is refused either way).
+Anything else gets 403: exposing an unauthenticated broker takes writing an
 authentication plugin or enabling one, never a forgotten default.
 
 It takes no settings.
@@ -33,13 +37,19 @@ log = logging.getLogger("broker.plugins.noauth")
 
 
 class NoAuth:
-    """Authenticates every client on a loopback listener as ``anonymous``."""
+    """Authenticates every client of this machine as ``anonymous``."""
 
     @hookimpl(trylast=True)
     def broker_authenticate(self, handshake: Handshake) -> Identity | Reject | None:
-        if handshake.listener_loopback:
-            return ANONYMOUS
-        return Reject(403, "anonymous access is only allowed on a loopback listener")
+        if not handshake.listener_loopback:
+            return Reject(403, "anonymous access is only allowed on a loopback listener")
+        if not is_loopback_host(handshake.peer[0]):
+            return Reject(403, "anonymous access is only allowed to clients on this machine")
+        if "forwarded" in handshake.headers or "x-forwarded-for" in handshake.headers:
+            return Reject(
+                403, "anonymous access is not allowed through a proxy: enable an auth plugin"
+            )
+        return ANONYMOUS
 
 
 @dataclass(frozen=True)
