@@ -301,6 +301,38 @@ async def test_oversize_head_is_431(nursery: trio.Nursery, size: int) -> None:
     assert answer.status == 200
 
 
+def sized_get(size: int) -> bytes:
+    """A GET whose head (the final empty line included) is exactly *size* bytes."""
+    base = get("/sized", "Connection: close")
+    pad = size - len(base) - len("X-Pad: \r\n")
+    raw = base[:-2] + b"X-Pad: " + b"a" * pad + b"\r\n\r\n"
+    assert len(raw) == size
+    return raw
+
+
+@pytest.mark.parametrize("chunk", [None, 1000])
+async def test_head_limit_is_exact_whatever_the_writes(
+    nursery: trio.Nursery, chunk: int | None
+) -> None:
+    """16,384 bytes of head are served, one more is 431: in one write (read
+    in pieces by the server) and in 1,000-byte writes."""
+    served = await serve(nursery)  # the default max_head_size, 16 KiB
+
+    async def status(raw: bytes) -> int:
+        stream = await served.connect()
+        async with stream:
+            step = chunk or len(raw)
+            for i in range(0, len(raw), step):
+                await stream.send_all(raw[i : i + step])
+            (answer,) = parse(await read_all(stream))
+        return answer.status
+
+    assert await status(sized_get(16_384)) == 200
+    for size in (16_385, 16_451, 20_480):
+        assert await status(sized_get(size)) == 431
+    assert [r.target for r in served.endpoint.seen] == ["/sized"]
+
+
 async def test_declared_oversize_body_is_413_before_it_is_sent(nursery: trio.Nursery) -> None:
     served = await serve(nursery, max_body_size=100)
     stream = await served.connect()

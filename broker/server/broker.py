@@ -30,7 +30,7 @@ import ssl
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 import trio
 
@@ -562,9 +562,11 @@ class Broker:
     ) -> tuple[Identity, Encoding, str | None] | Reject:
         """Check path, subprotocol, limits and credentials: the terms, or a refusal."""
         cfg = self.config
-        url = urlsplit(request.target)
-        if url.path != cfg.listener.path:
-            return self._refuse(peer, Reject(404, f"no WebSocket endpoint at {url.path}"), "path")
+        # The path exactly as sent (origin-form, checked by the parser):
+        # "//host/ws" is the path "//host/ws", not a host and "/ws".
+        if request.path != cfg.listener.path:
+            reject = Reject(404, f"no WebSocket endpoint at {request.path[:100]}")
+            return self._refuse(peer, reject, "path")
         subprotocol: str | None = None
         encoding = Encoding.JSON
         if request.subprotocols:
@@ -586,8 +588,8 @@ class Broker:
         for key, text in request.headers:
             headers[key] = f"{headers[key]}, {text}" if key in headers else text
         handshake = Handshake(
-            path=url.path,
-            query={k: tuple(v) for k, v in parse_qs(url.query).items()},
+            path=request.path,
+            query={k: tuple(v) for k, v in parse_qs(request.query).items()},
             headers=headers,
             peer=peer,
             listener_host=self._listener_host,
