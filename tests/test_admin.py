@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,11 +21,20 @@ from prometheus_client.openmetrics.parser import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from broker import Broker, Identity, PluginContext, config_from_dict, hookimpl
+from broker import (
+    Broker,
+    Identity,
+    PluginContext,
+    SourceError,
+    SourcesContext,
+    config_from_dict,
+    hookimpl,
+)
 from broker.core.errors import ConfigError
 from broker.engine import MemoryEngine
 from broker.ops.admin import LIMITS
 from broker.ops.metrics import PUBLISH_RESULTS
+from broker.sources import Backoff, Publisher, SourceState
 from tests.conftest import BrokerFactory
 from tests.helpers import connect, raw_connect, wait_until
 from tests.service import http_get
@@ -465,6 +476,65 @@ async def test_api_stats(start_broker: BrokerFactory) -> None:
     assert stats["tls"] is False
     assert stats["last_reload"] is None
     assert stats["sources"] == []
+
+
+class FailingSource:
+    """Publishes one message, skips one, then fails; restarts only in 60 s."""
+
+    name = "ticker"
+    identity = Identity("feeds:ticker", plugin="feeds")
+    backoff = Backoff(min=60.0, max=60.0)
+
+    async def run(self, publisher: Publisher) -> None:
+        await publisher.publish("ticks.a", 1)
+        publisher.skip("not JSON")
+        raise SourceError("upstream down")
+
+    def status(self) -> dict[str, Any]:
+        return {"url": "wss://feed.example/"}
+
+
+class FeedsPlugin:
+    @hookimpl
+    def broker_sources(self, broker: SourcesContext) -> list[Any]:
+        return [FailingSource()]
+
+
+def documented_status_fields() -> list[str]:
+    """The fields of a source status, from the table in docs/sources.md."""
+    text = (Path(__file__).parent.parent / "docs" / "sources.md").read_text()
+    table = text.split("| field | meaning |", 1)[1].split("\n\n", 1)[0]
+    return re.findall(r"^\| `(\w+)` \|", table, re.MULTILINE)
+
+
+async def test_api_stats_shows_the_full_source_status(start_broker: BrokerFactory) -> None:
+    broker = await start_broker(
+        {"plugins": {"enabled": ["noauth", "feeds"]}},
+        factories={"feeds": lambda settings, context: FeedsPlugin()},
+    )
+    (supervisor,) = broker.sources
+    await wait_until(lambda: supervisor.state is SourceState.BACKING_OFF)
+    status, _, body = await get(broker, "/api/stats")
+    assert status == 200
+    (source,) = json.loads(body)["sources"]
+    fields = documented_status_fields()
+    assert len(fields) == 15
+    assert sorted(source) == sorted(fields)  # every documented field, and no other
+    assert source["name"] == "ticker"
+    assert source["plugin"] == "feeds"
+    assert source["subject"] == "feeds:ticker"
+    assert source["state"] == "backing_off"
+    assert (source["restarts"], source["failures"]) == (0, 1)
+    assert source["last_error"] == "upstream down"
+    assert isinstance(source["last_error_at"], float)
+    assert 0 < source["retry_in"] <= 60.0
+    assert (source["published"], source["rejected"]) == (1, 0)
+    assert (source["skipped"], source["ignored"]) == (1, 0)
+    assert source["detail"] == {"url": "wss://feed.example/"}
+    # The docs' example carries the same fields.
+    text = (Path(__file__).parent.parent / "docs" / "sources.md").read_text()
+    example = text.split("```json\n", 1)[1].split("```", 1)[0]
+    assert sorted(json.loads(example)) == sorted(fields)
 
 
 async def test_failed_tls_handshakes_are_counted(

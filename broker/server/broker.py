@@ -226,9 +226,9 @@ class Broker:
         hub = self.hub
         connections = list(self.connections)
         ready, reasons = self.readiness()
-        sources: list[dict[str, Any]] = []
-        for status in source_statuses(self):
-            sources.append(status)
+        # Each source's full status (docs/sources.md), not the reduced one
+        # the metrics use.
+        sources = [supervisor.status() for supervisor in self.sources]
         return {
             "version": VERSION,
             "uptime_seconds": round(time.time() - self.started_at, 3),
