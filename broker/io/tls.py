@@ -64,6 +64,7 @@ from __future__ import annotations
 import contextlib
 import operator
 import os
+import re
 import ssl
 from typing import Any, Final
 
@@ -71,7 +72,7 @@ import trio
 
 from broker.core.config import ListenerConfig
 
-__all__ = ["TLSStream"]
+__all__ = ["TLSStream", "describe_tls_error"]
 
 #: Bytes of ciphertext asked of the kernel per read, and the default most
 #: plaintext bytes one receive returns.
@@ -468,6 +469,23 @@ class TLSStream(trio.abc.Stream):
         if chunks:
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
         return b"" if ended else None
+
+
+def describe_tls_error(error: BaseException) -> str:
+    """One line for a failed TLS handshake, for the log: OpenSSL's reason
+    (``wrong version number``, ``tlsv1 alert unknown ca``...) without its
+    source file and line, or the socket error. Never key material: OpenSSL's
+    messages name the failure, not the data."""
+    cause = error.__cause__ if error.__cause__ is not None else error
+    if isinstance(cause, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
+        return "the client closed the connection"
+    if isinstance(cause, ssl.SSLCertVerificationError) and cause.verify_message:
+        return f"certificate verify failed: {cause.verify_message}"
+    if isinstance(cause, ssl.SSLError):
+        text = cause.strerror or str(cause)
+        text = re.sub(r"\s*\(_ssl\.c:\d+\)$", "", text)
+        return re.sub(r"^\[SSL: [A-Z0-9_]+\]\s*", "", text) or text
+    return str(cause) or type(cause).__name__
 
 
 def make_ssl_context(

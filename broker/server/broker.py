@@ -49,7 +49,7 @@ from broker.core.stats import BrokerStats
 from broker.core.values import Handshake, Identity, Refusal, Reject, SourcesContext
 from broker.core.version import VERSION
 from broker.engine import Engine, Flusher, Interest, MemoryEngine
-from broker.io.tls import TLSStream, ssl_context_for
+from broker.io.tls import TLSStream, describe_tls_error, ssl_context_for
 from broker.ops.admin import AdminServer
 from broker.ops.log import CONNECTION_ID
 from broker.ops.metrics import BrokerMetrics, source_statuses
@@ -527,7 +527,10 @@ class Broker:
                 # The TLS handshake failed, or the client left mid-request.
                 failed_tls = stream is tcp and self.ssl_context is not None
                 self.stats.rejected["tls" if failed_tls else "closed"] += 1
-                log.debug("handshake with %s:%d failed: %r", *peer, e)
+                if failed_tls:  # one line per refused handshake (docs: [log] level)
+                    log.info("refused TLS handshake from %s:%d: %s", *peer, describe_tls_error(e))
+                else:
+                    log.debug("handshake with %s:%d failed: %r", *peer, e)
                 return None
         if timeout.cancelled_caught or request is None:
             log.info("handshake timeout from %s:%d", *peer)
