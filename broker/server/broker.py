@@ -133,6 +133,8 @@ class Broker:
         self.addresses: list[tuple[str, int]] = []
         #: (host, port) of each admin HTTP socket, once serving.
         self.admin_addresses: list[tuple[str, int]] = []
+        #: The admin HTTP server, once serving (if enabled).
+        self.admin_server: AdminServer | None = None
         self.metrics = BrokerMetrics(self)
         #: The last event-loop lag sample, in seconds, and when it was taken.
         self.loop_lag = 0.0
@@ -382,7 +384,8 @@ class Broker:
                 handlers.start_soon(self.flusher.run)
                 handlers.start_soon(self._lag_monitor)
                 if admin_listeners:
-                    handlers.start_soon(AdminServer(self).serve, admin_listeners, handlers)
+                    self.admin_server = AdminServer(self)
+                    handlers.start_soon(self.admin_server.serve, admin_listeners, handlers)
                 await self._start_sources(handlers)
                 async with trio.open_nursery() as accepting:
                     for listener in listeners:
