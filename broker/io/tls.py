@@ -38,7 +38,10 @@ Semantics, as ``trio.SSLStream`` with ``https_compatible=True``:
   stream: ``receive_some`` returns ``b""``, as for a close_notify;
 * :exc:`ssl.SSLError` and socket errors become
   :exc:`trio.BrokenResourceError` (the original as ``__cause__``); use after
-  :meth:`~TLSStream.aclose` raises :exc:`trio.ClosedResourceError`;
+  :meth:`~TLSStream.aclose` raises :exc:`trio.ClosedResourceError`. An
+  error met after some plaintext in the same read (a corrupted record
+  behind good ones) is raised by the next receive, after that plaintext
+  (never taken for an end of stream);
 * the session tickets TLS 1.3 produces after the handshake go out with the
   first send.
 
@@ -110,6 +113,7 @@ class TLSStream(trio.abc.Stream):
         "_in",
         "_out",
         "_pending",
+        "_read_error",
         "_receiving",
         "_sending",
         "_ssl",
@@ -128,6 +132,8 @@ class TLSStream(trio.abc.Stream):
         self._state = _HANDSHAKE
         self._sending = False
         self._receiving = False
+        #: A TLS error met after some plaintext, raised by the next receive.
+        self._read_error: ssl.SSLError | None = None
 
     # -- public API -------------------------------------------------------------
 
@@ -421,6 +427,13 @@ class TLSStream(trio.abc.Stream):
         """
         ssl_object = self._ssl
         incoming = self._in
+        error = self._read_error
+        if error is not None:
+            # OpenSSL reports a fatal error once; what it says afterwards
+            # (an EOF) must not pass for a clean end of the stream.
+            self._read_error = None
+            self._state = _BROKEN
+            raise trio.BrokenResourceError(f"TLS read failed: {error}") from error
         if raw == b"":
             incoming.write_eof()
             raw = None
@@ -444,7 +457,9 @@ class TLSStream(trio.abc.Stream):
                 break
             except ssl.SSLError as e:
                 if chunks:
-                    break  # return what came before it; the error persists
+                    # Return what came before it; the next receive raises it.
+                    self._read_error = e
+                    break
                 self._state = _BROKEN
                 self._send_alert()
                 raise trio.BrokenResourceError(f"TLS read failed: {e}") from e
