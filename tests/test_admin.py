@@ -8,25 +8,41 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+import trio.testing
 import trio_websocket
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as openmetrics_families,
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from broker import Broker, Identity, PluginContext, config_from_dict, hookimpl
+from broker import (
+    Broker,
+    Identity,
+    PluginContext,
+    SourceError,
+    SourcesContext,
+    config_from_dict,
+    hookimpl,
+    load_config,
+)
 from broker.core.errors import ConfigError
 from broker.engine import MemoryEngine
-from broker.ops.admin import LIMITS
+from broker.io.http import Limits
+from broker.ops.admin import admin_limits
 from broker.ops.metrics import PUBLISH_RESULTS
+from broker.ops.reload import reload_broker
+from broker.sources import Backoff, Publisher, SourceState
 from tests.conftest import BrokerFactory
 from tests.helpers import connect, raw_connect, wait_until
 from tests.service import http_get
+from tests.test_http_server import open_from
 
 TOKEN = "admin-token-0123456789"
 
@@ -236,29 +252,179 @@ async def test_content_length_with_transfer_encoding_is_400(start_broker: Broker
     assert data.count(b"HTTP/1.1") == 1
 
 
-async def test_clients_past_the_limit_get_503(start_broker: BrokerFactory) -> None:
-    """64 clients at once; the next is answered 503 and closed (it used to be
-    closed without an answer)."""
+# -- connection slots: health checks and scrapes always get in ------------------------
+
+HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+async def keep_alive_attacker(broker: Broker, ip: str) -> trio.SocketStream:
+    """Makes one request and keeps the connection (an attacker re-sends one
+    every few seconds; between two, the connection is idle)."""
+    stream = await open_from(ip, broker.admin_addresses[0][1])
+    await stream.send_all(HEALTHZ)
+    data = b""
+    with trio.fail_after(5):
+        while b"ok\n" not in data:
+            chunk = await stream.receive_some(4096)
+            if not chunk:  # evicted already by a later attacker
+                break
+            data += chunk
+    return stream
+
+
+async def idle_attacker(broker: Broker, ip: str) -> trio.SocketStream:
+    """Connects and sends nothing."""
+    return await open_from(ip, broker.admin_addresses[0][1])
+
+
+async def busy_attacker(broker: Broker, ip: str) -> trio.SocketStream:
+    """Sends a request head announcing a body, and half of the body: a
+    request in progress, which is never evicted."""
+    stream = await open_from(ip, broker.admin_addresses[0][1])
+    await stream.send_all(b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n01234")
+    return stream
+
+
+async def timed_get(broker: Broker, target: str) -> tuple[int, float]:
+    started = trio.current_time()
+    status, _, _ = await get(broker, target)
+    return status, trio.current_time() - started
+
+
+@pytest.mark.parametrize(
+    "ips",
+    [["127.0.0.1"], [f"127.0.0.{i}" for i in range(2, 12)]],
+    ids=["one address", "ten addresses"],
+)
+async def test_idle_and_keep_alive_attackers_do_not_lock_out_health_checks(
+    start_broker: BrokerFactory, ips: list[str]
+) -> None:
+    """80 attackers (idle, and keep-alive between requests) from one address
+    or ten, past the 64 slots: /healthz and /metrics still answer at once,
+    for as long as the attackers stay, from 127.0.0.1 too (it used to be 64
+    of them and a 503 for everyone else)."""
     broker = await start_broker()
-    host, port = broker.admin_addresses[0]
-    request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
-    held = []
+    attackers: list[trio.SocketStream] = []
     try:
-        for _ in range(LIMITS.max_connections):
-            stream = await trio.open_tcp_stream(host, port)
-            held.append(stream)
-            await stream.send_all(request)
-            with trio.fail_after(5):
-                assert (await stream.receive_some(4096)).startswith(b"HTTP/1.1 200 ")
+        for i in range(80):
+            ip = ips[i % len(ips)]
+            make = idle_attacker if i % 2 else keep_alive_attacker
+            attackers.append(await make(broker, ip))
+        await trio.testing.wait_all_tasks_blocked()
+        server = broker.admin_server
+        assert server is not None
+        assert server.http.connections == min(64, 16 * len(ips))
+        for _ in range(3):
+            for target in ("/healthz", "/metrics"):
+                status, took = await timed_get(broker, target)
+                assert status == 200
+                assert took < 2.0  # not after a timeout (idle_timeout is 5 s)
+        assert server.http.evicted >= 80 - 64 + 1  # the first check took a slot
+    finally:
+        for stream in attackers:
+            await stream.aclose()
+
+
+async def test_per_address_cap_on_the_admin_listener(start_broker: BrokerFactory) -> None:
+    """An address at max_connections_per_ip whose connections are all busy
+    gets 429; other addresses are served."""
+    broker = await start_broker({"admin": {"max_connections_per_ip": 3}})
+    held = [await busy_attacker(broker, "127.0.0.2") for _ in range(3)]
+    try:
+        server = broker.admin_server
+        assert server is not None
+        await wait_until(lambda: server.http.requests == 3)
+        port = broker.admin_addresses[0][1]
+        refused = await open_from("127.0.0.2", port)
+        async with refused:
+            await refused.send_all(HEALTHZ)
+            data = await read_until_closed(refused)
+        assert data.startswith(b"HTTP/1.1 429 ")
+        assert data.endswith(b"too many connections from this address\n")
+        assert (await get(broker, "/healthz"))[0] == 200
+    finally:
+        for stream in held:
+            await stream.aclose()
+
+
+async def test_503_only_when_every_connection_is_busy(start_broker: BrokerFactory) -> None:
+    broker = await start_broker({"admin": {"max_connections": 4, "max_connections_per_ip": 4}})
+    held = [await busy_attacker(broker, "127.0.0.2") for _ in range(4)]
+    try:
+        server = broker.admin_server
+        assert server is not None
+        await wait_until(lambda: server.http.requests == 4)
+        host, port = broker.admin_addresses[0]
         stream = await trio.open_tcp_stream(host, port)
         async with stream:
-            await stream.send_all(request)
+            await stream.send_all(HEALTHZ)
             data = await read_until_closed(stream)
         assert data.startswith(b"HTTP/1.1 503 ")
         assert b"too many connections" in data
     finally:
         for stream in held:
             await stream.aclose()
+
+
+async def test_idle_and_header_timeouts(start_broker: BrokerFactory) -> None:
+    broker = await start_broker({"admin": {"idle_timeout": 0.2, "header_timeout": 0.3}})
+    host, port = broker.admin_addresses[0]
+    idle = await trio.open_tcp_stream(host, port)
+    async with idle:
+        started = trio.current_time()
+        await idle.send_all(HEALTHZ)
+        data = await read_until_closed(idle)  # answered, then closed when idle
+        assert data.count(b"HTTP/1.1 200 ") == 1
+        assert 0.2 <= trio.current_time() - started < 2.0
+    slow = await trio.open_tcp_stream(host, port)
+    async with slow:
+        started = trio.current_time()
+        await slow.send_all(b"GET /healthz HTTP/1.1\r\n")  # and never the rest
+        data = await read_until_closed(slow)
+        assert data.startswith(b"HTTP/1.1 408 ")
+        assert 0.3 <= trio.current_time() - started < 2.0
+
+
+def test_admin_limits_default_and_from_config() -> None:
+    assert admin_limits(config_from_dict({}).admin) == Limits(
+        max_connections=64,
+        max_connections_per_ip=16,
+        max_head_size=16_384,
+        max_body_size=16_384,
+        request_timeout=10.0,
+        header_timeout=5.0,
+        idle_timeout=5.0,
+    )
+    table = {
+        "max_connections": 8,
+        "max_connections_per_ip": 2,
+        "idle_timeout": 1.5,
+        "header_timeout": 2.5,
+        "request_timeout": 3.5,
+    }
+    limits = admin_limits(config_from_dict({"admin": table}).admin)
+    assert (limits.max_connections, limits.max_connections_per_ip) == (8, 2)
+    assert (limits.idle_timeout, limits.header_timeout, limits.request_timeout) == (1.5, 2.5, 3.5)
+
+
+async def test_a_reload_applies_the_admin_limits_to_new_connections(tmp_path: Path) -> None:
+    path = tmp_path / "broker.toml"
+    base = "[listener]\nport = 0\n[admin]\nport = 0\n"
+    path.write_text(base + "max_connections = 1\n")
+    broker = Broker(load_config(path))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(broker.serve)
+        held = await busy_attacker(broker, "127.0.0.2")
+        async with held:
+            server = broker.admin_server
+            assert server is not None
+            await wait_until(lambda: server.http.requests == 1)
+            assert (await get(broker, "/healthz"))[0] == 503
+            path.write_text(base + "max_connections = 2\n")
+            result = await reload_broker(broker)
+            assert result.ok and result.changed == ("admin.max_connections",)
+            assert (await get(broker, "/healthz"))[0] == 200
+        broker.stop()
 
 
 async def test_admin_listener_can_be_disabled(start_broker: BrokerFactory) -> None:
@@ -273,6 +439,11 @@ async def test_admin_listener_can_be_disabled(start_broker: BrokerFactory) -> No
         ({"token": "short"}, "admin.token: must be at least 16 characters"),
         ({"port": 70000}, "admin.port: must be between 0 and 65535"),
         ({"tokn": TOKEN}, "admin.tokn: unknown key"),
+        ({"max_connections": 0}, "admin.max_connections: must be > 0"),
+        ({"max_connections_per_ip": 0}, "admin.max_connections_per_ip: must be > 0"),
+        ({"idle_timeout": 0}, "admin.idle_timeout: must be > 0"),
+        ({"header_timeout": -1}, "admin.header_timeout: must be > 0"),
+        ({"request_timeout": "10"}, "admin.request_timeout: "),
     ],
 )
 def test_admin_config_errors(table: dict[str, Any], message: str) -> None:
@@ -465,6 +636,65 @@ async def test_api_stats(start_broker: BrokerFactory) -> None:
     assert stats["tls"] is False
     assert stats["last_reload"] is None
     assert stats["sources"] == []
+
+
+class FailingSource:
+    """Publishes one message, skips one, then fails; restarts only in 60 s."""
+
+    name = "ticker"
+    identity = Identity("feeds:ticker", plugin="feeds")
+    backoff = Backoff(min=60.0, max=60.0)
+
+    async def run(self, publisher: Publisher) -> None:
+        await publisher.publish("ticks.a", 1)
+        publisher.skip("not JSON")
+        raise SourceError("upstream down")
+
+    def status(self) -> dict[str, Any]:
+        return {"url": "wss://feed.example/"}
+
+
+class FeedsPlugin:
+    @hookimpl
+    def broker_sources(self, broker: SourcesContext) -> list[Any]:
+        return [FailingSource()]
+
+
+def documented_status_fields() -> list[str]:
+    """The fields of a source status, from the table in docs/sources.md."""
+    text = (Path(__file__).parent.parent / "docs" / "sources.md").read_text()
+    table = text.split("| field | meaning |", 1)[1].split("\n\n", 1)[0]
+    return re.findall(r"^\| `(\w+)` \|", table, re.MULTILINE)
+
+
+async def test_api_stats_shows_the_full_source_status(start_broker: BrokerFactory) -> None:
+    broker = await start_broker(
+        {"plugins": {"enabled": ["noauth", "feeds"]}},
+        factories={"feeds": lambda settings, context: FeedsPlugin()},
+    )
+    (supervisor,) = broker.sources
+    await wait_until(lambda: supervisor.state is SourceState.BACKING_OFF)
+    status, _, body = await get(broker, "/api/stats")
+    assert status == 200
+    (source,) = json.loads(body)["sources"]
+    fields = documented_status_fields()
+    assert len(fields) == 15
+    assert sorted(source) == sorted(fields)  # every documented field, and no other
+    assert source["name"] == "ticker"
+    assert source["plugin"] == "feeds"
+    assert source["subject"] == "feeds:ticker"
+    assert source["state"] == "backing_off"
+    assert (source["restarts"], source["failures"]) == (0, 1)
+    assert source["last_error"] == "upstream down"
+    assert isinstance(source["last_error_at"], float)
+    assert 0 < source["retry_in"] <= 60.0
+    assert (source["published"], source["rejected"]) == (1, 0)
+    assert (source["skipped"], source["ignored"]) == (1, 0)
+    assert source["detail"] == {"url": "wss://feed.example/"}
+    # The docs' example carries the same fields.
+    text = (Path(__file__).parent.parent / "docs" / "sources.md").read_text()
+    example = text.split("```json\n", 1)[1].split("```", 1)[0]
+    assert sorted(json.loads(example)) == sorted(fields)
 
 
 async def test_failed_tls_handshakes_are_counted(

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import trio
+import trio.testing
 
 from broker.io.http import HttpServer, Limits, Request, Response
 from tests.helpers import wait_until
@@ -301,6 +302,38 @@ async def test_oversize_head_is_431(nursery: trio.Nursery, size: int) -> None:
     assert answer.status == 200
 
 
+def sized_get(size: int) -> bytes:
+    """A GET whose head (the final empty line included) is exactly *size* bytes."""
+    base = get("/sized", "Connection: close")
+    pad = size - len(base) - len("X-Pad: \r\n")
+    raw = base[:-2] + b"X-Pad: " + b"a" * pad + b"\r\n\r\n"
+    assert len(raw) == size
+    return raw
+
+
+@pytest.mark.parametrize("chunk", [None, 1000])
+async def test_head_limit_is_exact_whatever_the_writes(
+    nursery: trio.Nursery, chunk: int | None
+) -> None:
+    """16,384 bytes of head are served, one more is 431: in one write (read
+    in pieces by the server) and in 1,000-byte writes."""
+    served = await serve(nursery)  # the default max_head_size, 16 KiB
+
+    async def status(raw: bytes) -> int:
+        stream = await served.connect()
+        async with stream:
+            step = chunk or len(raw)
+            for i in range(0, len(raw), step):
+                await stream.send_all(raw[i : i + step])
+            (answer,) = parse(await read_all(stream))
+        return answer.status
+
+    assert await status(sized_get(16_384)) == 200
+    for size in (16_385, 16_451, 20_480):
+        assert await status(sized_get(size)) == 431
+    assert [r.target for r in served.endpoint.seen] == ["/sized"]
+
+
 async def test_declared_oversize_body_is_413_before_it_is_sent(nursery: trio.Nursery) -> None:
     served = await serve(nursery, max_body_size=100)
     stream = await served.connect()
@@ -363,22 +396,151 @@ async def test_idle_connections_are_closed_without_an_answer(nursery: trio.Nurse
     assert 0.3 <= took < WAIT / 2
 
 
-async def test_max_connections(nursery: trio.Nursery) -> None:
+async def open_from(ip: str, port: int) -> trio.SocketStream:
+    """A connection to 127.0.0.1:*port* from the loopback address *ip*
+    (127.0.0.0/8 is all loopback on Linux: distinct client addresses)."""
+    sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
+    await sock.bind((ip, 0))
+    await sock.connect(("127.0.0.1", port))
+    return trio.SocketStream(sock)
+
+
+async def kept_alive(served: Served, ip: str = "127.0.0.1") -> trio.SocketStream:
+    """A connection that made one request and is now idle, kept alive."""
+    stream = await open_from(ip, served.port)
+    await stream.send_all(get("/held"))
+    await read_answers(stream, 1)
+    return stream
+
+
+async def in_body(served: Served, ip: str = "127.0.0.1") -> trio.SocketStream:
+    """A connection whose request body is half sent: busy, not evictable."""
+    stream = await open_from(ip, served.port)
+    requests = served.server.requests
+    await stream.send_all(post("/body", b"0123456789")[:-5])
+    await wait_until(lambda: served.server.requests > requests)
+    return stream
+
+
+async def answered(served: Served, ip: str = "127.0.0.1", target: str = "/new") -> Answer:
+    """One request on a new connection from *ip*, closed after the answer."""
+    stream = await open_from(ip, served.port)
+    async with stream:
+        await stream.send_all(get(target, "Connection: close"))
+        (answer,) = parse(await read_all(stream))
+    return answer
+
+
+async def test_a_newcomer_takes_the_slot_of_the_longest_idle_connection(
+    nursery: trio.Nursery,
+) -> None:
+    served = await serve(nursery, max_connections=3)
+    oldest, middle = await kept_alive(served), await kept_alive(served)
+    never = await served.connect()  # connected, never sent a byte: idle too
+    await trio.testing.wait_all_tasks_blocked()
+    # Full: the newcomer is served, and the connection that has waited
+    # longest for a request is closed without an answer.
+    assert echoed(await answered(served))["target"] == "/new"
+    assert await read_all(oldest) == b""
+    assert served.server.evicted == 1
+    # The others are untouched: the kept-alive one still serves requests.
+    await middle.send_all(get("/again"))
+    (answer,) = await read_answers(middle, 1)
+    assert echoed(answer)["target"] == "/again"
+    # Full again: next in line is the one that never sent anything (idle
+    # since before middle's last request).
+    filler = await kept_alive(served)
+    assert echoed(await answered(served))["target"] == "/new"
+    assert await read_all(never) == b""
+    assert served.server.evicted == 2
+    for stream in (oldest, middle, never, filler):
+        await stream.aclose()
+    await wait_until(lambda: served.server.connections == 0)
+
+
+async def test_503_only_when_every_connection_is_busy(nursery: trio.Nursery) -> None:
     served = await serve(nursery, max_connections=2)
-    first, second = await served.connect(), await served.connect()
+    first, second = await in_body(served), await in_body(served)
+    answer = await answered(served)
+    assert (answer.status, answer.headers["connection"]) == (503, "close")
+    assert answer.body == b"too many connections\n"
+    assert served.server.evicted == 0
+    # A body completes: that connection is idle again, so it gives way.
+    await first.send_all(b"56789")
+    (done,) = await read_answers(first, 1)
+    assert echoed(done)["body"] == "0123456789"
+    assert echoed(await answered(served))["target"] == "/new"
+    assert await read_all(first) == b""
     for stream in (first, second):
-        await stream.send_all(get("/held"))
-        await read_answers(stream, 1)
-    assert served.server.connections == 2
-    answers, _ = await exchange(served, get("/third"))
-    assert [(a.status, a.headers["connection"]) for a in answers] == [(503, "close")]
-    assert served.endpoint.seen[-1].target == "/held"
-    # A place frees up: served again.
-    await first.aclose()
-    await wait_until(lambda: served.server.connections == 1)
-    (answer,), _ = await exchange(served, get("/fourth", "Connection: close"))
-    assert echoed(answer)["target"] == "/fourth"
-    await second.aclose()
+        await stream.aclose()
+
+
+async def test_a_slow_head_gives_way_when_none_is_idle(nursery: trio.Nursery) -> None:
+    served = await serve(nursery, max_connections=2, header_timeout=5)
+    busy = await in_body(served)
+    slow = await served.connect()
+    await slow.send_all(b"GET /slow-head HTTP/1.1\r\nHost: x\r\n")  # never ends
+    await trio.testing.wait_all_tasks_blocked()
+    assert echoed(await answered(served))["target"] == "/new"
+    (refused,) = parse(await read_all(slow))
+    assert (refused.status, refused.headers["connection"]) == (503, "close")
+    for stream in (busy, slow):
+        await stream.aclose()
+
+
+async def test_a_slow_head_is_cut_by_the_header_timeout(nursery: trio.Nursery) -> None:
+    served = await serve(nursery, header_timeout=0.3, request_timeout=5)
+    stream = await served.connect()
+    async with stream:
+        started = trio.current_time()
+        await stream.send_all(b"GET / HTTP/1.1\r\n")
+        await stream.send_all(b"Host: x\r\n")  # ... and never the end
+        (answer,) = parse(await read_all(stream))
+    assert (answer.status, answer.headers["connection"]) == (408, "close")
+    assert answer.body == b"request head timed out\n"
+    assert 0.3 <= trio.current_time() - started < WAIT / 2
+    assert served.endpoint.seen == []
+
+
+async def test_max_connections_per_ip(nursery: trio.Nursery) -> None:
+    """One address holds at most its share: its newcomers take the slots of
+    its own idle connections, never another address's, and are refused
+    (429) when all of its connections are busy; other addresses are served."""
+    served = await serve(nursery, max_connections=10, max_connections_per_ip=2)
+    other = await kept_alive(served, "127.0.0.3")
+    a1, a2 = await kept_alive(served, "127.0.0.2"), await kept_alive(served, "127.0.0.2")
+    assert echoed(await answered(served, "127.0.0.2"))["target"] == "/new"
+    assert await read_all(a1) == b""  # its own oldest gave way
+    busy = [await in_body(served, "127.0.0.2")]
+    busy.append(await in_body(served, "127.0.0.2"))  # takes a2's slot
+    assert await read_all(a2) == b""
+    answer = await answered(served, "127.0.0.2")
+    assert (answer.status, answer.headers["connection"]) == (429, "close")
+    assert answer.body == b"too many connections from this address\n"
+    # Other addresses are not affected, and the idle one was not taken.
+    assert echoed(await answered(served, "127.0.0.1"))["target"] == "/new"
+    await other.send_all(get("/still"))
+    (answer,) = await read_answers(other, 1)
+    assert echoed(answer)["target"] == "/still"
+    assert served.server.evicted == 2
+    for stream in (other, a1, a2, *busy):
+        await stream.aclose()
+    await wait_until(lambda: served.server.connections == 0)
+
+
+async def test_limits_may_change_between_connections(nursery: trio.Nursery) -> None:
+    """Limits given as a function are read for each new connection."""
+    limits = [Limits(max_connections=1)]
+    endpoint = Endpoint()
+    server = HttpServer(endpoint, lambda: limits[0])
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    nursery.start_soon(server.serve, listeners)
+    served = Served(server, endpoint, listeners[0].socket.getsockname()[1])
+    busy = await in_body(served)
+    assert (await answered(served)).status == 503
+    limits[0] = Limits(max_connections=2)
+    assert echoed(await answered(served))["target"] == "/new"
+    await busy.aclose()
 
 
 async def test_a_client_that_vanishes_mid_body(nursery: trio.Nursery) -> None:

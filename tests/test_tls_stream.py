@@ -11,6 +11,7 @@ buffer after; where it needs a task to be stuck, it waits for
 
 from __future__ import annotations
 
+import logging
 import random
 import socket
 import ssl
@@ -516,6 +517,58 @@ async def test_garbage_handshakes_are_counted_as_before(
         await c.assert_alive()
     assert broker.stats.accepted == 1
     assert dict(broker.stats.rejected) == {"tls": 2}
+
+
+async def test_each_refused_tls_handshake_is_logged_at_info(
+    start_broker: BrokerFactory, tls_files: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """docs/configuration.md, [log] level: at info, one line per refused
+    handshake; a failed TLS handshake is one, with the peer and the reason."""
+    caplog.set_level(logging.INFO, logger="broker.server")
+    broker = await start_broker({"listener": tls_listener(tls_files)})
+    ports: list[int] = []
+
+    async def refused(send: bytes | None = None) -> None:
+        stream = await trio.open_tcp_stream("127.0.0.1", broker.port)
+        ports.append(stream.socket.getsockname()[1])
+        async with stream:
+            if send is not None:
+                await stream.send_all(send)
+                with trio.fail_after(WAIT):
+                    while await stream.receive_some(4096):  # an alert, at most
+                        pass
+
+    def untrusting() -> None:
+        """The stdlib's client, which trusts no CA here: it refuses the
+        broker's certificate with an alert (trio's client would not send it)."""
+        with socket.create_connection(("127.0.0.1", broker.port), timeout=WAIT) as sock:
+            ports.append(sock.getsockname()[1])
+            context = ssl.create_default_context()
+            with pytest.raises(ssl.SSLCertVerificationError):
+                context.wrap_socket(sock, server_hostname="127.0.0.1")
+
+    await refused(b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n")  # plain HTTP
+    await wait_until(lambda: broker.stats.rejected["tls"] == 1)
+    await trio.to_thread.run_sync(untrusting)
+    await wait_until(lambda: broker.stats.rejected["tls"] == 2)
+    await refused()  # connects, sends nothing, leaves
+    await wait_until(lambda: broker.stats.rejected["tls"] == 3)
+    lines = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "broker.server" and "TLS handshake" in r.getMessage()
+    ]
+    assert all(r.levelno == logging.INFO for r in caplog.records if "TLS" in r.getMessage())
+    assert len(lines) == 3, lines
+    reasons = []
+    for line, port in zip(lines, ports, strict=True):
+        prefix = f"refused TLS handshake from 127.0.0.1:{port}: "
+        assert line.startswith(prefix), line
+        reasons.append(line.removeprefix(prefix))
+    assert "http request" in reasons[0] or "wrong version number" in reasons[0]
+    assert "unknown ca" in reasons[1]
+    assert reasons[2] == "the client closed the connection"
+    assert all("_ssl.c" not in r and "[SSL:" not in r for r in reasons)
 
 
 N = 2000

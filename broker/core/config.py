@@ -295,6 +295,20 @@ class AdminConfig:
     token: str = field(default="", repr=False)
     #: Allow the (plain HTTP) admin listener on a non-loopback address.
     allow_insecure: bool = False
+    #: Connections at once; past it a newcomer takes the slot of the
+    #: longest-idle connection (503 only when every one is busy).
+    max_connections: Count = 64
+    #: Connections at once from one client IP address (429 past it, when
+    #: none of that address's connections is idle).
+    max_connections_per_ip: Count = 16
+    #: The keep-alive timeout: seconds a connection may wait for a request
+    #: (its first one, or the next), then it is closed.
+    idle_timeout: Seconds = 5.0
+    #: Seconds from a request's first byte until its head is complete (408).
+    header_timeout: Seconds = 5.0
+    #: Seconds from a request's first byte until it is answered (408 when
+    #: it has not arrived in full).
+    request_timeout: Seconds = 10.0
 
     def validate(self) -> None:
         if self.token and len(self.token) < MIN_ADMIN_TOKEN_LENGTH:

@@ -1,11 +1,31 @@
 """The WebSocket opening handshake, server side (RFC 6455 section 4.2), sans-I/O.
 
-h11 parses the HTTP/1.1 request (with its 16 KiB cap on the request head);
-this module checks that it is a valid WebSocket upgrade and builds the
-responses: ``101 Switching Protocols`` with ``Sec-WebSocket-Accept``, or an
-HTTP error with a short plain-text reason. Bytes the client sent after the
-request (allowed by HTTP, rare in practice) are kept in
-:attr:`UpgradeRequest.trailing` for the frame parser.
+h11 parses the HTTP/1.1 request; this module checks that it is a valid
+WebSocket upgrade and builds the responses: ``101 Switching Protocols`` with
+``Sec-WebSocket-Accept``, or an HTTP error with a short plain-text reason.
+Bytes the client sent after the request (allowed by HTTP, rare in practice)
+are kept in :attr:`UpgradeRequest.trailing` for the frame parser.
+
+What is refused, in this order:
+
+- a request head (request line, header fields and the empty line that ends
+  them) over :data:`MAX_REQUEST_HEAD` bytes: 431, however the bytes were
+  split into reads (h11's own limit covers an incomplete head only: a
+  complete one that arrives in a read past the limit is measured here);
+- anything h11 cannot parse: 400 (or h11's status hint);
+- a method other than ``GET``: 405; HTTP/1.0: 400;
+- a request target that is neither origin-form (RFC 9112 section 3.2.1:
+  ``/path`` then ``?query`` if any) nor an absolute ``http``/``https`` URI
+  (absolute-form, which RFC 9112 section 3.2.2 says a server must accept
+  and RFC 6455 section 4.2.1 allows: its path and query are the target,
+  its host is not used): the authority-form (``host:443``), the asterisk
+  form, other schemes and a fragment (``#``) are 400. ``//host/ws`` is
+  origin-form, with the path ``//host/ws`` (never a host): the broker
+  compares the path as sent with ``[listener] path``, so it is a 404 there;
+- a body (``Content-Length``, ``Transfer-Encoding``): 400;
+- no ``Upgrade: websocket`` with ``Connection: upgrade``: 426; a
+  ``Sec-WebSocket-Version`` other than 13: 426; a ``Sec-WebSocket-Key``
+  that is not 16 bytes in base64: 400.
 """
 
 from __future__ import annotations
@@ -24,10 +44,12 @@ __all__ = [
     "HandshakeParser",
     "UpgradeRequest",
     "accept_response",
+    "origin_form",
     "reject_response",
 ]
 
-#: Largest request head accepted (h11's own default, shared by most servers).
+#: Largest request head accepted, in bytes (h11's own default, shared by
+#: most servers): 16 KiB is accepted, one byte more is 431.
 MAX_REQUEST_HEAD: Final = 16 * 1024
 
 
@@ -52,7 +74,9 @@ class UpgradeRequest:
     """A valid WebSocket upgrade request.
 
     Attributes:
-        target: the request target (path and query string).
+        target: the request target in origin-form (path, then ``?`` and the
+            query if any), as sent (of an absolute-form target, its path and
+            query).
         headers: (lower-case name, value) pairs, in order.
         key: the ``Sec-WebSocket-Key``.
         subprotocols: the offered ``Sec-WebSocket-Protocol`` values, in order.
@@ -65,6 +89,16 @@ class UpgradeRequest:
     subprotocols: tuple[str, ...]
     trailing: bytes
 
+    @property
+    def path(self) -> str:
+        """The target's path, as sent (never decoded nor normalised)."""
+        return self.target.partition("?")[0]
+
+    @property
+    def query(self) -> str:
+        """The target's query (after the first ``?``), ``""`` if none."""
+        return self.target.partition("?")[2]
+
 
 def _tokens(value: str) -> list[str]:
     return [t.strip().lower() for t in value.split(",") if t.strip()]
@@ -73,8 +107,13 @@ def _tokens(value: str) -> list[str]:
 class HandshakeParser:
     """Feeds request bytes to h11 until a complete upgrade request is read."""
 
-    def __init__(self) -> None:
-        self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
+    def __init__(self, max_head: int = MAX_REQUEST_HEAD) -> None:
+        self._max_head = max_head
+        # h11 refuses an incomplete head over the limit (431) as it arrives.
+        self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head)
+        #: Bytes fed so far (the head, and whatever came after it).
+        self._received = 0
+        self._too_large = f"request head larger than {max_head} bytes"
 
     def feed(self, data: bytes | bytearray) -> UpgradeRequest | None:
         """Return the request once complete, None if more bytes are needed.
@@ -82,19 +121,26 @@ class HandshakeParser:
         Raises HandshakeError if the request is malformed or not an upgrade.
         An empty *data* means the client closed the connection.
         """
+        self._received += len(data)
         self._h11.receive_data(bytes(data))
         try:
             event = self._h11.next_event()
         except h11.RemoteProtocolError as e:
+            if e.error_status_hint == 431:  # an incomplete head past the limit
+                raise HandshakeError(431, self._too_large) from None
             raise HandshakeError(e.error_status_hint, "malformed HTTP request") from None
         if event is h11.NEED_DATA:
             return None
         if isinstance(event, h11.ConnectionClosed):
             raise HandshakeError(400, "connection closed during the handshake")
         assert isinstance(event, h11.Request)
-        return self._check(event)
+        # The head is what h11 consumed: everything fed minus what it left.
+        trailing, _closed = self._h11.trailing_data
+        if self._received - len(trailing) > self._max_head:
+            raise HandshakeError(431, self._too_large)
+        return self._check(event, bytes(trailing))
 
-    def _check(self, request: h11.Request) -> UpgradeRequest:
+    def _check(self, request: h11.Request, trailing: bytes) -> UpgradeRequest:
         headers = tuple(
             (name.decode("latin-1").lower(), value.decode("latin-1"))
             for name, value in request.headers
@@ -106,6 +152,14 @@ class HandshakeParser:
             raise HandshakeError(405, "WebSocket upgrades use GET", (("Allow", "GET"),))
         if request.http_version != b"1.1":  # RFC 6455 4.1: HTTP/1.1 or higher
             raise HandshakeError(400, "WebSocket upgrades need HTTP/1.1")
+        target = origin_form(request.target.decode("latin-1"))
+        if target is None:
+            # authority-form, asterisk-form, another scheme, or a fragment
+            raise HandshakeError(
+                400,
+                "the request target must be a path (origin-form: /path?query) "
+                "or an http(s) URI (absolute-form)",
+            )
         if "content-length" in fields or "transfer-encoding" in fields:
             # A body would be read as WebSocket frames.
             raise HandshakeError(400, "a WebSocket upgrade request has no body")
@@ -127,18 +181,17 @@ class HandshakeParser:
                 raise ValueError
         except (ValueError, binascii.Error):
             raise HandshakeError(400, "invalid Sec-WebSocket-Key") from None
-        # The bytes after the request head belong to the WebSocket
-        # connection (RFC 6455 4.2.1: frames may follow at once). h11 has
-        # paused on the upgrade and left them unprocessed in its buffer.
-        trailing, _closed = self._h11.trailing_data
+        # The bytes after the request head (*trailing*) belong to the
+        # WebSocket connection (RFC 6455 4.2.1: frames may follow at once).
+        # h11 has paused on the upgrade and left them unprocessed.
         return UpgradeRequest(
-            target=request.target.decode("latin-1"),
+            target=target,
             headers=headers,
             key=key,
             subprotocols=tuple(
                 p.strip() for p in fields.get("sec-websocket-protocol", "").split(",") if p.strip()
             ),
-            trailing=bytes(trailing),
+            trailing=trailing,
         )
 
 
@@ -182,3 +235,28 @@ def reject_response(status: int, reason: str, headers: tuple[tuple[str, str], ..
     )
     assert head is not None
     return head + body
+
+
+def origin_form(target: str) -> str | None:
+    """*target* as origin-form (``/path?query``), or None if it is not a
+    request target a WebSocket server takes.
+
+    An absolute ``http``/``https`` URI (absolute-form) gives its path and
+    query (an empty path is ``/``); its authority must be present and is
+    otherwise not used. Nothing is decoded or normalised.
+    """
+    if "#" in target:
+        return None
+    if target.startswith("/"):
+        return target
+    scheme, sep, rest = target.partition("://")
+    if not sep or scheme.lower() not in ("http", "https"):
+        return None
+    authority, slash, path = rest.partition("/")
+    authority = authority.partition("?")[0]
+    if not authority or "@" in authority:
+        return None
+    if slash:
+        return "/" + path
+    _, question, query = rest.partition("?")
+    return "/" + question + query

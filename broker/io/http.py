@@ -24,15 +24,35 @@ Limits (:class:`Limits`):
   bytes: 431;
 - a body over ``max_body_size``: 413, before a byte of it is read when its
   ``Content-Length`` says so, else as soon as the chunks pass the limit;
-- ``idle_timeout``: how long a connection may wait for the first byte of a
-  request, the first one on a connection (and its TLS handshake) or the next
-  one on a kept-alive connection; then it is closed without an answer;
+- ``idle_timeout`` (the keep-alive timeout): how long a connection may wait
+  for the first byte of a request, the first one on a connection (and its
+  TLS handshake) or the next one on a kept-alive connection; then it is
+  closed without an answer;
+- ``header_timeout``: from a request's first byte until its head is
+  complete (a slow head); then 408 (None: ``request_timeout`` only);
 - ``request_timeout``: from a request's first byte until its response is
   written (head, body, the endpoint's work and the write). A request that has
   not arrived in full by then is answered 408; one whose endpoint or
   response is still running when it expires is closed without one;
-- ``max_connections`` connections at once; each one over it is answered 503
-  and closed at once.
+- ``max_connections`` connections at once, ``max_connections_per_ip`` of
+  them from one client address (the peer's IP; None: no such cap).
+
+Connection slots are not first come, first kept: a newcomer that finds no
+free slot (of its address's, or of all) takes one from a connection that is
+doing nothing useful, the one that has waited longest for a request
+(``idle_timeout`` bounds that wait, but a client could keep many such
+connections open by reconnecting), or else the one that has spent longest
+sending a request head (``header_timeout`` bounds it). That connection is
+closed (without an answer when it was waiting; with 503 when it was sending
+a head) and the newcomer is served. So idle and keep-alive connections, and
+slow heads, never lock anyone out: a health check or a scrape always gets
+in, however many of them an attacker opened, and a per-address cap keeps
+one address from taking every slot. A newcomer is refused, 429 ``too many
+connections from this address`` at its address's cap or 503 ``too many
+connections`` when all are full, only when every connection it could take
+is busy: its request read in full, or its body being read (which
+``request_timeout`` bounds). Evicting is counted in
+:attr:`HttpServer.evicted`.
 
 The body of a request is always read in full before the endpoint is called
 (``Expect: 100-continue`` is answered when the body is read), so no unread
@@ -54,9 +74,13 @@ Every connection is a task in the nursery :meth:`HttpServer.serve` is given
 
 from __future__ import annotations
 
+import collections
+import enum
 import logging
+import math
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from http import HTTPStatus
 from typing import Final, NoReturn
@@ -98,9 +122,15 @@ class Limits:
     """What one :class:`HttpServer` accepts (see the module doc)."""
 
     max_connections: int = 64
+    #: Most connections from one client IP address; None: no such cap.
+    max_connections_per_ip: int | None = None
     max_head_size: int = 16_384
     max_body_size: int = 16_384
     request_timeout: float = 10.0
+    #: From a request's first byte until its head is complete; None: only
+    #: ``request_timeout`` bounds the head.
+    header_timeout: float | None = None
+    #: The keep-alive timeout: the wait for a request's first byte.
     idle_timeout: float = 10.0
 
 
@@ -173,6 +203,15 @@ class _Gone(Exception):
     """The client closed its side before its request was complete."""
 
 
+class _Phase(enum.Enum):
+    #: Waiting for a request's first byte: evicted first.
+    IDLE = 0
+    #: Reading a request head: evicted when no connection is idle.
+    HEAD = 1
+    #: Reading a body, in the endpoint, writing: never evicted.
+    BUSY = 2
+
+
 class HttpServer:
     """Serves *handler* over HTTP/1.1 within *limits* (see the module doc).
 
@@ -184,14 +223,14 @@ class HttpServer:
     def __init__(
         self,
         handler: Handler,
-        limits: Limits = Limits(),
+        limits: Limits | Callable[[], Limits] = Limits(),
         *,
         error_page: ErrorPage = plain_error,
         headers: tuple[tuple[str, str], ...] = (),
         logger: logging.Logger = log,
     ) -> None:
         self.handler = handler
-        self.limits = limits
+        self._limits = limits
         self.error_page = error_page
         self.headers = headers
         self.log = logger
@@ -199,6 +238,19 @@ class HttpServer:
         self.connections = 0
         #: Requests received since start (their heads parsed).
         self.requests = 0
+        #: Connections closed to make room for a newcomer, since start.
+        self.evicted = 0
+        # The connections being served, oldest first, and how many per IP.
+        self._served: dict[_Connection, None] = {}
+        self._per_ip: collections.Counter[str] = collections.Counter()
+
+    @property
+    def limits(self) -> Limits:
+        """The limits in force: read for each new connection, so that limits
+        given as a function (of a configuration that a reload replaces)
+        apply to the connections that come after a change."""
+        limits = self._limits
+        return limits if isinstance(limits, Limits) else limits()
 
     async def serve(
         self,
@@ -218,14 +270,15 @@ class HttpServer:
         """Serve the requests on *stream* until either side closes it; then
         close it. Raises nothing but cancellation."""
         try:
-            if self.connections >= self.limits.max_connections:
-                await _Connection(self, stream).refuse(503, "too many connections")
+            conn = _Connection(self, stream, _peer_ip(stream))
+            refusal = self._admit(conn)
+            if refusal is not None:
+                await conn.refuse(*refusal)
                 return
-            self.connections += 1
             try:
-                await _Connection(self, stream).run()
+                await conn.run()
             finally:
-                self.connections -= 1
+                self._release(conn)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the client went away
         except Exception:
@@ -233,19 +286,111 @@ class HttpServer:
         finally:
             await trio.aclose_forcefully(stream)
 
+    # -- connection slots (see the module doc) -------------------------------------
+
+    def _admit(self, conn: _Connection) -> tuple[int, str] | None:
+        """Give *conn* a slot, evicting an idle connection if need be; or the
+        (status, reason) to refuse it with."""
+        limits = conn.limits
+        per_ip = limits.max_connections_per_ip
+        at_cap = per_ip is not None and self._per_ip[conn.ip] >= per_ip
+        if at_cap and not self._evict(conn.ip):
+            return 429, "too many connections from this address"
+        if self.connections >= limits.max_connections and not self._evict(None):
+            return 503, "too many connections"
+        self._served[conn] = None
+        self._per_ip[conn.ip] += 1
+        self.connections += 1
+        return None
+
+    def _evict(self, ip: str | None) -> bool:
+        """Close the connection (from *ip*, or from anyone) that has waited
+        longest for a request, else the one that has spent longest sending
+        its head; False if every one is busy."""
+        victim: _Connection | None = None
+        for conn in self._served:
+            if conn.phase is _Phase.BUSY or (ip is not None and conn.ip != ip):
+                continue
+            if (
+                victim is None
+                or conn.phase.value < victim.phase.value
+                or (conn.phase is victim.phase and conn.since < victim.since)
+            ):
+                victim = conn
+        if victim is None:
+            return False
+        self.log.debug(
+            "closing a connection from %s (%s) to make room",
+            victim.ip or "?",
+            "idle" if victim.phase is _Phase.IDLE else "sending a request head",
+        )
+        self._release(victim)
+        self.evicted += 1
+        victim.evict()
+        return True
+
+    def _release(self, conn: _Connection) -> None:
+        """Free *conn*'s slot (once)."""
+        if conn in self._served:
+            del self._served[conn]
+            self.connections -= 1
+            self._per_ip[conn.ip] -= 1
+            if not self._per_ip[conn.ip]:
+                del self._per_ip[conn.ip]
+
+
+def _peer_ip(stream: trio.abc.Stream) -> str:
+    """The client's IP address, through TLS; ``""`` when there is none."""
+    while isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
+    if not isinstance(stream, trio.SocketStream):
+        return ""
+    try:
+        name = stream.socket.getpeername()
+    except OSError:
+        return ""
+    return str(name[0]) if isinstance(name, tuple) else ""
+
 
 class _Connection:
     """One connection: h11 over a trio stream, one request after another."""
 
-    def __init__(self, server: HttpServer, stream: trio.abc.Stream) -> None:
+    def __init__(self, server: HttpServer, stream: trio.abc.Stream, ip: str = "") -> None:
         self.server = server
         self.limits = server.limits
         self.stream = stream
-        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=server.limits.max_head_size)
+        self.ip = ip
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_head_size)
         #: The method of the request being answered (for HEAD).
         self.method = b""
         #: The client has shut down its sending side.
         self.eof = False
+        #: What it is doing, since when (trio time), and the scope that
+        #: bounds it while it is IDLE or reading a HEAD (evict() cancels it).
+        self.phase = _Phase.IDLE
+        self.since = trio.current_time()
+        self._scope: trio.CancelScope | None = None
+        #: Closed to make room for another connection.
+        self.evicted = False
+
+    def evict(self) -> None:
+        self.evicted = True
+        if self._scope is not None:
+            self._scope.cancel()
+
+    @contextmanager
+    def _waiting(self, phase: _Phase, timeout: float) -> Iterator[trio.CancelScope]:
+        """Be in *phase* for at most *timeout* seconds (evictable)."""
+        now = trio.current_time()
+        scope = trio.CancelScope(deadline=now + timeout)
+        if self.evicted:
+            scope.cancel()
+        self.phase, self.since, self._scope = phase, now, scope
+        try:
+            with scope:
+                yield scope
+        finally:
+            self.phase, self._scope = _Phase.BUSY, None
 
     async def run(self) -> None:
         while await self._exchange():
@@ -258,10 +403,11 @@ class _Connection:
         if not start:
             if self.eof:
                 return False
-            with trio.move_on_after(self.limits.idle_timeout):
+            start = b""
+            with self._waiting(_Phase.IDLE, self.limits.idle_timeout):
                 start = await self._receive()
-            if not start:
-                return False  # idle too long, or closed
+            if not start or self.evicted:
+                return False  # idle too long, closed, or evicted for a newcomer
         refusal: _Refused | None = None
         reading = True
         with trio.move_on_after(self.limits.request_timeout) as deadline:
@@ -305,8 +451,16 @@ class _Connection:
 
     async def _read_request(self, start: bytes) -> Request:
         received = bytearray(start)  # the head, and maybe more
-        while (event := self._next_event()) is h11.NEED_DATA:
-            received += await self._receive()
+        event: h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED] = h11.NEED_DATA
+        header_timeout = self.limits.header_timeout
+        timeout = header_timeout if header_timeout is not None else math.inf
+        with self._waiting(_Phase.HEAD, timeout) as head:
+            while (event := self._next_event()) is h11.NEED_DATA:
+                received += await self._receive()
+        if self.evicted:
+            raise _Refused(503, "too many connections")
+        if head.cancelled_caught:
+            raise _Refused(408, "request head timed out")
         if not isinstance(event, h11.Request):
             raise _Gone  # ConnectionClosed
         self.server.requests += 1

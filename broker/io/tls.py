@@ -38,7 +38,10 @@ Semantics, as ``trio.SSLStream`` with ``https_compatible=True``:
   stream: ``receive_some`` returns ``b""``, as for a close_notify;
 * :exc:`ssl.SSLError` and socket errors become
   :exc:`trio.BrokenResourceError` (the original as ``__cause__``); use after
-  :meth:`~TLSStream.aclose` raises :exc:`trio.ClosedResourceError`;
+  :meth:`~TLSStream.aclose` raises :exc:`trio.ClosedResourceError`. An
+  error met after some plaintext in the same read (a corrupted record
+  behind good ones) is raised by the next receive, after that plaintext
+  (never taken for an end of stream);
 * the session tickets TLS 1.3 produces after the handshake go out with the
   first send.
 
@@ -64,6 +67,7 @@ from __future__ import annotations
 import contextlib
 import operator
 import os
+import re
 import ssl
 from typing import Any, Final
 
@@ -71,7 +75,7 @@ import trio
 
 from broker.core.config import ListenerConfig
 
-__all__ = ["TLSStream"]
+__all__ = ["TLSStream", "describe_tls_error"]
 
 #: Bytes of ciphertext asked of the kernel per read, and the default most
 #: plaintext bytes one receive returns.
@@ -109,6 +113,7 @@ class TLSStream(trio.abc.Stream):
         "_in",
         "_out",
         "_pending",
+        "_read_error",
         "_receiving",
         "_sending",
         "_ssl",
@@ -127,6 +132,8 @@ class TLSStream(trio.abc.Stream):
         self._state = _HANDSHAKE
         self._sending = False
         self._receiving = False
+        #: A TLS error met after some plaintext, raised by the next receive.
+        self._read_error: ssl.SSLError | None = None
 
     # -- public API -------------------------------------------------------------
 
@@ -420,6 +427,13 @@ class TLSStream(trio.abc.Stream):
         """
         ssl_object = self._ssl
         incoming = self._in
+        error = self._read_error
+        if error is not None:
+            # OpenSSL reports a fatal error once; what it says afterwards
+            # (an EOF) must not pass for a clean end of the stream.
+            self._read_error = None
+            self._state = _BROKEN
+            raise trio.BrokenResourceError(f"TLS read failed: {error}") from error
         if raw == b"":
             incoming.write_eof()
             raw = None
@@ -443,7 +457,9 @@ class TLSStream(trio.abc.Stream):
                 break
             except ssl.SSLError as e:
                 if chunks:
-                    break  # return what came before it; the error persists
+                    # Return what came before it; the next receive raises it.
+                    self._read_error = e
+                    break
                 self._state = _BROKEN
                 self._send_alert()
                 raise trio.BrokenResourceError(f"TLS read failed: {e}") from e
@@ -468,6 +484,23 @@ class TLSStream(trio.abc.Stream):
         if chunks:
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
         return b"" if ended else None
+
+
+def describe_tls_error(error: BaseException) -> str:
+    """One line for a failed TLS handshake, for the log: OpenSSL's reason
+    (``wrong version number``, ``tlsv1 alert unknown ca``...) without its
+    source file and line, or the socket error. Never key material: OpenSSL's
+    messages name the failure, not the data."""
+    cause = error.__cause__ if error.__cause__ is not None else error
+    if isinstance(cause, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
+        return "the client closed the connection"
+    if isinstance(cause, ssl.SSLCertVerificationError) and cause.verify_message:
+        return f"certificate verify failed: {cause.verify_message}"
+    if isinstance(cause, ssl.SSLError):
+        text = cause.strerror or str(cause)
+        text = re.sub(r"\s*\(_ssl\.c:\d+\)$", "", text)
+        return re.sub(r"^\[SSL: [A-Z0-9_]+\]\s*", "", text) or text
+    return str(cause) or type(cause).__name__
 
 
 def make_ssl_context(

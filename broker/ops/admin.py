@@ -21,7 +21,12 @@ the health endpoints stay open for load balancers and probes. ``HEAD`` is
 answered like ``GET`` without the body; other methods get 405, other paths
 404. Connections are kept alive between requests (a scraper reuses its
 connection); the connections themselves, the limits and the framing rules
-are :mod:`broker.io.http`'s, within :data:`LIMITS`.
+are :mod:`broker.io.http`'s, within the ``[admin]`` limits
+(:func:`admin_limits`): idle and keep-alive connections, and slow request
+heads, give their slot up to a newcomer, so that however many of them
+anyone opens, health checks and scrapes get through; one address holds at
+most ``max_connections_per_ip`` of the slots. The limits in force are read
+for each new connection: a reload applies them to the next ones.
 """
 
 from __future__ import annotations
@@ -34,24 +39,32 @@ from typing import TYPE_CHECKING, Any, Final
 import trio
 from prometheus_client.exposition import choose_encoder
 
+from broker.core.config import AdminConfig
 from broker.io.http import HttpServer, Limits, Request, Response
 
 if TYPE_CHECKING:
     from broker.server.broker import Broker
 
-__all__ = ["LIMITS", "AdminServer"]
+__all__ = ["MAX_HEAD_SIZE", "AdminServer", "admin_limits"]
 
 log = logging.getLogger("broker.admin")
 
-#: Request heads and bodies (read and ignored) up to 16 KiB; 10 s to send a
-#: request, and to stay idle between two; 64 clients at once (more get 503).
-LIMITS: Final = Limits(
-    max_connections=64,
-    max_head_size=16 * 1024,
-    max_body_size=16 * 1024,
-    request_timeout=10.0,
-    idle_timeout=10.0,
-)
+#: Request heads, and bodies (read and ignored), up to 16 KiB.
+MAX_HEAD_SIZE: Final = 16 * 1024
+
+
+def admin_limits(config: AdminConfig) -> Limits:
+    """The HTTP server's limits from ``[admin]``."""
+    return Limits(
+        max_connections=config.max_connections,
+        max_connections_per_ip=config.max_connections_per_ip,
+        max_head_size=MAX_HEAD_SIZE,
+        max_body_size=MAX_HEAD_SIZE,
+        request_timeout=config.request_timeout,
+        header_timeout=config.header_timeout,
+        idle_timeout=config.idle_timeout,
+    )
+
 
 _PATHS: Final = ("/healthz", "/readyz", "/metrics", "/api/stats")
 _PROTECTED: Final = ("/metrics", "/api/stats")
@@ -68,8 +81,17 @@ class AdminServer:
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
         self.http = HttpServer(
-            self._respond, LIMITS, headers=(("Cache-Control", "no-store"),), logger=log
+            self._respond, self._limits, headers=(("Cache-Control", "no-store"),), logger=log
         )
+        self._limits_for = broker.config.admin
+        self._limits_now = admin_limits(self._limits_for)
+
+    def _limits(self) -> Limits:
+        """The limits of the ``[admin]`` table in force (a reload replaces it)."""
+        config = self.broker.config.admin
+        if config is not self._limits_for:
+            self._limits_for, self._limits_now = config, admin_limits(config)
+        return self._limits_now
 
     async def serve(self, listeners: list[trio.SocketListener], handlers: trio.Nursery) -> None:
         """Accept on *listeners* until cancelled; clients run in *handlers*."""

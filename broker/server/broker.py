@@ -30,7 +30,7 @@ import ssl
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 import trio
 
@@ -56,7 +56,7 @@ from broker.core.stats import BrokerStats
 from broker.core.values import Handshake, Identity, Refusal, Reject, SourcesContext
 from broker.core.version import VERSION
 from broker.engine import Engine, Flusher, Interest, MemoryEngine
-from broker.io.tls import TLSStream, ssl_context_for
+from broker.io.tls import TLSStream, describe_tls_error, ssl_context_for
 from broker.ops.admin import AdminServer
 from broker.ops.log import CONNECTION_ID
 from broker.ops.metrics import BrokerMetrics, source_statuses
@@ -140,6 +140,8 @@ class Broker:
         self.addresses: list[tuple[str, int]] = []
         #: (host, port) of each admin HTTP socket, once serving.
         self.admin_addresses: list[tuple[str, int]] = []
+        #: The admin HTTP server, once serving (if enabled).
+        self.admin_server: AdminServer | None = None
         self.metrics = BrokerMetrics(self)
         #: The last event-loop lag sample, in seconds, and when it was taken.
         self.loop_lag = 0.0
@@ -236,9 +238,9 @@ class Broker:
         hub = self.hub
         connections = list(self.connections)
         ready, reasons = self.readiness()
-        sources: list[dict[str, Any]] = []
-        for status in source_statuses(self):
-            sources.append(status)
+        # Each source's full status (docs/sources.md), not the reduced one
+        # the metrics use.
+        sources = [supervisor.status() for supervisor in self.sources]
         return {
             "version": VERSION,
             "uptime_seconds": round(time.time() - self.started_at, 3),
@@ -392,7 +394,8 @@ class Broker:
                 handlers.start_soon(self.flusher.run)
                 handlers.start_soon(self._lag_monitor)
                 if admin_listeners:
-                    handlers.start_soon(AdminServer(self).serve, admin_listeners, handlers)
+                    self.admin_server = AdminServer(self)
+                    handlers.start_soon(self.admin_server.serve, admin_listeners, handlers)
                 await self._start_sources(handlers)
                 async with trio.open_nursery() as accepting:
                     for listener in listeners:
@@ -578,7 +581,10 @@ class Broker:
                 # The TLS handshake failed, or the client left mid-request.
                 failed_tls = stream is tcp and self.ssl_context is not None
                 self.stats.rejected["tls" if failed_tls else "closed"] += 1
-                log.debug("handshake with %s:%d failed: %r", *peer, e)
+                if failed_tls:  # one line per refused handshake (docs: [log] level)
+                    log.info("refused TLS handshake from %s:%d: %s", *peer, describe_tls_error(e))
+                else:
+                    log.debug("handshake with %s:%d failed: %r", *peer, e)
                 return None
         if timeout.cancelled_caught or request is None:
             log.info("handshake timeout from %s:%d", *peer)
@@ -672,9 +678,11 @@ class Broker:
             # allow_insecure with trusted_proxies: plain ws:// is for the proxies.
             reject = Reject(403, "plain ws:// is only served through the trusted proxies")
             return self._refuse(peer, reject, "not_proxied")
-        url = urlsplit(request.target)
-        if url.path != cfg.listener.path:
-            return self._refuse(peer, Reject(404, f"no WebSocket endpoint at {url.path}"), "path")
+        # The path exactly as sent (origin-form, checked by the parser):
+        # "//host/ws" is the path "//host/ws", not a host and "/ws".
+        if request.path != cfg.listener.path:
+            reject = Reject(404, f"no WebSocket endpoint at {request.path[:100]}")
+            return self._refuse(peer, reject, "path")
         subprotocol: str | None = None
         encoding = Encoding.JSON
         if request.subprotocols:
@@ -699,8 +707,8 @@ class Broker:
         for key, text in request.headers:
             headers[key] = f"{headers[key]}, {text}" if key in headers else text
         handshake = Handshake(
-            path=url.path,
-            query={k: tuple(v) for k, v in parse_qs(url.query).items()},
+            path=request.path,
+            query={k: tuple(v) for k, v in parse_qs(request.query).items()},
             headers=headers,
             peer=peer,
             listener_host=self._listener_host,

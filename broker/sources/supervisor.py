@@ -329,7 +329,12 @@ class Supervisor:
                 log.info("source %s running", self.label)
 
     def status(self) -> dict[str, Any]:
-        """A JSON-ready snapshot for logs and operations endpoints."""
+        """A JSON-ready snapshot for logs and operations endpoints (``/api/stats``).
+
+        Always the same fields (docs/sources.md lists them); ``detail`` is
+        what the source's own ``status()`` gives, None if it has none (or it
+        raised, or did not return a mapping).
+        """
         retry_in = None
         if self.retry_at is not None:
             retry_in = round(max(0.0, self.retry_at - trio.current_time()), 3)
@@ -348,6 +353,7 @@ class Supervisor:
             "rejected": self.rejected,
             "skipped": self.skipped,
             "ignored": self.ignored,
+            "detail": None,
         }
         detail = getattr(self.source, "status", None)
         if callable(detail):
