@@ -12,7 +12,6 @@ import dataclasses
 import gc
 import logging
 import os
-import shlex
 import signal
 import socket
 import sys
@@ -31,7 +30,7 @@ if TYPE_CHECKING:
     from broker.plugin.host import PluginFactory
     from broker.server.broker import Broker
 
-__all__ = ["DEFAULT_URL", "explain", "main", "serve", "sub_command"]
+__all__ = ["DEFAULT_URL", "main", "serve"]
 
 log = logging.getLogger("broker")
 
@@ -46,26 +45,6 @@ SERVE_OVERRIDES: Final = {
     "port": ("listener", "port", "--port"),
     "admin_port": ("admin", "port", "--admin-port"),
 }
-
-
-def sub_command(url: str, *patterns: str) -> str:
-    """The ``broker sub`` command line that prints *patterns* from the
-    broker at *url* (with ``--url`` unless it is the default), for hints."""
-    url_option = "" if url == DEFAULT_URL else f" --url {shlex.quote(url)}"
-    return "broker sub" + url_option + "".join(f" {shlex.quote(p)}" for p in patterns)
-
-
-def explain(error: BaseException, flags: Mapping[str, str]) -> str:
-    """A failed start in one line: the first error inside any exception
-    group; when it is a listener that cannot bind and one of *flags* (config
-    key -> command-line flag) set its address, it names the flag."""
-    from broker.server.broker import ListenError
-
-    while isinstance(error, BaseExceptionGroup):
-        error = error.exceptions[0]
-    if isinstance(error, ListenError) and error.key in flags:
-        error.where = f"{error.key}, set by {flags[error.key]}"
-    return str(error)
 
 
 def _port(text: str) -> int:
@@ -259,7 +238,7 @@ async def _serve_async(
     """Serve until stopped. *flags*: the keys set on the command line
     (``listener.port`` -> ``--port``), for errors to name them."""
     from broker.plugin.host import PluginHost
-    from broker.server.broker import Broker
+    from broker.server.broker import Broker, ListenError
 
     # Install the signal receiver before anything slow: SIGTERM/SIGINT's
     # default actions would kill the process without a drain, SIGHUP's too.
@@ -296,7 +275,10 @@ async def _serve_async(
         print(f"broker: configuration error: {bad_config}", file=sys.stderr)
         return 2
     if failed is not None:
-        log.error("cannot serve: %s", explain(failed, flags or {}))
+        if isinstance(failed, ListenError):
+            log.error("cannot serve: %s", failed.naming(flags or {}))
+        else:
+            log.error("cannot serve: %s", failed)
         return 1
     log.info("stopped")
     return 0

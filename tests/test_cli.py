@@ -25,7 +25,6 @@ import pytest
 import trio
 
 from broker import Broker
-from broker.cli import DEFAULT_URL, sub_command
 from broker.client import Message, Subscription, open_client
 from tests.conftest import BrokerFactory
 from tests.helpers import (
@@ -530,11 +529,3 @@ def held_port() -> Iterator[tuple[int, socket.socket]]:
 def must(match: re.Match[str] | None) -> re.Match[str]:
     assert match is not None
     return match
-
-
-def test_sub_command_carries_the_url_only_when_it_is_not_the_default() -> None:
-    assert DEFAULT_URL == "ws://127.0.0.1:8765/ws"
-    assert sub_command(DEFAULT_URL, "trades.>", "candles.>") == "broker sub 'trades.>' 'candles.>'"
-    assert sub_command("ws://127.0.0.1:9765/ws", "eth.>") == (
-        "broker sub --url ws://127.0.0.1:9765/ws 'eth.>'"
-    )

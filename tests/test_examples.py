@@ -179,12 +179,17 @@ async def test_market_data_run_moves_both_ports_and_hints_the_url(nursery: trio.
 
 
 @pytest.mark.parametrize("script", [MARKET / "run.py", ETH / "run.py"])
-def test_run_admin_port_follows_the_port(script: Path) -> None:
+def test_run_moves_the_admin_port_and_hints_the_url(script: Path) -> None:
     run = load_module(script, f"run_{script.parent.name.replace('-', '_')}")
     assert run.admin_port_for(8765, None) == 8766  # the broker's defaults
     assert run.admin_port_for(9000, None) == 9001  # moved together
     assert run.admin_port_for(0, None) == 0  # any free port, both
     assert run.admin_port_for(9000, 7000) == 7000  # --admin-port wins
+    # The printed command: --url only when `broker sub` would not reach it.
+    assert run.sub_hint("ws://127.0.0.1:8765/ws", "a.>") == ".venv/bin/broker sub 'a.>'"
+    assert run.sub_hint("ws://127.0.0.1:9765/ws", "a.>") == (
+        ".venv/bin/broker sub --url ws://127.0.0.1:9765/ws 'a.>'"
+    )
 
 
 async def test_market_data_run_names_a_taken_port() -> None:

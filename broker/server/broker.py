@@ -28,7 +28,7 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qs, urlsplit
 
@@ -89,8 +89,7 @@ class ListenError(OSError):
     """A listener cannot be bound: says which address, and which key set it where.
 
     ``str()`` is the whole sentence, e.g. ``cannot listen on 127.0.0.1:8766:
-    Address already in use (admin.port in /etc/broker.toml)``; *where* may
-    be replaced by whoever knows better (``broker serve --admin-port``).
+    Address already in use (admin.port in /etc/broker.toml)``.
     """
 
     def __init__(self, errno_: int | None, address: str, reason: str, key: str, where: str) -> None:
@@ -114,8 +113,15 @@ class ListenError(OSError):
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         return cls(error.errno, address, error.strerror or str(error), key, where)
 
+    def naming(self, flags: Mapping[str, str]) -> str:
+        """The sentence, naming the flag that set the key instead of the file
+        when *flags* (config key -> command-line flag) has it."""
+        flag = flags.get(self.key)
+        where = self.where if flag is None else f"{self.key}, set by {flag}"
+        return f"cannot listen on {self.address}: {self.reason} ({where})"
+
     def __str__(self) -> str:
-        return f"cannot listen on {self.address}: {self.reason} ({self.where})"
+        return self.naming({})
 
 
 class Broker:

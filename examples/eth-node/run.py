@@ -17,7 +17,9 @@ stops it. See README.md next to this file.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import shlex
 import sys
 import tomllib
 from pathlib import Path
@@ -27,10 +29,8 @@ import trio
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))  # the repository, for tests.fake_jsonrpc
 
-from broker import Broker, ConfigError, config_from_dict  # noqa: E402
-from broker.cli import explain, sub_command  # noqa: E402
-from broker.ops.log import setup_logging  # noqa: E402
-from broker.sources.upstream import display_url  # noqa: E402
+from broker import Broker, ConfigError, ListenError, config_from_dict  # noqa: E402
+from broker.sources import display_url  # noqa: E402
 from tests.fake_jsonrpc import serve_devnet  # noqa: E402
 
 #: The environment variable naming the upstream node (as ``--upstream`` does).
@@ -48,6 +48,28 @@ def admin_port_for(port: int, admin_port: int | None) -> int:
     return port + 1 if port else 0
 
 
+def sub_hint(url: str, *patterns: str) -> str:
+    """The ``broker sub`` command that reaches *url*: ``--url`` unless it is
+    where ``broker sub`` connects by default (the built-in listener)."""
+    default = config_from_dict({}).listener
+    moved = url != f"ws://{default.host}:{default.port}{default.path}"
+    option = f" --url {shlex.quote(url)}" if moved else ""
+    return ".venv/bin/broker sub" + option + "".join(f" {shlex.quote(p)}" for p in patterns)
+
+
+def first_error(error: BaseException) -> BaseException:
+    """The first error inside (nested) exception groups."""
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
+
+
+def describe(error: BaseException) -> str:
+    """A failed start in one line; a port this script set names its flag."""
+    error = first_error(error)
+    return error.naming(FLAGS) if isinstance(error, ListenError) else str(error)
+
+
 async def main(
     port: int, admin_port: int, upstream: str | None, node_port: int, block_time: float
 ) -> None:
@@ -57,7 +79,7 @@ async def main(
             try:
                 node_port = await nursery.start(serve_devnet, node_port, block_time)
             except* OSError as group:
-                error = explain(group, {})
+                error = first_error(group)
                 where = f"127.0.0.1:{node_port} (--node-port)"
                 raise OSError(f"the fake node cannot listen on {where}: {error}") from None
             upstream = f"ws://127.0.0.1:{node_port}/"
@@ -74,7 +96,7 @@ async def main(
             f"bridging {node}; broker on {broker.url}, health and metrics on {broker.admin_url}",
             flush=True,
         )
-        print(f"try:  .venv/bin/{sub_command(broker.url, 'eth.>')}", flush=True)
+        print(f"try:  {sub_hint(broker.url, 'eth.>')}", flush=True)
 
 
 def cli(argv: list[str] | None = None) -> int:
@@ -99,7 +121,7 @@ def cli(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.upstream is not None and not args.upstream.startswith(("ws://", "wss://")):
         parser.error(f"--upstream (or {UPSTREAM_ENV}) must be a ws:// or wss:// URL")
-    setup_logging("info")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     admin_port = admin_port_for(args.port, args.admin_port)
     status = 0
     try:
@@ -107,7 +129,7 @@ def cli(argv: list[str] | None = None) -> int:
     except* KeyboardInterrupt:
         pass
     except* (ConfigError, OSError) as group:
-        print(f"run.py: {explain(group, FLAGS)}", file=sys.stderr)
+        print(f"run.py: {describe(group)}", file=sys.stderr)
         status = 1
     return status
 

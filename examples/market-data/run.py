@@ -10,6 +10,8 @@ this file.
 from __future__ import annotations
 
 import argparse
+import logging
+import shlex
 import sys
 import tomllib
 from pathlib import Path
@@ -21,9 +23,7 @@ sys.path.insert(0, str(HERE))
 
 from exchange import Exchange  # noqa: E402
 
-from broker import Broker, ConfigError, config_from_dict  # noqa: E402
-from broker.cli import explain, sub_command  # noqa: E402
-from broker.ops.log import setup_logging  # noqa: E402
+from broker import Broker, ConfigError, ListenError, config_from_dict  # noqa: E402
 
 #: The config keys this script sets from its flags.
 FLAGS = {"listener.port": "--port", "admin.port": "--admin-port"}
@@ -37,6 +37,28 @@ def admin_port_for(port: int, admin_port: int | None) -> int:
     return port + 1 if port else 0
 
 
+def sub_hint(url: str, *patterns: str) -> str:
+    """The ``broker sub`` command that reaches *url*: ``--url`` unless it is
+    where ``broker sub`` connects by default (the built-in listener)."""
+    default = config_from_dict({}).listener
+    moved = url != f"ws://{default.host}:{default.port}{default.path}"
+    option = f" --url {shlex.quote(url)}" if moved else ""
+    return ".venv/bin/broker sub" + option + "".join(f" {shlex.quote(p)}" for p in patterns)
+
+
+def first_error(error: BaseException) -> BaseException:
+    """The first error inside (nested) exception groups."""
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
+
+
+def describe(error: BaseException) -> str:
+    """A failed start in one line; a port this script set names its flag."""
+    error = first_error(error)
+    return error.naming(FLAGS) if isinstance(error, ListenError) else str(error)
+
+
 async def main(rate: float, port: int, admin_port: int, exchange_port: int) -> None:
     config_file = HERE / "broker.toml"
     exchange = Exchange(rate=rate)
@@ -44,7 +66,7 @@ async def main(rate: float, port: int, admin_port: int, exchange_port: int) -> N
         try:
             await nursery.start(exchange.serve, "127.0.0.1", exchange_port)
         except* OSError as group:
-            error = explain(group, {})
+            error = first_error(group)
             where = f"127.0.0.1:{exchange_port} (--exchange-port)"
             raise OSError(f"the exchange cannot listen on {where}: {error}") from None
         data = tomllib.loads(config_file.read_text())
@@ -58,7 +80,7 @@ async def main(rate: float, port: int, admin_port: int, exchange_port: int) -> N
             f"health and metrics on {broker.admin_url}",
             flush=True,
         )
-        print(f"try:  .venv/bin/{sub_command(broker.url, 'trades.>', 'candles.>')}", flush=True)
+        print(f"try:  {sub_hint(broker.url, 'trades.>', 'candles.>')}", flush=True)
 
 
 def cli(argv: list[str] | None = None) -> int:
@@ -70,7 +92,7 @@ def cli(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--exchange-port", type=int, default=9001)
     args = parser.parse_args(argv)
-    setup_logging("info")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     admin_port = admin_port_for(args.port, args.admin_port)
     status = 0
     try:
@@ -78,7 +100,7 @@ def cli(argv: list[str] | None = None) -> int:
     except* KeyboardInterrupt:
         pass
     except* (ConfigError, OSError) as group:
-        print(f"run.py: {explain(group, FLAGS)}", file=sys.stderr)
+        print(f"run.py: {describe(group)}", file=sys.stderr)
         status = 1
     return status
 
