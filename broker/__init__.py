@@ -4,7 +4,8 @@ This module is the supported public API; everything else may change between
 releases. Plugin authors need :data:`hookimpl`, the values in
 :mod:`broker.core.values`, :func:`parse_settings` (with the constraints in
 :mod:`broker.settings`) and :class:`ConfigError`; embedders need :class:`Broker`
-and :func:`load_config`; clients use :mod:`broker.client`.
+and :func:`load_config` (and :class:`ListenError`, what ``Broker.serve`` raises
+when it cannot bind); clients use :mod:`broker.client`.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from broker.plugin.hookspecs import hookimpl as hookimpl
 from broker.plugin.host import PluginContext as PluginContext
 from broker.plugin.host import PluginHost as PluginHost
 from broker.server.broker import Broker as Broker
+from broker.server.broker import ListenError as ListenError
 from broker.sources.supervisor import Backoff as Backoff
 from broker.sources.supervisor import Publisher as Publisher
 from broker.sources.supervisor import Source as Source

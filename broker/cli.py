@@ -1,4 +1,4 @@
-"""The ``broker`` command: serve, check-config, pub, sub.
+"""The broker command: serve, check-config, pub, sub.
 
 Exit codes: 0 success, 1 runtime failure (cannot bind, connection refused,
 server error), 2 bad usage or bad configuration.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import logging
 import os
@@ -15,12 +16,12 @@ import signal
 import socket
 import sys
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
 from broker import __version__
-from broker.core.config import Config, load_config
+from broker.core.config import AdminConfig, Config, ListenerConfig, load_config
 from broker.core.errors import ConfigError, PluginError
 from broker.ops.log import setup_logging
 
@@ -29,9 +30,31 @@ if TYPE_CHECKING:
     from broker.plugin.host import PluginFactory
     from broker.server.broker import Broker
 
-__all__ = ["main", "serve"]
+__all__ = ["DEFAULT_URL", "main", "serve"]
 
 log = logging.getLogger("broker")
+
+_LISTENER = ListenerConfig()
+#: Where ``broker pub`` and ``broker sub`` connect by default: the URL
+#: ``broker serve`` listens on with the built-in defaults.
+DEFAULT_URL: Final = f"ws://{_LISTENER.host}:{_LISTENER.port}{_LISTENER.path}"
+
+#: ``broker serve``'s overriding flags: argument name -> (table, key, flag).
+SERVE_OVERRIDES: Final = {
+    "host": ("listener", "host", "--host"),
+    "port": ("listener", "port", "--port"),
+    "admin_port": ("admin", "port", "--admin-port"),
+}
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 65535 (0: any free port), not {port}")
+    return port
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,14 +62,34 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"trio-broker {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="run the broker")
-    serve.add_argument("-c", "--config", help="broker.toml (default: built-in defaults)")
+    serve = sub.add_parser(
+        "serve",
+        help="run the broker",
+        description="Run the broker. The flags override the file's values.",
+    )
+    serve.add_argument(
+        "-c", "--config", metavar="FILE", help="broker.toml (default: built-in defaults)"
+    )
+    serve.add_argument(
+        "--host", help=f"WebSocket address (overrides listener.host; built-in {_LISTENER.host})"
+    )
+    serve.add_argument(
+        "--port",
+        type=_port,
+        help=f"WebSocket port (overrides listener.port; built-in {_LISTENER.port}; 0: any free)",
+    )
+    serve.add_argument(
+        "--admin-port",
+        type=_port,
+        metavar="PORT",
+        help=f"health and metrics port (overrides admin.port; built-in {AdminConfig().port})",
+    )
 
     check = sub.add_parser("check-config", help="validate a config file and its plugins")
     check.add_argument("-c", "--config", default="broker.toml", help="file to check")
 
     def client_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--url", default="ws://127.0.0.1:8765/ws", help="broker URL")
+        p.add_argument("--url", default=DEFAULT_URL, help=f"broker URL (default {DEFAULT_URL})")
         p.add_argument("--token", help="bearer token (or set BROKER_TOKEN)")
         p.add_argument("--encoding", choices=("json", "msgpack"), default="json")
         p.add_argument("--cafile", help="CA certificate(s) to trust for wss://")
@@ -75,7 +118,12 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "serve":
-        return _serve(args.config)
+        overrides = {
+            flag: (table, key, getattr(args, name))
+            for name, (table, key, flag) in SERVE_OVERRIDES.items()
+            if getattr(args, name) is not None
+        }
+        return _serve(args.config, overrides=overrides)
     if args.command == "check-config":
         return _check(args.config)
     from broker.client.cli import run_pub, run_sub
@@ -85,12 +133,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_sub(args)
 
 
-def _load(path: str | None) -> Config | None:
+#: Command-line overrides: flag -> (table, key, value).
+Overrides = Mapping[str, tuple[str, str, object]]
+
+
+def _load(path: str | None, overrides: Overrides | None = None) -> Config | None:
     try:
-        return load_config(path)
+        return _override(load_config(path), overrides or {})
     except ConfigError as e:
         print(f"broker: configuration error: {e}", file=sys.stderr)
         return None
+
+
+def _override(config: Config, overrides: Overrides) -> Config:
+    """*config* with the flags' values in place of the file's, each table
+    checked again; an error names the flag."""
+    tables: dict[str, Any] = {}
+    flags: dict[str, str] = {}
+    for flag, (table, key, value) in overrides.items():
+        current = tables.get(table, getattr(config, table))
+        tables[table] = dataclasses.replace(current, **{key: value})
+        flags[f"{table}.{key}"] = flag
+    for table, value in tables.items():
+        try:
+            value.validate()
+        except ConfigError as e:
+            key = f"{table}.{e.key}"
+            raise ConfigError(flags.get(key, key), e.reason) from None
+    return dataclasses.replace(config, **tables)
 
 
 def _check(path: str) -> int:
@@ -112,13 +182,18 @@ def serve(path: str | None, *, factories: Mapping[str, PluginFactory] | None = N
     return _serve(path, factories)
 
 
-def _serve(path: str | None, factories: Mapping[str, PluginFactory] | None = None) -> int:
+def _serve(
+    path: str | None,
+    factories: Mapping[str, PluginFactory] | None = None,
+    *,
+    overrides: Overrides | None = None,
+) -> int:
     # SIGHUP's default action kills the process, and a `systemctl reload`
     # (or a log rotation) may come before the event loop's receiver is in
     # place: ignore it until then.
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    config = _load(path)
+    config = _load(path, overrides)
     if config is None:
         return 2
     setup_logging(config.log.level, config.log.format)
@@ -136,7 +211,8 @@ def _serve(path: str | None, factories: Mapping[str, PluginFactory] | None = Non
         log.error("cannot start: %s", e)
         return 1
     try:
-        return trio.run(_serve_async, config, notifier, sockets, watchdog, factories)
+        flags = {f"{table}.{key}": flag for flag, (table, key, _) in (overrides or {}).items()}
+        return trio.run(_serve_async, config, notifier, sockets, watchdog, factories, flags)
     except (ConfigError, PluginError) as e:
         print(f"broker: configuration error: {e}", file=sys.stderr)
         return 2
@@ -157,9 +233,12 @@ async def _serve_async(
     sockets: dict[str, list[socket.socket]],
     watchdog: float | None,
     factories: Mapping[str, PluginFactory] | None = None,
+    flags: Mapping[str, str] | None = None,
 ) -> int:
+    """Serve until stopped. *flags*: the keys set on the command line
+    (``listener.port`` -> ``--port``), for errors to name them."""
     from broker.plugin.host import PluginHost
-    from broker.server.broker import Broker
+    from broker.server.broker import Broker, ListenError
 
     # Install the signal receiver before anything slow: SIGTERM/SIGINT's
     # default actions would kill the process without a drain, SIGHUP's too.
@@ -196,7 +275,10 @@ async def _serve_async(
         print(f"broker: configuration error: {bad_config}", file=sys.stderr)
         return 2
     if failed is not None:
-        log.error("cannot serve: %s", failed)
+        if isinstance(failed, ListenError):
+            log.error("cannot serve: %s", failed.naming(flags or {}))
+        else:
+            log.error("cannot serve: %s", failed)
         return 1
     log.info("stopped")
     return 0

@@ -15,7 +15,6 @@ block every ``--block-time`` seconds and emits ``newHeads`` and a
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import json
 from dataclasses import dataclass, field
@@ -168,13 +167,20 @@ def transfer_log(number: int, address: str = USDC) -> dict[str, Any]:
     }
 
 
-async def _devnet(port: int, block_time: float) -> None:
+async def serve_devnet(
+    port: int = 0,
+    block_time: float = 1.0,
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """The devnet: serve on 127.0.0.1:*port* (reported to ``nursery.start``,
+    0 picks a free one) and mine a block every *block_time* seconds."""
     node = FakeNode()
     async with trio.open_nursery() as nursery:
         server = await nursery.start(
             trio_websocket.serve_websocket, node._handler, "127.0.0.1", port, None
         )
-        print(f"fake node on ws://127.0.0.1:{server.port}/ (Ctrl-C to stop)", flush=True)
+        task_status.started(server.port)
         for number in itertools.count(1):
             await trio.sleep(block_time)
             for conn in list(node.connections):
@@ -188,13 +194,21 @@ async def _devnet(port: int, block_time: float) -> None:
                         break
 
 
+async def _devnet(port: int, block_time: float) -> None:
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(serve_devnet, port, block_time)
+        print(f"fake node on ws://127.0.0.1:{port}/ (Ctrl-C to stop)", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="a fake JSON-RPC node (eth_subscribe)")
     parser.add_argument("--port", type=int, default=8545)
     parser.add_argument("--block-time", type=float, default=1.0, help="seconds between blocks")
     args = parser.parse_args()
-    with contextlib.suppress(KeyboardInterrupt):
+    try:
         trio.run(_devnet, args.port, args.block_time)
+    except* KeyboardInterrupt:  # Ctrl-C: it may come out of a nursery, in a group
+        pass
 
 
 if __name__ == "__main__":

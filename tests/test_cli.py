@@ -7,14 +7,17 @@ bounded by ``WAIT``; nothing sleeps to synchronise.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import re
 import signal
+import socket
 import ssl
 import subprocess
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,7 @@ from tests.helpers import (
     TOKENS_CONFIG,
     EncodingName,
     Restartable,
+    connect,
     deny_factory,
 )
 
@@ -385,3 +389,143 @@ async def test_check_config_names_an_unknown_key(tmp_path: Path) -> None:
     stderr = done.stderr.decode()
     assert "limits.max_subscriptionz" in stderr
     assert "unknown key" in stderr
+
+
+async def test_check_config_and_serve_suggest_the_table_meant(tmp_path: Path) -> None:
+    path = tmp_path / "broker.toml"
+    path.write_text("[listner]\nport = 9000\n")
+    for command in ("check-config", "serve"):
+        done = await run_cli(command, "-c", str(path))
+        assert done.returncode == 2
+        assert done.stderr.decode() == (
+            "broker: configuration error: listner: unknown table; did you mean `listener`?\n"
+        )
+
+
+# -- help ----------------------------------------------------------------------------
+
+
+async def test_help_is_plain_text() -> None:
+    done = await run_cli("--help")
+    assert done.returncode == 0
+    text = done.stdout.decode()
+    assert "The broker command: serve, check-config, pub, sub." in text
+    assert "``" not in text
+
+
+@pytest.mark.parametrize("command", ["pub", "sub"])
+async def test_client_help_shows_the_default_url(command: str) -> None:
+    done = await run_cli(command, "--help")
+    assert done.returncode == 0
+    # argparse wraps lines where it likes.
+    assert "--url URL broker URL (default ws://127.0.0.1:8765/ws)" in " ".join(
+        done.stdout.decode().split()
+    )
+
+
+async def test_serve_help_lists_the_overrides() -> None:
+    done = await run_cli("serve", "--help")
+    text = " ".join(done.stdout.decode().split())
+    for flag, key in [("--host", "listener.host"), ("--port", "listener.port")]:
+        assert f"{flag} " in text and f"overrides {key}" in text
+    assert "--admin-port PORT health and metrics port (overrides admin.port" in text
+
+
+# -- serve ---------------------------------------------------------------------------
+
+LISTENING = re.compile(r"INFO broker\.server: listening on 127\.0\.0\.1:(\d+)/ws ")
+ADMIN = re.compile(r"INFO broker\.server: admin HTTP on 127\.0\.0\.1:(\d+) ")
+
+
+async def test_serve_flags_override_the_file(tmp_path: Path, nursery: trio.Nursery) -> None:
+    # The file's ports are taken (by this test): only the flags' make it start.
+    with held_port() as (taken, _), held_port() as (admin_taken, _):
+        path = tmp_path / "broker.toml"
+        path.write_text(f"[listener]\nport = {taken}\n\n[admin]\nport = {admin_taken}\n")
+        serving = await start_cli(
+            nursery, "serve", "-c", str(path), "--port", "0", "--admin-port", "0"
+        )
+        await wait_until(lambda: b"INFO broker: ready" in serving.stderr, serving)
+    log = serving.stderr.decode()
+    port = int(must(LISTENING.search(log)).group(1))
+    admin_port = int(must(ADMIN.search(log)).group(1))
+    assert port not in (0, taken) and admin_port not in (0, admin_taken, port)
+    async with connect(f"ws://127.0.0.1:{port}/ws") as client:
+        await client.sub("t")
+        # A close without a reason: the disconnect line has no stray space.
+        await client.ws.aclose(1001)
+    await wait_until(lambda: b" disconnected (" in serving.stderr, serving)
+    disconnected = serving.stderr.decode()
+    assert re.search(r"^INFO broker\.server: c1 disconnected \(1001\)$", disconnected, re.M)
+    serving.process.send_signal(signal.SIGTERM)
+    assert await serving.wait() == 0, serving.stderr.decode()
+
+
+@pytest.mark.parametrize(
+    ("options", "taken_key", "where"),
+    [
+        ((), "listener.port", "listener.port in {file}"),
+        ((), "admin.port", "admin.port in {file}"),
+        (("--port", "{port}"), None, "listener.port, set by --port"),
+        (("--admin-port", "{port}"), None, "admin.port, set by --admin-port"),
+    ],
+)
+async def test_serve_port_in_use_names_the_address_and_the_key(
+    tmp_path: Path, options: tuple[str, ...], taken_key: str | None, where: str
+) -> None:
+    with held_port() as (port, _):
+        ports = {"listener.port": 0, "admin.port": 0}
+        if taken_key is not None:
+            ports[taken_key] = port
+        path = tmp_path / "broker.toml"
+        path.write_text(
+            f"[listener]\nport = {ports['listener.port']}\n\n[admin]\nport = {ports['admin.port']}\n"
+        )
+        args = [option.format(port=port) for option in options]
+        done = await run_cli("serve", "-c", str(path), *args)
+    assert done.returncode == 1
+    # Nothing claims to listen: every listener is bound before any is announced.
+    assert done.stderr.decode() == (
+        f"ERROR broker: cannot serve: cannot listen on 127.0.0.1:{port}: "
+        f"{os.strerror(errno.EADDRINUSE)} ({where.format(file=path)})\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (
+            ("--port", "70000"),
+            "broker serve: error: argument --port: must be from 0 to 65535 (0: any free port), "
+            "not 70000\n",
+        ),
+        (
+            ("--admin-port", "http"),
+            "broker serve: error: argument --admin-port: not a port number: 'http'\n",
+        ),
+        (
+            ("--host", "0.0.0.0"),
+            "broker: configuration error: --host: plain ws:// on non-loopback address "
+            "'0.0.0.0': configure tls_cert and tls_key, or set allow_insecure = true "
+            "(e.g. behind a TLS proxy)\n",
+        ),
+    ],
+)
+async def test_serve_bad_flags_are_named(args: tuple[str, ...], error: str) -> None:
+    done = await run_cli("serve", *args)
+    assert done.returncode == 2
+    assert done.stderr.decode().splitlines(keepends=True)[-1] == error
+
+
+@contextlib.contextmanager
+def held_port() -> Iterator[tuple[int, socket.socket]]:
+    """A loopback port that stays taken (listening) for the block."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1], sock
+
+
+def must(match: re.Match[str] | None) -> re.Match[str]:
+    assert match is not None
+    return match

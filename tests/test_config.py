@@ -102,3 +102,23 @@ def test_queue_rules_inherit_queue_defaults() -> None:
     (rule,) = cfg.queue.rules
     assert rule.max_messages == 50
     assert rule.policy == "drop-newest"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[listner]\nport = 9000\n", "listner: unknown table; did you mean `listener`?"),
+        ("[listener]\nprot = 9000\n", "listener.prot: unknown key; did you mean `port`?"),
+        ("[admin]\nenable = false\n", "admin.enable: unknown key; did you mean `enabled`?"),
+        ("[limts]\nmax_connections = 1\n", "limts: unknown table; did you mean `limits`?"),
+        ("[metrics]\nport = 9000\n", "metrics: unknown table"),
+    ],
+)
+def test_unknown_tables_and_keys_suggest_the_name_meant(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    path = tmp_path / "broker.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == message

@@ -1,23 +1,36 @@
 """The examples work as documented: each example's broker.toml, with its ports
-moved to free ones, against the example's simulated exchange or the fake node."""
+moved to free ones, against the example's simulated exchange or the fake node;
+and each example's run.py as a user starts it (a subprocess on free ports),
+down to the ``broker sub`` command it prints."""
 
 from __future__ import annotations
 
+import errno
 import importlib.util
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
 import sys
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import pytest
 import trio
 from broker_jsonrpc import create as jsonrpc
 from broker_wsfeed import create as wsfeed
 
 from broker import PluginHost, config_from_dict
 from tests.conftest import BrokerFactory
-from tests.fake_jsonrpc import FakeNode, head, transfer_log
+from tests.fake_jsonrpc import TRANSFER_TOPIC, FakeNode, head, transfer_log
 from tests.helpers import connect, wait_until
+from tests.test_cli import WAIT, Running, cli_env, held_port, must, run_cli
+from tests.test_cli import wait_until as cli_wait_until
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 MARKET = EXAMPLES / "market-data"
@@ -83,25 +96,146 @@ async def test_eth_node_example_against_the_fake_node(
     start_broker: BrokerFactory, nursery: trio.Nursery
 ) -> None:
     node: FakeNode = await nursery.start(FakeNode().serve)
-    data = toml(ETH / "broker.local.toml")
+    data = toml(ETH / "broker.toml")
     data["listener"]["port"] = 0
     data["plugin"]["jsonrpc"]["sources"][0]["urls"] = [node.url]
-    broker = await start_broker(data, factories={"jsonrpc": jsonrpc})
+    broker = await start_broker(data, factories={"jsonrpc": jsonrpc}, source=ETH / "broker.toml")
+    assert broker.hub.rule_for("eth.blocks").policy == "conflate"
     async with connect(broker.url) as client:
         await client.sub("eth.>")
         conn = await node.connection(0)
         blocks, logs = await conn.wait_subscribed(2)
+        assert conn.subscriptions[logs][1]["topics"] == [TRANSFER_TOPIC]
         await wait_until(lambda: broker.sources[0].state == "running")
         await conn.notify(blocks, head(1))
         await conn.notify(logs, transfer_log(1))
         first = await client.recv()
         second = await client.recv()
     assert (first["topic"], first["data"]["number"]) == ("eth.blocks", "0x1")
+    assert first["key"] == head(1)["hash"]
     assert second["topic"] == "eth.logs.0xa0b86991c6218b36c1d19d4a2e9eb0ce3606eb48"
     assert second["key"] == f"{transfer_log(1)['transactionHash']}:0x0"
 
 
-def test_eth_node_example_config_is_valid() -> None:
-    config = config_from_dict(toml(ETH / "broker.toml"), source=ETH / "broker.toml")
+def test_eth_node_example_config_is_valid_and_local() -> None:
+    data = toml(ETH / "broker.toml")
+    config = config_from_dict(data, source=ETH / "broker.toml")
     host = PluginHost.from_config(config, factories={"jsonrpc": jsonrpc})
     assert host.pm.get_plugin("jsonrpc") is not None
+    # Nothing leaves the machine unless the user names a node: the default is
+    # the fake node's address (run.py, `python -m tests.fake_jsonrpc`).
+    (source,) = data["plugin"]["jsonrpc"]["sources"]
+    assert source["urls"] == ["ws://127.0.0.1:8545/"]
+
+
+# -- run.py, as a user starts it ---------------------------------------------------
+
+
+async def start_example(
+    nursery: trio.Nursery, script: Path, *args: str, env: Mapping[str, str] | None = None
+) -> tuple[Running, list[str]]:
+    """Start *script*; wait for its two lines (where it runs, what to try)."""
+    process = await trio.lowlevel.open_process(
+        [sys.executable, str(script), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**cli_env(), **(env or {})},
+    )
+    running = Running(process)
+    nursery.start_soon(running.collect)
+    await cli_wait_until(lambda: running.stdout.count(b"\n") >= 2, running)
+    where, hint = running.stdout.decode().splitlines()[:2]
+    assert hint.startswith("try:  .venv/bin/broker sub ")
+    return running, [where, hint]
+
+
+async def run_hint(hint: str, *extra: str) -> list[Any]:
+    """Run the printed ``broker sub`` command (as ``python -m broker``)."""
+    argv = shlex.split(hint.removeprefix("try:"))
+    assert argv[:2] == [".venv/bin/broker", "sub"]
+    done = await run_cli(*argv[1:], *extra)
+    assert done.returncode == 0, done.stderr.decode()
+    return [json.loads(line) for line in done.stdout.decode().splitlines()]
+
+
+async def stop(running: Running) -> None:
+    running.process.send_signal(signal.SIGINT)  # Ctrl-C
+    assert await running.wait() == 0, running.stderr.decode()
+    assert b"Traceback" not in running.stderr
+
+
+async def test_market_data_run_moves_both_ports_and_hints_the_url(nursery: trio.Nursery) -> None:
+    running, (where, hint) = await start_example(
+        nursery, MARKET / "run.py", "--port", "0", "--exchange-port", "0", "--rate", "100"
+    )
+    url = must(re.search(r"broker on (ws://127\.0\.0\.1:(\d+)/ws)", where))
+    admin = must(re.search(r"health and metrics on http://127\.0\.0\.1:(\d+)", where))
+    assert admin.group(1) not in ("0", "8766", url.group(2))
+    # The hint reaches the broker on its moved port.
+    assert f"--url {url.group(1)} " in hint
+    (message,) = await run_hint(hint, "-n", "1")
+    assert message["topic"].split(".")[0] in ("trades", "candles")
+    await stop(running)
+
+
+@pytest.mark.parametrize("script", [MARKET / "run.py", ETH / "run.py"])
+def test_run_moves_the_admin_port_and_hints_the_url(script: Path) -> None:
+    run = load_module(script, f"run_{script.parent.name.replace('-', '_')}")
+    assert run.admin_port_for(8765, None) == 8766  # the broker's defaults
+    assert run.admin_port_for(9000, None) == 9001  # moved together
+    assert run.admin_port_for(0, None) == 0  # any free port, both
+    assert run.admin_port_for(9000, 7000) == 7000  # --admin-port wins
+    # The printed command: --url only when `broker sub` would not reach it.
+    assert run.sub_hint("ws://127.0.0.1:8765/ws", "a.>") == ".venv/bin/broker sub 'a.>'"
+    assert run.sub_hint("ws://127.0.0.1:9765/ws", "a.>") == (
+        ".venv/bin/broker sub --url ws://127.0.0.1:9765/ws 'a.>'"
+    )
+
+
+async def test_market_data_run_names_a_taken_port() -> None:
+    with held_port() as (port, _):
+        done = await trio.run_process(
+            [sys.executable, str(MARKET / "run.py"), "--port", "0", "--admin-port", str(port)],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env=cli_env(),
+        )
+    assert done.returncode == 1
+    assert done.stderr.decode().endswith(
+        f"run.py: cannot listen on 127.0.0.1:{port}: {os.strerror(errno.EADDRINUSE)} "
+        "(admin.port, set by --admin-port)\n"
+    )
+
+
+async def test_eth_node_run_bridges_the_local_fake_node_by_default(nursery: trio.Nursery) -> None:
+    running, (where, hint) = await start_example(
+        nursery, ETH / "run.py", "--port", "0", "--node-port", "0", "--block-time", "0.05"
+    )
+    assert re.match(r"bridging the fake node on ws://127\.0\.0\.1:\d+/; broker on ", where)
+    assert "--url ws://127.0.0.1:" in hint
+    first, second = await run_hint(hint, "-n", "2")
+    assert {first["topic"], second["topic"]} <= {
+        "eth.blocks",
+        "eth.logs.0xa0b86991c6218b36c1d19d4a2e9eb0ce3606eb48",
+    }
+    await stop(running)
+
+
+@pytest.mark.parametrize("how", ["flag", "environment"])
+async def test_eth_node_run_bridges_the_upstream_the_user_names(
+    nursery: trio.Nursery, how: str
+) -> None:
+    node: FakeNode = await nursery.start(FakeNode().serve)
+    upstream = node.url + "v3/secret-key"  # a provider's key in the path
+    args = ("--upstream", upstream) if how == "flag" else ()
+    env = {"ETH_NODE_URL": upstream} if how == "environment" else {}
+    running, (where, _) = await start_example(
+        nursery, ETH / "run.py", "--port", "0", *args, env=env
+    )
+    # Shown without its path, where providers put the key.
+    assert where.startswith(f"bridging ws://127.0.0.1:{node.port}/…; broker on ")
+    conn = await node.connection(0, seconds=WAIT)
+    await conn.wait_subscribed(2, seconds=WAIT)
+    await stop(running)
+    assert b"secret-key" not in running.stdout + running.stderr

@@ -28,7 +28,7 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qs
 
@@ -70,7 +70,7 @@ from broker.sources.supervisor import Supervisor
 if TYPE_CHECKING:
     from broker.ops.reload import ReloadResult
 
-__all__ = ["Broker"]
+__all__ = ["Broker", "ListenError"]
 
 log = logging.getLogger("broker.server")
 
@@ -86,6 +86,49 @@ IN_PROCESS_PUBLISHERS: Final = 64
 
 #: Seconds between two event-loop lag samples.
 LAG_INTERVAL = 0.5
+
+
+#: The config table of each named listener (Broker._listeners).
+LISTENER_TABLES: Final = {"ws": "listener", "admin": "admin"}
+
+
+class ListenError(OSError):
+    """A listener cannot be bound: says which address, and which key set it where.
+
+    ``str()`` is the whole sentence, e.g. ``cannot listen on 127.0.0.1:8766:
+    Address already in use (admin.port in /etc/broker.toml)``.
+    """
+
+    def __init__(self, errno_: int | None, address: str, reason: str, key: str, where: str) -> None:
+        super().__init__(errno_, reason)
+        self.address = address
+        self.reason = reason
+        #: The dotted config key to change (``listener.port``, ``admin.host``...).
+        self.key = key
+        #: Where the value came from: ``admin.port in FILE``, ``..., the built-in default``.
+        self.where = where
+
+    @classmethod
+    def for_bind(
+        cls, table: str, host: str, port: int, error: OSError, config: Config
+    ) -> ListenError:
+        # An address that is not ours or does not resolve is the host's
+        # fault; anything else (in use, permission denied) the port's.
+        bad_host = isinstance(error, socket.gaierror) or error.errno == errno.EADDRNOTAVAIL
+        key = f"{table}.{'host' if bad_host else 'port'}"
+        where = f"{key} in {config.source}" if config.source else f"{key}, the built-in default"
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return cls(error.errno, address, error.strerror or str(error), key, where)
+
+    def naming(self, flags: Mapping[str, str]) -> str:
+        """The sentence, naming the flag that set the key instead of the file
+        when *flags* (config key -> command-line flag) has it."""
+        flag = flags.get(self.key)
+        where = self.where if flag is None else f"{self.key}, set by {flag}"
+        return f"cannot listen on {self.address}: {self.reason} ({where})"
+
+    def __str__(self) -> str:
+        return self.naming({})
 
 
 class Broker:
@@ -364,16 +407,6 @@ class Broker:
                     f"socket activation passed non-loopback {self._listener_host} for plain "
                     "ws://: configure tls_cert and tls_key, or set allow_insecure = true",
                 )
-        if cfg.tls:
-            mode = "TLS"
-        elif self._listener_loopback:
-            mode = "plain, loopback only"
-        else:
-            mode = "plain (allow_insecure)"
-        origin = ", socket activation" if inherited else ""
-        for host, port in self.addresses:
-            shown = f"[{host}]" if ":" in host else host
-            log.info("listening on %s:%d%s (%s%s)", shown, port, cfg.path, mode, origin)
         admin_cfg = self.config.admin
         admin_listeners: list[trio.SocketListener] = []
         if "admin" in self._sockets or admin_cfg.enabled:
@@ -384,8 +417,20 @@ class Broker:
                     await trio.aclose_forcefully(listener)
                 raise
             self.admin_addresses = [_sockname(lst) for lst in admin_listeners]
-            for host, port in self.admin_addresses:
-                log.info("admin HTTP on %s:%d (/healthz /readyz /metrics /api/stats)", host, port)
+        # Every listener is bound: only now say where (a broker that cannot
+        # bind its admin port never claims to listen).
+        if cfg.tls:
+            mode = "TLS"
+        elif self._listener_loopback:
+            mode = "plain, loopback only"
+        else:
+            mode = "plain (allow_insecure)"
+        origin = ", socket activation" if inherited else ""
+        for host, port in self.addresses:
+            shown = f"[{host}]" if ":" in host else host
+            log.info("listening on %s:%d%s (%s%s)", shown, port, cfg.path, mode, origin)
+        for host, port in self.admin_addresses:
+            log.info("admin HTTP on %s:%d (/healthz /readyz /metrics /api/stats)", host, port)
         try:
             async with trio.open_nursery() as handlers:
                 # Sources, the admin endpoints and the lag monitor run in the
@@ -423,7 +468,10 @@ class Broker:
         """Listeners for *name*: the inherited sockets, or freshly bound ones."""
         inherited = self._sockets.get(name)
         if not inherited:
-            return await trio.open_tcp_listeners(port, host=host)
+            try:
+                return await trio.open_tcp_listeners(port, host=host)
+            except OSError as e:
+                raise ListenError.for_bind(LISTENER_TABLES[name], host, port, e, self.config) from e
         listeners = []
         for sock in inherited:
             sock.setblocking(False)
@@ -754,10 +802,10 @@ class Broker:
             stats.bytes_out += conn.bytes_out
             stats.messages_dropped += conn.outbox.dropped_total
             log.info(
-                "%s disconnected (%s %s)%s",
+                "%s disconnected (%s%s)%s",
                 conn.id,
                 conn.close_code,
-                conn.close_reason,
+                f" {conn.close_reason}" if conn.close_reason else "",
                 f", {conn.outbox.dropped_total} dropped" if conn.outbox.dropped_total else "",
             )
 

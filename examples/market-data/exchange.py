@@ -244,8 +244,8 @@ class Exchange:
                 nursery.start_soon(self._writer, client)
                 while True:
                     self._command(client, await ws.get_message())
-        except trio_websocket.ConnectionClosed:
-            pass
+        except* trio_websocket.ConnectionClosed:
+            pass  # the client left, perhaps while its writer was sending
         finally:
             self.clients.discard(client)
 
@@ -284,8 +284,10 @@ def main() -> None:
             await nursery.start(exchange.serve, args.host, args.port)
             print(f"exchange on ws://{args.host}:{exchange.port}/", flush=True)
 
-    with contextlib.suppress(KeyboardInterrupt):
+    try:
         trio.run(run)
+    except* KeyboardInterrupt:  # Ctrl-C: it may come out of a nursery, in a group
+        pass
 
 
 if __name__ == "__main__":

@@ -1,20 +1,17 @@
 """Run the market-data example: the simulated exchange and the broker, in one process.
 
-    .venv/bin/python examples/market-data/run.py [--rate 20] [--port 8765]
+    .venv/bin/python examples/market-data/run.py [--rate 20] [--port 8765] [--admin-port 8766]
 
-then, in another terminal:
-
-    .venv/bin/broker sub 'trades.>' 'candles.>'
-    .venv/bin/broker sub 'book.BTC-USD'
-
-Ctrl-C stops both. See README.md next to this file.
+It prints the ``broker sub`` command to try in another terminal (with
+``--url`` when the port moved). Ctrl-C stops both. See README.md next to
+this file.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
+import shlex
 import sys
 import tomllib
 from pathlib import Path
@@ -26,29 +23,87 @@ sys.path.insert(0, str(HERE))
 
 from exchange import Exchange  # noqa: E402
 
-from broker import Broker, config_from_dict  # noqa: E402
+from broker import Broker, ConfigError, ListenError, config_from_dict  # noqa: E402
+
+#: The config keys this script sets from its flags.
+FLAGS = {"listener.port": "--port", "admin.port": "--admin-port"}
 
 
-async def main(rate: float, port: int, exchange_port: int) -> None:
+def admin_port_for(port: int, admin_port: int | None) -> int:
+    """``--admin-port``, or the port after ``--port`` as in the defaults
+    (8765, 8766): two copies on different ports do not collide; 0 stays 0."""
+    if admin_port is not None:
+        return admin_port
+    return port + 1 if port else 0
+
+
+def sub_hint(url: str, *patterns: str) -> str:
+    """The ``broker sub`` command that reaches *url*: ``--url`` unless it is
+    where ``broker sub`` connects by default (the built-in listener)."""
+    default = config_from_dict({}).listener
+    moved = url != f"ws://{default.host}:{default.port}{default.path}"
+    option = f" --url {shlex.quote(url)}" if moved else ""
+    return ".venv/bin/broker sub" + option + "".join(f" {shlex.quote(p)}" for p in patterns)
+
+
+def first_error(error: BaseException) -> BaseException:
+    """The first error inside (nested) exception groups."""
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
+
+
+def describe(error: BaseException) -> str:
+    """A failed start in one line; a port this script set names its flag."""
+    error = first_error(error)
+    return error.naming(FLAGS) if isinstance(error, ListenError) else str(error)
+
+
+async def main(rate: float, port: int, admin_port: int, exchange_port: int) -> None:
     config_file = HERE / "broker.toml"
     exchange = Exchange(rate=rate)
     async with trio.open_nursery() as nursery:
-        await nursery.start(exchange.serve, "127.0.0.1", exchange_port)
+        try:
+            await nursery.start(exchange.serve, "127.0.0.1", exchange_port)
+        except* OSError as group:
+            error = first_error(group)
+            where = f"127.0.0.1:{exchange_port} (--exchange-port)"
+            raise OSError(f"the exchange cannot listen on {where}: {error}") from None
         data = tomllib.loads(config_file.read_text())
         data["listener"]["port"] = port
+        data.setdefault("admin", {})["port"] = admin_port
         data["plugin"]["wsfeed"]["sources"][0]["urls"] = [f"ws://127.0.0.1:{exchange.port}/"]
         broker = Broker(config_from_dict(data, source=config_file))
         await nursery.start(broker.serve)
-        print(f"exchange on ws://127.0.0.1:{exchange.port}/, broker on {broker.url}", flush=True)
-        print("try:  .venv/bin/broker sub 'trades.>' 'candles.>'", flush=True)
+        print(
+            f"exchange on ws://127.0.0.1:{exchange.port}/, broker on {broker.url}, "
+            f"health and metrics on {broker.admin_url}",
+            flush=True,
+        )
+        print(f"try:  {sub_hint(broker.url, 'trades.>', 'candles.>')}", flush=True)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rate", type=float, default=20.0, help="ticks per second per symbol")
+    parser.add_argument("--port", type=int, default=8765, help="the broker's WebSocket port")
+    parser.add_argument(
+        "--admin-port", type=int, help="the broker's health and metrics port (default: --port + 1)"
+    )
+    parser.add_argument("--exchange-port", type=int, default=9001)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    admin_port = admin_port_for(args.port, args.admin_port)
+    status = 0
+    try:
+        trio.run(main, args.rate, args.port, admin_port, args.exchange_port)
+    except* KeyboardInterrupt:
+        pass
+    except* (ConfigError, OSError) as group:
+        print(f"run.py: {describe(group)}", file=sys.stderr)
+        status = 1
+    return status
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rate", type=float, default=20.0, help="ticks per second per symbol")
-    parser.add_argument("--port", type=int, default=8765, help="the broker's port")
-    parser.add_argument("--exchange-port", type=int, default=9001)
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    with contextlib.suppress(KeyboardInterrupt):
-        trio.run(main, args.rate, args.port, args.exchange_port)
+    sys.exit(cli())
