@@ -263,7 +263,9 @@ async def _serve_async(
                     gc.freeze()
                     notifier.ready(_status(broker))
                     log.info("ready")
-                    nursery.start_soon(_reloader, broker, notifier, reload_receive)
+                    nursery.start_soon(
+                        _reloader, broker, notifier, reload_receive, tuple(flags or ())
+                    )
                     nursery.start_soon(_status_updates, broker, notifier)
                     if watchdog is not None:
                         nursery.start_soon(_watchdog, broker, notifier, watchdog)
@@ -332,16 +334,21 @@ async def _on_signals(
 
 
 async def _reloader(
-    broker: Broker, notifier: Notifier, requests: trio.MemoryReceiveChannel[None]
+    broker: Broker,
+    notifier: Notifier,
+    requests: trio.MemoryReceiveChannel[None],
+    pinned: tuple[str, ...] = (),
 ) -> None:
-    """Reload on each request, one at a time (notify-reload protocol)."""
+    """Reload on each request, one at a time (notify-reload protocol).
+    *pinned*: the keys the command line set (``listener.port``), which a
+    reload keeps without reporting them."""
     from broker.ops.reload import reload_broker
 
     async for _ in requests:
         if broker.stopping:
             return
         notifier.reloading("reloading configuration")
-        await reload_broker(broker)
+        await reload_broker(broker, pinned=pinned)
         if broker.stopping:
             return
         notifier.ready(_status(broker))

@@ -272,6 +272,21 @@ async def test_restart_only_keys_keep_their_running_values(tmp_path: Path) -> No
             await client.assert_alive()
 
 
+async def test_keys_set_on_the_command_line_are_kept_quietly(tmp_path: Path) -> None:
+    """``broker serve --port P``: the file's port differs from the running
+    one by design, so a reload keeps P without calling for a restart."""
+    path = tmp_path / "broker.toml"
+    path.write_text(BASE)  # running on port 0, as if --port 0 had been given
+    async with serve_file(path) as broker:
+        path.write_text("[listener]\nport = 9\n[admin]\nport = 0\n")
+        result = await reload_broker(broker, pinned=("listener.port",))
+        assert result.ok and result.restart_needed == ()
+        assert broker.config.listener.port == 0  # the running value
+        path.write_text('[listener]\nport = 9\npath = "/x"\n[admin]\nport = 0\n')
+        result = await reload_broker(broker, pinned=("listener.port",))
+        assert result.restart_needed == ("listener.path",)  # not set on the command line
+
+
 async def test_turning_tls_on_needs_a_restart(tmp_path: Path, tls_files: dict[str, str]) -> None:
     path = tmp_path / "broker.toml"
     path.write_text(BASE)

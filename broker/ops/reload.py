@@ -36,7 +36,7 @@ import logging
 import os
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -244,12 +244,20 @@ def apply(broker: Broker, prepared: Prepared) -> None:
         apply_logging(new.log.level, new.log.format)
 
 
-async def reload_broker(broker: Broker, path: str | os.PathLike[str] | None = None) -> ReloadResult:
+async def reload_broker(
+    broker: Broker,
+    path: str | os.PathLike[str] | None = None,
+    *,
+    pinned: Collection[str] = (),
+) -> ReloadResult:
     """Re-read the configuration file and apply it, or keep the running one.
 
-    *path* defaults to the file the running configuration came from. Never
-    raises for a bad file: the result (also kept in ``broker.last_reload``
-    and counted in ``broker_reloads_total``) says what happened.
+    *path* defaults to the file the running configuration came from.
+    *pinned*: restart-only keys (``listener.port``) that the command line set
+    (``broker serve --port``): they keep their running value without being
+    reported as needing a restart. Never raises for a bad file: the result
+    (also kept in ``broker.last_reload`` and counted in
+    ``broker_reloads_total``) says what happened.
     """
     source = path if path is not None else broker.config.source
     if source is None:
@@ -270,7 +278,9 @@ async def reload_broker(broker: Broker, path: str | os.PathLike[str] | None = No
         log.exception("reload failed, the running configuration stays in force")
         result = ReloadResult(ok=False, at=time.time(), path=name, error=f"internal error: {e!r}")
         return _record(broker, result)
-    restart_needed = prepared.restart_needed + tuple(_source_restarts(broker, prepared))
+    restart_needed = tuple(k for k in prepared.restart_needed if k not in pinned) + tuple(
+        _source_restarts(broker, prepared)
+    )
     if broker.stopping:
         log.info("reload: the broker is stopping; not applied")
         return _record(broker, ReloadResult(ok=False, at=time.time(), path=name, error="stopping"))
