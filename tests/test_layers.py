@@ -30,7 +30,18 @@ ALLOWED: dict[str, set[str]] = {
     "server": {"core", "engine", "plugin", "io", "sources", "ops", "web"},
     "client": {"core"},
     # broker/cli.py and the facade broker/__init__.py sit on top of it all.
-    "cli": {"core", "engine", "plugin", "io", "sources", "ops", "server", "client", "facade", "web"},
+    "cli": {
+        "core",
+        "engine",
+        "plugin",
+        "io",
+        "sources",
+        "ops",
+        "server",
+        "client",
+        "facade",
+        "web",
+    },
     "facade": {"core", "engine", "plugin", "io", "sources", "ops", "server", "web"},
 }
 
