@@ -39,6 +39,7 @@ from broker.core.errors import CloseCode, ConfigError, PublishError
 from broker.core.handshake import (
     HandshakeError,
     HandshakeParser,
+    NotAnUpgrade,
     UpgradeRequest,
     accept_response,
     reject_response,
@@ -59,6 +60,7 @@ from broker.server.connection import CLOSE_TIMEOUT, Connection
 from broker.server.publish import Origin, PublishPipeline, check
 from broker.server.session import SessionServices
 from broker.sources.supervisor import Supervisor
+from broker.web import client_script_response
 
 if TYPE_CHECKING:
     from broker.ops.reload import ReloadResult
@@ -519,6 +521,16 @@ class Broker:
                 while request is None:
                     request = parser.feed(await stream.receive_some(4096))
             except HandshakeError as e:
+                # A plain GET of /client.js: the JavaScript client (broker.web).
+                script = (
+                    client_script_response(e.target, e.request_headers)
+                    if isinstance(e, NotAnUpgrade)
+                    else None
+                )
+                if script is not None:
+                    log.debug("served the client script to %s:%d", *peer)
+                    await _send_quietly(stream, script)
+                    return None
                 self.stats.rejected["bad_request"] += 1
                 log.info("bad handshake from %s:%d: %d %s", *peer, e.status, e.reason)
                 await _send_quietly(stream, reject_response(e.status, e.reason, e.headers))
