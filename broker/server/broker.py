@@ -45,8 +45,9 @@ from broker.core.handshake import (
     reject_response,
 )
 from broker.core.hub import Hub
+from broker.core.outbox import Policy
 from broker.core.protocol import SUBPROTOCOLS, Encoding
-from broker.core.stats import BrokerStats
+from broker.core.stats import BrokerStats, BusiestTopics
 from broker.core.values import Handshake, Identity, Refusal, Reject, SourcesContext
 from broker.core.version import VERSION
 from broker.engine import Engine, Flusher, Interest, MemoryEngine
@@ -114,6 +115,8 @@ class Broker:
         self.engine.configure(config)
         self.interest = Interest(self.engine)
         self.stats = BrokerStats()
+        #: The busiest topics over the last few seconds (/api/stats).
+        self._busiest = BusiestTopics()
         self.pipeline = PublishPipeline(self.runtime, self.engine, self.stats)
         self._services = SessionServices(
             runtime=self.runtime,
@@ -263,6 +266,13 @@ class Broker:
             "messages_dropped": stats.messages_dropped
             + sum(c.outbox.dropped_total for c in connections),
             "overflows": hub.overflows,
+            # The console's figures (broker/web/console).
+            "url": self.url,
+            "overflows_by_policy": {
+                policy.value: hub.slow_consumers if policy is Policy.DISCONNECT else count
+                for policy, count in hub.overflows_by_policy.items()
+            },
+            "busiest_topics": self._busiest.read(hub, trio.current_time()),
             "slow_consumers": hub.slow_consumers,
             "queued_frames": sum(len(c.outbox) for c in connections),
             "loop_lag_seconds": round(self.loop_lag, 6),

@@ -48,6 +48,9 @@ ASSETS: Final = frozenset(
     {
         "client.js",
         "client.d.ts",
+        "console/index.html",
+        "console/console.js",
+        "console/console.css",
     }
 )
 
