@@ -115,7 +115,6 @@ async def test_publish_subscribe_history_presence(
     assert result["leaks"] == {"timers": 0, "listeners": [], "sockets": 0}
     events = await page.evaluate("() => window.events.map((e) => e.event)")
     assert events == ["disconnected", "closed"]
-    await page.screenshot(f"client-{encoding}.png", tmp_path)
 
 
 async def test_messages_cross_encodings(

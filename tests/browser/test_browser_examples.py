@@ -1,0 +1,86 @@
+"""The example pages in Chromium, each against its example's broker.toml
+(ports moved to free ones), with screenshots for their READMEs."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import tomllib
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import trio
+from broker_wsfeed import create as wsfeed
+
+from tests.browser.driver import EXAMPLES, browser_session, serve_pages
+from tests.conftest import BrokerFactory
+
+MARKET = EXAMPLES / "market-data"
+
+
+def load_module(path: Path, name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def toml(path: Path) -> dict[str, Any]:
+    return tomllib.loads(path.read_text(encoding="utf-8"))
+
+
+def book(levels: dict[float, float]) -> list[list[float]]:
+    return sorted([price, qty] for price, qty in levels.items())
+
+
+BOOK_IN_PAGE = """() => ({
+    bids: [...window.dashboard.bids].sort((a, b) => a[0] - b[0]),
+    asks: [...window.dashboard.asks].sort((a, b) => a[0] - b[0]),
+})"""
+
+
+async def test_market_dashboard(
+    start_broker: BrokerFactory, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """The book rebuilt from snapshot + deltas equals the exchange's own,
+    the tape and the candles fill from history, then live."""
+    exchange_module = load_module(MARKET / "exchange.py", "market_data_exchange_web")
+    exchange = exchange_module.Exchange(rate=50, candle_interval=0.25, seed=7)
+    await nursery.start(exchange.serve)
+    data = toml(MARKET / "broker.toml")
+    data["listener"]["port"] = 0
+    data["plugin"]["wsfeed"]["sources"][0]["urls"] = [f"ws://127.0.0.1:{exchange.port}/"]
+    broker = await start_broker(data, factories={"wsfeed": wsfeed}, source=MARKET / "broker.toml")
+    async with serve_pages() as pages, browser_session() as session:
+        page = await session.open(
+            pages.url(f"/examples/market-data/web/index.html?broker={broker.url}")
+        )
+        await page.wait_for(
+            """() => window.dashboard && window.dashboard.ready
+                && window.dashboard.trades.length >= 10 && window.dashboard.candles.length >= 4
+                && window.dashboard.bids.size >= 10 && window.dashboard.asks.size >= 10""",
+            seconds=10,
+        )
+        # A second tab, opened mid-stream, gets the same book from the snapshot.
+        late = await session.open(
+            pages.url(f"/examples/market-data/web/index.html?broker={broker.url}")
+        )
+        await late.wait_for("() => window.dashboard && window.dashboard.ready")
+        assert await page.text("#status") == "live"
+        await page.screenshot("market-dashboard.png", tmp_path)
+        # The market goes quiet (ticks make no events; what was sent
+        # still flows): the pages' books must end equal to the exchange's.
+        for market in exchange.markets:
+            market.step = list
+        (btc,) = [m for m in exchange.markets if m.symbol == "BTC-USD"]
+        expected = {"bids": book(btc.bids), "asks": book(btc.asks)}
+        check = f"(expected) => JSON.stringify(({BOOK_IN_PAGE})()) === JSON.stringify(expected)"
+        await page.wait_for(check, expected)
+        await late.wait_for(check, expected)
+        tape = await page.evaluate("() => window.dashboard.trades.map((t) => t.id)")
+        assert tape == sorted(tape, reverse=True) and len(tape) == 30
+        assert tape[0] == btc.trade_id
+        assert await page.evaluate("() => window.dashboard.dropped") == 0
