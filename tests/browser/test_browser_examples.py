@@ -84,3 +84,66 @@ async def test_market_dashboard(
         assert tape == sorted(tape, reverse=True) and len(tape) == 30
         assert tape[0] == btc.trade_id
         assert await page.evaluate("() => window.dashboard.dropped") == 0
+
+
+CHAT = EXAMPLES / "chat"
+
+
+async def test_chat_room(
+    start_broker: BrokerFactory, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """Two users: history on join, presence, a schema refusal, a private
+    message, and a reader kept out of someone else's inbox."""
+    chat = load_module(CHAT / "run.py", "chat_example")
+    static = load_module(EXAMPLES / "static_server.py", "static_server")
+    secret = "chat-test-secret-0123456789abcdef-0123"
+    broker = await start_broker(chat.config(0, secret), source=CHAT / "broker.toml")
+    web = await nursery.start(
+        static.StaticServer(CHAT / "web", {"/login": chat.Login(secret)}).serve, "127.0.0.1", 0
+    )
+    url = f"http://127.0.0.1:{web.port}/?broker={broker.url}"
+
+    async def join(session: Any, name: str) -> Any:
+        page = await session.open(url)
+        await page.fill("#name", name)
+        await page.click("#login button")
+        await page.wait_for("() => window.chat && window.chat.ready")
+        return page
+
+    async def say(page: Any, text: str) -> None:
+        await page.fill("#text", text)
+        await page.click("#send button")
+
+    async with browser_session() as session:
+        alice = await join(session, "alice")
+        await say(alice, "hello, anyone?")
+        await alice.wait_for("() => window.chat.messages.length === 1")
+        bob = await join(session, "bob")
+        # History on join: bob sees what alice said before he came.
+        assert await bob.evaluate("() => window.chat.messages") == [
+            {"from": "alice", "text": "hello, anyone?"}
+        ]
+        members = "() => [...window.chat.members.keys()].sort().join()"
+        await alice.wait_for(f"() => ({members})() === 'alice,bob'")
+        assert await bob.evaluate(members) == "alice,bob"
+        await say(bob, "hi alice")
+        await alice.wait_for("() => window.chat.messages.length === 2")
+        # A private message, to alice's inbox.
+        await say(bob, "/msg alice psst")
+        await alice.wait_for("() => window.chat.inbox.length === 1")
+        assert await alice.evaluate("() => window.chat.inbox") == [{"from": "bob", "text": "psst"}]
+        # The schema refuses an empty message; the page says why.
+        await say(bob, "")
+        await bob.wait_for("() => document.getElementById('send-error').textContent !== ''")
+        error = await bob.text("#send-error")
+        assert error.startswith("not sent: $.text"), error
+        # Only alice may read her inbox.
+        refused = await bob.evaluate(
+            """() => window.client.subscribe("chat.user.alice.inbox", () => {})
+                .then(() => "subscribed", (e) => `${e.name}: ${e.code}`)"""
+        )
+        assert refused == "Forbidden: forbidden"
+        await alice.screenshot("chat.png", tmp_path)
+        await bob.close()
+        await alice.wait_for(f"() => ({members})() === 'alice'")
+        assert "bob left" in await alice.text("#messages")
