@@ -88,7 +88,8 @@ async def test_eth_node_example_against_the_fake_node(
     data["plugin"]["jsonrpc"]["sources"][0]["urls"] = [node.url]
     broker = await start_broker(data, factories={"jsonrpc": jsonrpc})
     async with connect(broker.url) as client:
-        await client.sub("eth.>")
+        ok = await client.request({"op": "sub", "id": "s", "topic": "eth.>"})
+        assert ok["op"] == "ok" and "cursor" in ok  # broker.local.toml keeps history
         conn = await node.connection(0)
         blocks, logs = await conn.wait_subscribed(2)
         await wait_until(lambda: broker.sources[0].state == "running")

@@ -11,10 +11,14 @@ from types import ModuleType
 from typing import Any
 
 import trio
+from broker_jsonrpc import create as jsonrpc
 from broker_wsfeed import create as wsfeed
 
+from broker.core.errors import CloseCode
 from tests.browser.driver import EXAMPLES, browser_session, serve_pages
 from tests.conftest import BrokerFactory
+from tests.fake_jsonrpc import FakeNode, head, transfer_log
+from tests.helpers import wait_until
 
 MARKET = EXAMPLES / "market-data"
 
@@ -147,3 +151,53 @@ async def test_chat_room(
         await bob.close()
         await alice.wait_for(f"() => ({members})() === 'alice'")
         assert "bob left" in await alice.text("#messages")
+
+
+ETH = EXAMPLES / "eth-node"
+
+
+async def test_chain_ticker_recovers_the_gap_after_a_reconnect(
+    start_broker: BrokerFactory, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """Blocks and logs arrive as the node sends them; the page loses its
+    connection (the broker drops it), blocks go on; back, the page has
+    every block once, in order, and no resync."""
+    node: FakeNode = await nursery.start(FakeNode().serve)
+    data = toml(ETH / "broker.local.toml")
+    data["listener"]["port"] = 0
+    data["plugin"]["jsonrpc"]["sources"][0]["urls"] = [node.url]
+    broker = await start_broker(data, factories={"jsonrpc": jsonrpc})
+    conn = await node.connection(0)
+    blocks, logs = await conn.wait_subscribed(2)
+    await wait_until(lambda: broker.sources[0].state == "running")
+
+    async def mine(numbers: range) -> None:
+        for n in numbers:
+            await conn.notify(blocks, head(n))
+            await conn.notify(logs, transfer_log(n))
+
+    await mine(range(1, 6))
+    numbers = "() => window.ticker.blocks.map((b) => parseInt(b.number, 16))"
+    async with serve_pages() as pages, browser_session() as session:
+        page = await session.open(
+            pages.url(f"/examples/eth-node/web/index.html?broker={broker.url}")
+        )
+        await page.wait_for(
+            f"() => window.ticker && window.ticker.ready && ({numbers})().length === 5"
+        )
+        await mine(range(6, 9))
+        await page.wait_for(f"() => ({numbers})().length === 8")
+        # The broker drops the page (as when a proxy restarts); blocks go on.
+        (client,) = broker.connections
+        client.close(CloseCode.GOING_AWAY, "proxy restart")
+        await mine(range(9, 15))
+        await page.wait_for(f"() => ({numbers})().length === 14 && window.ticker.reconnects === 1")
+        assert await page.evaluate(numbers) == list(range(1, 15))
+        log_blocks = await page.evaluate(
+            "() => window.ticker.logs.map((l) => parseInt(l.blockNumber, 16))"
+        )
+        assert log_blocks == list(range(1, 15))
+        assert await page.evaluate("() => window.ticker.resyncs") == 0
+        assert await page.text("#head") == "14"
+        assert "reconnected" in await page.text("#events")
+        await page.screenshot("chain-ticker.png", tmp_path)
