@@ -15,6 +15,7 @@ import jwt
 import pytest
 import trio
 
+from broker import Identity
 from broker.io.http import Request, Response
 from tests.browser.driver import Page, PageServer, Session, browser_session, serve_pages
 from tests.conftest import BrokerFactory
@@ -330,8 +331,6 @@ async def test_reconnect_after_the_network_drops_recovers_every_message(
         }""",
         cable.url,
     )
-    from broker import Identity
-
     publisher = Identity("feed")
     for n in range(1, 51):
         await broker.publish(publisher, "trades.BTC", n)
@@ -367,8 +366,9 @@ async def test_offline_waits_for_online_then_reconnects_at_once(
     await page.evaluate(
         """async (url) => {
             const { connect } = window.broker;
-            // A backoff far longer than the test: only `online` can bring it back.
-            window.client = await connect(url, { reconnect: { initialDelay: 60, maxDelay: 60 } });
+            // A backoff far longer than the test once past the first attempt:
+            // only `online` can bring it back quickly.
+            window.client = await connect(url, { reconnect: { initialDelay: 0.01, maxDelay: 60, factor: 6000 } });
             window.record(window.client);
             await window.client.subscribe("trades.>", () => {});
         }""",
@@ -377,6 +377,14 @@ async def test_offline_waits_for_online_then_reconnects_at_once(
     await session.set_offline(True)
     cable.cut()
     await page.wait_for("() => window.events.some((e) => e.event === 'reconnecting')")
+    # Waiting for `online`, with no timer: the first delay (10 ms at most)
+    # is not running, and no attempt was made.
+    waiting = await page.evaluate(
+        "() => [navigator.onLine, window.client._offline, window.client._wake !== null,"
+        " window.events.filter((e) => e.event === 'reconnecting').length]"
+    )
+    assert waiting == [False, True, True, 1]
+    assert cable.connections == 1
     cable.plug()
     await session.set_offline(False)
     await page.wait_for("() => window.client.connected")
@@ -558,3 +566,44 @@ async def test_a_refused_handshake(
     assert refused["ok"] is True
     assert refused["leaks"] == {"timers": 0, "listeners": [], "sockets": 0}
     assert broker.stats.rejected["auth_401"] == 2
+
+
+async def test_after_a_resync_the_snapshot_comes_again(
+    start_broker: BrokerFactory, nursery: trio.Nursery, session: Session, pages: PageServer
+) -> None:
+    """A subscription with `snapshot` misses keyed updates it cannot get
+    back (no history kept, only the snapshot): after the reconnect the page
+    gets a resync, then the snapshot with the newest value per key."""
+    broker = await start_broker({"history": [{"pattern": "book.*", "size": 0, "snapshot": True}]})
+    cable = Cable(broker.port)
+    await nursery.start(cable.serve)
+    feed = Identity("feed")
+    await broker.publish(feed, "book.X", {"qty": 1}, key="a")
+    page = await harness(session, pages)
+    await page.evaluate(
+        """async (url) => {
+            const { connect } = window.broker;
+            window.client = await connect(url, { reconnect: { initialDelay: 0.05, maxDelay: 0.3 } });
+            await window.client.subscribe("book.X", { snapshot: true }, window.record(window.client));
+        }""",
+        cable.url,
+    )
+    await page.wait_for("() => window.items.length === 1")
+    cable.cut()
+    await page.wait_for("() => window.items.some((i) => i.type === 'interrupted')")
+    await broker.publish(feed, "book.X", {"qty": 2}, key="a")
+    await broker.publish(feed, "book.X", {"qty": 5}, key="b")
+    cable.plug()
+    items = await page.wait_for(
+        "() => window.items.filter((i) => i.snapshot).length === 3 && window.items"
+    )
+    assert [(i["type"], i.get("key"), i.get("data")) for i in items] == [
+        ("message", "a", {"qty": 1}),
+        ("interrupted", None, None),
+        ("reconnected", None, None),
+        ("resync", None, None),
+        ("message", "a", {"qty": 2}),
+        ("message", "b", {"qty": 5}),
+    ]
+    assert items[3]["reason"] == "not_recovered"
+    await page.evaluate("() => window.client.close()")
