@@ -102,7 +102,8 @@ async def test_eth_node_example_against_the_fake_node(
     broker = await start_broker(data, factories={"jsonrpc": jsonrpc}, source=ETH / "broker.toml")
     assert broker.hub.rule_for("eth.blocks").policy == "conflate"
     async with connect(broker.url) as client:
-        await client.sub("eth.>")
+        ok = await client.request({"op": "sub", "id": "s", "topic": "eth.>"})
+        assert ok["op"] == "ok" and "cursor" in ok  # broker.local.toml keeps history
         conn = await node.connection(0)
         blocks, logs = await conn.wait_subscribed(2)
         assert conn.subscriptions[logs][1]["topics"] == [TRANSFER_TOPIC]
@@ -166,7 +167,16 @@ async def stop(running: Running) -> None:
 
 async def test_market_data_run_moves_both_ports_and_hints_the_url(nursery: trio.Nursery) -> None:
     running, (where, hint) = await start_example(
-        nursery, MARKET / "run.py", "--port", "0", "--exchange-port", "0", "--rate", "100"
+        nursery,
+        MARKET / "run.py",
+        "--port",
+        "0",
+        "--exchange-port",
+        "0",
+        "--web-port",
+        "0",
+        "--rate",
+        "100",
     )
     url = must(re.search(r"broker on (ws://127\.0\.0\.1:(\d+)/ws)", where))
     admin = must(re.search(r"health and metrics on http://127\.0\.0\.1:(\d+)", where))
@@ -195,7 +205,16 @@ def test_run_moves_the_admin_port_and_hints_the_url(script: Path) -> None:
 async def test_market_data_run_names_a_taken_port() -> None:
     with held_port() as (port, _):
         done = await trio.run_process(
-            [sys.executable, str(MARKET / "run.py"), "--port", "0", "--admin-port", str(port)],
+            [
+                sys.executable,
+                str(MARKET / "run.py"),
+                "--port",
+                "0",
+                "--web-port",
+                "0",
+                "--admin-port",
+                str(port),
+            ],
             capture_stdout=True,
             capture_stderr=True,
             check=False,
@@ -210,7 +229,16 @@ async def test_market_data_run_names_a_taken_port() -> None:
 
 async def test_eth_node_run_bridges_the_local_fake_node_by_default(nursery: trio.Nursery) -> None:
     running, (where, hint) = await start_example(
-        nursery, ETH / "run.py", "--port", "0", "--node-port", "0", "--block-time", "0.05"
+        nursery,
+        ETH / "run.py",
+        "--port",
+        "0",
+        "--node-port",
+        "0",
+        "--web-port",
+        "0",
+        "--block-time",
+        "0.05",
     )
     assert re.match(r"bridging the fake node on ws://127\.0\.0\.1:\d+/; broker on ", where)
     assert "--url ws://127.0.0.1:" in hint
@@ -231,7 +259,7 @@ async def test_eth_node_run_bridges_the_upstream_the_user_names(
     args = ("--upstream", upstream) if how == "flag" else ()
     env = {"ETH_NODE_URL": upstream} if how == "environment" else {}
     running, (where, _) = await start_example(
-        nursery, ETH / "run.py", "--port", "0", *args, env=env
+        nursery, ETH / "run.py", "--port", "0", "--web-port", "0", *args, env=env
     )
     # Shown without its path, where providers put the key.
     assert where.startswith(f"bridging ws://127.0.0.1:{node.port}/…; broker on ")

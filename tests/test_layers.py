@@ -20,16 +20,29 @@ BROKER = ROOT / "broker"
 #: Each layer and the layers it may import at run time (besides itself).
 ALLOWED: dict[str, set[str]] = {
     "core": set(),
+    # Static files (the JavaScript client, the console page) and their answers.
+    "web": set(),
     "engine": {"core"},
     "plugin": {"core", "engine"},
     "io": {"core"},
     "sources": {"core", "plugin", "io"},
-    "ops": {"core", "engine", "plugin", "io", "sources"},
-    "server": {"core", "engine", "plugin", "io", "sources", "ops"},
+    "ops": {"core", "engine", "plugin", "io", "sources", "web"},
+    "server": {"core", "engine", "plugin", "io", "sources", "ops", "web"},
     "client": {"core"},
     # broker/cli.py and the facade broker/__init__.py sit on top of it all.
-    "cli": {"core", "engine", "plugin", "io", "sources", "ops", "server", "client", "facade"},
-    "facade": {"core", "engine", "plugin", "io", "sources", "ops", "server"},
+    "cli": {
+        "core",
+        "engine",
+        "plugin",
+        "io",
+        "sources",
+        "ops",
+        "server",
+        "client",
+        "facade",
+        "web",
+    },
+    "facade": {"core", "engine", "plugin", "io", "sources", "ops", "server", "web"},
 }
 
 #: Modules the sans-I/O core must never import (nor anything below them).

@@ -42,6 +42,7 @@ from wsproto.utilities import generate_accept_token
 __all__ = [
     "HandshakeError",
     "HandshakeParser",
+    "NotAnUpgrade",
     "UpgradeRequest",
     "accept_response",
     "origin_form",
@@ -67,6 +68,25 @@ class HandshakeError(Exception):
         self.status = status
         self.reason = reason
         self.headers = headers
+
+
+class NotAnUpgrade(HandshakeError):
+    """A ``GET`` without ``Upgrade: websocket``: answered 426, unless the
+    listener serves its *target* (``GET /client.js``, :mod:`broker.web`).
+
+    Attributes:
+        target: the request target (path and query string).
+        request_headers: (lower-case name, value) pairs, in order.
+    """
+
+    def __init__(self, target: str, request_headers: tuple[tuple[str, str], ...]) -> None:
+        super().__init__(
+            426,
+            "this endpoint speaks WebSocket only",
+            (("Upgrade", "websocket"), ("Connection", "Upgrade")),
+        )
+        self.target = target
+        self.request_headers = request_headers
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,11 +186,7 @@ class HandshakeParser:
         if "websocket" not in _tokens(fields.get("upgrade", "")) or "upgrade" not in _tokens(
             fields.get("connection", "")
         ):
-            raise HandshakeError(
-                426,
-                "this endpoint speaks WebSocket only",
-                (("Upgrade", "websocket"), ("Connection", "Upgrade")),
-            )
+            raise NotAnUpgrade(request.target.decode("latin-1"), headers)
         if fields.get("sec-websocket-version", "").strip() != "13":
             raise HandshakeError(
                 426, "unsupported WebSocket version", (("Sec-WebSocket-Version", "13"),)

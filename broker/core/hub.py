@@ -17,8 +17,9 @@ the subscribers that asked for them (:meth:`Hub.watch_presence`).
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Hashable
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from broker.core.config import QueueConfig
 from broker.core.frames import frame
@@ -87,6 +88,17 @@ def _builder(encoding: Encoding, snapshot: bool) -> Callable[[Stored], bytes]:
     return build
 
 
+#: Distinct topics whose publishes the hub counts between two reads of the
+#: busiest topics (memory bound when nobody reads them).
+BUSIEST_TOPICS_LIMIT: Final = 10_000
+#: The hub samples one publish in BUSIEST_TOPICS_SAMPLE (on average) for them.
+BUSIEST_TOPICS_SAMPLE: Final = 16
+#: The gaps between two samples: 1 to 31 publishes, 16 on average, in an
+#: irregular order (seeded: tests repeat), so that a publisher cycling
+#: through a few topics is not sampled on one of them only.
+_SAMPLE_GAPS: Final = tuple(random.Random(0).sample(list(range(1, 32)) * 8, 31 * 8))
+
+
 class Hub:
     """The routing table and the synchronous fan-out."""
 
@@ -96,6 +108,13 @@ class Hub:
         self.configure(queue)
         self.published = 0
         self.delivered = 0
+        #: Sampled publishes (one in 16 on average) per topic since
+        #: :class:`~broker.core.stats.BusiestTopics` last took them; at most
+        #: BUSIEST_TOPICS_LIMIT topics, later ones are not counted.
+        self.topic_publishes: dict[str, int] = {}
+        #: The value of ``published`` at which the next publish is sampled.
+        self._gap = 0
+        self._next_sample = _SAMPLE_GAPS[0]
         #: Deliveries that overflowed a queue and dropped a message (its own or
         #: an older one); the exact counts are in each Outbox.
         self.overflows = 0
@@ -117,6 +136,19 @@ class Hub:
         #: Presence events queued (counted like deliveries, apart from them).
         self.presence_events = 0
         self._presence_queue_rules: dict[QueueRule, QueueRule] = {}
+
+    def _sample(self, topic: str) -> None:
+        """Count one publish in BUSIEST_TOPICS_SAMPLE on average per topic
+        (the console's busiest topics): an estimate that costs the hot path
+        one comparison per publish. The gaps are random, so that a publisher
+        cycling through its topics is not sampled on one of them only."""
+        self._gap = gap = (self._gap + 1) % len(_SAMPLE_GAPS)
+        self._next_sample = self.published + _SAMPLE_GAPS[gap]
+        counts = self.topic_publishes
+        if topic in counts:
+            counts[topic] += 1
+        elif len(counts) < BUSIEST_TOPICS_LIMIT:
+            counts[topic] = 1
 
     def configure(self, queue: QueueConfig) -> None:
         """Apply (new) queue rules; messages already queued keep theirs."""
@@ -152,7 +184,9 @@ class Hub:
         Subscribers that got frames are marked dirty; :meth:`flush` writes them.
         *epoch* comes with the first message of an epoch and goes into its frame.
         """
-        self.published += 1
+        self.published = published = self.published + 1
+        if published >= self._next_sample:
+            self._sample(topic)
         if self._buffers:
             for buffer in self._buffers:
                 buffer.offer(topic, seq, data, key, epoch)

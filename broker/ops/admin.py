@@ -13,6 +13,9 @@ A small HTTP/1.1 server on h11, separate from the WebSocket listener
                           when the scraper asks for it), from the broker's own
                           registry (:mod:`broker.ops.metrics`).
 ``GET /api/stats``        the same numbers as JSON, for people and scripts.
+``GET /``                 the web console (``broker/web/console``): a page that
+                          polls ``/api/stats``; its scripts, ``/console.js``,
+                          ``/console.css`` and ``/client.js``, are static.
 ========================  =====================================================
 
 With ``[admin] token`` set, ``/metrics`` and ``/api/stats`` require
@@ -41,6 +44,7 @@ from prometheus_client.exposition import choose_encoder
 
 from broker.core.config import AdminConfig
 from broker.io.http import HttpServer, Limits, Request, Response
+from broker.web import asset
 
 if TYPE_CHECKING:
     from broker.server.broker import Broker
@@ -75,6 +79,33 @@ def _text(status: int, text: str, headers: tuple[tuple[str, str], ...] = ()) -> 
     return Response(status, (text + "\n").encode(), _TEXT, headers)
 
 
+#: The web console (broker/web/console): static files, open to all (they
+#: hold no data: the page asks /api/stats with the token its user typed).
+_CONSOLE: Final = {
+    "/": "console/index.html",
+    "/console.js": "console/console.js",
+    "/console.css": "console/console.css",
+    "/client.js": "client.js",
+}
+#: The console page runs only its own scripts, is never framed, and talks
+#: to this listener (stats) and to the broker's WebSocket listener (try it).
+_CONSOLE_HEADERS: Final = (
+    (
+        "Content-Security-Policy",
+        "default-src 'self'; connect-src 'self' ws: wss:; frame-ancestors 'none'",
+    ),
+    ("X-Frame-Options", "DENY"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "no-referrer"),
+)
+
+
+def _console_file(name: str) -> Response:
+    file = asset(name)
+    assert file is not None, name
+    return Response(200, file.body, file.content_type, (("ETag", file.etag), *_CONSOLE_HEADERS))
+
+
 class AdminServer:
     """Serves the admin endpoints of *broker* on listeners it is given."""
 
@@ -101,6 +132,9 @@ class AdminServer:
 
     async def _respond(self, request: Request) -> Response:
         path = request.path
+        console = _CONSOLE.get(path)
+        if console is not None and request.method in ("GET", "HEAD"):
+            return _console_file(console)
         if path not in _PATHS:
             return _text(404, f"not found: try {', '.join(_PATHS)}")
         if request.method not in ("GET", "HEAD"):

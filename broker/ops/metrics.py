@@ -99,7 +99,7 @@ def _status_field(status: object, name: str, default: Any = None) -> Any:
 
 
 def source_statuses(broker: Broker) -> list[dict[str, Any]]:
-    """``[{name, state, restarts, running}]`` for each source the broker runs.
+    """``[{name, state, restarts, running, last_error}]`` for each source the broker runs.
 
     Sources live in ``broker.sources`` (supervisors with a ``status()``
     returning a mapping or an object with ``name``, ``state`` and
@@ -125,8 +125,15 @@ def source_statuses(broker: Broker) -> list[dict[str, Any]]:
             restarts = int(_status_field(status, "restarts", 0) or 0)
         except (TypeError, ValueError):
             restarts = 0
+        last_error = _status_field(status, "last_error")
         result.append(
-            {"name": str(name), "state": state, "restarts": restarts, "running": state == "running"}
+            {
+                "name": str(name),
+                "state": state,
+                "restarts": restarts,
+                "running": state == "running",
+                "last_error": None if last_error is None else str(last_error),
+            }
         )
     return result
 

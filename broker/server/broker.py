@@ -39,11 +39,13 @@ from broker.core.errors import CloseCode, ConfigError, PublishError
 from broker.core.handshake import (
     HandshakeError,
     HandshakeParser,
+    NotAnUpgrade,
     UpgradeRequest,
     accept_response,
     reject_response,
 )
 from broker.core.hub import Hub
+from broker.core.outbox import Policy
 from broker.core.protocol import SUBPROTOCOLS, Encoding
 from broker.core.proxy import (
     Address,
@@ -52,7 +54,7 @@ from broker.core.proxy import (
     TrustedProxies,
     forwarded_client,
 )
-from broker.core.stats import BrokerStats
+from broker.core.stats import BrokerStats, BusiestTopics
 from broker.core.values import Handshake, Identity, Refusal, Reject, SourcesContext
 from broker.core.version import VERSION
 from broker.engine import Engine, Flusher, Interest, MemoryEngine
@@ -66,6 +68,7 @@ from broker.server.connection import CLOSE_TIMEOUT, Connection
 from broker.server.publish import Origin, PublishPipeline, check
 from broker.server.session import SessionServices
 from broker.sources.supervisor import Supervisor
+from broker.web import client_script_response
 
 if TYPE_CHECKING:
     from broker.ops.reload import ReloadResult
@@ -162,6 +165,8 @@ class Broker:
         self.engine.configure(config)
         self.interest = Interest(self.engine)
         self.stats = BrokerStats()
+        #: The busiest topics over the last few seconds (/api/stats).
+        self._busiest = BusiestTopics()
         self.pipeline = PublishPipeline(self.runtime, self.engine, self.stats)
         self._services = SessionServices(
             runtime=self.runtime,
@@ -316,6 +321,13 @@ class Broker:
             "messages_dropped": stats.messages_dropped
             + sum(c.outbox.dropped_total for c in connections),
             "overflows": hub.overflows,
+            # The console's figures (broker/web/console).
+            "url": self.url,
+            "overflows_by_policy": {
+                policy.value: hub.slow_consumers if policy is Policy.DISCONNECT else count
+                for policy, count in hub.overflows_by_policy.items()
+            },
+            "busiest_topics": self._busiest.read(hub, trio.current_time()),
             "slow_consumers": hub.slow_consumers,
             "queued_frames": sum(len(c.outbox) for c in connections),
             "loop_lag_seconds": round(self.loop_lag, 6),
@@ -621,6 +633,16 @@ class Broker:
                 log.info("bad PROXY protocol header from %s:%d: %s", *peer, e)
                 return None
             except HandshakeError as e:
+                # A plain GET of /client.js: the JavaScript client (broker.web).
+                script = (
+                    client_script_response(e.target, e.request_headers)
+                    if isinstance(e, NotAnUpgrade)
+                    else None
+                )
+                if script is not None:
+                    log.debug("served the client script to %s:%d", *peer)
+                    await _send_quietly(stream, script)
+                    return None
                 self.stats.rejected["bad_request"] += 1
                 log.info("bad handshake from %s:%d: %d %s", *peer, e.status, e.reason)
                 await _send_quietly(stream, reject_response(e.status, e.reason, e.headers))

@@ -1,9 +1,10 @@
 """Run the eth-node example: broker.toml's broker, fed by a local fake node or by your node.
 
-    .venv/bin/python examples/eth-node/run.py [--port 8765] [--admin-port 8766]
+    .venv/bin/python examples/eth-node/run.py [--port 8765] [--admin-port 8766] [--web-port 8000]
 
 starts the test suite's fake node (a devnet that mines a block every
-second, on ``--node-port``) and the broker bridging it, in one process.
+second, on ``--node-port``), the broker bridging it and the chain ticker
+page (http://127.0.0.1:8000/), in one process.
 Name a real node or provider to bridge it instead (nothing else is ever
 contacted):
 
@@ -27,7 +28,10 @@ from pathlib import Path
 import trio
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # static_server
 sys.path.insert(0, str(HERE.parent.parent))  # the repository, for tests.fake_jsonrpc
+
+from static_server import StaticServer  # noqa: E402
 
 from broker import Broker, ConfigError, ListenError, config_from_dict  # noqa: E402
 from broker.sources import display_url  # noqa: E402
@@ -71,7 +75,12 @@ def describe(error: BaseException) -> str:
 
 
 async def main(
-    port: int, admin_port: int, upstream: str | None, node_port: int, block_time: float
+    port: int,
+    admin_port: int,
+    upstream: str | None,
+    node_port: int,
+    block_time: float,
+    web_port: int,
 ) -> None:
     config_file = HERE / "broker.toml"
     async with trio.open_nursery() as nursery:
@@ -96,6 +105,14 @@ async def main(
             f"bridging {node}; broker on {broker.url}, health and metrics on {broker.admin_url}",
             flush=True,
         )
+        try:
+            web = await nursery.start(StaticServer(HERE / "web").serve, "127.0.0.1", web_port)
+        except* OSError as group:
+            error = first_error(group)
+            where = f"127.0.0.1:{web_port} (--web-port)"
+            raise OSError(f"the chain ticker page cannot listen on {where}: {error}") from None
+        query = "" if broker.url == "ws://127.0.0.1:8765/ws" else f"?broker={broker.url}"
+        print(f"chain ticker: http://127.0.0.1:{web.port}/{query}", flush=True)
         print(f"try:  {sub_hint(broker.url, 'eth.>')}", flush=True)
 
 
@@ -118,6 +135,7 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--block-time", type=float, default=1.0, help="the fake node's seconds between blocks"
     )
+    parser.add_argument("--web-port", type=int, default=8000, help="the chain ticker page's port")
     args = parser.parse_args(argv)
     if args.upstream is not None and not args.upstream.startswith(("ws://", "wss://")):
         parser.error(f"--upstream (or {UPSTREAM_ENV}) must be a ws:// or wss:// URL")
@@ -125,7 +143,15 @@ def cli(argv: list[str] | None = None) -> int:
     admin_port = admin_port_for(args.port, args.admin_port)
     status = 0
     try:
-        trio.run(main, args.port, admin_port, args.upstream, args.node_port, args.block_time)
+        trio.run(
+            main,
+            args.port,
+            admin_port,
+            args.upstream,
+            args.node_port,
+            args.block_time,
+            args.web_port,
+        )
     except* KeyboardInterrupt:
         pass
     except* (ConfigError, OSError) as group:

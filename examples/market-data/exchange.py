@@ -5,6 +5,7 @@ connects, sends a subscribe message, and receives JSON frames:
 
     -> {"op": "subscribe", "channels": ["trades", "book", "candles"], "symbols": ["BTC-USD"]}
     <- {"type": "subscribed", "channels": [...], "symbols": [...]}
+    <- the whole book of each symbol, one "book" event per level (with "book")
     <- {"type": "trade", "symbol": "BTC-USD", "id": 17, "price": 64012.5, "qty": 0.0132,
         "side": "buy", "ts": 1700000000123}
     <- {"type": "book", "symbol": "BTC-USD", "side": "bid", "price": 64010.0, "qty": 1.25,
@@ -126,6 +127,21 @@ class Market:
                 }
             )
         return events
+
+    def book_levels(self, now: int) -> list[dict[str, Any]]:
+        """The whole book as ``book`` events, one per level."""
+        return [
+            {
+                "type": "book",
+                "symbol": self.symbol,
+                "side": side,
+                "price": price,
+                "qty": qty,
+                "ts": now,
+            }
+            for side, levels in (("bid", self.bids), ("ask", self.asks))
+            for price, qty in sorted(levels.items())
+        ]
 
     def close_candle(self, interval: str) -> dict[str, Any] | None:
         c = self.candle
@@ -264,6 +280,13 @@ class Exchange:
         client.channels.update(channels)
         client.symbols.update(symbols)
         client.offer({"type": "subscribed", "channels": channels, "symbols": symbols})
+        if "book" in channels:
+            # As real exchanges do: the current book first, then its changes.
+            now = _ms()
+            for market in self.markets:
+                if market.symbol in symbols:
+                    for event in market.book_levels(now):
+                        client.offer(event)
 
     async def _writer(self, client: _Client) -> None:
         async for text in client.receive:

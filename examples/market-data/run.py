@@ -1,10 +1,11 @@
-"""Run the market-data example: the simulated exchange and the broker, in one process.
+"""Run the market-data example: the simulated exchange, the broker and the
+dashboard's web server, in one process.
 
-    .venv/bin/python examples/market-data/run.py [--rate 20] [--port 8765] [--admin-port 8766]
+    .venv/bin/python examples/market-data/run.py [--rate 20] [--port 8765] [--admin-port 8766] [--web-port 8000]
 
-It prints the ``broker sub`` command to try in another terminal (with
-``--url`` when the port moved). Ctrl-C stops both. See README.md next to
-this file.
+then open http://127.0.0.1:8000/ (the dashboard). It also prints the
+``broker sub`` command to try in another terminal (with ``--url`` when the
+port moved). Ctrl-C stops both. See README.md next to this file.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ import trio
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
 
 from exchange import Exchange  # noqa: E402
+from static_server import StaticServer  # noqa: E402
 
 from broker import Broker, ConfigError, ListenError, config_from_dict  # noqa: E402
 
@@ -59,7 +62,7 @@ def describe(error: BaseException) -> str:
     return error.naming(FLAGS) if isinstance(error, ListenError) else str(error)
 
 
-async def main(rate: float, port: int, admin_port: int, exchange_port: int) -> None:
+async def main(rate: float, port: int, admin_port: int, exchange_port: int, web_port: int) -> None:
     config_file = HERE / "broker.toml"
     exchange = Exchange(rate=rate)
     async with trio.open_nursery() as nursery:
@@ -80,6 +83,14 @@ async def main(rate: float, port: int, admin_port: int, exchange_port: int) -> N
             f"health and metrics on {broker.admin_url}",
             flush=True,
         )
+        try:
+            web = await nursery.start(StaticServer(HERE / "web").serve, "127.0.0.1", web_port)
+        except* OSError as group:
+            error = first_error(group)
+            where = f"127.0.0.1:{web_port} (--web-port)"
+            raise OSError(f"the dashboard cannot listen on {where}: {error}") from None
+        query = "" if broker.url == "ws://127.0.0.1:8765/ws" else f"?broker={broker.url}"
+        print(f"dashboard: http://127.0.0.1:{web.port}/{query}", flush=True)
         print(f"try:  {sub_hint(broker.url, 'trades.>', 'candles.>')}", flush=True)
 
 
@@ -91,12 +102,13 @@ def cli(argv: list[str] | None = None) -> int:
         "--admin-port", type=int, help="the broker's health and metrics port (default: --port + 1)"
     )
     parser.add_argument("--exchange-port", type=int, default=9001)
+    parser.add_argument("--web-port", type=int, default=8000, help="the dashboard's port")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     admin_port = admin_port_for(args.port, args.admin_port)
     status = 0
     try:
-        trio.run(main, args.rate, args.port, admin_port, args.exchange_port)
+        trio.run(main, args.rate, args.port, admin_port, args.exchange_port, args.web_port)
     except* KeyboardInterrupt:
         pass
     except* (ConfigError, OSError) as group:
