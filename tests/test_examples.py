@@ -135,7 +135,8 @@ def test_eth_node_example_config_is_valid_and_local() -> None:
 async def start_example(
     nursery: trio.Nursery, script: Path, *args: str, env: Mapping[str, str] | None = None
 ) -> tuple[Running, list[str]]:
-    """Start *script*; wait for its two lines (where it runs, what to try)."""
+    """Start *script*; wait for its three lines (where it runs, its page,
+    what to try); the page's line is checked and left out."""
     process = await trio.lowlevel.open_process(
         [sys.executable, str(script), *args],
         stdout=subprocess.PIPE,
@@ -144,8 +145,10 @@ async def start_example(
     )
     running = Running(process)
     nursery.start_soon(running.collect)
-    await cli_wait_until(lambda: running.stdout.count(b"\n") >= 2, running)
-    where, hint = running.stdout.decode().splitlines()[:2]
+    await cli_wait_until(lambda: running.stdout.count(b"\n") >= 3, running)
+    where, page, hint = running.stdout.decode().splitlines()[:3]
+    assert page.startswith(("dashboard: http://127.0.0.1:", "chain ticker: http://127.0.0.1:"))
+    assert "?broker=ws://127.0.0.1:" in page  # the port moved: the page is told
     assert hint.startswith("try:  .venv/bin/broker sub ")
     return running, [where, hint]
 
