@@ -2,14 +2,14 @@
 """trio-broker soak: many connections with churn for a set time; is the broker flat?
 
     python3 bench/soak.py                                  # 10,000 connections, 10 minutes
-    python3 bench/soak.py --connections 500 --duration 24 --interval 1 \\
-        --life-min 2 --life-max 8 --hot-rate 100            # the CI smoke (~30 s)
+    python3 bench/soak.py --connections 500 --duration 24 --warmup 10 --interval 1 \\
+        --life-min 2 --life-max 8 --hot-rate 50             # the CI smoke (~30 s)
 
 Starts our broker (pinned to CPU 0, like bench/run.py) with the default
 configuration but for the connection limits (every client comes from
 127.0.0.1) and a free admin port, then runs ``gen/soak.mjs`` (on CPU 1): the
-connections are kept at ``--connections``, each living a few seconds to a
-minute (connect, subscribe, leave), 10 % of them stop reading. Every
+connections are kept at ``--connections``, each living one to four minutes
+(connect, subscribe, leave); 10 % of them stop reading (and live 17 to 35 s). Every
 ``--interval`` seconds it samples the broker's RSS (``VmRSS``), open file
 descriptors (``/proc/PID/fd``) and Trio task count (``tasks`` of
 ``/api/stats``, the ``broker_tasks`` gauge).
@@ -253,16 +253,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--interval", type=float, default=5.0, help="seconds between samples")
     ap.add_argument("--window", type=int, default=3, help="samples whose median is compared")
-    ap.add_argument("--life-min", type=float, default=15.0, help="shortest connection life, s")
-    ap.add_argument("--life-max", type=float, default=75.0, help="longest connection life, s")
+    ap.add_argument("--life-min", type=float, default=60.0, help="shortest connection life, s")
+    ap.add_argument("--life-max", type=float, default=240.0, help="longest connection life, s")
+    ap.add_argument(
+        "--slow-life-max", type=float, default=35.0, help="longest life of a slow one, s"
+    )
     ap.add_argument("--slow-fraction", type=float, default=0.1, help="share that stops reading")
     ap.add_argument("--topics", type=int, default=100, help="shared topics")
-    ap.add_argument("--rate", type=float, default=200.0, help="publishes/s on the shared topics")
-    ap.add_argument("--hot-rate", type=float, default=20.0, help="4 KiB publishes/s to the slow")
+    ap.add_argument("--rate", type=float, default=100.0, help="publishes/s on the shared topics")
+    ap.add_argument("--hot-rate", type=float, default=10.0, help="8 KiB publishes/s to the slow")
     ap.add_argument("--encoding", choices=("json", "msgpack"), default="json")
     ap.add_argument("--python", default=default_python(), help="interpreter for the broker")
     ap.add_argument("--broker-cpu", default="0")
     ap.add_argument("--gen-cpu", default="1")
+    ap.add_argument(
+        "--no-pin", action="store_true", help="do not pin the broker and the generator to CPUs"
+    )
     ap.add_argument(
         "--out", default=None, help="results JSON (default bench/results/soak-TIME.json)"
     )
@@ -281,12 +287,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not shutil.which("node"):
         sys.exit("soak.py: node is not on PATH (see bench/README.md, prerequisites)")
-    pinned = bool(shutil.which("taskset")) and (os.cpu_count() or 1) >= 2
+    pinned = not args.no_pin and bool(shutil.which("taskset")) and (os.cpu_count() or 1) >= 2
     broker_cpu = args.broker_cpu if pinned else None
     gen_cpu = args.gen_cpu if pinned else None
     if pinned:
         os.sched_setaffinity(0, {int(args.gen_cpu)})  # keep this process off the broker's core
-    else:
+    elif not args.no_pin:
         log("WARNING: no taskset or fewer than 2 CPUs: broker and generator are NOT pinned")
     need = args.connections + 300
     nofile = raise_open_files(need)
@@ -303,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         "duration_s": args.duration,
         "life_min_s": args.life_min,
         "life_max_s": args.life_max,
+        "slow_life_max_s": args.slow_life_max,
         "slow_fraction": args.slow_fraction,
         "topics": args.topics,
         "rate": args.rate,

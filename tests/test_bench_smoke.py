@@ -111,11 +111,11 @@ def test_trio_floor_answers_the_connect_scenario(tmp_path: Path) -> None:
 
 
 #: The CI smoke of the soak: 500 connections living 2 to 8 s (about 100 new
-#: ones a second), 50 of them not reading a topic of 100 x 4 KiB/s, for 24 s;
+#: ones a second), 50 of them not reading a topic of 50 x 8 KiB/s, for 24 s;
 #: the reference samples after 10 s.
 SOAK_SMOKE = [
     *("--connections", "500", "--duration", "24", "--warmup", "10", "--interval", "1"),
-    *("--life-min", "2", "--life-max", "8", "--hot-rate", "100"),
+    *("--life-min", "2", "--life-max", "8", "--hot-rate", "50"),
 ]
 
 

@@ -13,7 +13,10 @@
 // the slots are SLOW: they also subscribe to `soak.hot` (large messages at
 // `hot_rate`/s) and then stop reading their socket, so the kernel's buffers
 // and then the broker's queue for them fill up, and the broker's policies
-// (and its ping timeout) act on them. Leaving is varied: readers unsubscribe
+// act on them. A slow connection lives at most `slow_life_max_s` (from half
+// that, or life_min_s if lower): the broker closes a client that answers no
+// ping for ping_interval + ping_timeout (40 s by default), and a client that
+// does not read cannot see that it was closed. Leaving is varied: readers unsubscribe
 // their own topic first (`unsub_fraction`), then close with the closing
 // handshake or drop the TCP connection (`abrupt_fraction`); slow ones close
 // or drop at random (they no longer read, so a close is never answered).
@@ -42,15 +45,16 @@ const cfg = {
   tls: false,
   n: 10000, // subscribers kept connected
   duration_s: 600,
-  life_min_s: 15,
-  life_max_s: 75,
+  life_min_s: 60,
+  life_max_s: 240,
+  slow_life_max_s: 35,
   slow_fraction: 0.1,
   topics: 100, // shared topics soak.<k>.m
   wildcard_fraction: 0.1, // readers subscribing soak.<k>.* instead of the topic
-  rate: 200, // publishes/s over the shared topics
+  rate: 100, // publishes/s over the shared topics
   payload: 256,
-  hot_rate: 20, // publishes/s on soak.hot (the slow subscribers' topic)
-  hot_payload: 4096,
+  hot_rate: 10, // publishes/s on soak.hot (the slow subscribers' topic)
+  hot_payload: 8192,
   unsub_fraction: 0.2,
   abrupt_fraction: 0.3,
   connect_concurrency: 64,
@@ -67,6 +71,8 @@ if (!/^127\.|^::1$|^localhost$/.test(cfg.host)) fatal(`refusing a non-loopback t
 const PATH = cfg.path ?? proto.path;
 const CAN_UNSUB = cfg.protocol === 'broker';
 const N_SLOW = Math.round(cfg.n * cfg.slow_fraction);
+const SLOW_MAX = Math.min(cfg.slow_life_max_s, cfg.life_max_s);
+const SLOW_LIFE = [Math.min(cfg.life_min_s, SLOW_MAX / 2), SLOW_MAX];
 
 const log = (...a) => console.error('[soak]', ...a);
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
@@ -267,8 +273,9 @@ async function slot(i) {
     }
     s.opened++;
     if (slow) c.pause(); // from now on it never reads
-    let life = cfg.life_min_s + rand() * (cfg.life_max_s - cfg.life_min_s);
-    if (first) life = rand() * cfg.life_max_s;
+    const [lo, hi] = slow ? SLOW_LIFE : [cfg.life_min_s, cfg.life_max_s];
+    let life = lo + rand() * (hi - lo);
+    if (first) life = rand() * hi;
     first = false;
     const born = performance.now();
     await untilStopped(life * 1000);
