@@ -19,7 +19,9 @@ tolerance of the median of the first ``--window`` samples after the warm-up
 (``--warmup`` seconds): RSS within 10 % (at least 16 MiB), descriptors and
 tasks within 5 % (at least 25). Once the generator has left, the broker must
 also come back to its idle descriptor and task counts (within 2). The run
-fails if a figure is not flat, the generator saw a failure (a refused
+fails if a figure is not flat, fewer than 90 % of the connections were open
+(the median after the warm-up: the broker did not keep up with the churn),
+the generator saw a failure (a refused
 connection, a missing ack, an ``err``, a reading subscriber cut), the slow
 subscribers never overflowed their queues (backpressure not exercised) or the
 broker logged an error. Prints the series and the verdict, writes everything
@@ -426,6 +428,13 @@ def main(argv: list[str] | None = None) -> int:
     for key, v in flat.items():
         if not v["flat"]:
             failures.append(f"{key} not flat: {v.get('why') or v}")
+    held = [s["connections"] for s in samples if s["t"] >= args.warmup and s.get("connections")]
+    results["connections_median"] = statistics.median(held) if held else None
+    if not held or statistics.median(held) < 0.9 * args.connections:
+        failures.append(
+            f"the pool was not held: median {results['connections_median']} connections of "
+            f"{args.connections} after the warm-up (the broker could not keep up with the churn)"
+        )
     overflows = delta(samples, "overflows")
     results["overflows"] = overflows
     results["messages_dropped"] = delta(samples, "messages_dropped")
@@ -451,7 +460,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{rtt.get('p50')}/{rtt.get('p99')}/{rtt.get('max')} ms; generator cpu {g.get('gen_cpu')}"
     )
     print(
-        f"broker: {results['accepted']} connections accepted while sampled, "
+        f"broker: median {results['connections_median']} connections open after the warm-up, "
+        f"{results['accepted']} accepted while sampled, "
         f"{overflows} queue overflows, {results['messages_dropped']} messages dropped; "
         f"idle fds/tasks before {idle_before.get('fds')}/{idle_before.get('tasks')}, after "
         f"{(idle_after or {}).get('fds')}/{(idle_after or {}).get('tasks')}"

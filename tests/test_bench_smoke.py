@@ -135,6 +135,7 @@ def test_soak_smoke_is_flat(tmp_path: Path) -> None:
     assert results["ok"] is True and results["failures"] == []
     for figure in ("rss_kb", "fds", "tasks"):
         assert results["flat"][figure]["flat"] is True, results["flat"][figure]
+    assert results["connections_median"] >= 0.9 * 500  # the pool was held
     gen = results["generator"]
     assert gen["ok"] is True
     # churn happened: far more connections than slots, every way of leaving
