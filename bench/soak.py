@@ -14,9 +14,11 @@ connections are kept at ``--connections``, each living one to four minutes
 descriptors (``/proc/PID/fd``) and Trio task count (``tasks`` of
 ``/api/stats``, the ``broker_tasks`` gauge).
 
-**Flat** means: the median of the last ``--window`` samples is within the
-tolerance of the median of the first ``--window`` samples after the warm-up
-(``--warmup`` seconds): RSS within 10 % (at least 16 MiB), descriptors and
+**Flat** means: the median of the last third of the samples taken after the
+warm-up (``--warmup`` seconds) is within the tolerance of the median of the
+first third (``--window N``: of the first and last N samples instead); a
+third is long enough that a few seconds in which the machine stalled the
+broker do not decide the verdict: RSS within 10 % (at least 16 MiB), descriptors and
 tasks within 5 % (at least 25). Once the generator has left, the broker must
 also come back to its idle descriptor and task counts (within 2). The run
 fails if a figure is not flat, fewer than 90 % of the connections were open
@@ -156,17 +158,18 @@ def flatness(samples: list[dict[str, Any]], warmup: float, window: int) -> dict[
         values: list[tuple[float, float]] = [
             (s["t"], s[key]) for s in after if s.get(key) is not None
         ]
-        if len(values) < 2 * window:
+        n = window or len(values) // 3
+        if n < 1 or len(values) < 2 * n:
             verdict[key] = {"flat": False, "why": f"only {len(values)} samples after the warm-up"}
             continue
-        base = statistics.median(v for _, v in values[:window])
-        end = statistics.median(v for _, v in values[-window:])
+        base = statistics.median(v for _, v in values[:n])
+        end = statistics.median(v for _, v in values[-n:])
         allowed = max(rel * base, floor)
         verdict[key] = {
             "after_warmup": base,
-            "after_warmup_t": values[0][0],
+            "after_warmup_t": [values[0][0], values[n - 1][0]],
             "end": end,
-            "end_t": values[-1][0],
+            "end_t": [values[-n][0], values[-1][0]],
             "change": end - base,
             "change_pct": round(100 * (end - base) / base, 2) if base else None,
             "max": max(v for _, v in values),
@@ -219,10 +222,15 @@ def table(samples: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def span(ts: list[float]) -> str:
+    """A window of samples, by the times of its first and last."""
+    return f"{ts[0]:g}-{ts[1]:g} s" if ts[0] != ts[1] else f"{ts[0]:g} s"
+
+
 def verdict_table(flat: dict[str, Any]) -> str:
     names = {"rss_kb": "RSS (MiB)", "fds": "file descriptors", "tasks": "Trio tasks"}
     lines = [
-        "| figure | after warm-up | end | change | allowed | max | flat |",
+        "| figure | after warm-up (median) | end (median) | change | allowed | max | flat |",
         "|---|---:|---:|---:|---:|---:|---|",
     ]
     for key, v in flat.items():
@@ -231,8 +239,8 @@ def verdict_table(flat: dict[str, Any]) -> str:
             continue
         fmt = mib if key == "rss_kb" else (lambda x: f"{x:g}")
         lines.append(
-            f"| {names[key]} | {fmt(v['after_warmup'])} (t={v['after_warmup_t']:g} s) "
-            f"| {fmt(v['end'])} (t={v['end_t']:g} s) | {fmt(v['change'])} ({v['change_pct']:+.1f} %) "
+            f"| {names[key]} | {fmt(v['after_warmup'])} (t={span(v['after_warmup_t'])}) "
+            f"| {fmt(v['end'])} (t={span(v['end_t'])}) | {fmt(v['change'])} ({v['change_pct']:+.1f} %) "
             f"| ±{fmt(v['allowed'])} | {fmt(v['max'])} | {'yes' if v['flat'] else 'NO'} |"
         )
     return "\n".join(lines)
@@ -254,7 +262,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(default: life-max + 15, at most half the duration)",
     )
     ap.add_argument("--interval", type=float, default=5.0, help="seconds between samples")
-    ap.add_argument("--window", type=int, default=3, help="samples whose median is compared")
+    ap.add_argument(
+        "--window",
+        type=int,
+        default=0,
+        help="samples whose medians are compared (default: a third of those after the warm-up)",
+    )
     ap.add_argument("--life-min", type=float, default=60.0, help="shortest connection life, s")
     ap.add_argument("--life-max", type=float, default=240.0, help="longest connection life, s")
     ap.add_argument(
@@ -280,8 +293,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.warmup = min(args.life_max + 15, args.duration / 2)
     if args.life_min > args.life_max or args.life_min <= 0:
         ap.error("--life-min must be > 0 and <= --life-max")
-    if args.warmup + args.window * args.interval * 2 > args.duration:
-        ap.error("--duration too short for --warmup plus two windows of samples")
+    if args.warmup + max(2 * args.window, 3) * args.interval > args.duration:
+        ap.error("--duration too short for --warmup and the samples to compare")
     return args
 
 
