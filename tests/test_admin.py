@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 import trio_websocket
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as openmetrics_families,
@@ -471,6 +472,8 @@ async def test_task_count_follows_the_connections(start_broker: BrokerFactory) -
     """broker_tasks (and /api/stats "tasks") rise with connections and come
     back down when they leave: the figure the soak (bench/soak.py) watches."""
     broker = await start_broker()
+    # the listeners' tasks start in the background: count once they run
+    await trio.testing.wait_all_tasks_blocked()
     before = broker.stats_snapshot()["tasks"]
     assert isinstance(before, int) and before > 0
     async with connect(broker.url) as one, connect(broker.url) as two:
