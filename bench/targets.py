@@ -82,6 +82,11 @@ def _broker(settings: Settings, workdir: Path) -> Launch:
         "max_connections_per_ip = 20000",  # every client comes from 127.0.0.1
         "drain_timeout = 1",
         "",
+        # The benchmark reads nothing from the admin listener, and its fixed
+        # default port (8766) collides with any other broker on the machine.
+        "[admin]",
+        "enabled = false",
+        "",
         "[log]",
         'level = "warning"',
         "",
