@@ -697,6 +697,28 @@ async def test_api_stats_shows_the_full_source_status(start_broker: BrokerFactor
     assert sorted(json.loads(example)) == sorted(fields)
 
 
+async def test_task_count_follows_the_connections(start_broker: BrokerFactory) -> None:
+    """broker_tasks (and /api/stats "tasks") rise with connections and come
+    back down when they leave: the figure the soak (bench/soak.py) watches."""
+    broker = await start_broker()
+    # the listeners' tasks start in the background: count once they run
+    await trio.testing.wait_all_tasks_blocked()
+    before = broker.stats_snapshot()["tasks"]
+    assert isinstance(before, int) and before > 0
+    async with connect(broker.url) as one, connect(broker.url) as two:
+        await one.sub("a.b")
+        await two.sub("a.>")
+        await wait_until(lambda: len(broker.connections) == 2)
+        found = await scrape(broker)
+        during = broker.stats_snapshot()["tasks"]
+        # each connection has a task on the broker's side (and the test's
+        # clients, in the same event loop, have theirs)
+        assert during >= before + 2
+        assert value(found, "broker_tasks") >= before + 2
+    await wait_until(lambda: not broker.connections)
+    await wait_until(lambda: broker.stats_snapshot()["tasks"] == before)
+
+
 async def test_failed_tls_handshakes_are_counted(
     start_broker: BrokerFactory, tls_files: dict[str, str]
 ) -> None:

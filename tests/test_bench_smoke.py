@@ -5,6 +5,10 @@ Runs ``bench/run.py`` for the ``fanout-100`` scenario (and once for
 alone, and checks that the load generator reported deliveries and that the
 results file is valid JSON. Skipped where the benchmark's prerequisites
 (Node, nats-server) are not installed.
+
+And runs the soak (``bench/soak.py``) for 24 s with 500 connections: its
+verdict (RSS, descriptors and tasks flat, the idle broker back to its idle
+figures, no failure seen by the generator, no error logged) must be OK.
 """
 
 from __future__ import annotations
@@ -20,9 +24,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN = ROOT / "bench" / "run.py"
+SOAK = ROOT / "bench" / "soak.py"
 
 pytestmark = pytest.mark.skipif(
-    shutil.which("node") is None or shutil.which("nats-server") is None,
+    shutil.which("node") is None, reason="the benchmark needs node (see bench/README.md)"
+)
+needs_nats = pytest.mark.skipif(
+    shutil.which("nats-server") is None,
     reason="the benchmark needs node and nats-server (see bench/README.md)",
 )
 
@@ -46,6 +54,7 @@ def run_bench(
     return json.loads(out.read_text()), stdout
 
 
+@needs_nats
 @pytest.mark.parametrize(
     "variant",
     [
@@ -68,6 +77,7 @@ def test_fanout_against_our_broker(tmp_path: Path, variant: list[str]) -> None:
     assert "fanout-100" in stdout  # the markdown table
 
 
+@needs_nats
 def test_slow_scenario_has_a_control_phase(tmp_path: Path) -> None:
     results, stdout = run_bench(tmp_path, ["--scenarios", "slow-100-paced"], 40)
     [steady] = results["steadiness"]
@@ -88,6 +98,7 @@ def test_slow_scenario_has_a_control_phase(tmp_path: Path) -> None:
     assert "slow-100-paced" in stdout and "control" in stdout
 
 
+@needs_nats
 def test_trio_floor_answers_the_connect_scenario(tmp_path: Path) -> None:
     """The calibration server for connect-rate (bench/gen/trio_floor.py)."""
     results, stdout = run_bench(tmp_path, ["--scenarios", "connect-rate"], 20, "trio-floor")
@@ -97,3 +108,43 @@ def test_trio_floor_answers_the_connect_scenario(tmp_path: Path) -> None:
     assert res["connections_per_s"] > 0
     assert res["failed"] == 0
     assert "trio-floor" in stdout
+
+
+#: The CI smoke of the soak: 500 connections living 2 to 8 s (about 100 new
+#: ones a second), 50 of them not reading a topic of 50 x 8 KiB/s, for 24 s;
+#: the reference samples after 10 s.
+SOAK_SMOKE = [
+    *("--connections", "500", "--duration", "24", "--warmup", "10", "--interval", "1"),
+    *("--life-min", "2", "--life-max", "8", "--hot-rate", "50"),
+]
+
+
+@pytest.mark.timeout(150)
+def test_soak_smoke_is_flat(tmp_path: Path) -> None:
+    out = tmp_path / "soak.json"
+    argv = [sys.executable, str(SOAK), *SOAK_SMOKE, "--python", sys.executable, "--out", str(out)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # soak.py stops the broker and the generator on SIGTERM
+        stdout, stderr = proc.communicate(timeout=15)
+        pytest.fail(f"bench/soak.py took more than 120 s:\n{stderr[-2000:]}")
+    results = json.loads(out.read_text())
+    assert proc.returncode == 0, (results.get("failures"), stdout[-3000:], stderr[-2000:])
+    assert results["ok"] is True and results["failures"] == []
+    for figure in ("rss_kb", "fds", "tasks"):
+        assert results["flat"][figure]["flat"] is True, results["flat"][figure]
+    assert results["connections_median"] >= 0.9 * 500  # the pool was held
+    gen = results["generator"]
+    assert gen["ok"] is True
+    # churn happened: far more connections than slots, every way of leaving
+    assert gen["opened"] > 2 * 500
+    assert gen["slow_lives"] > 0 and gen["unsubs"] > 0
+    assert gen["closed_handshake"] > 0 and gen["dropped_tcp"] > 0
+    assert gen["deliveries"] > 0 and gen["silent_readers"] == 0
+    assert results["overflows"] > 0  # the slow subscribers filled their queues
+    assert results["idle_after"]["tasks"] == pytest.approx(results["idle_before"]["tasks"], abs=2)
+    assert results["broker_log_errors"] == []
+    assert "SOAK OK" in stdout
+    assert "| t s | conns |" in stdout  # the series is printed

@@ -41,6 +41,7 @@ DOC_NAMES = (
     "architecture.md",
     "operations.md",
     "deploy.md",
+    "security.md",
 )
 
 _HEADING = re.compile(r"^(#{1,6})\s")
@@ -249,6 +250,58 @@ def test_config_key_is_in_broker_toml(table: str, field: dataclasses.Field[Any])
         assert "[[queue.rules]]" in text
         return
     assert field.name in data[table.strip("[]")], f"broker.toml lacks {table} {field.name}"
+
+
+# -- docs/security.md: the defences name real keys, with their defaults --------------
+
+#: ``[table] key`` in prose and tables; tables as in broker.toml.
+_KEY_REF = re.compile(r"`\[(\w+)\] (\w+)`")
+#: Keys being added on other branches: ``<!-- pending: [table] key -->``.
+_PENDING = re.compile(r"<!-- pending: ([^>]*?) -->")
+
+
+def security_keys() -> tuple[set[tuple[str, str]], set[tuple[str, str]]]:
+    """(keys referred to, keys marked pending) in docs/security.md."""
+    text = doc("security.md")
+    pending = {
+        (table, key)
+        for note in _PENDING.findall(text)
+        for table, key in re.findall(r"\[(\w+)\] (\w+)", note)
+    }
+    return set(_KEY_REF.findall(text)), pending
+
+
+def test_security_md_names_real_keys() -> None:
+    fields = {name.strip("[]"): {f.name for f in found} for name, found in TABLES.items()}
+    referred, pending = security_keys()
+    assert len(referred) >= 10
+    unknown = {
+        f"[{table}] {key}"
+        for table, key in referred - pending
+        if key not in fields.get(table, set())
+    }
+    assert not unknown, f"docs/security.md names keys that do not exist: {sorted(unknown)}"
+
+
+def test_security_md_defaults_match_the_code() -> None:
+    defaults = {
+        (name.strip("[]"), f.name): f.default
+        for name, found in TABLES.items()
+        for f in found
+        if f.default is not dataclasses.MISSING
+    }
+    checked = 0
+    for line in doc("security.md").splitlines():
+        cells = [c.strip() for c in _CELL_SEP.split(line.strip().strip("|"))]
+        if not line.startswith("|") or len(cells) != 3 or "pending" in line:
+            continue
+        ref = re.fullmatch(r"`\[(\w+)\] (\w+)`", cells[1])
+        if ref is None or (ref[1], ref[2]) not in defaults:
+            continue
+        expected = f"`{toml_value(defaults[ref[1], ref[2]])}`"
+        assert expected in cells[2], f"docs/security.md: {cells[1]} default is {expected}"
+        checked += 1
+    assert checked >= 10
 
 
 @pytest.mark.parametrize("policy", list(Policy))

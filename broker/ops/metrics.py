@@ -26,6 +26,7 @@ import logging
 from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
+import trio
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -48,6 +49,7 @@ __all__ = [
     "BrokerCollector",
     "BrokerMetrics",
     "source_statuses",
+    "tasks_living",
 ]
 
 log = logging.getLogger("broker.metrics")
@@ -90,6 +92,20 @@ class BrokerMetrics:
         self.registry.register(BrokerCollector(broker))
         # process_* metrics: CPU, memory, open file descriptors (Linux /proc).
         ProcessCollector(registry=self.registry)
+
+
+def tasks_living() -> int | None:
+    """Trio tasks alive in the current event loop (``None`` outside one).
+
+    ``trio.lowlevel.current_statistics()`` counts them in constant time: it
+    is the size of the run's task set, every connection's, listener's,
+    source's and the broker's own. A number that keeps growing while the
+    connections do not is a leak.
+    """
+    try:
+        return trio.lowlevel.current_statistics().tasks_living
+    except RuntimeError:  # not inside trio.run (a registry collected from a thread)
+        return None
 
 
 def _status_field(status: object, name: str, default: Any = None) -> Any:
@@ -182,6 +198,14 @@ class BrokerCollector(Collector):
         for reason, count in sorted(stats.rejected.items()):
             rejected.add_metric([reason], count)
         yield rejected
+
+        tasks = tasks_living()
+        if tasks is not None:
+            yield GaugeMetricFamily(
+                "broker_tasks",
+                "Trio tasks alive in the broker's event loop (connections, listeners, sources).",
+                value=tasks,
+            )
 
         # -- one pass over the connections -----------------------------------
         exact = wildcard = 0

@@ -61,7 +61,7 @@ from broker.engine import Engine, Flusher, Interest, MemoryEngine
 from broker.io.tls import TLSStream, describe_tls_error, ssl_context_for
 from broker.ops.admin import AdminServer
 from broker.ops.log import CONNECTION_ID
-from broker.ops.metrics import BrokerMetrics, source_statuses
+from broker.ops.metrics import BrokerMetrics, source_statuses, tasks_living
 from broker.plugin.host import PluginHost
 from broker.plugin.runtime import Runtime
 from broker.server.connection import CLOSE_TIMEOUT, Connection
@@ -300,6 +300,7 @@ class Broker:
             "tls": self.ssl_context is not None,
             "connections": len(connections),
             "sockets_open": self._sockets_open,
+            "tasks": tasks_living(),
             "subscriptions": sum(len(c.subscriptions) for c in connections),
             "subscription_patterns": hub.router.pattern_count,
             "presence": self._presence_snapshot(),
