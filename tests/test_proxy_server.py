@@ -421,3 +421,40 @@ async def test_reload_applies_trusted_proxies_to_new_connections(tmp_path: Path)
             await after.recv()
             # The open connection keeps the address it was accepted with.
             assert sorted(c.peer[0] for c in broker.connections) == [PROXY, "203.0.113.7"]
+
+
+async def test_silent_sockets_over_the_per_ip_cap_hold_no_slots(
+    start_broker: BrokerFactory,
+) -> None:
+    """One address opening many sockets and sending nothing: those over its
+    cap are refused at once (429, written before its request), so they do
+    not keep another address's client out of ``max_connections`` while they
+    wait for a handshake timeout."""
+    broker, _ = await start(
+        start_broker,
+        {},
+        limits={"max_connections": 20, "max_connections_per_ip": 10, "handshake_timeout": 30.0},
+    )
+    silent: list[trio.SocketStream] = []
+    try:
+        for _ in range(40):
+            sock = trio.socket.socket()
+            await sock.bind((OTHER, 0))
+            await sock.connect(("127.0.0.1", broker.port))
+            silent.append(trio.SocketStream(sock))
+        # The 30 over the cap are answered and closed, not held.
+        await wait_until(lambda: broker.stats.rejected["max_per_ip"] == 30)
+        await wait_until(lambda: broker._sockets_open - broker._lingering <= 10)
+        with trio.fail_after(2):  # well under the silent ones' handshake timeout
+            async with raw_connect(broker.url, source=CLIENT) as client:
+                await client.send({"op": "ping", "id": 1})
+                assert (await client.recv())["op"] == "pong"
+        # What one of the refused ones reads: the 429.
+        answer = b""
+        with trio.fail_after(WAIT):
+            while chunk := await silent[-1].receive_some(4096):
+                answer += chunk
+        assert status(answer) == 429
+    finally:
+        for stream in silent:
+            await trio.aclose_forcefully(stream)

@@ -225,3 +225,25 @@ def test_bad_settings_name_the_key(table: dict[str, Any], key: str, reason: str)
         make({"sources": [{"name": "a", **table}]})
     assert info.value.key == key
     assert reason in info.value.reason
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+        ("rediss://r.example:6380/0", "rediss://r.example:6380/0?ssl_check_hostname=true"),
+        (
+            "rediss://r.example:6380/0?ssl_ca_certs=/ca.pem",
+            "rediss://r.example:6380/0?ssl_ca_certs=/ca.pem&ssl_check_hostname=true",
+        ),
+        # The user's explicit choice is kept.
+        (
+            "rediss://r.example/0?ssl_check_hostname=false",
+            "rediss://r.example/0?ssl_check_hostname=false",
+        ),
+    ],
+)
+def test_rediss_checks_the_host_name_by_default(url: str, expected: str) -> None:
+    from broker_redis_pubsub import verified_url
+
+    assert verified_url(url) == expected

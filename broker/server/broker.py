@@ -206,6 +206,8 @@ class Broker:
         self._sockets_open = 0
         #: Sockets open per client address (see _Remote, _name_client).
         self._per_ip: collections.Counter[str] = collections.Counter()
+        #: Refused sockets being drained before they close (see _linger).
+        self._lingering = 0
         #: [listener] trusted_proxies as written, and parsed (see _trusted_proxies).
         self._trusted: tuple[tuple[str, ...], TrustedProxies] = ((), TrustedProxies())
         self._ids = itertools.count(1)
@@ -610,6 +612,17 @@ class Broker:
             self.stats.rejected["untrusted_proxy"] += 1
             log.info("refused %s:%d: proxy_protocol is on and it is not a trusted proxy", *peer)
             return None
+        if not remote.trusted and self._per_ip[peer[0]] > limits.max_connections_per_ip:
+            # Over its address's cap before it has sent a byte: refused now,
+            # not after its request, so that one address's silent sockets
+            # cannot hold the slots (max_connections) others need.
+            reject = self._refuse(
+                peer, Reject(429, "too many connections from this address"), "max_per_ip"
+            )
+            if self.ssl_context is None:  # over TLS, answering costs a handshake
+                await _send_quietly(tcp, reject_response(reject.status, reject.reason))
+                await self._linger(tcp)
+            return None
         stream: trio.SocketStream | TLSStream = tcp
         cert: dict[str, Any] | None = None
         request: UpgradeRequest | None = None
@@ -647,6 +660,8 @@ class Broker:
                 self.stats.rejected["bad_request"] += 1
                 log.info("bad handshake from %s:%d: %d %s", *peer, e.status, e.reason)
                 await _send_quietly(stream, reject_response(e.status, e.reason, e.headers))
+                if stream is tcp:
+                    await self._linger(tcp)
                 return None
             except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError) as e:
                 # The TLS handshake failed, or the client left mid-request.
@@ -676,6 +691,8 @@ class Broker:
             terms = Reject(500, "internal error")
         if isinstance(terms, Reject):
             await _send_quietly(stream, reject_response(terms.status, terms.reason))
+            if stream is tcp:
+                await self._linger(tcp)
             return None
         identity, encoding, subprotocol = terms
         try:
@@ -766,7 +783,7 @@ class Broker:
             encoding = SUBPROTOCOLS[subprotocol]
         limits = cfg.limits
         # Sockets, not accepted connections: handshakes in progress count too.
-        if self._sockets_open > limits.max_connections:
+        if self._sockets_open - self._lingering > limits.max_connections:
             return self._refuse(peer, Reject(503, "too many connections"), "max_connections")
         # A trusted proxy's own connections (no client named) are exempt:
         # it carries every client's.
@@ -793,6 +810,15 @@ class Broker:
         if isinstance(decision, Reject):
             return self._refuse(peer, decision, f"auth_{decision.status}")
         return decision, encoding, subprotocol
+
+    async def _linger(self, tcp: trio.SocketStream) -> None:
+        """:func:`_drain_and_drop` a refused socket; meanwhile it does not
+        count against ``max_connections`` (it will never be a connection)."""
+        self._lingering += 1
+        try:
+            await _drain_and_drop(tcp)
+        finally:
+            self._lingering -= 1
 
     def _refuse(self, peer: tuple[str, int], reject: Reject, why: str) -> Reject:
         self.stats.rejected[why] += 1
@@ -912,6 +938,30 @@ class _Remote:
             return ""
         host = f"[{self.tcp[0]}]" if ":" in self.tcp[0] else self.tcp[0]
         return f" via {host}:{self.tcp[1]}"
+
+
+#: After a refusal, how long (seconds) and how much (bytes) of what the
+#: client still sends is read and dropped before the socket is closed.
+LINGER_TIME: Final = 1.0
+LINGER_BYTES: Final = 65536
+
+
+async def _drain_and_drop(tcp: trio.SocketStream) -> None:
+    """End our side, then read and drop what the client still sends (its
+    request, or the rest of an oversized head), for a bounded time, so that
+    closing does not reset the connection (a socket closed with unread data
+    sends RST, and the client may lose the answer it has not read yet)."""
+    with (
+        trio.move_on_after(LINGER_TIME),
+        contextlib.suppress(OSError, trio.BrokenResourceError, trio.ClosedResourceError),
+    ):
+        await tcp.send_eof()
+        left = LINGER_BYTES
+        while left > 0:
+            data = await tcp.receive_some(min(left, 16384))
+            if not data:
+                return
+            left -= len(data)
 
 
 async def _send_quietly(stream: trio.abc.Stream, data: bytes) -> None:

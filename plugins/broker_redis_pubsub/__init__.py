@@ -38,7 +38,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Final, Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from broker import ConfigError, PluginContext
 from broker.settings import NON_EMPTY, Check, NonEmptyStr, Seconds
@@ -58,6 +58,18 @@ from broker.sources import (
 __all__ = ["MappingSettings", "RedisSource", "SourceSettings", "create"]
 
 PLUGIN: Final = "redis_pubsub"
+
+
+def verified_url(url: str) -> str:
+    """*url*, asking coredis to check the server's host name on ``rediss://``
+    (it verifies the certificate chain only, unless told): a certificate
+    for another host from any trusted CA must not pass for the Redis server.
+    An explicit ``ssl_check_hostname`` in the URL is kept."""
+    parts = urlsplit(url)
+    if parts.scheme != "rediss" or "ssl_check_hostname" in parse_qs(parts.query):
+        return url
+    query = f"{parts.query}&ssl_check_hostname=true" if parts.query else "ssl_check_hostname=true"
+    return urlunsplit(parts._replace(query=query))
 
 
 def _redis_url(url: str) -> None:
@@ -135,7 +147,7 @@ class RedisSource(ConfiguredSource[SourceSettings]):
         config = self.config
         try:
             client = coredis.Redis.from_url(
-                config.url,
+                verified_url(config.url),
                 decode_responses=False,
                 client_name=self.client_name,
                 connect_timeout=config.connect_timeout,
