@@ -260,3 +260,18 @@ def test_accounting_property(policy: Policy, ops: list[tuple[str, str, int]]) ->
         assert len(got) + dropped.get(topic, 0) == count
         seqs = [int(m[1:7]) for m in got]
         assert seqs == sorted(seqs)  # a subscriber never sees a topic go backwards
+
+
+def test_discard_frees_everything_and_keeps_the_drop_total() -> None:
+    box = Outbox(max_messages=2, max_bytes=10_000)
+    r = rule(Policy.DROP_OLDEST, max_messages=2)
+    for i in range(5):
+        box.push(b"x" * 1000, f"t{i % 2}", r, key=None)
+    assert box.push_reply(b"ok")
+    dropped = box.dropped_total
+    assert dropped == 3 and len(box) == 3
+    box.in_flight = 500
+    box.discard()
+    assert (len(box), box.queued_bytes, box.in_flight, box.pending()) == (0, 0, 0, False)
+    assert box.take(1 << 20) == []
+    assert box.dropped_total == dropped

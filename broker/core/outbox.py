@@ -347,6 +347,18 @@ class Outbox:
             self._head = i
         return out
 
+    def discard(self) -> None:
+        """The connection is gone: free what is queued now (a slow
+        subscriber's frames can be megabytes), rather than when the
+        connection's objects are collected. ``dropped_total`` is kept."""
+        self._reset()
+        self._rules.clear()
+        self._last = None
+        self._conflated = _EMPTY
+        self._drops = _EMPTY
+        self._count = self._size = self._replies = self._dead = 0
+        self.in_flight = 0
+
     def pending(self) -> bool:
         """True if the writer has something to send (frames or drop notices)."""
         return self._count > 0 or self._replies > 0 or bool(self._drops)

@@ -125,6 +125,11 @@ class SocketWriter:
         #: WebSocket bytes written (before TLS), for metrics.
         self.bytes_out = 0
 
+    def release(self) -> None:
+        """The connection is over: drop what it still held to write."""
+        self._unsent = b""
+        self.outbox.discard()
+
     @property
     def fd(self) -> int:
         """The plain socket's descriptor, or -1 on TLS."""

@@ -857,6 +857,9 @@ class Broker:
                 f" {conn.close_reason}" if conn.close_reason else "",
                 f", {conn.outbox.dropped_total} dropped" if conn.outbox.dropped_total else "",
             )
+            # Its buffers go now; the connection's objects (which refer to
+            # each other) only at the next garbage collection.
+            conn.writer.release()
 
     def identity_changed(self) -> None:
         """A connection's identity, or its expiry, changed: re-plan the expiry task."""
