@@ -8,6 +8,7 @@ with SIGKILL is in tests/test_cluster_nodes.py (broker processes).
 
 from __future__ import annotations
 
+import re
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -112,6 +113,11 @@ async def test_redis_restart_mid_traffic(start_broker: BrokerFactory, redis: Red
     for broker in (a, b):
         stats = engine(broker).engine_stats()
         assert stats["outages"] >= 1 and stats["up"] == 1, stats
+    host, port = a.admin_addresses[0]
+    _, _, metrics = await http_get(host, port, "/metrics")
+    assert re.search(rb"^broker_engine_outages_total [1-9]", metrics, re.MULTILINE), metrics
+    assert re.search(rb'^broker_publishes_total\{result="unavailable"\} [1-9]', metrics, re.M)
+    assert b"broker_engine_up 1.0" in metrics
     assert engine(b).engine_stats()["gaps"] >= 1
     # The subscriber: messages, the interruption (1012, or 1006 if the
     # close raced the kill), a Resync with the new epoch's position, then

@@ -124,6 +124,8 @@ class RedisEngine:
         self._fanout_changed = trio.Event()
         #: Channels (is glob, name) subscribed, with how many patterns want each.
         self._channels: dict[tuple[bool, str], int] = {}
+        #: Those the current fan-out link confirmed.
+        self._confirmed: set[tuple[bool, str]] = set()
         self._last: tuple[bytes, bytes] = (b"", b"")
         self._fanout_was_up = False
         # -- presence: this node's members, by topic and connection --
@@ -371,13 +373,14 @@ class RedisEngine:
 
     async def subscribe(self, pattern: str) -> None:
         channel = self._layout.subscription(pattern)
-        count = self._channels.get(channel, 0)
-        self._channels[channel] = count + 1
-        if count:
-            await trio.lowlevel.checkpoint()
-            return
+        self._channels[channel] = self._channels.get(channel, 0) + 1
         done = False
         try:
+            if channel in self._confirmed:
+                # Another pattern with the same glob has it (t.* and t.>).
+                done = True
+                await trio.lowlevel.checkpoint()
+                return
             with trio.fail_after(self._settings.timeout):
                 while True:
                     conn = await self._fanout_connection()
@@ -386,10 +389,12 @@ class RedisEngine:
                         # Redis answers in order: once the PING is answered,
                         # the subscription is in place.
                         await conn.call("PING")
-                        done = True
-                        return
                     except ConnectionLost:
                         continue  # the next link subscribes it (it is in _channels)
+                    if conn is self._fanout:
+                        self._confirmed.add(channel)
+                    done = True
+                    return
         except trio.TooSlowError:
             self.stats["unavailable"] += 1
             raise EngineUnavailable(
@@ -409,6 +414,7 @@ class RedisEngine:
             self._channels[channel] = count
             return
         del self._channels[channel]
+        self._confirmed.discard(channel)
         conn = self._fanout
         if conn is not None and conn.usable:
             conn.send("PUNSUBSCRIBE" if channel[0] else "UNSUBSCRIBE", channel[1])
@@ -432,14 +438,17 @@ class RedisEngine:
         return conn
 
     async def _fanout_setup(self, conn: RedisConnection) -> None:
-        for is_glob, name in list(self._channels):
+        channels = list(self._channels)
+        for is_glob, name in channels:
             conn.send("PSUBSCRIBE" if is_glob else "SUBSCRIBE", name)
         await conn.call("PING")
+        self._confirmed = {c for c in channels if c in self._channels}
 
     def _fanout_attach(self, conn: RedisConnection | None, nursery: trio.Nursery | None) -> None:
         if conn is None:
             if self._fanout is not None:
                 self._fanout = None
+                self._confirmed = set()
                 self._changed_fanout()
             return
         self._fanout = conn
