@@ -461,3 +461,50 @@ async def test_publishes_from_one_connection_keep_their_order(node: Node) -> Non
             await pub.send({"op": "pub", "topic": f"t.{n % 3}", "data": n})
         data = [(await sub.recv())["data"] for _ in range(300)]
         assert data == list(range(300))
+
+
+async def test_messages_past_their_ttl_are_not_replayed(node: Node) -> None:
+    short = {"history": [{"pattern": "t.>", "size": 100, "ttl": 0.2}]}
+    a = await node(short)
+    async with connect(a.url) as client:
+        await client.pub("t.a", 1)
+        page = await client.request({"op": "history", "id": 1, "topic": "t.a"})
+        assert [m["data"] for m in page["messages"]] == [1]
+
+        async def expired() -> bool:
+            reply = await client.request({"op": "history", "id": 2, "topic": "t.a"})
+            return not reply["messages"]
+
+        with trio.fail_after(5):
+            while not await expired():  # noqa: ASYNC110 - Redis's clock decides: poll it
+                await trio.sleep(0.05)
+        reply = await client.request(
+            {"op": "sub", "id": 3, "topic": "t.a", "since": {"epoch": page["epoch"], "seq": 0}}
+        )
+        assert reply["recovered"] is False and reply["seq"] == 1
+        await client.assert_alive()
+
+
+async def test_the_topic_index_forgets_expired_topics_and_says_so(node: Node, prefix: str) -> None:
+    """A rule's index of topics drops those whose state expired; a resume
+    from a cursor older than a forgotten topic's last message cannot vouch
+    for it: unknown."""
+    a = await node(HISTORY)
+    async with connect(a.url) as client:
+        ok = await client.request({"op": "sub", "id": 1, "topic": "t.*"})
+        await client.request({"op": "unsub", "id": 2, "topic": "t.*"})
+        await client.pub("t.gone", 1)
+        await client.pub("t.kept", 1)
+        rule = engine(a).rule_for("t.gone")
+        assert rule is not None
+        await redis_command(URL, "DEL", rule.base + "m:t.gone", rule.base + "s:t.gone")
+        await engine(a)._prune()
+        topics = await redis_command(URL, "ZRANGE", rule.base + "topics", 0, -1)
+        assert topics == [b"t.kept"]
+        reply = await client.request(
+            {"op": "sub", "id": 3, "topic": "t.*", "since": {"cursor": ok["cursor"], "topics": {}}}
+        )
+        assert reply["recovered"] is False and reply["unknown"] is True, reply
+        event = await client.recv()  # t.kept is replayed all the same
+        assert (event["topic"], event["data"]) == ("t.kept", 1)
+        await client.assert_alive()

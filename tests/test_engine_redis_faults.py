@@ -265,3 +265,46 @@ def rule_id(broker: Broker) -> str:
     rule = engine(broker).rule_for("t.a")
     assert rule is not None
     return rule.id
+
+
+async def test_a_leave_that_could_not_reach_redis_is_made_by_the_refresh(
+    start_broker: BrokerFactory, redis: RedisProcess
+) -> None:
+    """A member leaves while Redis is stalled: the node counts it out
+    locally, and its next presence refresh brings Redis in line (the leave
+    event reaches a watcher on another node)."""
+    config = {
+        "presence": [{"pattern": "chat.>"}],
+        "engine": {"timeout": 0.3, "presence_ttl": 3.0},
+        "plugins": {"enabled": ["tokens"]},
+        "plugin": {
+            "tokens": {"tokens": [{"id": n, "token": f"{n}-token-0123456789"} for n in ("a", "w")]}
+        },
+    }
+    node = node_factory(start_broker, redis.url)
+    a, b = await node(config), await node(config)
+    async with (
+        connect(f"{b.url}?token=w-token-0123456789") as watcher,
+        connect(f"{a.url}?token=a-token-0123456789") as member,
+    ):
+        await watcher.request({"op": "sub", "id": 1, "topic": "chat.r", "presence": True})
+        assert (await watcher.recv())["member"]["subject"] == "w"
+        await member.sub("chat.r")
+        assert (await watcher.recv())["member"]["subject"] == "a"
+        async with trio.open_nursery() as nursery:
+            stalled = trio.Event()
+
+            async def stall() -> None:
+                stalled.set()
+                await redis_command(redis.url, "DEBUG", "SLEEP", "1")
+
+            nursery.start_soon(stall)
+            await stalled.wait()
+            # The unsub is answered at once; its leave waits for Redis (up
+            # to 0.3 s) or, if Redis was not asleep yet, goes through.
+            await member.request({"op": "unsub", "id": 2, "topic": "chat.r"})
+        with trio.fail_after(5):
+            event = await watcher.recv()
+        assert event["op"] == "leave" and event["member"]["subject"] == "a", event
+        reply = await watcher.request({"op": "presence", "id": 3, "topic": "chat.r"})
+        assert reply.get("count") == 1, reply
