@@ -192,7 +192,7 @@ async def open_cluster(masters: int = 3, replicas: int = 0) -> AsyncIterator[lis
     servers: list[RedisProcess] = []
     try:
         for _ in range(masters * (1 + replicas)):
-            port = free_port()
+            port = cluster_port()
             node_dir = directory / str(port)
             node_dir.mkdir()
             server = RedisProcess(
@@ -204,6 +204,10 @@ async def open_cluster(masters: int = 3, replicas: int = 0) -> AsyncIterator[lis
                 f"nodes-{port}.conf",
                 "--cluster-node-timeout",
                 "1000",
+                # A replica takes over however old its copy (a test's cluster
+                # is young; the default may refuse to fail over).
+                "--cluster-replica-validity-factor",
+                "0",
             )
             await server.start()
             servers.append(server)
@@ -222,6 +226,20 @@ async def open_cluster(masters: int = 3, replicas: int = 0) -> AsyncIterator[lis
             for server in servers:
                 await server.stop()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def cluster_port() -> int:
+    """A free port whose cluster bus port (+10000) is free and valid too."""
+    while True:
+        port = free_port()
+        if port > 55535:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
 
 
 async def wait_cluster_ok(servers: Sequence[RedisProcess]) -> None:

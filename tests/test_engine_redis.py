@@ -166,13 +166,12 @@ async def test_unsubscribe_stops_what_redis_sends_the_node(node: Node) -> None:
         assert engine(b).engine_stats()["channels"] == 0
         await pub.pub("t.x", 1)
         await pub.pub("t.y", 2)
-        # a's ok came after Redis ran the publishes: were b still subscribed,
-        # they would already be on their way to it; a ping round trip on b's
-        # fan-out link (in order after them) settles it.
-        conn = engine(b)._fanout
-        assert conn is not None
-        await conn.call("PING")
-        assert engine(b).engine_stats()["received"] == 0
+        # Were b still subscribed, these would reach it before a marker
+        # published after them (one fan-out connection, in order).
+        await second.sub("marker")
+        await pub.pub("marker", 3)
+        assert (await second.recv())["topic"] == "marker"
+        assert engine(b).engine_stats()["received"] == 1
         await first.assert_alive()
         await second.assert_alive()
 

@@ -77,6 +77,7 @@ ENGINE_METRICS: Final = (
     ("duplicates", "counter", "Received twice through overlapping subscriptions (dropped)."),
     ("gaps", "counter", "Fan-out link restored after a loss (subscribers told to resume)."),
     ("resynced_connections", "counter", "Connections closed with 1012 after a fan-out gap."),
+    ("topology_changes", "counter", "Redis Cluster slot map changes followed."),
 )
 
 

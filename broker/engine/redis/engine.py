@@ -1,18 +1,15 @@
 """The Redis engine: positions, history, presence and fan-out shared by every
-broker on one Redis (see :mod:`broker.engine.redis` and docs/cluster.md).
+broker on one Redis or Redis Cluster (see :mod:`broker.engine.redis` and
+docs/cluster.md).
 
-A node keeps two connections to Redis, each owned by a task of
-:meth:`RedisEngine.run` that reconnects with backoff:
+The node's connections are its :mod:`~broker.engine.redis.links`: command
+links carry the script calls (pipelined), fan-out links bring every
+publication this node's subscribers need, its own included. Their reader
+hands each to the hub (:meth:`RedisEngine._on_push`), in the order Redis
+sent it, which is ``seq`` order per topic, and the hub is flushed once per
+socket read.
 
-* the **command link** carries every script call (publishes, reads,
-  presence), pipelined: concurrent publishes share round trips, and at most
-  ``max_pending`` wait at once;
-* the **fan-out link** is subscribed to the channels of the patterns this
-  node's subscribers need; its reader hands every publication (this node's
-  own included) to the hub, in the order Redis sent them, which is ``seq``
-  order per topic, and flushes once per socket read.
-
-When the fan-out link is lost and comes back, publications may have been
+When a fan-out link is lost and comes back, publications may have been
 missed in between: the node asks the broker (``on_gap``) to close its
 subscribed connections with 1012, so that their clients resume with
 ``since`` (from history, on this node or another).
@@ -24,40 +21,34 @@ import hashlib
 import importlib.resources
 import itertools
 import logging
-import math
 import os
 import secrets
 import socket
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable
 from typing import Any, Final
 
 import trio
 
 from broker.core.config import Config, EngineConfig
-from broker.core.errors import ConfigError, EngineUnavailable
+from broker.core.errors import EngineUnavailable
 from broker.core.history import Detached, HistoryPage, Recovery, Replay, Stored, overlap
 from broker.core.presence import PresenceInfo, PresenceStats
 from broker.core.protocol import Position, Resume
 from broker.core.topics import is_pattern, pattern_matches
 from broker.engine.base import Delivery
-from broker.engine.redis.connection import (
-    ConnectionFailed,
-    ConnectionLost,
-    RedisConnection,
-    Target,
-    backoff,
-    read_password_file,
-)
+from broker.engine.redis.connection import Target, read_password_file
 from broker.engine.redis.layout import (
     NIL,
     Layout,
     Rule,
     decode,
+    decode_event,
     decode_fields,
     decode_publication,
     encode,
 )
-from broker.engine.redis.resp import ProtocolError, Push, ReplyError, Value
+from broker.engine.redis.links import Channel, ClusterLinks, Links, StandaloneLinks
+from broker.engine.redis.resp import Push, Value
 
 __all__ = ["SCRIPT", "RedisEngine"]
 
@@ -66,19 +57,17 @@ log = logging.getLogger("broker.engine.redis")
 SCRIPT: Final = (
     importlib.resources.files("broker.engine.redis").joinpath("script.lua").read_text("utf-8")
 )
-#: Reply errors that mean "Redis cannot take it now" (answered ``unavailable``).
-_UNAVAILABLE_CODES: Final = frozenset(
-    {"OOM", "READONLY", "LOADING", "BUSY", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "NOREPLICAS"}
-)
+_SHA: Final = hashlib.sha1(SCRIPT.encode()).hexdigest()
 #: Stored messages kept for sharing between replays (by topic, epoch, seq).
 REPLAY_CACHE: Final = 16_384
 #: Seconds between two prunes of a rule's topic index.
 PRUNE_INTERVAL: Final = 60.0
-#: Most topics one rule's rule-cache holds before it starts over.
+#: Most topics the rule cache holds before it starts over.
 RULE_CACHE: Final = 4096
 
 _MESSAGE: Final = b"message"
 _PMESSAGE: Final = b"pmessage"
+_SMESSAGE: Final = b"smessage"
 
 
 class RedisEngine:
@@ -97,70 +86,72 @@ class RedisEngine:
         on_gap: Callable[[], int] | None = None,
     ) -> None:
         settings = config.engine
-        if settings.cluster:
-            raise ConfigError("engine.cluster", "Redis Cluster is not supported yet; give url")
         self._delivery = delivery
         self._settings: EngineConfig = settings
         self._on_gap = on_gap
-        self._layout = Layout(settings.prefix)
-        self._mprefix = len(self._layout.channel_prefix)
+        cluster = bool(settings.cluster)
+        self._layout = Layout(settings.prefix, cluster=cluster)
         #: This process among the nodes (presence entries, epochs, client names).
         self.node = f"{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(3)}"
+        self._epoch_prefix = f"{secrets.token_hex(3)}{os.getpid():x}."
         self._epochs = itertools.count(1)
         password = read_password_file(settings.password_file) or None
-        self._target = Target.from_url(
-            settings.url,
-            password=password,
-            tls_ca=settings.tls_ca,
-            client_name=f"trio-broker:{self.node}",
+        name = f"trio-broker:{self.node}"
+        if cluster:
+            target = Target(password=password, client_name=name)
+        else:
+            target = Target.from_url(
+                settings.url, password=password, tls_ca=settings.tls_ca, client_name=name
+            )
+        links_class = ClusterLinks if cluster else StandaloneLinks
+        self._links: Links = links_class(
+            settings,
+            target,
+            SCRIPT,
+            _SHA,
+            on_push=self._on_push,
+            on_batch=delivery.flush,
+            on_gap=self._gap,
         )
-        self.configure(config)
-        # -- the command link --
-        self._command: RedisConnection | None = None
-        self._command_changed = trio.Event()
-        self._slots = trio.Semaphore(settings.max_pending)
-        # -- the fan-out link --
-        self._fanout: RedisConnection | None = None
-        self._fanout_changed = trio.Event()
-        #: Channels (is glob, name) subscribed, with how many patterns want each.
-        self._channels: dict[tuple[bool, str], int] = {}
-        #: Those the current fan-out link confirmed.
-        self._confirmed: set[tuple[bool, str]] = set()
-        self._last: tuple[bytes, bytes] = (b"", b"")
-        self._fanout_was_up = False
-        # -- presence: this node's members, by topic and connection --
+        self._rules: tuple[Rule, ...] = ()
+        #: The channels each subscribed pattern holds (see subscribe).
+        self._subscribed: dict[str, list[Channel]] = {}
+        self._last = b""
+        #: This node's presence members, by topic and connection.
         self._members: dict[str, dict[str, tuple[str, bytes]]] = {}
         self._presence_ttl_ms = round(settings.presence_ttl * 1000)
-        # -- stored messages shared between concurrent replays --
+        #: Stored messages shared between concurrent replays.
         self._replays: dict[tuple[str, str, int], Stored] = {}
-        # -- counters (engine_stats) --
-        self._up = False
-        #: The engine is shutting down (its links going is not an outage).
-        self._closing = False
-        self._down_since: float | None = None
         self.stats: dict[str, int] = dict.fromkeys(
-            (
-                "outages",
-                "unavailable",
-                "timeouts",
-                "received",
-                "unwanted",
-                "duplicates",
-                "gaps",
-                "resynced_connections",
-                "reconnects",
-            ),
-            0,
+            ("received", "unwanted", "duplicates", "resynced_connections"), 0
         )
-        self._outage_seconds = 0.0
+        self.configure(config)
 
     # -- configuration -------------------------------------------------------------
 
     def configure(self, config: Config) -> None:
         idle = config.limits.topic_idle
-        self._rules: tuple[Rule, ...] = tuple(self._layout.rule(r, idle) for r in config.history)
+        old = self._rules
+        self._rules = tuple(self._layout.rule(r, idle) for r in config.history)
         self._rule_cache: dict[str, Rule | None] = {}
         self._plain_keep_ms = max(1, round(idle * 1000))
+        if self._layout.cluster and self._subscribed and old != self._rules:
+            self._reroute()
+
+    def _reroute(self) -> None:
+        """On a Redis Cluster a topic's rule decides its fan-out path: after
+        the rules changed, subscriptions move to the new paths, and the
+        subscribers are told to resume (what went by the old path meanwhile
+        may be missed)."""
+        for pattern, channels in self._subscribed.items():
+            wanted = self._channels_for(pattern)
+            if wanted != channels:
+                for channel in wanted:
+                    self._links.acquire_nowait(channel)
+                for channel in channels:
+                    self._links.release(channel)
+                self._subscribed[pattern] = wanted
+        self._gap()
 
     def rule_for(self, topic: str) -> Rule | None:
         try:
@@ -176,181 +167,40 @@ class RedisEngine:
     def _candidate(self) -> str:
         """A new epoch (or rule generation), should the script need one:
         unique over every node and time."""
-        return f"{self.node.rsplit('.', 1)[1]}{os.getpid():x}.{next(self._epochs):x}"
+        return f"{self._epoch_prefix}{next(self._epochs):x}"
 
     # -- health and stats ----------------------------------------------------------
 
     def healthy(self) -> bool:
-        return self._up
-
-    def _set_up(self) -> None:
-        up = (
-            self._command is not None
-            and self._command.usable
-            and self._fanout is not None
-            and self._fanout.usable
-        )
-        if up == self._up or self._closing:
-            return
-        now = trio.current_time()
-        self._up = up
-        if up:
-            if self._down_since is not None:
-                self._outage_seconds += now - self._down_since
-                log.warning(
-                    "Redis at %s reachable again after %.1f s",
-                    self._target.label,
-                    now - self._down_since,
-                )
-            self._down_since = None
-        else:
-            self._down_since = now
-            self.stats["outages"] += 1
-            log.error("Redis at %s unreachable: this node is not ready", self._target.label)
+        return self._links.healthy()
 
     def engine_stats(self) -> dict[str, int]:
-        stats = dict(self.stats)
-        stats["up"] = int(self._up)
-        outage = self._outage_seconds
-        if self._down_since is not None and _in_trio():
-            outage += trio.current_time() - self._down_since
-        stats["outage_seconds"] = int(outage)
-        stats["pending"] = self._settings.max_pending - self._slots.value
-        stats["channels"] = len(self._channels)
-        return stats
+        return {**self._links.link_stats(), **self.stats}
 
     def history_stats(self) -> dict[str, int]:
         return {}
-
-    # -- the command link ----------------------------------------------------------
-
-    async def _link(
-        self,
-        name: str,
-        make: Callable[[], RedisConnection],
-        setup: Callable[[RedisConnection], Awaitable[None]],
-        attach: Callable[[RedisConnection | None, trio.Nursery | None], None],
-        first: trio.Event,
-    ) -> None:
-        """Keep one link to Redis up: connect, *setup* (bounded by
-        ``timeout``), *attach* it for as long as it lives, reconnect with
-        backoff. *attach* is called with None once it is gone."""
-        attempt = 0
-        while True:
-            conn = make()
-            failure: BaseException | None = None
-            try:
-                async with trio.open_nursery() as nursery:
-                    try:
-                        await nursery.start(conn.run, self._settings.connect_timeout)
-                        with trio.fail_after(self._settings.timeout):
-                            await setup(conn)
-                    except (
-                        ConnectionFailed,
-                        ConnectionLost,
-                        ReplyError,
-                        ProtocolError,
-                        trio.TooSlowError,
-                    ) as e:
-                        failure = e
-                        nursery.cancel_scope.cancel()
-                    else:
-                        attempt = 0
-                        attach(conn, nursery)
-                        first.set()
-                        await conn.closed.wait()
-                        nursery.cancel_scope.cancel()
-            finally:
-                if trio.current_effective_deadline() == -math.inf:
-                    self._closing = True  # cancelled: the broker is stopping
-                conn.close()
-                attach(None, None)
-            if failure is not None and attempt == 0:
-                reason = "timed out" if isinstance(failure, trio.TooSlowError) else str(failure)
-                log.warning("%s link to Redis at %s: %s", name, self._target.label, reason)
-            first.set()
-            attempt += 1
-            self.stats["reconnects"] += 1
-            await trio.sleep(backoff(attempt))
-
-    async def _command_setup(self, conn: RedisConnection) -> None:
-        await conn.server_run_id()
-        await conn.call("SCRIPT", "LOAD", SCRIPT)
-
-    def _command_attach(self, conn: RedisConnection | None, nursery: trio.Nursery | None) -> None:
-        if conn is not None or self._command is not None:
-            self._command = conn
-            self._changed_command()
-
-    def _changed_command(self) -> None:
-        self._command_changed.set()
-        self._command_changed = trio.Event()
-        self._set_up()
-
-    async def _command_connection(self) -> RedisConnection:
-        """The command link, once it is up (the caller bounds the wait)."""
-        while True:
-            conn = self._command
-            if conn is not None and conn.usable:
-                return conn
-            await self._command_changed.wait()
-
-    async def _eval(self, keys: Sequence[str], op: str, *args: bytes | str | int) -> Value:
-        """Run the script's *op*; :class:`EngineUnavailable` when Redis cannot
-        answer within ``timeout`` (or refuses: out of memory, read-only)."""
-        timeout = self._settings.timeout
-        conn: RedisConnection | None = None
-        with trio.move_on_after(timeout):
-            async with self._slots:
-                conn = await self._command_connection()
-                for _ in range(3):
-                    try:
-                        return await conn.call(
-                            "EVALSHA", _SHA, len(keys), *keys, op, conn.run_id, *args
-                        )
-                    except ReplyError as e:
-                        if e.code == "NOSCRIPT":  # not run: Redis lost its scripts
-                            await conn.call("SCRIPT", "LOAD", SCRIPT)
-                            continue
-                        if e.code == "STALE":  # not run: Redis restarted meanwhile
-                            await conn.server_run_id()
-                            continue
-                        if e.code in _UNAVAILABLE_CODES:
-                            self.stats["unavailable"] += 1
-                            raise EngineUnavailable(f"Redis refused: {e.message}") from None
-                        raise
-                    except ConnectionLost:
-                        self.stats["unavailable"] += 1
-                        raise EngineUnavailable("the connection to Redis was lost") from None
-                raise EngineUnavailable("Redis keeps restarting")  # pragma: no cover
-        # Timed out: the link is stuck (a slow or stalled Redis). Drop it, so
-        # that what waits on it fails now and the link starts over.
-        self.stats["unavailable"] += 1
-        self.stats["timeouts"] += 1
-        if conn is not None and conn.usable:
-            log.warning("Redis did not answer within %g s: reconnecting", timeout)
-            conn.close()
-        raise EngineUnavailable(f"Redis did not answer within {timeout:g} s")
 
     # -- publishing ----------------------------------------------------------------
 
     async def publish(self, topic: str, data: Any, key: str | None) -> int:
         body = encode(data)
-        channel = self._layout.channel(topic)
         rule = self.rule_for(topic)
+        route = self._layout.route(topic, rule)
         if rule is None:
-            seq = await self._eval(
+            seq = await self._links.eval(
                 (self._layout.plain(topic),),
                 "pub0",
                 self._candidate(),
                 body,
                 key or "",
                 self._plain_keep_ms,
-                channel,
+                route.channel,
+                int(route.sharded),
+                topic,
             )
         else:
             cfg = rule.config
-            seq = await self._eval(
+            seq = await self._links.eval(
                 (rule.base + "rule",),
                 "pub",
                 self._candidate(),
@@ -364,160 +214,80 @@ class RedisEngine:
                 rule.keep_ms,
                 int(cfg.snapshot),
                 cfg.snapshot_keys,
-                channel,
+                route.channel,
+                route.rule_channel,
+                int(route.sharded),
             )
         assert isinstance(seq, int)
         return seq
 
-    # -- interest: the fan-out link -------------------------------------------------
+    # -- interest ------------------------------------------------------------------
+
+    def _channels_for(self, pattern: str) -> list[Channel]:
+        overlapping = [r for r in self._rules if overlap(pattern, r.config.pattern)]
+        rule = None if is_pattern(pattern) else self.rule_for(pattern)
+        return self._layout.subscriptions(pattern, rule, overlapping)
 
     async def subscribe(self, pattern: str) -> None:
-        channel = self._layout.subscription(pattern)
-        self._channels[channel] = self._channels.get(channel, 0) + 1
-        done = False
+        channels = self._channels_for(pattern)
+        held: list[Channel] = []
         try:
-            if channel in self._confirmed:
-                # Another pattern with the same glob has it (t.* and t.>).
-                done = True
-                await trio.lowlevel.checkpoint()
-                return
-            with trio.fail_after(self._settings.timeout):
-                while True:
-                    conn = await self._fanout_connection()
-                    try:
-                        conn.send("PSUBSCRIBE" if channel[0] else "SUBSCRIBE", channel[1])
-                        # Redis answers in order: once the PING is answered,
-                        # the subscription is in place.
-                        await conn.call("PING")
-                    except ConnectionLost:
-                        continue  # the next link subscribes it (it is in _channels)
-                    if conn is self._fanout:
-                        self._confirmed.add(channel)
-                    done = True
-                    return
-        except trio.TooSlowError:
-            self.stats["unavailable"] += 1
-            raise EngineUnavailable(
-                f"Redis did not confirm the subscription within {self._settings.timeout:g} s"
-            ) from None
-        finally:
-            if not done:
-                self._release(channel)
+            for channel in channels:
+                await self._links.subscribe(channel)
+                held.append(channel)
+        except BaseException:
+            for channel in held:
+                self._links.release(channel)
+            raise
+        self._subscribed[pattern] = channels
 
     async def unsubscribe(self, pattern: str) -> None:
-        self._release(self._layout.subscription(pattern))
+        for channel in self._subscribed.pop(pattern, ()):
+            self._links.release(channel)
         await trio.lowlevel.checkpoint()
 
-    def _release(self, channel: tuple[bool, str]) -> None:
-        count = self._channels[channel] - 1
-        if count:
-            self._channels[channel] = count
-            return
-        del self._channels[channel]
-        self._confirmed.discard(channel)
-        conn = self._fanout
-        if conn is not None and conn.usable:
-            conn.send("PUNSUBSCRIBE" if channel[0] else "UNSUBSCRIBE", channel[1])
-
-    async def _fanout_connection(self) -> RedisConnection:
-        while True:
-            conn = self._fanout
-            if conn is not None and conn.usable:
-                return conn
-            await self._fanout_changed.wait()
-
-    def _changed_fanout(self) -> None:
-        self._fanout_changed.set()
-        self._fanout_changed = trio.Event()
-        self._set_up()
-
-    def _fanout_connection_new(self) -> RedisConnection:
-        conn = RedisConnection(self._target)
-        conn.on_push = self._on_push
-        conn.on_batch = self._delivery.flush
-        return conn
-
-    async def _fanout_setup(self, conn: RedisConnection) -> None:
-        channels = list(self._channels)
-        for is_glob, name in channels:
-            conn.send("PSUBSCRIBE" if is_glob else "SUBSCRIBE", name)
-        await conn.call("PING")
-        self._confirmed = {c for c in channels if c in self._channels}
-
-    def _fanout_attach(self, conn: RedisConnection | None, nursery: trio.Nursery | None) -> None:
-        if conn is None:
-            if self._fanout is not None:
-                self._fanout = None
-                self._confirmed = set()
-                self._changed_fanout()
-            return
-        self._fanout = conn
-        self._changed_fanout()
-        if self._fanout_was_up:
-            self._gap()
-        self._fanout_was_up = True
-        assert nursery is not None
-        nursery.start_soon(self._keepalive, conn)
-
-    async def _keepalive(self, conn: RedisConnection) -> None:
-        """PING the fan-out link when idle; a PING unanswered for
-        ``keepalive`` seconds drops it (a dead peer, a network stall)."""
-        interval = self._settings.keepalive
-        while True:
-            await trio.sleep(interval)
-            with trio.move_on_after(interval) as scope:
-                try:
-                    await conn.call("PING")
-                except ConnectionLost:
-                    return
-            if scope.cancelled_caught:
-                log.warning("fan-out link: no answer to PING within %g s: reconnecting", interval)
-                conn.close()
-                return
-
     def _gap(self) -> None:
-        """The fan-out link came back: what was published while it was down
-        did not reach this node's subscribers. They are told to resume."""
-        self.stats["gaps"] += 1
+        """A fan-out link came back (or the paths changed): what was
+        published meanwhile did not reach this node's subscribers. They are
+        told to resume."""
         closed = self._on_gap() if self._on_gap is not None else 0
         self.stats["resynced_connections"] += closed
         log.warning(
-            "fan-out link restored: %d subscribed connection(s) closed (1012) to resume", closed
+            "fan-out interrupted: %d subscribed connection(s) closed (1012) to resume", closed
         )
 
     def _on_push(self, push: Push) -> None:
-        """One message from the fan-out link (the reader task; synchronous)."""
+        """One message from a fan-out link (its reader task; synchronous)."""
         kind = push[0]
-        if kind == _MESSAGE:
-            channel, payload = push[1], push[2]
+        if kind in (_MESSAGE, _SMESSAGE):
+            payload = push[2]
         elif kind == _PMESSAGE:
-            channel, payload = push[2], push[3]
+            payload = push[3]
         else:
             return  # (un)subscribe confirmations
-        assert isinstance(channel, bytes) and isinstance(payload, bytes)
+        assert isinstance(payload, bytes)
         # A node subscribed to a topic and to a pattern covering it (or to
-        # two such patterns) gets a publication once per subscription, one
-        # right after the other: the same channel and payload twice.
-        last_channel, last_payload = self._last
-        if payload == last_payload and channel == last_channel:
+        # two such patterns, or to a topic's and its rule's shard channels)
+        # gets a publication once per subscription, one right after the
+        # other: the same payload (which names the topic) twice.
+        if payload == self._last:
             self.stats["duplicates"] += 1
             return
-        self._last = (channel, payload)
+        self._last = payload
         self.stats["received"] += 1
-        topic = channel[self._mprefix :].decode()
         tag = payload[0]
         if tag == 0x6D:  # "m"
             pub = decode_publication(payload)
             if pub.seq == 1:
-                n = self._delivery.deliver(topic, 1, pub.data, pub.key, pub.epoch)
+                n = self._delivery.deliver(pub.topic, 1, pub.data, pub.key, pub.epoch)
             else:
-                n = self._delivery.deliver(topic, pub.seq, pub.data, pub.key)
+                n = self._delivery.deliver(pub.topic, pub.seq, pub.data, pub.key)
         elif tag == 0x6A or tag == 0x6C:  # "j", "l"
-            member = decode_fields(payload)
+            topic, member = decode_event(payload)
             member["connections"] = 1 if tag == 0x6A else 0
             n = self._delivery.presence_event(topic, "join" if tag == 0x6A else "leave", member)
         else:
-            log.warning("fan-out link: a message of unknown kind on %r", channel)
+            log.warning("fan-out: a message of unknown kind %r", payload[:1])
             return
         if not n:
             self.stats["unwanted"] += 1
@@ -526,32 +296,9 @@ class RedisEngine:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
-            command, fanout = trio.Event(), trio.Event()
-            nursery.start_soon(
-                self._link,
-                "command",
-                lambda: RedisConnection(self._target),
-                self._command_setup,
-                self._command_attach,
-                command,
-            )
-            nursery.start_soon(
-                self._link,
-                "fan-out",
-                self._fanout_connection_new,
-                self._fanout_setup,
-                self._fanout_attach,
-                fanout,
-            )
-            # Serve once both links were tried (up or not: /readyz says which).
-            with trio.move_on_after(self._settings.connect_timeout):
-                await command.wait()
-                await fanout.wait()
-            if not self._up:
-                log.error(
-                    "Redis at %s unreachable at start: serving, not ready, retrying",
-                    self._target.label,
-                )
+            await nursery.start(self._links.run)
+            if not self._links.healthy():
+                log.error("Redis unreachable at start: serving, not ready, retrying")
             nursery.start_soon(self._upkeep)
             task_status.started()
 
@@ -561,7 +308,7 @@ class RedisEngine:
         next_prune = trio.current_time() + PRUNE_INTERVAL
         while True:
             await trio.sleep(refresh)
-            if self._up:
+            if self._links.healthy():
                 try:
                     await self._presence_refresh()
                     if trio.current_time() >= next_prune:
@@ -574,7 +321,9 @@ class RedisEngine:
         for rule in self._rules:
             start: Value = 0
             while True:
-                start = await self._eval((rule.base + "rule",), "prune", "", rule.base, str(start))
+                start = await self._links.eval(
+                    (rule.base + "rule",), "prune", "", rule.base, str(start)
+                )
                 if not start:
                     break
 
@@ -610,7 +359,7 @@ class RedisEngine:
         self, rule: Rule, topic: str, since: Position | None, count: int, snapshot: bool, limit: int
     ) -> tuple[str, int, int, list[Stored], list[Stored], bool]:
         cfg = rule.config
-        reply = await self._eval(
+        reply = await self._links.eval(
             (rule.base + "rule",),
             "read",
             self._candidate(),
@@ -696,7 +445,7 @@ class RedisEngine:
         parts: dict[str, tuple[str, int]] = {}
         found: list[tuple[int, int, Stored, bool]] = []
         for index, rule in enumerate(rules):
-            reply = await self._eval(
+            reply = await self._links.eval(
                 (rule.base + "rule",),
                 "pattern",
                 self._candidate(),
@@ -747,7 +496,7 @@ class RedisEngine:
             for topic, position in since.topics.items():
                 if self.rule_for(topic) is rule and pattern_matches(pattern, topic):
                     positions += [topic, position.epoch or "", position.seq]
-            reply = await self._eval(
+            reply = await self._links.eval(
                 (rule.base + "rule",),
                 "resume",
                 self._candidate(),
@@ -815,6 +564,13 @@ class RedisEngine:
 
     # -- presence ------------------------------------------------------------------
 
+    def _presence_args(self, topic: str) -> tuple[tuple[str], tuple[str, str, int, str]]:
+        """(keys, (base, channel, sharded, topic)): where a topic's presence lives."""
+        rule = self.rule_for(topic)
+        base = self._layout.presence(topic, rule)
+        route = self._layout.route(topic, rule)
+        return (base + "n",), (base, route.channel, int(route.sharded), topic)
+
     async def presence_join(self, topic: str, connection: str, member: dict[str, Any]) -> None:
         members = self._members.get(topic)
         if members is None:
@@ -824,12 +580,12 @@ class RedisEngine:
             return
         subject, fields = str(member["subject"]), encode(member)
         members[connection] = (subject, fields)
+        keys, where = self._presence_args(topic)
         try:
-            await self._eval(
-                (self._layout.presence(topic) + "n",),
+            await self._links.eval(
+                keys,
                 "pjoin",
-                self._layout.presence(topic),
-                self._layout.channel(topic),
+                *where,
                 self.node,
                 self._presence_ttl_ms,
                 0,
@@ -848,15 +604,9 @@ class RedisEngine:
             return
         if not members:
             del self._members[topic]
+        keys, where = self._presence_args(topic)
         try:
-            await self._eval(
-                (self._layout.presence(topic) + "n",),
-                "pleave",
-                self._layout.presence(topic),
-                self._layout.channel(topic),
-                self.node,
-                connection,
-            )
+            await self._links.eval(keys, "pleave", *where, self.node, connection)
         except EngineUnavailable as e:
             log.info("presence leave on %s postponed: %s", topic, e)
             self._members.setdefault(topic, {})  # the refresh will count it out
@@ -869,28 +619,17 @@ class RedisEngine:
             args: list[str | int | bytes] = []
             for connection, (subject, fields) in members.items():
                 args += [connection, subject, fields]
-            await self._eval(
-                (self._layout.presence(topic) + "n",),
-                "pjoin",
-                self._layout.presence(topic),
-                self._layout.channel(topic),
-                self.node,
-                self._presence_ttl_ms,
-                1,
-                *args,
+            keys, where = self._presence_args(topic)
+            await self._links.eval(
+                keys, "pjoin", *where, self.node, self._presence_ttl_ms, 1, *args
             )
             if not members:
                 self._members.pop(topic, None)
         self._delivery.flush()
 
     async def presence(self, topic: str, max_members: int) -> PresenceInfo:
-        reply = await self._eval(
-            (self._layout.presence(topic) + "n",),
-            "pquery",
-            self._layout.presence(topic),
-            self._layout.channel(topic),
-            max_members,
-        )
+        keys, where = self._presence_args(topic)
+        reply = await self._links.eval(keys, "pquery", *where, max_members)
         assert isinstance(reply, list)
         count, connections, raw = reply
         assert isinstance(count, int) and isinstance(connections, int)
@@ -901,7 +640,7 @@ class RedisEngine:
                 assert isinstance(item, list)
                 fields, n = item
                 assert isinstance(fields, bytes)
-                member = decode_fields(b"j" + fields)
+                member = decode_fields(fields)
                 member["connections"] = n
                 shown.append(member)
             members = tuple(shown)
@@ -912,9 +651,6 @@ class RedisEngine:
         members = sum(len({s for s, _ in m.values()}) for m in self._members.values())
         connections = sum(len(m) for m in self._members.values())
         return PresenceStats(sum(1 for m in self._members.values() if m), members, connections)
-
-
-_SHA: Final = hashlib.sha1(SCRIPT.encode()).hexdigest()
 
 
 def _seq(entry: Stored) -> int:
@@ -930,11 +666,3 @@ def _parse_cursor(cursor: str) -> dict[str, tuple[str, int]] | None:
             return None
         parts[rid] = (gen, int(offset))
     return parts
-
-
-def _in_trio() -> bool:
-    try:
-        trio.lowlevel.current_task()
-    except RuntimeError:
-        return False
-    return True

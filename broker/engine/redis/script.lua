@@ -20,15 +20,20 @@
 --                       the latest per key, "!" always (so it never vanishes)
 --   B.."z:"..T    zset  snapshot keys by seq (least recently updated first)
 -- Keys of a topic without history: prefix.."t:{"..T.."}" hash e, s, r.
--- Presence keys of a topic (P = prefix .. "p:{" .. T .. "}:"):
+-- Presence keys of a topic (P: the topic's keys' prefix .. "p:" .. T .. ":",
+-- in the same slot as the topic's keys and channel):
 --   P.."n"        zset  node -> expiry (ms)
 --   P.."c:"..N    hash  connection -> subject (the connections of node N)
 --   P.."m"        hash  subject -> connections (over every node)
 --   P.."f"        hash  subject -> the member's fields (msgpack)
 --
--- A publication goes out as one message on the topic's channel:
---   "m" .. >I8 seq .. >I2 #epoch .. >I2 #key .. epoch .. key .. data
--- and a presence event as "j" or "l" .. the member's fields (msgpack).
+-- A publication goes out as one message on the topic's channel (PUBLISH; on
+-- Redis Cluster, for a topic of a history rule, SPUBLISH on the topic's
+-- shard channel and on the rule's):
+--   "m" .. >I8 seq .. >I2 #epoch .. >I2 #key .. >I2 #topic .. epoch .. key
+--       .. topic .. data
+-- and a presence event as "j" or "l" .. >I2 #topic .. topic .. the member's
+-- fields (msgpack).
 
 local op = ARGV[1]
 local run = ARGV[2]
@@ -81,9 +86,22 @@ local function matches(ptoks, topic)
   return #ptoks == #ttoks
 end
 
-local function publish(channel, seq, epoch, key, data)
-  redis.call('PUBLISH', channel,
-    'm' .. struct.pack('>I8I2I2', seq, #epoch, #key) .. epoch .. key .. data)
+-- Send *payload* on the channel(s) of ARGV: ev.channel, ev.rule_channel
+-- (sharded only; "" for none) and ev.sharded.
+local function fan_out(ev, payload)
+  if ev.sharded then
+    redis.call('SPUBLISH', ev.channel, payload)
+    if ev.rule_channel ~= '' then
+      redis.call('SPUBLISH', ev.rule_channel, payload)
+    end
+  else
+    redis.call('PUBLISH', ev.channel, payload)
+  end
+end
+
+local function publish(ev, topic, seq, epoch, key, data)
+  fan_out(ev, 'm' .. struct.pack('>I8I2I2I2', seq, #epoch, #key, #topic) .. epoch .. key
+    .. topic .. data)
 end
 
 -- == history rules =========================================================
@@ -136,12 +154,13 @@ local function open_topic(base, topic, candidate, gen, offset, keep_ms, may_writ
 end
 
 -- ARGV: op, run, candidate, base, topic, data, key, null, size, ttl_ms,
---       keep_ms, snapshot, snapshot_keys, channel
+--       keep_ms, snapshot, snapshot_keys, channel, rule_channel, sharded
 local function pub_history()
   local candidate, base, topic = ARGV[3], ARGV[4], ARGV[5]
   local data, key, null = ARGV[6], ARGV[7], ARGV[8]
   local size, ttl, keep_ms = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
-  local snapshot, snapshot_keys, channel = ARGV[12] == '1', tonumber(ARGV[13]), ARGV[14]
+  local snapshot, snapshot_keys = ARGV[12] == '1', tonumber(ARGV[13])
+  local ev = {channel = ARGV[14], rule_channel = ARGV[15], sharded = ARGV[16] == '1'}
   local rule_key, index = base .. 'rule', base .. 'topics'
   local gen, offset = rule_state(rule_key, candidate)
   local t = open_topic(base, topic, candidate, gen, offset, keep_ms, true)
@@ -203,11 +222,12 @@ local function pub_history()
     redis.call('PERSIST', snap)
     redis.call('PERSIST', order)
   end
-  publish(channel, seq, t.e, key, data)
+  publish(ev, topic, seq, t.e, key, data)
   return seq
 end
 
--- ARGV: op, run, candidate, data, key, keep_ms, channel; KEYS[1]: the state
+-- ARGV: op, run, candidate, data, key, keep_ms, channel, sharded, topic;
+-- KEYS[1]: the state
 local function pub_plain()
   local mkey = KEYS[1]
   local m = redis.call('HMGET', mkey, 'e', 's', 'r')
@@ -219,7 +239,8 @@ local function pub_plain()
   seq = seq + 1
   redis.call('HSET', mkey, 's', seq)
   redis.call('PEXPIRE', mkey, tonumber(ARGV[6]))
-  publish(ARGV[7], seq, epoch, ARGV[5], ARGV[4])
+  local ev = {channel = ARGV[7], rule_channel = '', sharded = ARGV[8] == '1'}
+  publish(ev, ARGV[9], seq, epoch, ARGV[5], ARGV[4])
   return seq
 end
 
@@ -499,8 +520,15 @@ end
 
 -- == presence ==============================================================
 
-local function presence_event(channel, kind, fields)
-  redis.call('PUBLISH', channel, kind .. fields)
+-- The topic's channel, for presence events. ARGV: ..., base, channel,
+-- sharded, topic (from ARGV[3]).
+local function presence_context()
+  return ARGV[3], {channel = ARGV[4], rule_channel = '', sharded = ARGV[5] == '1',
+    topic = ARGV[6]}
+end
+
+local function presence_event(ev, kind, fields)
+  fan_out(ev, kind .. struct.pack('>I2', #ev.topic) .. ev.topic .. fields)
 end
 
 local function presence_keep(base, node, ttl)
@@ -509,25 +537,25 @@ local function presence_keep(base, node, ttl)
   end
 end
 
-local function join(base, channel, node, conn, subject, fields)
+local function join(base, ev, node, conn, subject, fields)
   if redis.call('HSETNX', base .. 'c:' .. node, conn, subject) == 0 then
     return 0
   end
   if redis.call('HINCRBY', base .. 'm', subject, 1) == 1 then
     redis.call('HSET', base .. 'f', subject, fields)
-    presence_event(channel, 'j', fields)
+    presence_event(ev, 'j', fields)
     return 1
   end
   return 0
 end
 
-local function leave(base, channel, ckey, conn, subject)
+local function leave(base, ev, ckey, conn, subject)
   redis.call('HDEL', ckey, conn)
   if redis.call('HINCRBY', base .. 'm', subject, -1) <= 0 then
     redis.call('HDEL', base .. 'm', subject)
     local fields = redis.call('HGET', base .. 'f', subject) or ''
     redis.call('HDEL', base .. 'f', subject)
-    presence_event(channel, 'l', fields)
+    presence_event(ev, 'l', fields)
     return 1
   end
   return 0
@@ -535,40 +563,42 @@ end
 
 -- Count out the connections of nodes that stopped refreshing (each member
 -- whose last connection goes gets a "leave").
-local function sweep(base, channel, now)
+local function sweep(base, ev, now)
   local dead = redis.call('ZRANGEBYSCORE', base .. 'n', '-inf', now)
   for _, node in ipairs(dead) do
     local ckey = base .. 'c:' .. node
     local conns = redis.call('HGETALL', ckey)
     for i = 1, #conns, 2 do
-      leave(base, channel, ckey, conns[i], conns[i + 1])
+      leave(base, ev, ckey, conns[i], conns[i + 1])
     end
     redis.call('DEL', ckey)
     redis.call('ZREM', base .. 'n', node)
   end
 end
 
--- ARGV: op, run, base, channel, node, ttl_ms, sync (0/1), then (conn,
--- subject, fields) for each connection to join. With sync, these are all
--- the node's connections on the topic: others it had are counted out (a
--- leave that could not reach Redis), and those a sweep took come back.
+-- ARGV: op, run, base, channel, sharded, topic, node, ttl_ms, sync (0/1),
+-- then (conn, subject, fields) for each connection to join. With sync,
+-- these are all the node's connections on the topic: others it had are
+-- counted out (a leave that could not reach Redis), and those a sweep took
+-- come back.
 local function presence_join()
-  local base, channel, node, ttl = ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6])
+  local base, ev = presence_context()
+  local node, ttl = ARGV[7], tonumber(ARGV[8])
   local now = now_ms()
-  sweep(base, channel, now)
+  sweep(base, ev, now)
   local changed = 0
   redis.call('ZADD', base .. 'n', now + ttl, node)
   local wanted = {}
-  for i = 8, #ARGV, 3 do
+  for i = 10, #ARGV, 3 do
     wanted[ARGV[i]] = true
-    changed = changed + join(base, channel, node, ARGV[i], ARGV[i + 1], ARGV[i + 2])
+    changed = changed + join(base, ev, node, ARGV[i], ARGV[i + 1], ARGV[i + 2])
   end
-  if ARGV[7] == '1' then
+  if ARGV[9] == '1' then
     local ckey = base .. 'c:' .. node
     local had = redis.call('HGETALL', ckey)
     for i = 1, #had, 2 do
       if not wanted[had[i]] then
-        changed = changed + leave(base, channel, ckey, had[i], had[i + 1])
+        changed = changed + leave(base, ev, ckey, had[i], had[i + 1])
       end
     end
     if next(wanted) == nil then
@@ -580,24 +610,26 @@ local function presence_join()
   return changed
 end
 
--- ARGV: op, run, base, channel, node, conn
+-- ARGV: op, run, base, channel, sharded, topic, node, conn
 local function presence_leave()
-  local base, channel, node, conn = ARGV[3], ARGV[4], ARGV[5], ARGV[6]
-  sweep(base, channel, now_ms())
+  local base, ev = presence_context()
+  local node, conn = ARGV[7], ARGV[8]
+  sweep(base, ev, now_ms())
   local ckey = base .. 'c:' .. node
   local subject = redis.call('HGET', ckey, conn)
   if not subject then
     return 0
   end
-  return leave(base, channel, ckey, conn, subject)
+  return leave(base, ev, ckey, conn, subject)
 end
 
--- ARGV: op, run, base, channel, max_members
+-- ARGV: op, run, base, channel, sharded, topic, max_members
 -- Returns {count, connections, members or false} with members a list of
 -- {fields, connections} sorted by subject.
 local function presence_query()
-  local base, channel, most = ARGV[3], ARGV[4], tonumber(ARGV[5])
-  sweep(base, channel, now_ms())
+  local base, ev = presence_context()
+  local most = tonumber(ARGV[7])
+  sweep(base, ev, now_ms())
   local counts = redis.call('HGETALL', base .. 'm')
   local count, connections = #counts / 2, 0
   for i = 2, #counts, 2 do
@@ -622,11 +654,6 @@ local function presence_query()
   return {count, connections, members}
 end
 
--- ARGV: op, run, base, channel: count out the nodes that stopped refreshing.
-local function presence_sweep()
-  sweep(ARGV[3], ARGV[4], now_ms())
-  return 0
-end
 
 if op == 'pub' then
   return pub_history()
@@ -646,7 +673,5 @@ elseif op == 'pleave' then
   return presence_leave()
 elseif op == 'pquery' then
   return presence_query()
-elseif op == 'psweep' then
-  return presence_sweep()
 end
 return error({err = 'ERR unknown operation ' .. tostring(op)})
