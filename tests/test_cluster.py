@@ -12,6 +12,7 @@ the brokers follow a failover and a moved slot, and report what was lost.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,6 +21,7 @@ import trio
 from broker import Broker
 from broker.engine.redis import RedisEngine
 from broker.engine.redis.layout import key_slot
+from broker.ops.reload import reload_broker
 from tests.conftest import BrokerFactory, merge
 from tests.helpers import connect, wait_until
 from tests.redis_service import (
@@ -238,3 +240,36 @@ async def move_slot(
         )
     for server in servers:
         await redis_command(server.url, "CLUSTER", "SETSLOT", slot, "NODE", destination_id)
+
+
+async def test_a_rules_change_moves_subscriptions_to_their_new_path(
+    start_broker: BrokerFactory, cluster: list[RedisProcess], tmp_path: Path
+) -> None:
+    """On a cluster a topic's rule decides its fan-out path (sharded or
+    classic): a reload that changes the rules moves the node's
+    subscriptions and tells its subscribers to resume."""
+    node = node_factory(start_broker, cluster)
+    a = await node()
+    async with connect(a.url) as sub:
+        await sub.sub("u.x")  # no rule: classic pub/sub
+        assert engine(a).engine_stats()["channels"] == 1
+        toml = tmp_path / "broker.toml"
+        toml.write_text(
+            f'[engine]\ntype = "redis"\ncluster = ["{cluster[0].address}"]\nprefix = "c:"\n'
+            'timeout = 1.0\n\n[[history]]\npattern = "u.>"\n'
+        )
+        result = await reload_broker(a, toml)
+        assert result.ok, result
+        assert (await sub.expect_close()).code == 1012
+    rule = engine(a).rule_for("u.x")
+    assert rule is not None
+    async with connect(a.url) as again, connect(a.url) as pub:
+        reply = await again.request({"op": "sub", "id": 1, "topic": "u.x"})
+        assert reply["seq"] == 0  # a history topic now: a position
+        await pub.pub("u.x", "sharded")
+        assert (await again.recv())["data"] == "sharded"
+        owner = await owner_of(cluster, rule.base)
+        assert await redis_command(owner.url, "PUBSUB", "SHARDNUMSUB", rule.base + "c:u.x") == [
+            (rule.base + "c:u.x").encode(),
+            1,
+        ]

@@ -7,10 +7,12 @@
 -- layout of the keys and docs/cluster.md for the design.
 --
 -- Keys of a topic of a history rule (B = prefix .. "h:{" .. rule id .. "}:"):
---   B.."rule"     hash  g: generation (new when the rule's state was lost)
+--   B.."rule"     hash  (no expiry: three fields per rule)
+--                       g: generation (new when the rule's state was lost)
 --                       o: offset counter (one per stored publish of the rule)
 --                       f: newest offset of a topic forgotten by the index
---   B.."topics"   zset  topic -> offset of its newest message
+--   B.."topics"   zset  topic -> offset of its newest message (pruned of the
+--                       topics whose state expired)
 --   B.."m:"..T    hash  e: epoch, s: seq, r: run_id, g: rule generation,
 --                       b: offset when the epoch began, lo: newest offset,
 --                       tr: newest offset no longer stored, k: "1" when the
@@ -116,12 +118,10 @@ local function rule_state(rule_key, candidate)
   return r[1], tonumber(r[2]), tonumber(r[3])
 end
 
--- Keep the rule's own keys as long as its topics (no expiry with snapshots).
+-- A topic's state lives *keep_ms* after its last publish (for ever: 0).
 local function keep(key, keep_ms)
   if keep_ms > 0 then
     redis.call('PEXPIRE', key, keep_ms)
-  else
-    redis.call('PERSIST', key)
   end
 end
 
@@ -161,19 +161,14 @@ local function pub_history()
   local size, ttl, keep_ms = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
   local snapshot, snapshot_keys = ARGV[12] == '1', tonumber(ARGV[13])
   local ev = {channel = ARGV[14], rule_channel = ARGV[15], sharded = ARGV[16] == '1'}
-  local rule_key, index = base .. 'rule', base .. 'topics'
+  local rule_key = base .. 'rule'
   local gen, offset = rule_state(rule_key, candidate)
   local t = open_topic(base, topic, candidate, gen, offset, keep_ms, true)
   local now = now_ms()
   local seq = t.s + 1
   offset = redis.call('HINCRBY', rule_key, 'o', 1)
-  redis.call('HSET', t.mkey, 's', seq, 'lo', offset)
-  redis.call('ZADD', index, offset, topic)
-  keep(rule_key, keep_ms)
-  keep(index, keep_ms)
-  if not t.opened then
-    keep(t.mkey, keep_ms)
-  end
+  -- The meta's new fields, written at once below.
+  local fields = {'HSET', t.mkey, 's', seq, 'lo', offset}
   if size > 0 then
     local stream = base .. 's:' .. topic
     if key == '' then
@@ -181,26 +176,34 @@ local function pub_history()
     else
       redis.call('XADD', stream, seq .. '-0', 'o', offset, 't', now, 'k', key, 'd', data)
     end
-    -- Trim what is past the rule's size or ttl, oldest first (a bounded
-    -- amount per publish; reads skip the rest).
-    local cut, limit, tr = seq - size, now - ttl, nil
-    for _ = 1, 64 do
-      local head = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)[1]
-      if not head then
+    -- Trim what is past the rule's size or ttl, oldest first: usually the
+    -- one entry the new one pushed out (a bounded amount per publish;
+    -- reads skip the rest).
+    local cut, limit, last = seq - size, now - ttl, nil
+    for _ = 1, 32 do
+      local heads = redis.call('XRANGE', stream, '-', '+', 'COUNT', 2)
+      local stop = false
+      for _, head in ipairs(heads) do
+        if seq_of(head[1]) > cut and tonumber(head[2][4]) > limit then
+          stop = true
+          break
+        end
+        last = head
+      end
+      if stop or #heads < 2 then
         break
       end
-      if seq_of(head[1]) > cut and tonumber(head[2][4]) > limit then
-        break
-      end
-      redis.call('XDEL', stream, head[1])
-      tr = head[2][2]
+      redis.call('XTRIM', stream, 'MINID', (seq_of(last[1]) + 1) .. '-0')
     end
-    if tr then
-      redis.call('HSET', t.mkey, 'tr', tr)
+    if last then
+      redis.call('XTRIM', stream, 'MINID', (seq_of(last[1]) + 1) .. '-0')
+      fields[#fields + 1] = 'tr'
+      fields[#fields + 1] = last[2][2]
     end
     redis.call('PEXPIRE', stream, ttl)
   else
-    redis.call('HSET', t.mkey, 'tr', offset) -- nothing is stored
+    fields[#fields + 1] = 'tr' -- nothing is stored
+    fields[#fields + 1] = offset
   end
   if snapshot then
     local snap, order = base .. 'k:' .. topic, base .. 'z:' .. topic
@@ -218,9 +221,15 @@ local function pub_history()
         redis.call('HDEL', snap, 'k' .. gone[1])
       end
     end
-    redis.call('HSET', t.mkey, 'k', '1')
-    redis.call('PERSIST', snap)
-    redis.call('PERSIST', order)
+    fields[#fields + 1] = 'k'
+    fields[#fields + 1] = '1'
+  end
+  redis.call(unpack(fields))
+  -- The rule's index of topics (no expiry: the prune op drops the topics
+  -- whose state expired, and an empty index is gone).
+  redis.call('ZADD', base .. 'topics', offset, topic)
+  if keep_ms > 0 and not t.opened then
+    redis.call('PEXPIRE', t.mkey, keep_ms)
   end
   publish(ev, topic, seq, t.e, key, data)
   return seq
