@@ -50,14 +50,18 @@ from broker.engine.redis.layout import (
 from broker.engine.redis.links import Channel, ClusterLinks, Links, StandaloneLinks
 from broker.engine.redis.resp import Push, Value
 
-__all__ = ["SCRIPT", "RedisEngine"]
+__all__ = ["LIBRARY", "SCRIPT", "RedisEngine"]
 
 log = logging.getLogger("broker.engine.redis")
 
-SCRIPT: Final = (
+_SOURCE: Final = (
     importlib.resources.files("broker.engine.redis").joinpath("script.lua").read_text("utf-8")
 )
-_SHA: Final = hashlib.sha1(SCRIPT.encode()).hexdigest()
+#: The library's name (and its one function's): versioned by the source, so
+#: brokers of two versions can share one Redis.
+LIBRARY: Final = "trio_broker_" + hashlib.sha1(_SOURCE.encode()).hexdigest()[:12]
+#: The function library, as ``FUNCTION LOAD`` takes it.
+SCRIPT: Final = f"#!lua name={LIBRARY}\n" + _SOURCE.replace("@NAME@", LIBRARY)
 #: Stored messages kept for sharing between replays (by topic, epoch, seq).
 REPLAY_CACHE: Final = 16_384
 #: Seconds between two prunes of a rule's topic index.
@@ -108,7 +112,7 @@ class RedisEngine:
             settings,
             target,
             SCRIPT,
-            _SHA,
+            LIBRARY,
             on_push=self._on_push,
             on_batch=delivery.flush,
             on_gap=self._gap,
@@ -116,14 +120,13 @@ class RedisEngine:
         self._rules: tuple[Rule, ...] = ()
         #: The channels each subscribed pattern holds (see subscribe).
         self._subscribed: dict[str, list[Channel]] = {}
-        self._last = b""
         #: This node's presence members, by topic and connection.
         self._members: dict[str, dict[str, tuple[str, bytes]]] = {}
         self._presence_ttl_ms = round(settings.presence_ttl * 1000)
         #: Stored messages shared between concurrent replays.
         self._replays: dict[tuple[str, str, int], Stored] = {}
         self.stats: dict[str, int] = dict.fromkeys(
-            ("received", "unwanted", "duplicates", "resynced_connections"), 0
+            ("received", "unwanted", "resynced_connections"), 0
         )
         self.configure(config)
 
@@ -257,7 +260,8 @@ class RedisEngine:
         )
 
     def _on_push(self, push: Push) -> None:
-        """One message from a fan-out link (its reader task; synchronous)."""
+        """One publication or presence event from a fan-out link (its reader
+        task; synchronous; duplicates are dropped by the links)."""
         kind = push[0]
         if kind in (_MESSAGE, _SMESSAGE):
             payload = push[2]
@@ -266,14 +270,6 @@ class RedisEngine:
         else:
             return  # (un)subscribe confirmations
         assert isinstance(payload, bytes)
-        # A node subscribed to a topic and to a pattern covering it (or to
-        # two such patterns, or to a topic's and its rule's shard channels)
-        # gets a publication once per subscription, one right after the
-        # other: the same payload (which names the topic) twice.
-        if payload == self._last:
-            self.stats["duplicates"] += 1
-            return
-        self._last = payload
         self.stats["received"] += 1
         tag = payload[0]
         if tag == 0x6D:  # "m"

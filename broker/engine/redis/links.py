@@ -58,6 +58,8 @@ _COMMANDS: Final = {
     "pattern": ("PSUBSCRIBE", "PUNSUBSCRIBE"),
     "shard": ("SSUBSCRIBE", "SUNSUBSCRIBE"),
 }
+#: Push kinds that carry a publication (its payload is the last item).
+_DELIVERIES: Final = frozenset({b"message", b"pmessage", b"smessage"})
 #: Reply errors meaning "Redis cannot take it now" (answered ``unavailable``).
 UNAVAILABLE_CODES: Final = frozenset(
     {"OOM", "READONLY", "LOADING", "BUSY", "MASTERDOWN", "NOREPLICAS", "CLUSTERDOWN"}
@@ -73,7 +75,7 @@ Address = tuple[str, int]
 class _Link:
     """One link: its connection while up, and what it has subscribed."""
 
-    __slots__ = ("changed", "confirmed", "conn", "label", "scope", "was_up")
+    __slots__ = ("changed", "confirmed", "conn", "label", "last", "scope", "was_up")
 
     def __init__(self, label: str) -> None:
         self.label = label
@@ -83,6 +85,8 @@ class _Link:
         self.confirmed: set[Channel] = set()
         self.was_up = False
         self.scope: trio.CancelScope | None = None
+        #: The payload of the last message this link brought (see _push).
+        self.last = b""
 
     @property
     def up(self) -> bool:
@@ -111,7 +115,7 @@ class Links:
         settings: EngineConfig,
         target: Target,
         script: str,
-        script_sha: str,
+        library: str,
         *,
         on_push: Callable[[Push], None],
         on_batch: Callable[[], None],
@@ -124,7 +128,7 @@ class Links:
             f"Redis Cluster ({', '.join(settings.cluster)})" if settings.cluster else target.label
         )
         self._script = script
-        self._sha = script_sha
+        self._function = library
         self._on_push = on_push
         self._on_batch = on_batch
         self._on_gap = on_gap
@@ -132,7 +136,16 @@ class Links:
         #: Channels wanted, with how many subscribers want each.
         self.channels: dict[Channel, int] = {}
         self.stats: dict[str, int] = dict.fromkeys(
-            ("outages", "unavailable", "timeouts", "reconnects", "gaps", "topology_changes"), 0
+            (
+                "outages",
+                "unavailable",
+                "timeouts",
+                "reconnects",
+                "gaps",
+                "topology_changes",
+                "duplicates",
+            ),
+            0,
         )
         self._up = False
         self._closing = False
@@ -269,7 +282,7 @@ class Links:
 
     async def _command_setup(self, conn: RedisConnection) -> None:
         await conn.server_run_id()
-        await conn.call("SCRIPT", "LOAD", self._script)
+        await conn.call("FUNCTION", "LOAD", "REPLACE", self._script)
 
     async def _subscribe_all(self, conn: RedisConnection, link: _Link, mine: list[Channel]) -> None:
         """A fan-out link's setup: subscribe *mine*, confirmed by a PING."""
@@ -316,18 +329,19 @@ class Links:
         *,
         asking: bool = False,
     ) -> Value:
-        """EVALSHA on *conn*, loading the script again if Redis lost it and
-        asking the run_id again if Redis restarted (neither runs it)."""
+        """FCALL on *conn*, loading the library again if Redis lost it
+        (restarted without persistence, FUNCTION FLUSH) and asking the
+        run_id again if Redis restarted (neither runs it)."""
         for _ in range(3):
             if asking:
                 conn.request("ASKING")
             try:
                 return await conn.call(
-                    "EVALSHA", self._sha, len(keys), *keys, op, conn.run_id, *args
+                    "FCALL", self._function, len(keys), *keys, op, conn.run_id, *args
                 )
             except ReplyError as e:
-                if e.code == "NOSCRIPT":
-                    await conn.call("SCRIPT", "LOAD", self._script)
+                if "Function not found" in e.message:
+                    await conn.call("FUNCTION", "LOAD", "REPLACE", self._script)
                     continue
                 if e.code == "STALE":
                     await conn.server_run_id()
@@ -339,7 +353,7 @@ class Links:
             except ConnectionLost:
                 self.stats["unavailable"] += 1
                 raise EngineUnavailable("the connection to Redis was lost") from None
-        raise EngineUnavailable("Redis keeps losing its scripts")  # pragma: no cover
+        raise EngineUnavailable("Redis keeps losing its functions")  # pragma: no cover
 
     # -- subscriptions -------------------------------------------------------------
 
@@ -397,10 +411,26 @@ class Links:
         """The cluster's slot map may have changed (nothing to do on one Redis)."""
 
     def _push(self, link: _Link, push: Push) -> None:
-        """A fan-out link's message: an unsubscription Redis made itself
-        (a shard channel whose slot moved) makes the link start over on the
-        new map; the rest goes to the engine."""
-        if push[0] == b"sunsubscribe":
+        """A fan-out link's message: a publication goes to the engine once;
+        an unsubscription Redis made itself (a shard channel whose slot
+        moved) makes the link start over on the new map."""
+        kind = push[0]
+        if kind in _DELIVERIES:
+            # A node subscribed to a topic and to a pattern covering it (or
+            # to two such patterns, or to a topic's and its rule's shard
+            # channels) gets a publication once per subscription, one right
+            # after the other on this connection: the same payload (which
+            # names the topic) twice. Each link has its own reader, so the
+            # comparison is per link.
+            payload = push[-1]
+            if payload == link.last:
+                self.stats["duplicates"] += 1
+                return
+            if isinstance(payload, bytes):
+                link.last = payload
+            self._on_push(push)
+            return
+        if kind == b"sunsubscribe":
             name = push[1]
             channel = ("shard", name.decode() if isinstance(name, bytes) else str(name))
             if channel in self.channels and channel in link.confirmed:

@@ -1,10 +1,15 @@
--- trio-broker's Redis engine: every step that must be atomic, in one script.
+-- trio-broker's Redis engine: every step that must be atomic, as one Redis
+-- function library (FUNCTION LOAD: loaded once per primary, the helpers
+-- below are made once, not at every call). The loader prepends the
+-- "#!lua name=..." line and names the library and its one function after
+-- this file's hash (@NAME@), so brokers of two versions can share a Redis.
 --
--- ARGV[1] names the operation; ARGV[2] is the run_id of the Redis server as
--- the calling node knows it. Each operation touches the keys of one topic,
--- or of one history rule (whose topics share a hash slot), so the script
--- runs on Redis Cluster too. See broker/engine/redis/__init__.py for the
--- layout of the keys and docs/cluster.md for the design.
+-- FCALL @NAME@ numkeys KEYS... op run ARGS...: ARGV[1] names the operation;
+-- ARGV[2] is the run_id of the Redis server as the calling node knows it.
+-- Each operation touches the keys of one topic, or of one history rule
+-- (whose topics share a hash slot), so it runs on Redis Cluster too. See
+-- broker/engine/redis/layout.py for the names and docs/cluster.md for the
+-- design.
 --
 -- Keys of a topic of a history rule (B = prefix .. "h:{" .. rule id .. "}:"):
 --   B.."rule"     hash  (no expiry: three fields per rule)
@@ -37,8 +42,8 @@
 -- and a presence event as "j" or "l" .. >I2 #topic .. topic .. the member's
 -- fields (msgpack).
 
-local op = ARGV[1]
-local run = ARGV[2]
+-- Set by each call (see main at the end).
+local KEYS, ARGV, run = {}, {}, ''
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -664,23 +669,29 @@ local function presence_query()
 end
 
 
-if op == 'pub' then
-  return pub_history()
-elseif op == 'pub0' then
-  return pub_plain()
-elseif op == 'read' then
-  return read_topic()
-elseif op == 'pattern' then
-  return read_pattern()
-elseif op == 'resume' then
-  return resume()
-elseif op == 'prune' then
-  return prune()
-elseif op == 'pjoin' then
-  return presence_join()
-elseif op == 'pleave' then
-  return presence_leave()
-elseif op == 'pquery' then
-  return presence_query()
+local function main(keys, args)
+  KEYS, ARGV, run = keys, args, args[2]
+  local op = args[1]
+  if op == 'pub' then
+    return pub_history()
+  elseif op == 'pub0' then
+    return pub_plain()
+  elseif op == 'read' then
+    return read_topic()
+  elseif op == 'pattern' then
+    return read_pattern()
+  elseif op == 'resume' then
+    return resume()
+  elseif op == 'prune' then
+    return prune()
+  elseif op == 'pjoin' then
+    return presence_join()
+  elseif op == 'pleave' then
+    return presence_leave()
+  elseif op == 'pquery' then
+    return presence_query()
+  end
+  return error({err = 'ERR unknown operation ' .. tostring(op)})
 end
-return error({err = 'ERR unknown operation ' .. tostring(op)})
+
+redis.register_function('@NAME@', main)
