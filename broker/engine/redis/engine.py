@@ -602,7 +602,9 @@ class RedisEngine:
             del self._members[topic]
         keys, where = self._presence_args(topic)
         try:
-            await self._links.eval(keys, "pleave", *where, self.node, connection)
+            await self._links.eval(
+                keys, "pleave", *where, self.node, self._presence_ttl_ms, connection
+            )
         except EngineUnavailable as e:
             log.info("presence leave on %s postponed: %s", topic, e)
             self._members.setdefault(topic, {})  # the refresh will count it out

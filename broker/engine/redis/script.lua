@@ -599,9 +599,11 @@ local function presence_join()
   local base, ev = presence_context()
   local node, ttl = ARGV[7], tonumber(ARGV[8])
   local now = now_ms()
+  -- The caller is alive: its own entry is refreshed before the sweep, which
+  -- counts out only the nodes that stopped refreshing.
+  redis.call('ZADD', base .. 'n', now + ttl, node)
   sweep(base, ev, now)
   local changed = 0
-  redis.call('ZADD', base .. 'n', now + ttl, node)
   local wanted = {}
   for i = 10, #ARGV, 3 do
     wanted[ARGV[i]] = true
@@ -624,11 +626,13 @@ local function presence_join()
   return changed
 end
 
--- ARGV: op, run, base, channel, sharded, topic, node, conn
+-- ARGV: op, run, base, channel, sharded, topic, node, ttl_ms, conn
 local function presence_leave()
   local base, ev = presence_context()
-  local node, conn = ARGV[7], ARGV[8]
-  sweep(base, ev, now_ms())
+  local node, ttl, conn = ARGV[7], tonumber(ARGV[8]), ARGV[9]
+  local now = now_ms()
+  redis.call('ZADD', base .. 'n', 'XX', now + ttl, node) -- alive (see presence_join)
+  sweep(base, ev, now)
   local ckey = base .. 'c:' .. node
   local subject = redis.call('HGET', ckey, conn)
   if not subject then
