@@ -157,6 +157,7 @@ class Broker:
             env=env_for(launch),
             cwd=launch.cwd,
             start_new_session=True,  # a Ctrl-C reaches run.py, which stops it
+            pass_fds=launch.pass_fds,
         )
         LIVE.add(self)
         try:

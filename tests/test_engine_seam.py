@@ -107,6 +107,9 @@ class YieldingEngine:
     def healthy(self) -> bool:
         return True
 
+    def engine_stats(self) -> dict[str, int]:
+        return {}
+
     def configure(self, config: Config) -> None:
         self.log.configure(config.history)
 

@@ -1,16 +1,18 @@
 """History and recovery over a live broker: positions in ``ok``, ``since``,
 ``history``, snapshots, and the race between reading history and going live.
 
-Each race test runs over the in-process engine and over
+Each race test runs over the in-process engine, over
 :class:`~tests.test_engine_seam.YieldingEngine` (an engine that awaits at
-random points and delivers from a task of its own, as a remote one does).
+random points and delivers from a task of its own, as a remote one does)
+and over the Redis engine (on the machine's Redis, when it is there).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -19,29 +21,47 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from broker import Broker
-from broker.core.config import config_from_dict
+from broker.core.config import EngineConfig, config_from_dict
 from broker.core.topics import pattern_matches
 from broker.plugin.host import PluginHost
 from tests.conftest import CLOSE_TIMEOUT, BrokerFactory
 from tests.helpers import Client, connect
+from tests.redis_service import (
+    MACHINE_REDIS_DOWN,
+    delete_prefix,
+    needs_machine_redis,
+    unique_prefix,
+)
 from tests.test_engine_seam import YieldingEngine
 
 HISTORY = {"history": [{"pattern": "t.>", "size": 10_000, "ttl": 600.0}]}
+REDIS_URL = "redis://127.0.0.1:6379/0"
+#: The engines the property test draws from (Redis when the machine has it).
+ENGINES = ["memory", "yielding"] + ([] if MACHINE_REDIS_DOWN else ["redis"])
 QUEUE = {"queue": {"max_messages": 100_000, "max_bytes": 64 << 20}}
 
 Start = Callable[[dict[str, Any]], Awaitable[Broker]]
 
 
-@pytest.fixture(params=["memory", "yielding"])
-def start(request: pytest.FixtureRequest, start_broker: BrokerFactory) -> Start:
-    """Start a broker over the named engine."""
+@pytest.fixture(params=["memory", "yielding", pytest.param("redis", marks=needs_machine_redis)])
+async def start(
+    request: pytest.FixtureRequest, start_broker: BrokerFactory
+) -> AsyncIterator[Start]:
+    """Start a broker over the named engine (``redis``: the Redis engine on
+    the machine's Redis, under a key prefix of the test's own)."""
+    prefix = unique_prefix()
 
     async def go(config: dict[str, Any]) -> Broker:
         if request.param == "memory":
             return await start_broker(config)
+        if request.param == "redis":
+            engine = {"engine": {"type": "redis", "url": REDIS_URL, "prefix": prefix}}
+            return await start_broker({**config, **engine})
         return await start_broker(config, engine=lambda d: YieldingEngine(d, 11))
 
-    return go
+    yield go
+    if request.param == "redis":
+        await delete_prefix(REDIS_URL, prefix)
 
 
 class Tracker:
@@ -413,7 +433,7 @@ SCHEDULE = st.lists(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
-@given(schedule=SCHEDULE, engine=st.sampled_from(["memory", "yielding"]), seed=st.integers(0, 99))
+@given(schedule=SCHEDULE, engine=st.sampled_from(ENGINES), seed=st.integers(0, 99))
 def test_every_subscriber_ends_with_exactly_the_published_sequence(
     schedule: list[tuple[str, int]], engine: str, seed: int
 ) -> None:
@@ -432,6 +452,11 @@ async def _property(schedule: list[tuple[str, int]], engine: str, seed: int) -> 
     options: dict[str, Any] = {"close_timeout": CLOSE_TIMEOUT}
     if engine == "yielding":
         options["engine"] = lambda d: YieldingEngine(d, seed)
+    prefix = unique_prefix()
+    if engine == "redis":
+        cfg = dataclasses.replace(
+            cfg, engine=EngineConfig(type="redis", url=REDIS_URL, prefix=prefix)
+        )
     broker = Broker(cfg, plugins=PluginHost.from_config(cfg), **options)
     patterns = ["t.a", "t.*", "t.>", "t.b"]
     trackers = [Tracker(p) for p in patterns]
@@ -484,6 +509,8 @@ async def _property(schedule: list[tuple[str, int]], engine: str, seed: int) -> 
                             await pub.assert_alive()
                     await pub.assert_alive()
             broker.stop()
+    if engine == "redis":
+        await delete_prefix(REDIS_URL, prefix)
     for tracker in trackers:
         assert not tracker.resyncs, tracker.resyncs
         for topic, count in published.items():

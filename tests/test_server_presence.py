@@ -17,7 +17,10 @@ from broker.engine import Delivery, MemoryEngine
 from tests.conftest import BrokerFactory
 from tests.helpers import Client, RawClient, connect, raw_connect, wait_until
 from tests.plugin_helpers import as_user, header_auth
+from tests.redis_service import delete_prefix, needs_machine_redis, unique_prefix
 from tests.test_engine_seam import start_yielding
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
 
 PRESENCE = {"pattern": "chat.>", "fields": ["subject", "roles"], "max_members": 100}
 
@@ -350,17 +353,39 @@ async def test_a_silent_connection_is_counted_out_after_its_ping_timeout(
 # -- an engine that awaits --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("seed", [11, 12, 13])
+@pytest.mark.parametrize(
+    ("engine_name", "seed"),
+    [
+        ("yielding", 11),
+        ("yielding", 12),
+        ("yielding", 13),
+        pytest.param("redis", 11, marks=needs_machine_redis),
+    ],
+)
 async def test_presence_stays_exact_over_an_awaiting_engine(
-    start_broker: BrokerFactory, seed: int
+    start_broker: BrokerFactory, engine_name: str, seed: int
 ) -> None:
     """Joins and leaves interleave at random over the YieldingEngine, whose
-    events reach the hub from its own task: the counts stay exact and each
-    subject's events alternate join, leave, join..."""
+    events reach the hub from its own task, and over the Redis engine: the
+    counts stay exact and each subject's events alternate join, leave, join..."""
     subjects = [f"u{n}" for n in range(8)]
-    broker, engine = await start_yielding(
-        tokens_config([*subjects, "watcher", "marker"]), start_broker=start_broker, seed=seed
-    )
+    config = tokens_config([*subjects, "watcher", "marker"])
+    if engine_name == "redis":
+        prefix = unique_prefix()
+        config = {**config, "engine": {"type": "redis", "url": REDIS_URL, "prefix": prefix}}
+        broker = await start_broker(config)
+        try:
+            await _presence_stays_exact(broker, seed, subjects)
+            await wait_until(lambda: broker.engine.presence_stats().members == 0)
+        finally:
+            await delete_prefix(REDIS_URL, prefix)
+        return
+    broker, engine = await start_yielding(config, start_broker=start_broker, seed=seed)
+    await _presence_stays_exact(broker, seed, subjects)
+    await wait_until(lambda: engine.presence_table.stats().members == 0)
+
+
+async def _presence_stays_exact(broker: Broker, seed: int, subjects: list[str]) -> None:
     topic = "chat.busy"
     rng = random.Random(seed)
     plan = [rng.choice(subjects) for _ in range(40)]
@@ -421,7 +446,6 @@ async def test_presence_stays_exact_over_an_awaiting_engine(
             "connections": 1,
             "members": [member("watcher", 1)],
         }
-    await wait_until(lambda: engine.presence_table.stats().members == 0)
 
 
 class StuckJoinEngine(MemoryEngine):

@@ -27,6 +27,13 @@
 //            and resumes not recovered are counted (all must be 0)
 //   stream   n subscribers and no publisher, against the calibration server
 //            (trivial.mjs --mode stream)         -> the generator's ceiling
+//   publish  (trio-broker JSON only) n publishers, each with `window` acked
+//            publishes in flight, round-robin over `topics` topics, no
+//            subscriber                 -> acked publishes/s and the ack
+//            latency (send -> ok) p50/p99/max of the measured window
+//
+// `pub_port` (default: `port`) sends the publisher elsewhere: a publisher on
+// one broker and the subscribers on another (bench/cluster.py).
 //
 // Only loopback targets are accepted.
 
@@ -58,6 +65,11 @@ const cfg = {
   control_s: 8, // slow: the phase before, with every subscriber reading
   slow_rate: 0, // slow: publishes/s (open loop); 0: closed loop on `inflight`
   missed: 1000, // recovery: messages published while the subscribers are away
+  pub_port: 0, // the publisher's port (0: `port`)
+  broker_pids: [], // more broker processes: broker_cpu is their sum with broker_pid's
+  aux_pids: [], // other server-side processes (Redis...): their CPU as aux_cpu
+  window: 16, // publish: acked publishes in flight per publisher
+  topics: 100, // publish: topics the publishers go round
   deadline_s: 0, // 0: computed from the durations
   ...JSON.parse(process.argv[2] || '{}'),
 };
@@ -107,28 +119,38 @@ function brokerRssKb() {
     return null;
   }
 }
+function cpuSeconds(pids) {
+  let total = 0;
+  for (const pid of pids) {
+    try {
+      const stat = fs.readFileSync(`/proc/${pid}/stat`, 'latin1');
+      // fields after "(comm)": state is field 3, utime 14 and stime 15
+      const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+      total += (Number(f[11]) + Number(f[12])) / cfg.clk_tck;
+    } catch {
+      return null;
+    }
+  }
+  return total;
+}
 function brokerCpuSeconds() {
   if (!cfg.broker_pid) return null;
-  try {
-    const stat = fs.readFileSync(`/proc/${cfg.broker_pid}/stat`, 'latin1');
-    // fields after "(comm)": state is field 3, utime 14 and stime 15
-    const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-    return (Number(f[11]) + Number(f[12])) / cfg.clk_tck;
-  } catch {
-    return null;
-  }
+  return cpuSeconds([cfg.broker_pid, ...cfg.broker_pids]);
 }
 function cpuMark() {
   const u = process.cpuUsage();
-  return { t: performance.now(), broker: brokerCpuSeconds(), gen: (u.user + u.system) / 1e6 };
+  const aux = cfg.aux_pids.length ? cpuSeconds(cfg.aux_pids) : null;
+  return { t: performance.now(), broker: brokerCpuSeconds(), aux, gen: (u.user + u.system) / 1e6 };
 }
 // cores used by the broker and by this process between two marks
 function cpuBetween(a, b) {
   const secs = (b.t - a.t) / 1000;
-  return {
+  const out = {
     broker_cpu: a.broker == null || b.broker == null ? null : round((b.broker - a.broker) / secs),
     gen_cpu: round((b.gen - a.gen) / secs),
   };
+  if (a.aux != null && b.aux != null) out.aux_cpu = round((b.aux - a.aux) / secs);
+  return out;
 }
 
 // ------------------------------------------------------------ payload
@@ -185,6 +207,7 @@ function sinkFor(c) {
       c.dropped += count;
     },
     error: (text) => {
+      if (c.onErrorFrame !== null) c.onErrorFrame(text);
       errorCount++;
       if (errors.length < 5) errors.push(text);
     },
@@ -203,8 +226,9 @@ function waitAcks(c, n, timeoutMs = cfg.connect_timeout_s * 1000) {
 }
 
 async function open(idx, role, { waitHello = true } = {}) {
-  const c = await wsConnect({ host: cfg.host, port: cfg.port, path: PATH, subprotocol: SUBPROTOCOL, timeoutMs: cfg.connect_timeout_s * 1000, useTls: !!cfg.tls });
-  Object.assign(c, { idx, role, acks: 0, wanted: 0, ackWaiter: null, dropped: 0, onAckFrame: null });
+  const port = role === ROLE_PUB && cfg.pub_port ? cfg.pub_port : cfg.port;
+  const c = await wsConnect({ host: cfg.host, port, path: PATH, subprotocol: SUBPROTOCOL, timeoutMs: cfg.connect_timeout_s * 1000, useTls: !!cfg.tls });
+  Object.assign(c, { idx, role, acks: 0, wanted: 0, ackWaiter: null, dropped: 0, onAckFrame: null, onErrorFrame: null });
   allConns.add(c);
   c.onmessage = proto.reader(c, sinkFor(c));
   c.onclose = (code) => {
@@ -949,6 +973,67 @@ async function runStream() {
   return { ok: true, deliveries_per_s: Math.round((r1 - r0) / ((c1.t - c0.t) / 1000)), ...cpuBetween(c0, c1) };
 }
 
+async function runPublish() {
+  if (cfg.protocol !== 'broker') throw new Error('publish: trio-broker JSON protocol only');
+  const n = cfg.n;
+  gotBy = new Uint32Array(n);
+  const pubs = await openMany(n, ROLE_PUB);
+  const HEAD = (id, topic) => Buffer.from(`{"op":"pub","id":${id},"topic":"${topic}","data":"`);
+  const TAIL = Buffer.from('"}');
+  let on = true;
+  let measuring = false;
+  let acked = 0;
+  let refused = 0;
+  const latencies = [];
+  let next = 0;
+  function send(c) {
+    const topic = `p${next++ % cfg.topics}`;
+    c.sent.push(performance.now());
+    c.text(HEAD(c.sent.length, topic), stampPayload(), TAIL);
+  }
+  function answered(c, ok) {
+    const t0 = c.sent.shift();
+    if (measuring) {
+      if (ok) {
+        acked++;
+        latencies.push(performance.now() - t0);
+      } else refused++;
+    }
+    if (on) send(c);
+  }
+  for (const c of pubs) {
+    c.sent = [];
+    c.onAckFrame = () => answered(c, true);
+    c.onErrorFrame = () => answered(c, false);
+    for (let i = 0; i < cfg.window; i++) send(c);
+  }
+  await sleep(cfg.warmup_s * 1000);
+  measuring = true;
+  const c0 = cpuMark();
+  const ps = perSecond(() => acked);
+  await sleep(cfg.duration_s * 1000);
+  const c1 = cpuMark();
+  ps.stop();
+  measuring = false;
+  on = false;
+  await sleep(500);
+  latencies.sort((a, b) => a - b);
+  const secs = (c1.t - c0.t) / 1000;
+  return {
+    ok: acked > 0,
+    publishers: n,
+    window: cfg.window,
+    acked_per_s: Math.round(acked / secs),
+    refused,
+    per_second: ps.series,
+    ack_p50_ms: round(stats(latencies, 50), 3),
+    ack_p99_ms: round(stats(latencies, 99), 3),
+    ack_max_ms: round(latencies[latencies.length - 1], 3),
+    ...cpuBetween(c0, c1),
+    unexpected_closes: closes.length,
+  };
+}
+
 const SCENARIOS = {
   fanout: () => runThroughput(false),
   topics: () => runThroughput(true),
@@ -958,6 +1043,7 @@ const SCENARIOS = {
   connect: runConnect,
   recovery: runRecovery,
   stream: runStream,
+  publish: runPublish,
 };
 
 if (cfg.scenario === 'stream') {

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal
+from urllib.parse import urlsplit
 
 from broker.core.errors import ConfigError
 from broker.core.outbox import Policy, QueueRule
@@ -32,6 +33,7 @@ __all__ = [
     "AdminConfig",
     "AuthorizationConfig",
     "Config",
+    "EngineConfig",
     "HistoryRuleConfig",
     "LimitsConfig",
     "ListenerConfig",
@@ -321,6 +323,87 @@ class AdminConfig:
             )
 
 
+#: Characters a Redis ``prefix`` may not contain: hash-tag braces (they would
+#: move every key into one cluster slot), glob characters (channel patterns
+#: are built from it) and whitespace.
+_PREFIX_FORBIDDEN: Final = frozenset("{}*?[]\\ \t\r\n")
+
+
+def _redis_url(url: str) -> None:
+    if url and urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+        raise ValueError("must be a redis://, rediss:// or unix:// URL")
+
+
+def _cluster_node(node: str) -> None:
+    host, sep, port = node.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{node!r} is not host:port")
+
+
+def _redis_prefix(prefix: str) -> None:
+    bad = sorted(set(prefix) & _PREFIX_FORBIDDEN)
+    if bad:
+        raise ValueError(f"must not contain {' '.join(repr(c) for c in bad)}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EngineConfig:
+    """``[engine]``: where publishes are numbered, stored and fanned out.
+
+    ``memory`` (the default) keeps everything in this process. ``redis``
+    shares positions, history, presence and fan-out between every broker
+    that uses the same Redis (``url``) or Redis Cluster (``cluster``) and
+    ``prefix``; see docs/cluster.md.
+    """
+
+    type: Literal["memory", "redis"] = "memory"
+    #: A standalone Redis: ``redis://[user:password@]host:port/db``,
+    #: ``rediss://`` (TLS) or ``unix:///path?db=N``.
+    url: Annotated[str, Check(_redis_url)] = ""
+    #: Redis Cluster startup nodes (``host:port``), instead of ``url``.
+    cluster: tuple[Annotated[str, Check(_cluster_node)], ...] = ()
+    #: Every key and channel the engine uses starts with it.
+    prefix: Annotated[str, Meta(min_length=1), Check(_redis_prefix)] = "broker:"
+    #: A file holding the password (instead of one in the URL).
+    password_file: PemFile = ""
+    #: PEM CA bundle to verify a TLS Redis with (default: the system's).
+    tls_ca: PemFile = ""
+    #: Seconds to open a connection to Redis (TCP, TLS and handshake).
+    connect_timeout: Seconds = 5.0
+    #: Seconds a command may take: a publish not answered in time gets
+    #: ``err`` ``unavailable`` (as does one made while Redis is unreachable
+    #: for longer than this).
+    timeout: Seconds = 2.0
+    #: Seconds between keepalive PINGs on the fan-out link; the link is
+    #: dropped (and subscribers told to resume) when a PING goes unanswered
+    #: this long.
+    keepalive: Seconds = 5.0
+    #: Publishes waiting for Redis at once; past it a publish waits (within
+    #: ``timeout``) for one to finish.
+    max_pending: Count = 10_000
+    #: Seconds a node's presence entries live without being refreshed: the
+    #: members of a node that died disappear within this time.
+    presence_ttl: Annotated[float, Meta(ge=1)] = 30.0
+
+    def validate(self) -> None:
+        if self.type == "memory":
+            for name in ("url", "cluster", "password_file", "tls_ca"):
+                if getattr(self, name):
+                    raise ConfigError(name, 'only used with type = "redis"')
+            return
+        if self.url and self.cluster:
+            raise ConfigError(
+                "cluster", "give url (one Redis) or cluster (startup nodes), not both"
+            )
+        if not self.url and not self.cluster:
+            raise ConfigError(
+                "url",
+                'type = "redis" needs url (e.g. "redis://127.0.0.1:6379/0") or cluster',
+            )
+        if self.password_file and self.url and urlsplit(self.url).password is not None:
+            raise ConfigError("password_file", "the url has a password already")
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     """The whole configuration. Build it with :func:`load_config`."""
@@ -336,6 +419,8 @@ class Config:
     history: tuple[HistoryRuleConfig, ...] = ()
     #: ``[[presence]]`` rules, first match wins.
     presence: tuple[PresenceRuleConfig, ...] = ()
+    #: ``[engine]``: the in-process engine, or Redis shared by several brokers.
+    engine: EngineConfig = EngineConfig()
     #: The file it came from, if any (relative paths in it resolve from here).
     source: Path | None = None
 
@@ -423,6 +508,7 @@ class _Document:
     admin: AdminConfig = AdminConfig()
     history: tuple[HistoryRuleConfig, ...] = ()
     presence: tuple[PresenceRuleConfig, ...] = ()
+    engine: EngineConfig = EngineConfig()
 
     def validate(self) -> None:
         for name in self.plugin:
@@ -447,5 +533,6 @@ def config_from_dict(data: Mapping[str, Any], *, source: Path | None = None) -> 
         admin=doc.admin,
         history=doc.history,
         presence=doc.presence,
+        engine=doc.engine,
         source=source,
     )

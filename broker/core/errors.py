@@ -15,6 +15,7 @@ __all__ = [
     "BrokerError",
     "CloseCode",
     "ConfigError",
+    "EngineUnavailable",
     "ErrorCode",
     "PluginError",
     "ProtocolError",
@@ -42,6 +43,10 @@ class ErrorCode(enum.StrEnum):
     LIMIT = "limit"
     #: The broker failed (a plugin raised, a bug); the client did nothing wrong.
     INTERNAL = "internal"
+    #: The cluster backend (Redis) could not be reached or did not answer in
+    #: time: the command may be retried. A publish answered so may or may
+    #: not have been published.
+    UNAVAILABLE = "unavailable"
 
 
 class CloseCode(enum.IntEnum):
@@ -61,6 +66,9 @@ class CloseCode(enum.IntEnum):
     MESSAGE_TOO_BIG = 1009
     #: The broker failed while serving this connection.
     INTERNAL_ERROR = 1011
+    #: The broker's link to the cluster backend was interrupted, so messages
+    #: may have been missed: reconnect and resume (``since``).
+    SERVICE_RESTART = 1012
     #: Never sent: reported to hooks and logs when a connection ended without
     #: a closing handshake (the peer vanished, or a write was cut mid-frame).
     ABNORMAL = 1006
@@ -115,6 +123,12 @@ class ProtocolError(BrokerError):
         self.close_code = close_code
 
 
+class EngineUnavailable(BrokerError):
+    """The engine's backend (Redis) cannot take the command now: unreachable,
+    too slow (past ``[engine] timeout``) or refusing writes. Answered ``err``
+    ``unavailable``; the message says why (never a password)."""
+
+
 class PublishError(BrokerError):
     """A publish made in-process (by a source, see :meth:`broker.Broker.publish`)
     was refused.
@@ -122,8 +136,9 @@ class PublishError(BrokerError):
     Attributes:
         code: why, as the ``err`` code a client would get: ``bad_request``
             (bad topic, key or data), ``forbidden`` (authorization),
-            ``invalid`` (a validation hook) or ``internal`` (a validation hook
-            raised).
+            ``invalid`` (a validation hook), ``internal`` (a validation hook
+            raised) or ``unavailable`` (the cluster backend, see
+            :class:`EngineUnavailable`).
         message: a short explanation (the validation hook's reason for
             ``invalid``).
     """

@@ -48,12 +48,14 @@ from broker.core.protocol import Position, Resume
 from broker.core.topics import is_pattern, pattern_matches
 
 __all__ = [
+    "Detached",
     "History",
     "HistoryPage",
     "Recovery",
     "Replay",
     "Stored",
     "TopicRecovery",
+    "overlap",
 ]
 
 #: Bytes counted for a stored message besides its data and key.
@@ -161,6 +163,20 @@ class _TopicLog:
     def first_seq(self) -> int:
         """The oldest seq still stored (seq + 1 when none is)."""
         return self.entries[0].seq if self.entries else self.seq + 1
+
+
+class Detached:
+    """Stored messages of one topic that live outside any :class:`History`
+    (a cluster engine reads them from its store): the same :class:`Stored`
+    objects, so the hub replays them like its own."""
+
+    __slots__ = ("_log",)
+
+    def __init__(self, topic: str, epoch: str, rule: HistoryRuleConfig) -> None:
+        self._log = _TopicLog(topic, epoch, rule, 0, 0.0)
+
+    def entry(self, seq: int, offset: int, time: float, data: Any, key: str | None) -> Stored:
+        return Stored(self._log, seq, offset, time, data, key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,7 +335,7 @@ class History:
 
     def may_keep(self, pattern: str) -> bool:
         """Whether some rule may cover topics of *pattern* (a cursor is worth giving)."""
-        return any(_overlap(pattern, rule.pattern) for rule in self._rules)
+        return any(overlap(pattern, rule.pattern) for rule in self._rules)
 
     # -- the hot path ----------------------------------------------------------
 
@@ -708,7 +724,7 @@ def _islice(entries: deque[Stored], start: int) -> Iterator[Stored]:
         yield entries[i]
 
 
-def _overlap(a: str, b: str) -> bool:
+def overlap(a: str, b: str) -> bool:
     """Whether some topic matches both patterns."""
     ta, tb = a.split("."), b.split(".")
     i = 0

@@ -104,6 +104,13 @@ class Engine(Protocol):
     async def publish(self, topic: str, data: Any, key: str | None) -> int:
         """Publish; return the message's per-topic ``seq``.
 
+        Raises :class:`~broker.core.errors.EngineUnavailable` when a remote
+        engine cannot take it (unreachable, or no answer within its bound):
+        the publisher is answered ``err`` ``unavailable``. So may
+        :meth:`subscribe`, :meth:`recover`, :meth:`history` and
+        :meth:`presence`; :meth:`presence_join` and :meth:`presence_leave`
+        do not (an engine catches up with them once it can).
+
         The caller flushes the delivery (``Delivery.flush``) when its batch is
         done; an engine that delivers from a task of its own flushes itself.
         """
@@ -129,6 +136,12 @@ class Engine(Protocol):
 
     def healthy(self) -> bool:
         """False while the engine cannot publish (``/readyz`` answers 503)."""
+        ...
+
+    def engine_stats(self) -> dict[str, int]:
+        """Counters and gauges of a remote engine's links (``up``,
+        ``outages``, ``unavailable``, what its fan-out received...) for the
+        metrics; empty for an engine that has none. Synchronous and cheap."""
         ...
 
     def configure(self, config: Config) -> None:

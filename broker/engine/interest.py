@@ -15,9 +15,10 @@ class Interest:
     :meth:`acquire` before a local subscriber is added to the hub,
     :meth:`release` after it was removed. The engine hears of a pattern only
     when its count goes from 0 to 1 (``subscribe``) or back to 0
-    (``unsubscribe``), one change at a time, so the engine's view converges
-    to the counts whatever interleaves: a subscriber never gets its ``ok``
-    before the engine has confirmed the pattern.
+    (``unsubscribe``), one change at a time per pattern, so the engine's
+    view converges to the counts whatever interleaves: a subscriber never
+    gets its ``ok`` before the engine has confirmed the pattern. Changes of
+    different patterns run concurrently (a remote engine pipelines them).
     """
 
     def __init__(self, engine: Engine) -> None:
@@ -26,7 +27,9 @@ class Interest:
         self._tracking = engine.tracks_interest
         self._counts: dict[str, int] = {}
         self._told: set[str] = set()  # patterns the engine has confirmed
-        self._lock = trio.Lock()
+        #: One lock per pattern being changed, with how many tasks hold or
+        #: wait for it (dropped when none does).
+        self._locks: dict[str, tuple[trio.Lock, int]] = {}
 
     def __contains__(self, pattern: str) -> bool:
         return pattern in self._counts
@@ -73,11 +76,20 @@ class Interest:
         return True
 
     async def _sync(self, pattern: str) -> None:
-        async with self._lock:
-            wanted = pattern in self._counts
-            if wanted and pattern not in self._told:
-                await self._engine.subscribe(pattern)
-                self._told.add(pattern)
-            elif not wanted and pattern in self._told:
-                self._told.discard(pattern)
-                await self._engine.unsubscribe(pattern)
+        lock, users = self._locks.get(pattern) or (trio.Lock(), 0)
+        self._locks[pattern] = (lock, users + 1)
+        try:
+            async with lock:
+                wanted = pattern in self._counts
+                if wanted and pattern not in self._told:
+                    await self._engine.subscribe(pattern)
+                    self._told.add(pattern)
+                elif not wanted and pattern in self._told:
+                    self._told.discard(pattern)
+                    await self._engine.unsubscribe(pattern)
+        finally:
+            lock, users = self._locks[pattern]
+            if users == 1:
+                del self._locks[pattern]
+            else:
+                self._locks[pattern] = (lock, users - 1)

@@ -81,6 +81,9 @@ class MemoryEngine:
     def healthy(self) -> bool:
         return True
 
+    def engine_stats(self) -> dict[str, int]:
+        return {}
+
     def configure(self, config: Config) -> None:
         limits = config.limits
         history = self._history

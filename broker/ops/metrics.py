@@ -64,6 +64,25 @@ HANDSHAKE_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 LOOP_LAG_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 
+#: The engine's own numbers (Engine.engine_stats), as ``broker_engine_NAME``.
+ENGINE_METRICS: Final = (
+    ("up", "gauge", "1 while the engine's backend (Redis) is reachable (/readyz is 200)."),
+    ("outages", "counter", "Times the backend became unreachable."),
+    ("outage_seconds", "counter", "Seconds the backend was unreachable, in all."),
+    ("unavailable", "counter", "Commands answered err unavailable (backend down or slow)."),
+    ("timeouts", "counter", "Backend commands not answered within [engine] timeout."),
+    ("reconnects", "counter", "Connection attempts to the backend after the first."),
+    ("pending", "gauge", "Commands waiting for the backend now (at most [engine] max_pending)."),
+    ("channels", "gauge", "Fan-out channels and globs this node is subscribed to."),
+    ("received", "counter", "Publications and presence events received from the fan-out."),
+    ("unwanted", "counter", "Received publications no local subscriber wanted (glob over-match)."),
+    ("duplicates", "counter", "Received twice through overlapping subscriptions (dropped)."),
+    ("gaps", "counter", "Fan-out link restored after a loss (subscribers told to resume)."),
+    ("resynced_connections", "counter", "Connections closed with 1012 after a fan-out gap."),
+    ("topology_changes", "counter", "Redis Cluster slot map changes followed."),
+)
+
+
 class BrokerMetrics:
     """The registry of one broker and the metrics observed live."""
 
@@ -286,6 +305,13 @@ class BrokerCollector(Collector):
             "Topics whose position (epoch and seq) is tracked.",
             value=history.get("topics", 0),
         )
+        # -- the engine's links (a remote engine; none for the memory engine) ------
+        engine = broker.engine.engine_stats()
+        for name, kind, text in ENGINE_METRICS:
+            if name in engine:
+                family = GaugeMetricFamily if kind == "gauge" else CounterMetricFamily
+                yield family(f"broker_engine_{name}", text, value=engine[name])
+
         recoveries = CounterMetricFamily(
             "broker_recoveries",
             "Subscriptions made with since, by result (recovered, not_recovered).",

@@ -57,7 +57,7 @@ from broker.core.proxy import (
 from broker.core.stats import BrokerStats, BusiestTopics
 from broker.core.values import Handshake, Identity, Refusal, Reject, SourcesContext
 from broker.core.version import VERSION
-from broker.engine import Engine, Flusher, Interest, MemoryEngine
+from broker.engine import Engine, Flusher, Interest, create_engine
 from broker.io.tls import TLSStream, describe_tls_error, ssl_context_for
 from broker.ops.admin import AdminServer
 from broker.ops.log import CONNECTION_ID
@@ -152,7 +152,7 @@ class Broker:
         *,
         plugins: PluginHost | None = None,
         sockets: dict[str, list[socket.socket]] | None = None,
-        engine: Callable[[Hub], Engine] = MemoryEngine,
+        engine: Callable[[Hub], Engine] | None = None,
         close_timeout: float = CLOSE_TIMEOUT,
     ) -> None:
         #: The configuration and plugins in force (a reload swaps both).
@@ -160,8 +160,13 @@ class Broker:
             config, plugins if plugins is not None else PluginHost.from_config(config)
         )
         self.hub = Hub(config.queue)
-        #: Where publishes go and publications come from (see broker.engine).
-        self.engine: Engine = engine(self.hub)
+        #: Where publishes go and publications come from (see broker.engine):
+        #: by default the one ``[engine]`` names.
+        self.engine: Engine = (
+            engine(self.hub)
+            if engine is not None
+            else create_engine(config, self.hub, on_gap=self._engine_gap)
+        )
         self.engine.configure(config)
         self.interest = Interest(self.engine)
         self.stats = BrokerStats()
@@ -350,6 +355,20 @@ class Broker:
             "connections": presence.connections,
             "events": self.hub.presence_events,
         }
+
+    def _engine_gap(self) -> int:
+        """The engine's fan-out was interrupted: publications may have been
+        lost on the way to this node. Every subscribed connection is closed
+        with 1012, so that its client reconnects and resumes (``since``);
+        returns how many."""
+        closed = 0
+        for connection in list(self.connections):
+            if connection.subscriptions and connection.close_code is None:
+                connection.close(
+                    CloseCode.SERVICE_RESTART, "cluster link interrupted: reconnect and resume"
+                )
+                closed += 1
+        return closed
 
     def stop(self) -> None:
         """Begin a graceful shutdown (idempotent, callable from any task)."""

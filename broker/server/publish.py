@@ -10,7 +10,8 @@ program's :meth:`Broker.publish <broker.Broker.publish>` all go through
    (a rate limit, for example) is never remembered;
 2. **validate**: ``broker_validate``, if any plugin implements it;
 3. **hand to the engine**: :meth:`Engine.publish <broker.engine.Engine.publish>`
-   numbers the message and delivers it to the hub;
+   numbers the message and delivers it to the hub (a remote engine that
+   cannot take it now: a ``unavailable`` refusal);
 4. **count**: ``publishes{result}`` and the refusal counters, the same for
    every publisher;
 5. **observe**: the ``broker_published`` hooks.
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from broker.core.errors import ErrorCode, ProtocolError
+from broker.core.errors import EngineUnavailable, ErrorCode, ProtocolError
 from broker.core.protocol import check_publish
 from broker.core.stats import BrokerStats
 from broker.core.values import Action, ClientInfo, Identity, Refusal
@@ -47,6 +48,7 @@ _RESULT: Final = {
     ErrorCode.RATE_LIMITED: "rate_limited",
     ErrorCode.INVALID: "invalid",
     ErrorCode.TOO_LARGE: "invalid",
+    ErrorCode.UNAVAILABLE: "unavailable",
 }
 #: The shared empty cache of a publisher that has not published yet.
 _EMPTY: Final[dict[str, bool]] = {}
@@ -135,7 +137,10 @@ class PublishPipeline:
                 refusal = Refusal(ErrorCode.INTERNAL, "validation failed")
             if refusal is not None:
                 return self._refused(refusal)
-        seq = await self._engine.publish(topic, data, key)
+        try:
+            seq = await self._engine.publish(topic, data, key)
+        except EngineUnavailable as e:
+            return self._refused(Refusal(ErrorCode.UNAVAILABLE, str(e)))
         self._stats.published += 1
         if plugins.observes_published:
             await plugins.notify(

@@ -32,7 +32,7 @@ from typing import Any, Final, Protocol, assert_never
 import trio
 
 from broker.core.config import PresenceRuleConfig
-from broker.core.errors import CloseCode, ErrorCode, ProtocolError
+from broker.core.errors import CloseCode, EngineUnavailable, ErrorCode, ProtocolError
 from broker.core.frames import frame
 from broker.core.history import Recovery, Replay
 from broker.core.hub import Hub, Subscriber
@@ -244,7 +244,11 @@ class Session:
             return
         # The engine delivers the pattern's topics to this node before the
         # subscriber joins the hub and gets its ok.
-        await services.interest.acquire(pattern)
+        try:
+            await services.interest.acquire(pattern)
+        except EngineUnavailable as e:
+            self._error(command.id, ErrorCode.UNAVAILABLE, str(e))
+            return
         if self.host.close_code is not None:
             await services.interest.release(pattern)
             return
@@ -258,11 +262,17 @@ class Session:
             recovery = await services.engine.recover(
                 pattern, Replay(command.since, command.history, command.snapshot)
             )
-        except Exception:
+        except Exception as e:
             hub.unbuffer(buffer)
-            log.exception("%s: the engine could not read the history of %s", self.host.id, pattern)
+            if isinstance(e, EngineUnavailable):
+                code, message = ErrorCode.UNAVAILABLE, str(e)
+            else:
+                log.exception(
+                    "%s: the engine could not read the history of %s", self.host.id, pattern
+                )
+                code, message = ErrorCode.INTERNAL, f"history of {pattern} unavailable"
             await services.interest.release(pattern)
-            self._error(command.id, ErrorCode.INTERNAL, f"history of {pattern} unavailable")
+            self._error(command.id, code, message)
             return
         except BaseException:
             hub.unbuffer(buffer)
@@ -292,6 +302,9 @@ class Session:
             return
         try:
             page = await self.services.engine.history(topic, command.since, command.limit)
+        except EngineUnavailable as e:
+            self._error(command.id, ErrorCode.UNAVAILABLE, str(e))
+            return
         except Exception:
             log.exception("%s: the engine could not read the history of %s", self.host.id, topic)
             self._error(command.id, ErrorCode.INTERNAL, f"history of {topic} unavailable")
@@ -489,7 +502,11 @@ class Session:
         if rule is None:
             self._error(command.id, ErrorCode.BAD_REQUEST, f"no presence for {topic}")
             return
-        info = await services.pipeline.engine.presence(topic, rule.max_members)
+        try:
+            info = await services.pipeline.engine.presence(topic, rule.max_members)
+        except EngineUnavailable as e:
+            self._error(command.id, ErrorCode.UNAVAILABLE, str(e))
+            return
         if self.host.close_code is not None:
             return
         fields: dict[str, Any] = {"count": info.count, "connections": info.connections}
