@@ -170,13 +170,22 @@ class Connection:
     def reply_frame(self, data: bytes) -> None:
         """Queue a reply, pong or ping (closes the connection if the client
         leaves too many unread)."""
-        if self.outbox.push_reply(data):
-            if not self.dirty:
-                self.dirty = True
-                self._hub.dirty.append(self)
-        else:
-            log.warning("%s closing: %d replies unread", self.id, self.outbox.max_replies)
-            self.close(CloseCode.POLICY_VIOLATION, "too many unread replies")
+        outbox = self.outbox
+        if not outbox.push_reply(data):
+            # max_replies are queued. They may only be waiting for the end
+            # of the read that produced them (a client resubscribing to
+            # hundreds of topics in one write): write them now. What the
+            # socket does not take, the client has left unread.
+            writer = self.writer
+            if not writer.writer_running:
+                self.flush()
+            if not outbox.push_reply(data):
+                log.warning("%s closing: %d replies unread", self.id, outbox.max_replies)
+                self.close(CloseCode.POLICY_VIOLATION, "too many unread replies")
+                return
+        if not self.dirty:
+            self.dirty = True
+            self._hub.dirty.append(self)
 
     def slow_consumer(self) -> None:
         if self.close_code is None:
