@@ -288,7 +288,7 @@ class Connection:
         try:
             code = self.close_code if self.close_code is not None else CloseCode.NORMAL
             await self.writer.send_close(int(code), self.close_reason)
-            if not self.writer.broken and not self._peer_closed:
+            if not self.writer.broken and not self._peer_closed and not self.parser.lost:
                 await self._await_close()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
@@ -299,15 +299,22 @@ class Connection:
                 await trio.aclose_forcefully(stream)  # close_notify, if it fits
 
     async def _await_close(self) -> None:
-        """After our close frame: read until the client's, or until it hangs up."""
+        """After our close frame: read until the client's, or until it hangs up.
+
+        After a framing violation the parser skips everything but the
+        client's close frame, so its arrival is seen here too, and the TCP
+        connection closed at once (RFC 6455 section 5.5.1).
+        """
         while True:
             data = await self.stream.receive_some(RECEIVE_SIZE)
             if not data:
                 return
             try:
                 events = self.parser.feed(data)
-            except FrameError:
-                return
+            except FrameError as e:
+                if e.closing or self.parser.lost:
+                    return
+                continue  # the parser now looks for the close frame only
             if any(isinstance(e, Close) for e in events):
                 return
 
@@ -353,6 +360,8 @@ class Connection:
                     if self.close_code is not None:
                         return
                 if violation is not None:
+                    # (closing: the client's close frame was seen already.)
+                    self._peer_closed = violation.closing
                     log.info("%s closing (%d): %s", self.id, violation.code, violation.reason)
                     self.close(violation.code, violation.reason, drain=True)
                     return
