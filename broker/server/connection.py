@@ -54,6 +54,13 @@ FLUSH_DEFER: Final = 0.0002
 DEFER_MIN_MESSAGES: Final = 32
 #: Reads processed back to back (without blocking) before a flush.
 MAX_READS_PER_FLUSH: Final = 16
+#: Fair reading: how much work one connection's input may do before its
+#: reader lets the other tasks run (a checkpoint), in units where a frame
+#: handled counts FRAME_COST and a delivery it queued counts 1 (about 2 µs
+#: each, a frame about four times that): about a millisecond. The batch goes
+#: on after the checkpoint, so flushes still carry many frames each.
+ROUND_BUDGET: Final = 512
+FRAME_COST: Final = 4
 
 _WOULD_BLOCK: Final = (BlockingIOError, InterruptedError)
 
@@ -329,6 +336,8 @@ class Connection:
         data = initial
         reads = 0
         handled = 0  # messages since the last flush
+        spent = 0  # FRAME_COST per frame handled since the last checkpoint
+        delivered = hub.delivered  # the hub's deliveries at the last checkpoint
         while True:
             if data:
                 self.last_seen = trio.current_time()
@@ -359,6 +368,12 @@ class Connection:
                         return
                     if self.close_code is not None:
                         return
+                    spent += FRAME_COST
+                    if spent + hub.delivered - delivered >= ROUND_BUDGET:
+                        # This client's round is over: let the others run.
+                        await trio.lowlevel.checkpoint()
+                        spent = 0
+                        delivered = hub.delivered
                 if violation is not None:
                     # (closing: the client's close frame was seen already.)
                     self._peer_closed = violation.closing
@@ -426,6 +441,9 @@ class Connection:
                 hub.flush()
             reads = 0
             handled = 0
+            # Whatever comes next awaits (a read or a wait): a new round.
+            spent = 0
+            delivered = hub.delivered
             # Hold nothing while waiting (an idle connection's whole cost).
             data = b""
             events = []
