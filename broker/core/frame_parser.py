@@ -353,55 +353,66 @@ class FrameParser:
             error.closing = True
 
     def _scan(self, data: bytes | bytearray) -> list[FrameEvent]:
-        """Failed state: skip frames, unchecked, until a close frame."""
+        """Failed state: skip frames, unchecked, until a close frame.
+
+        Keeps at most an incomplete frame header or close frame between
+        calls; the bytes of skipped payloads are dropped as they come.
+        """
         if self.lost:
             return []
         buf = self._buf
         buf += data
+        pos = 0
+        end = len(buf)
+        events: list[FrameEvent] = []
         while True:
             if self._skip:
-                n = min(self._skip, len(buf))
-                del buf[:n]
+                n = min(self._skip, end - pos)
+                pos += n
                 self._skip -= n
                 if self._skip:
-                    return []
-            if len(buf) < 2:
-                return []
-            opcode = buf[0] & 0x0F
-            length = buf[1] & 0x7F
-            head = 2
+                    break
+            if end - pos < 2:
+                break
+            opcode = buf[pos] & 0x0F
+            length = buf[pos + 1] & 0x7F
+            head = pos + 2
             if length == 126:
-                if len(buf) < 4:
-                    return []
-                length = _U16.unpack_from(buf, 2)[0]
-                head = 4
+                if end - head < 2:
+                    break
+                length = _U16.unpack_from(buf, head)[0]
+                head += 2
             elif length == 127:
-                if len(buf) < 10:
-                    return []
-                length = _U64.unpack_from(buf, 2)[0]
-                head = 10
+                if end - head < 8:
+                    break
+                length = _U64.unpack_from(buf, head)[0]
+                head += 8
                 if length >> 63:
                     # No frame is that long: the bytes are not frames.
                     self.lost = True
-                    buf.clear()
-                    return []
-            masked = buf[1] & 0x80
+                    pos = end
+                    break
+            masked = buf[pos + 1] & 0x80
             if masked:
                 head += 4
+            if end - head < 0:
+                break
             if opcode != _OP_CLOSE or length > 125:
-                if len(buf) < head:
-                    return []
-                del buf[:head]
+                pos = head
                 self._skip = length
                 continue
-            if len(buf) < head + length:
-                return []
+            if end - head < length:
+                break
             payload = bytes(buf[head : head + length])
             if masked:
                 payload = _unmask(payload, bytes(buf[head - 4 : head]))
-            buf.clear()
             self.closed = True
+            pos = end
             if len(payload) < 2:
-                return [Close(1005, "")]
-            reason = payload[2:].decode("utf-8", "replace")
-            return [Close(_U16.unpack_from(payload)[0], reason)]
+                events.append(Close(1005, ""))
+            else:
+                reason = payload[2:].decode("utf-8", "replace")
+                events.append(Close(_U16.unpack_from(payload)[0], reason))
+            break
+        del buf[:pos]
+        return events
