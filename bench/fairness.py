@@ -1,23 +1,26 @@
 #!/usr/bin/env python3
 """Fair reading: what one flooding client costs another client's round trip.
 
-    python3 bench/fairness.py                     # 5 s quiet, 5 s under flood
+    python3 bench/fairness.py                     # 5 s per phase
     python3 bench/fairness.py --seconds 2 --json  # shorter; figures as JSON
 
 Starts our broker (``python -m broker serve``, pinned to CPU 0 with taskset
 when there is one), then
 
 * a **pinger** (this process): one connection sending ``{"op":"ping"}`` and
-  waiting for each ``pong``; it measures the round trip, first with the
-  broker otherwise idle (the reference), then while
-* a **flooder** (a subprocess, pinned to CPU 1) publishes small messages
+  waiting for each ``pong``; it measures the round trip with the broker
+  otherwise idle (the reference);
+* a **flooder** (a subprocess, pinned to CPU 1): publishes small messages
   without ids (no replies) on one connection as fast as the broker takes
-  them: pre-built masked frames in large writes.
+  them, pre-built masked frames in large writes. Alone first: the rate the
+  broker takes it at (counted exactly: the flooder ends with a publish with
+  an id and stops the clock at its ``ok``) and the broker's CPU time per
+  message (from ``/proc``, so less sensitive to a busy machine than the
+  rate);
+* then the flood again, while the pinger measures its round trip.
 
-Prints the pinger's round trip p50/p99/max in both phases and the rate the
-broker took the flood at (published messages per second, counted exactly:
-the flooder ends with a publish with an id and stops the clock at its ``ok``).
-Stdlib only, like ``run.py``; the WebSocket client is a minimal one here.
+Prints the round trip's p50/p99/max, quiet and under the flood, and the
+flood's rate and cost. Stdlib only, like ``run.py``.
 """
 
 from __future__ import annotations
@@ -184,6 +187,35 @@ def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 20
     raise SystemExit("the broker did not start listening")
 
 
+def start_flooder(port: int, seconds: float) -> subprocess.Popen[bytes]:
+    """Start the flooder's process; return once it floods."""
+    argv = [sys.executable, __file__, "--flood", str(port), "--seconds", str(seconds)]
+    flooder = subprocess.Popen(pinned(1, argv), stdout=subprocess.PIPE)
+    assert flooder.stdout is not None
+    if flooder.stdout.readline() != b"flooding\n":
+        raise SystemExit("the flooder failed to start")
+    return flooder
+
+
+def finish_flooder(flooder: subprocess.Popen[bytes]) -> dict[str, float]:
+    """Wait for the flooder; what it published, in how many seconds."""
+    assert flooder.stdout is not None
+    out = flooder.stdout.read()
+    if flooder.wait(timeout=60) != 0:
+        raise SystemExit("the flooder failed")
+    took: dict[str, float] = json.loads(out)
+    return took
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process (Linux); None where unknown."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="each phase (default 5)")
@@ -214,43 +246,40 @@ def main() -> int:
             conn = Conn(port)
             ping_rtts(conn, 0.5, 0)  # warm up
             quiet = figures(ping_rtts(conn, args.seconds, 1_000_000))
-            flooder = subprocess.Popen(
-                pinned(
-                    1,
-                    [
-                        sys.executable,
-                        __file__,
-                        "--flood",
-                        str(port),
-                        "--seconds",
-                        str(args.seconds + 1),
-                    ],
-                ),
-                stdout=subprocess.PIPE,
-            )
-            assert flooder.stdout is not None
-            if flooder.stdout.readline() != b"flooding\n":
-                raise SystemExit("the flooder failed to start")
-            loaded = figures(ping_rtts(conn, args.seconds, 2_000_000))
-            out = flooder.stdout.read()
-            flooder.wait(timeout=args.seconds + 60)
-            if flooder.returncode != 0:
-                raise SystemExit("the flooder failed")
-            took = json.loads(out)
+            # The flood alone: the rate the broker takes it at, and its CPU
+            # time per message (from /proc, so load from elsewhere on the
+            # machine counts less than in the rate).
+            flooder = start_flooder(port, args.seconds)
+            cpu_before = cpu_seconds(broker.pid)
+            took = finish_flooder(flooder)
+            cpu_after = cpu_seconds(broker.pid)
             rate = took["published"] / took["seconds"]
+            cpu_us = None
+            if cpu_before is not None and cpu_after is not None:
+                cpu_us = 1e6 * (cpu_after - cpu_before) / took["published"]
+            # The flood again, with the pinger's round trips measured.
+            flooder = start_flooder(port, args.seconds + 1)
+            loaded = figures(ping_rtts(conn, args.seconds, 2_000_000))
+            finish_flooder(flooder)
         finally:
             broker.send_signal(signal.SIGTERM)
             try:
                 broker.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 broker.kill()
-    result = {"quiet": quiet, "flood": loaded, "flood_msgs_per_s": round(rate)}
+    result = {
+        "quiet": quiet,
+        "flood": loaded,
+        "flood_msgs_per_s": round(rate),
+        "broker_cpu_us_per_flood_msg": None if cpu_us is None else round(cpu_us, 2),
+    }
     if args.json:
         print(json.dumps(result))
     else:
         print(f"ping round trip, broker otherwise idle: {_fmt(quiet)}")
         print(f"ping round trip, under the flood:       {_fmt(loaded)}")
-        print(f"flood taken by the broker: {rate:,.0f} messages/s")
+        print(f"flood alone, taken by the broker: {rate:,.0f} messages/s", end="")
+        print("" if cpu_us is None else f", {cpu_us:.2f} µs of broker CPU each")
     return 0
 
 
