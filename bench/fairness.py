@@ -96,6 +96,12 @@ class Conn:
     def send(self, obj: dict[str, Any]) -> None:
         self.sock.sendall(masked(json.dumps(obj).encode()))
 
+    def close(self) -> None:
+        """Close the connection (a close frame, then the socket): the broker
+        need not wait for it when it stops."""
+        self.sock.sendall(masked((1000).to_bytes(2, "big"), opcode=0x8))
+        self.sock.close()
+
     def recv(self) -> dict[str, Any]:
         """The next text message (control frames skipped)."""
         while True:
@@ -138,6 +144,7 @@ def flood(port: int, seconds: float) -> None:
     reply = conn.recv()
     elapsed = time.perf_counter() - start
     assert reply.get("id") == "end", reply
+    conn.close()
     print(json.dumps({"published": sent + 1, "seconds": elapsed}), flush=True)
 
 
@@ -244,7 +251,7 @@ def main() -> int:
         try:
             wait_listening(port, broker)
             conn = Conn(port)
-            ping_rtts(conn, 0.5, 0)  # warm up
+            ping_rtts(conn, min(0.5, args.seconds), 0)  # warm up
             quiet = figures(ping_rtts(conn, args.seconds, 1_000_000))
             # The flood alone: the rate the broker takes it at, and its CPU
             # time per message (from /proc, so load from elsewhere on the
@@ -258,9 +265,10 @@ def main() -> int:
             if cpu_before is not None and cpu_after is not None:
                 cpu_us = 1e6 * (cpu_after - cpu_before) / took["published"]
             # The flood again, with the pinger's round trips measured.
-            flooder = start_flooder(port, args.seconds + 1)
+            flooder = start_flooder(port, args.seconds + min(1.0, args.seconds))
             loaded = figures(ping_rtts(conn, args.seconds, 2_000_000))
             finish_flooder(flooder)
+            conn.close()
         finally:
             broker.send_signal(signal.SIGTERM)
             try:
