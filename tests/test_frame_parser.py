@@ -134,3 +134,102 @@ def test_messages_before_a_violation_are_kept() -> None:
         FrameParser(100).feed(data)
     assert info.value.events == ["first"]
     assert info.value.code == CloseCode.INVALID_PAYLOAD
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        bytes((0x81, 0x80 | 126)) + struct.pack("!H", 5) + b"\0\0\0\0hello",
+        bytes((0x81, 0x80 | 127)) + struct.pack("!Q", 5) + b"\0\0\0\0hello",
+        bytes((0x82, 0x80 | 127)) + struct.pack("!Q", 0xFFFF) + b"\0\0\0\0",
+    ],
+    ids=["16-bit for 5", "64-bit for 5", "64-bit for 65535"],
+)
+def test_a_length_not_in_its_shortest_form_is_a_protocol_error(data: bytes) -> None:
+    """RFC 6455 5.2: "the minimal number of bytes MUST be used to encode the
+    length" (wsproto refuses such frames too)."""
+    with pytest.raises(FrameError) as info:
+        FrameParser(1 << 20).feed(data)
+    assert (info.value.code, info.value.reason) == (1002, "payload length not minimal")
+
+
+def test_a_code_point_may_be_split_across_fragments() -> None:
+    euro = "€".encode()  # 3 bytes
+    parser = FrameParser(100)
+    assert parser.feed(masked(0x01, b"a" + euro[:1])) == []
+    assert parser.feed(masked(0x00, euro[1:2])) == []
+    assert parser.feed(masked(0x80, euro[2:] + b"b")) == ["a€b"]
+
+
+def test_invalid_utf8_fails_at_its_fragment_not_at_the_end() -> None:
+    parser = FrameParser(100)
+    assert parser.feed(masked(0x01, "κό".encode())) == []
+    with pytest.raises(FrameError) as info:
+        parser.feed(masked(0x00, b"\xed\xa0\x80"))  # a surrogate, in a middle fragment
+    assert info.value.code == CloseCode.INVALID_PAYLOAD
+
+
+def test_a_truncated_code_point_at_the_end_of_a_message_is_invalid() -> None:
+    parser = FrameParser(100)
+    parser.feed(masked(0x01, b"ok"))
+    with pytest.raises(FrameError) as info:
+        parser.feed(masked(0x80, "€".encode()[:2]))
+    assert info.value.code == CloseCode.INVALID_PAYLOAD
+
+
+def test_after_a_violation_only_the_close_frame_is_looked_for() -> None:
+    """The rest of the offending frame and any other frame are skipped
+    unchecked; the client's close frame is returned, wherever it is split."""
+    parser = FrameParser(1000)
+    bad_then = masked(0x82, b"x" * 5000)  # too big: detected in the header
+    junk = masked(0x81, b"\xff") + masked(0xC1, b"rsv") + bytes((0x81, 0x03)) + b"abc"
+    close = masked(0x88, struct.pack("!H", 1000) + b"bye")
+    with pytest.raises(FrameError) as info:
+        parser.feed(bad_then[:10])
+    assert info.value.code == CloseCode.MESSAGE_TOO_BIG and not info.value.closing
+    rest = bad_then[10:] + junk + close
+    out = []
+    for i in range(0, len(rest), 7):
+        out += parser.feed(rest[i : i + 7])
+    assert out == [Close(1000, "bye")]
+    assert parser.closed and parser.feed(close) == []
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        masked(0x81, b"\xff"),  # payload error: read whole
+        masked(0xC1, b"x"),  # header error: skipped by its length
+        bytes((0x81, 0x02)) + b"hi",  # unmasked: skipped without a mask
+    ],
+    ids=["utf8", "rsv", "unmasked"],
+)
+def test_a_close_frame_in_the_same_bytes_as_the_violation_is_seen(bad: bytes) -> None:
+    parser = FrameParser(1000)
+    with pytest.raises(FrameError) as info:
+        parser.feed(bad + masked(0x88, b""))
+    assert info.value.closing and parser.closed
+
+
+@pytest.mark.parametrize(
+    "close",
+    [
+        masked(0x88, b"\x03"),
+        masked(0x88, struct.pack("!H", 1005)),
+        masked(0x88, struct.pack("!H", 1000) + b"\xff"),
+        masked(0x08, b""),  # fragmented
+        bytes((0x88, 0x00)),  # unmasked
+    ],
+    ids=["1-byte", "1005", "bad reason", "fragmented", "unmasked"],
+)
+def test_a_bad_close_frame_is_still_the_client_closing(close: bytes) -> None:
+    with pytest.raises(FrameError) as info:
+        FrameParser(1000).feed(close)
+    assert info.value.closing
+
+
+def test_a_length_with_its_top_bit_set_loses_the_framing() -> None:
+    parser = FrameParser(1000)
+    with pytest.raises(FrameError):
+        parser.feed(masked(0x82, b"", length=2**63))
+    assert parser.feed(masked(0x88, b"")) == []  # not a frame boundary any more

@@ -14,7 +14,7 @@ import msgpack
 import pytest
 import trio
 import trio_websocket
-from wsproto.events import CloseConnection
+from wsproto.events import CloseConnection, TextMessage
 
 from broker import Broker
 from tests.conftest import BrokerFactory
@@ -437,6 +437,56 @@ async def test_unread_replies_past_max_replies_disconnect(broker: Broker) -> Non
         await other.assert_alive()
         await other.send({"op": "pub", "topic": "side", "data": "still here"})
         assert await other.recv() == {"op": "msg", "topic": "side", "seq": 1, "data": "still here"}
+
+
+@pytest.mark.parametrize("op", ["sub", "ping"])
+async def test_a_reading_client_gets_every_reply_to_one_large_write(
+    broker: Broker, op: str
+) -> None:
+    """A client resubscribing to many topics after a reconnect sends the
+    commands in one write and reads the answers: 1000 of them, well past
+    ``max_replies`` (256), are all answered. Only replies the client leaves
+    unread count against the limit, not those one read produced."""
+    n = 1000
+    async with raw_connect(broker.url) as client:
+        commands = [
+            {"op": "sub", "id": i, "topic": f"pl.{i}"} if op == "sub" else {"op": "ping", "id": i}
+            for i in range(n)
+        ]
+        data = b"".join(client.wsp.send(TextMessage(data=json.dumps(c))) for c in commands)
+        await client.send_raw(data)  # about 40 KB in one write
+        answer = "ok" if op == "sub" else "pong"
+        for i in range(n):
+            assert await client.recv() == {"op": answer, "id": i}
+        await client.send({"op": "ping", "id": "after"})
+        assert await client.recv() == {"op": "pong", "id": "after"}
+        if op == "sub":  # the last subscription took
+            async with connect(broker.url) as pub:
+                await pub.pub("pl.999", "last")
+            assert await client.recv() == {"op": "msg", "topic": "pl.999", "seq": 1, "data": "last"}
+
+
+async def test_replies_unread_by_a_client_whose_socket_is_full_disconnect(
+    broker: Broker,
+) -> None:
+    """A client that does not read: once its socket is full (the broker's
+    writer waits on it), ``max_replies`` unread replies close it with 1008,
+    even when they all come from one write."""
+    async with connect(broker.url) as pub, raw_connect(broker.url, rcvbuf=4096) as lazy:
+        await lazy.send({"op": "sub", "id": 0, "topic": "big"})
+        assert await lazy.recv() == {"op": "ok", "id": 0}
+        (conn,) = (c for c in broker.connections if c.subscriptions == {"big"})
+        payload = "x" * 60_000
+        with trio.fail_after(10):
+            while not conn.writer.writer_running:  # its socket is full
+                await pub.send({"op": "pub", "topic": "big", "data": payload})
+                await pub.assert_alive()
+        pings = [{"op": "ping", "id": i} for i in range(300)]
+        data = b"".join(lazy.wsp.send(TextMessage(data=json.dumps(p))) for p in pings)
+        await lazy.send_raw(data)
+        await wait_until(lambda: conn not in broker.connections)
+        assert (conn.close_code, conn.close_reason) == (1008, "too many unread replies")
+        await pub.assert_alive()
 
 
 # -- routing -------------------------------------------------------------------------

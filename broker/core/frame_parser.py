@@ -8,12 +8,22 @@ carrying the close code to answer with:
 * every client frame is masked (5.1) -> else 1002;
 * RSV bits are clear, as no extension is negotiated (5.2) -> else 1002;
 * known opcodes only; control frames final and at most 125 bytes (5.5) -> 1002;
+* payload lengths in their shortest form, and a 64-bit length's top bit
+  clear (5.2) -> 1002;
 * continuation frames only inside a fragmented message, and no new data
   message inside one (5.4) -> 1002;
 * a message larger than ``max_message_size`` bytes -> 1009, detected from the
   frame header, before its payload is buffered;
-* text and close reasons are valid UTF-8 (8.1) -> else 1007;
+* text and close reasons are valid UTF-8 (8.1) -> else 1007; a fragmented
+  text message fails at the first fragment that makes it invalid (a code
+  point may be split across fragments);
 * close codes are ones a peer may send (7.4) -> else 1002.
+
+After a violation the server fails the connection (7.1.7): it sends its
+close frame and reads no further messages. The parser then only looks for
+the client's answering close frame, skipping every other frame unread, so
+that the server can close the TCP connection as soon as that close arrives
+(5.5.1) instead of waiting for a timeout.
 
 Unmasking uses one big-integer XOR over the payload, which runs in C and
 costs about a microsecond for typical messages.
@@ -21,6 +31,7 @@ costs about a microsecond for typical messages.
 
 from __future__ import annotations
 
+import codecs
 import struct
 from dataclasses import dataclass
 from typing import Final
@@ -50,7 +61,9 @@ class FrameError(Exception):
 
     ``events`` holds what the same :meth:`FrameParser.feed` call completed
     before the violation: the client sent those first, so they are handled
-    before the connection is closed.
+    before the connection is closed. ``closing`` is True when the client's
+    close frame has been seen already (the offending frame was one, or it
+    came in the same bytes): the closing handshake needs no further reading.
     """
 
     def __init__(self, code: CloseCode, reason: str) -> None:
@@ -58,6 +71,7 @@ class FrameError(Exception):
         self.code = code
         self.reason = reason
         self.events: list[FrameEvent] = []
+        self.closing = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +97,9 @@ class Close:
 FrameEvent = str | bytes | Ping | Pong | Close
 
 
+_utf8_decoder: Final = codecs.getincrementaldecoder("utf-8")
+
+
 def _unmask(data: bytes | bytearray | memoryview, mask: bytes) -> bytes:
     n = len(data)
     if n == 0:
@@ -99,24 +116,49 @@ class FrameParser:
             fragments, that is accepted.
     """
 
-    __slots__ = ("_buf", "_opcode", "_parts", "_size", "closed", "max_message_size")
+    __slots__ = (
+        "_buf",
+        "_decoder",
+        "_opcode",
+        "_parts",
+        "_size",
+        "_skip",
+        "_text",
+        "closed",
+        "failed",
+        "lost",
+        "max_message_size",
+    )
 
     def __init__(self, max_message_size: int) -> None:
         self.max_message_size = max_message_size
         self._buf = bytearray()
-        self._parts: list[bytes] = []
+        self._parts: list[bytes] = []  # of a fragmented binary message
+        self._text: list[str] = []  # of a fragmented text message, decoded
+        self._decoder: codecs.IncrementalDecoder | None = None  # for _text
         self._size = 0
         self._opcode: int | None = None  # of the fragmented message in progress
+        #: The client's close frame was seen: further bytes are ignored.
         self.closed = False
+        #: A violation was raised: only a close frame is looked for.
+        self.failed = False
+        self._skip = 0  # after a violation: bytes of a frame still to skip
+        #: After a violation: the bytes cannot be followed as frames (a
+        #: length no frame can have), so no close frame will be seen.
+        self.lost = False
 
     def feed(self, data: bytes | bytearray) -> list[FrameEvent]:
         """Add bytes read from the socket; return the events they complete.
 
-        Raises FrameError on a violation; the parser is then unusable. After
-        a :class:`Close` event, further bytes are ignored.
+        Raises FrameError on a violation. After it, the parser skips frames
+        until the client's close frame, and returns only that :class:`Close`
+        (its code, and its reason if valid UTF-8; nothing else is checked).
+        After a :class:`Close` event, further bytes are ignored.
         """
         if self.closed:
             return []
+        if self.failed:
+            return self._scan(data)
         buf = self._buf
         if buf:
             buf += data
@@ -124,10 +166,11 @@ class FrameParser:
         else:
             view = memoryview(data)
         events: list[FrameEvent] = []
-        pos = 0
+        pos = start = 0
         end = len(view)
         try:
             while end - pos >= 2:
+                start = pos
                 b0 = view[pos]
                 b1 = view[pos + 1]
                 if b0 & 0x70:
@@ -142,6 +185,8 @@ class FrameParser:
                     if end - head < 2:
                         break
                     length = _U16.unpack_from(view, head)[0]
+                    if length < 126:
+                        raise FrameError(CloseCode.PROTOCOL_ERROR, "payload length not minimal")
                     head += 2
                 elif length == 127:
                     if end - head < 8:
@@ -149,6 +194,8 @@ class FrameParser:
                     length = _U64.unpack_from(view, head)[0]
                     if length >> 63:
                         raise FrameError(CloseCode.PROTOCOL_ERROR, "invalid payload length")
+                    if length <= 0xFFFF:
+                        raise FrameError(CloseCode.PROTOCOL_ERROR, "payload length not minimal")
                     head += 8
                 if opcode >= _OP_CLOSE:
                     if opcode > _OP_PONG:
@@ -194,7 +241,10 @@ class FrameParser:
                     events.append(message)
         except FrameError as e:
             e.events = events
-            self.closed = True
+            # What follows the offending frame (pos is past it if its payload
+            # was the problem, else at its start: then it is skipped).
+            rest = bytes(view[pos if pos > start else start : end])
+            self._fail(rest, e, view[start] & 0x0F == _OP_CLOSE)
             raise
         finally:
             view.release()
@@ -226,16 +276,34 @@ class FrameParser:
             return self._complete(opcode, payload)  # the common case: one frame
         if opcode != _OP_CONT:
             self._opcode = opcode
-        self._parts.append(payload)
+            if opcode == _OP_TEXT:
+                self._decoder = _utf8_decoder()
         self._size += len(payload)
+        decoder = self._decoder
+        if decoder is not None:
+            # Text is decoded fragment by fragment: invalid UTF-8 fails the
+            # connection at the fragment that makes it invalid (a code point
+            # split across fragments waits for its last byte).
+            try:
+                self._text.append(decoder.decode(payload, bool(fin)))
+            except UnicodeDecodeError:
+                raise FrameError(
+                    CloseCode.INVALID_PAYLOAD, "text message is not valid UTF-8"
+                ) from None
+        else:
+            self._parts.append(payload)
         if not fin:
             return None
-        assert self._opcode is not None
-        opcode, self._opcode = self._opcode, None
+        self._opcode = None
+        self._size = 0
+        if decoder is not None:
+            self._decoder = None
+            text = "".join(self._text)
+            self._text.clear()
+            return text
         data = b"".join(self._parts)
         self._parts.clear()
-        self._size = 0
-        return self._complete(opcode, data)
+        return data
 
     @staticmethod
     def _complete(opcode: int, data: bytes) -> str | bytes:
@@ -264,3 +332,87 @@ class FrameParser:
         except UnicodeDecodeError:
             raise FrameError(CloseCode.INVALID_PAYLOAD, "close reason is not valid UTF-8") from None
         return Close(code, reason)
+
+    # -- after a violation -----------------------------------------------------------
+
+    def _fail(self, rest: bytes, error: FrameError, close: bool) -> None:
+        """Enter the failed state, *rest* being the bytes from the offending
+        frame on (or after it, if it was read whole); note in *error* if the
+        client's close frame was the offending frame (*close*) or is in *rest*."""
+        self.failed = True
+        self._parts.clear()
+        self._text.clear()
+        self._decoder = None
+        self._buf = bytearray()
+        if close:
+            # The offending frame is the client's close frame itself (a bad
+            # code or reason, too long, fragmented): the client is closing.
+            self.closed = error.closing = True
+            return
+        if self._scan(rest):
+            error.closing = True
+
+    def _scan(self, data: bytes | bytearray) -> list[FrameEvent]:
+        """Failed state: skip frames, unchecked, until a close frame.
+
+        Keeps at most an incomplete frame header or close frame between
+        calls; the bytes of skipped payloads are dropped as they come.
+        """
+        if self.lost:
+            return []
+        buf = self._buf
+        buf += data
+        pos = 0
+        end = len(buf)
+        events: list[FrameEvent] = []
+        while True:
+            if self._skip:
+                n = min(self._skip, end - pos)
+                pos += n
+                self._skip -= n
+                if self._skip:
+                    break
+            if end - pos < 2:
+                break
+            opcode = buf[pos] & 0x0F
+            length = buf[pos + 1] & 0x7F
+            head = pos + 2
+            if length == 126:
+                if end - head < 2:
+                    break
+                length = _U16.unpack_from(buf, head)[0]
+                head += 2
+            elif length == 127:
+                if end - head < 8:
+                    break
+                length = _U64.unpack_from(buf, head)[0]
+                head += 8
+                if length >> 63:
+                    # No frame is that long: the bytes are not frames.
+                    self.lost = True
+                    pos = end
+                    break
+            masked = buf[pos + 1] & 0x80
+            if masked:
+                head += 4
+            if end - head < 0:
+                break
+            if opcode != _OP_CLOSE or length > 125:
+                pos = head
+                self._skip = length
+                continue
+            if end - head < length:
+                break
+            payload = bytes(buf[head : head + length])
+            if masked:
+                payload = _unmask(payload, bytes(buf[head - 4 : head]))
+            self.closed = True
+            pos = end
+            if len(payload) < 2:
+                events.append(Close(1005, ""))
+            else:
+                reason = payload[2:].decode("utf-8", "replace")
+                events.append(Close(_U16.unpack_from(payload)[0], reason))
+            break
+        del buf[:pos]
+        return events

@@ -54,6 +54,13 @@ FLUSH_DEFER: Final = 0.0002
 DEFER_MIN_MESSAGES: Final = 32
 #: Reads processed back to back (without blocking) before a flush.
 MAX_READS_PER_FLUSH: Final = 16
+#: Fair reading: how much work one connection's input may do before its
+#: reader lets the other tasks run (a checkpoint), in units where a frame
+#: handled counts FRAME_COST and a delivery it queued counts 1 (about 2 µs
+#: each, a frame about four times that): about a millisecond. The batch goes
+#: on after the checkpoint, so flushes still carry many frames each.
+ROUND_BUDGET: Final = 512
+FRAME_COST: Final = 4
 
 _WOULD_BLOCK: Final = (BlockingIOError, InterruptedError)
 
@@ -170,13 +177,22 @@ class Connection:
     def reply_frame(self, data: bytes) -> None:
         """Queue a reply, pong or ping (closes the connection if the client
         leaves too many unread)."""
-        if self.outbox.push_reply(data):
-            if not self.dirty:
-                self.dirty = True
-                self._hub.dirty.append(self)
-        else:
-            log.warning("%s closing: %d replies unread", self.id, self.outbox.max_replies)
-            self.close(CloseCode.POLICY_VIOLATION, "too many unread replies")
+        outbox = self.outbox
+        if not outbox.push_reply(data):
+            # max_replies are queued. They may only be waiting for the end
+            # of the read that produced them (a client resubscribing to
+            # hundreds of topics in one write): write them now. What the
+            # socket does not take, the client has left unread.
+            writer = self.writer
+            if not writer.writer_running:
+                self.flush()
+            if not outbox.push_reply(data):
+                log.warning("%s closing: %d replies unread", self.id, outbox.max_replies)
+                self.close(CloseCode.POLICY_VIOLATION, "too many unread replies")
+                return
+        if not self.dirty:
+            self.dirty = True
+            self._hub.dirty.append(self)
 
     def slow_consumer(self) -> None:
         if self.close_code is None:
@@ -279,7 +295,7 @@ class Connection:
         try:
             code = self.close_code if self.close_code is not None else CloseCode.NORMAL
             await self.writer.send_close(int(code), self.close_reason)
-            if not self.writer.broken and not self._peer_closed:
+            if not self.writer.broken and not self._peer_closed and not self.parser.lost:
                 await self._await_close()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
@@ -290,15 +306,22 @@ class Connection:
                 await trio.aclose_forcefully(stream)  # close_notify, if it fits
 
     async def _await_close(self) -> None:
-        """After our close frame: read until the client's, or until it hangs up."""
+        """After our close frame: read until the client's, or until it hangs up.
+
+        After a framing violation the parser skips everything but the
+        client's close frame, so its arrival is seen here too, and the TCP
+        connection closed at once (RFC 6455 section 5.5.1).
+        """
         while True:
             data = await self.stream.receive_some(RECEIVE_SIZE)
             if not data:
                 return
             try:
                 events = self.parser.feed(data)
-            except FrameError:
-                return
+            except FrameError as e:
+                if e.closing or self.parser.lost:
+                    return
+                continue  # the parser now looks for the close frame only
             if any(isinstance(e, Close) for e in events):
                 return
 
@@ -313,6 +336,8 @@ class Connection:
         data = initial
         reads = 0
         handled = 0  # messages since the last flush
+        spent = 0  # FRAME_COST per frame handled since the last checkpoint
+        delivered = hub.delivered  # the hub's deliveries at the last checkpoint
         while True:
             if data:
                 self.last_seen = trio.current_time()
@@ -343,7 +368,15 @@ class Connection:
                         return
                     if self.close_code is not None:
                         return
+                    spent += FRAME_COST
+                    if spent + hub.delivered - delivered >= ROUND_BUDGET:
+                        # This client's round is over: let the others run.
+                        await trio.lowlevel.checkpoint()
+                        spent = 0
+                        delivered = hub.delivered
                 if violation is not None:
+                    # (closing: the client's close frame was seen already.)
+                    self._peer_closed = violation.closing
                     log.info("%s closing (%d): %s", self.id, violation.code, violation.reason)
                     self.close(violation.code, violation.reason, drain=True)
                     return
@@ -408,6 +441,9 @@ class Connection:
                 hub.flush()
             reads = 0
             handled = 0
+            # Whatever comes next awaits (a read or a wait): a new round.
+            spent = 0
+            delivered = hub.delivered
             # Hold nothing while waiting (an idle connection's whole cost).
             data = b""
             events = []
