@@ -57,7 +57,7 @@ MAX_READS_PER_FLUSH: Final = 16
 #: Fair reading: how much work one connection's input may do before its
 #: reader lets the other tasks run (a checkpoint), in units where a frame
 #: handled counts FRAME_COST and a delivery it queued counts 1 (about 2 µs
-#: each, a frame about four times that): about a millisecond. The batch goes
+#: each, a frame about four times that): a millisecond or less. The batch goes
 #: on after the checkpoint, so flushes still carry many frames each.
 ROUND_BUDGET: Final = 512
 FRAME_COST: Final = 4
