@@ -152,7 +152,7 @@ def start_broker(
     name: str, settings: Settings, workdir: Path, cpu: str | None, extra: list[str]
 ) -> runner.Broker:
     rundir = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=workdir))
-    launch = _broker(settings, rundir, extra=extra)
+    launch = _broker(settings, rundir, extra=extra, admin=True)
     broker = runner.Broker(name, launch, cpu, rundir / "broker.log")
     ready(admin_port_of(launch))
     return broker
@@ -167,7 +167,7 @@ def start_reuseport_pair(
     brokers: list[runner.Broker] = []
     for n, cpu in enumerate(cpus):
         rundir = Path(tempfile.mkdtemp(prefix=f"reuseport{n}-", dir=workdir))
-        launch = _broker(settings, rundir, extra=extra)
+        launch = _broker(settings, rundir, extra=extra, admin=True)
         ws = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         ws.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         ws.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)

@@ -21,9 +21,10 @@ started: every waiting command then gets :class:`ConnectionLost`, and
 :attr:`RedisConnection.closed` is set.
 
 This module was written instead of using coredis for the engine's hot paths:
-measured on this project's 2-CPU machine, a coredis command costs about 3x
-the client CPU of this one at the connection level and 10x through the
-client API, and coredis keeps push messages in an unbounded buffer.
+measured on this project's 2-CPU machine, a coredis command costs 1.5-2.3x
+the client CPU of this one at the connection level and 10-19x through the
+client API, and coredis keeps push messages in an unbounded buffer
+(docs/performance.md, "The Redis client"; bench/redis_client_cost.py).
 """
 
 from __future__ import annotations

@@ -122,6 +122,8 @@ class Parser:
             if kind == 0x24 or kind == 0x3D or kind == 0x21:  # '$' bulk, '=' verbatim, '!' error
                 length = _int(buf, pos + 1, end)
                 if length < 0:
+                    if length != -1:
+                        raise ProtocolError(f"bad length {bytes(buf[pos:end])!r}")
                     value = None
                     pos = end + 2
                 else:
@@ -129,12 +131,18 @@ class Parser:
                     stop = start + length
                     if stop + 2 > size:
                         break  # the rest of the string has not arrived
+                    if buf[stop] != 0x0D or buf[stop + 1] != 0x0A:
+                        raise ProtocolError(
+                            f"no CRLF after the {length} bytes of {bytes(buf[pos:end])!r}"
+                        )
                     blob = bytes(buf[start:stop])
                     pos = stop + 2
                     if kind == 0x24:
                         value = blob
                     elif kind == 0x3D:
-                        value = blob[4:]  # "txt:" or "mkd:"
+                        if length < 4 or blob[3] != 0x3A:  # "txt:" or "mkd:"
+                            raise ProtocolError(f"verbatim string without its format: {blob[:8]!r}")
+                        value = blob[4:]
                     else:
                         value = ReplyError(blob.decode("utf-8", "replace"))
             elif kind == 0x2B:  # '+'
@@ -148,20 +156,33 @@ class Parser:
                 pos = end + 2
             elif kind in _AGGREGATES:
                 count = _int(buf, pos + 1, end)
+                if count < -1:
+                    raise ProtocolError(f"bad length {bytes(buf[pos:end])!r}")
                 pos = end + 2
                 if count > 0:
                     stack.append(_Frame(kind, count * 2 if kind in _MAPS else count))
                     continue
                 value = None if count < 0 else _Frame(kind, 0).build()
             elif kind == 0x5F:  # '_' null
+                if end != pos + 1:
+                    raise ProtocolError(f"bad null {bytes(buf[pos:end])!r}")
                 value = None
                 pos = end + 2
             elif kind == 0x23:  # '#' boolean
-                value = buf[pos + 1] == 0x74  # 't'
+                flag = buf[pos + 1 : end]
+                if flag == b"t":
+                    value = True
+                elif flag == b"f":
+                    value = False
+                else:
+                    raise ProtocolError(f"bad boolean {bytes(buf[pos:end])!r}")
                 pos = end + 2
             elif kind == 0x2C:  # ',' double
+                text = buf[pos + 1 : end]
                 try:
-                    value = float(buf[pos + 1 : end])
+                    if not _plain(text):
+                        raise ValueError
+                    value = float(text)
                 except ValueError:
                     raise ProtocolError(f"bad double {bytes(buf[pos:end])!r}") from None
                 pos = end + 2
@@ -190,7 +211,16 @@ class Parser:
 
 
 def _int(buf: bytearray, start: int, end: int) -> int:
+    text = buf[start:end]
     try:
-        return int(buf[start:end])
+        if not _plain(text) or text[0] == 0x2B:  # no "+1" either
+            raise ValueError
+        return int(text)
     except ValueError:
-        raise ProtocolError(f"bad integer {bytes(buf[start:end])!r}") from None
+        raise ProtocolError(f"bad integer {bytes(text)!r}") from None
+
+
+def _plain(text: bytearray) -> bool:
+    """Not empty, no space around it, no ``_``: the forms int() and float()
+    take that RESP does not ("1_0", " 1")."""
+    return bool(text) and text[0] > 0x20 and text[-1] > 0x20 and 0x5F not in text
