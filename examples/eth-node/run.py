@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shlex
 import sys
 import tomllib
 from pathlib import Path
@@ -31,47 +30,21 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # static_server
 sys.path.insert(0, str(HERE.parent.parent))  # the repository, for tests.fake_jsonrpc
 
+from example_cli import (  # noqa: E402
+    admin_port_for,
+    describe,
+    listening,
+    page_url,
+    sub_hint,
+)
 from static_server import StaticServer  # noqa: E402
 
-from broker import Broker, ConfigError, ListenError, config_from_dict  # noqa: E402
+from broker import Broker, ConfigError, config_from_dict  # noqa: E402
 from broker.sources import display_url  # noqa: E402
 from tests.fake_jsonrpc import serve_devnet  # noqa: E402
 
 #: The environment variable naming the upstream node (as ``--upstream`` does).
 UPSTREAM_ENV = "ETH_NODE_URL"
-
-#: The config keys this script sets from its flags.
-FLAGS = {"listener.port": "--port", "admin.port": "--admin-port"}
-
-
-def admin_port_for(port: int, admin_port: int | None) -> int:
-    """``--admin-port``, or the port after ``--port`` as in the defaults
-    (8765, 8766): two copies on different ports do not collide; 0 stays 0."""
-    if admin_port is not None:
-        return admin_port
-    return port + 1 if port else 0
-
-
-def sub_hint(url: str, *patterns: str) -> str:
-    """The ``broker sub`` command that reaches *url*: ``--url`` unless it is
-    where ``broker sub`` connects by default (the built-in listener)."""
-    default = config_from_dict({}).listener
-    moved = url != f"ws://{default.host}:{default.port}{default.path}"
-    option = f" --url {shlex.quote(url)}" if moved else ""
-    return ".venv/bin/broker sub" + option + "".join(f" {shlex.quote(p)}" for p in patterns)
-
-
-def first_error(error: BaseException) -> BaseException:
-    """The first error inside (nested) exception groups."""
-    while isinstance(error, BaseExceptionGroup):
-        error = error.exceptions[0]
-    return error
-
-
-def describe(error: BaseException) -> str:
-    """A failed start in one line; a port this script set names its flag."""
-    error = first_error(error)
-    return error.naming(FLAGS) if isinstance(error, ListenError) else str(error)
 
 
 async def main(
@@ -85,12 +58,8 @@ async def main(
     config_file = HERE / "broker.toml"
     async with trio.open_nursery() as nursery:
         if upstream is None:
-            try:
+            with listening("the fake node", node_port, "--node-port"):
                 node_port = await nursery.start(serve_devnet, node_port, block_time)
-            except* OSError as group:
-                error = first_error(group)
-                where = f"127.0.0.1:{node_port} (--node-port)"
-                raise OSError(f"the fake node cannot listen on {where}: {error}") from None
             upstream = f"ws://127.0.0.1:{node_port}/"
             node = f"the fake node on {upstream}"
         else:
@@ -105,14 +74,9 @@ async def main(
             f"bridging {node}; broker on {broker.url}, health and metrics on {broker.admin_url}",
             flush=True,
         )
-        try:
+        with listening("the chain ticker page", web_port, "--web-port"):
             web = await nursery.start(StaticServer(HERE / "web").serve, "127.0.0.1", web_port)
-        except* OSError as group:
-            error = first_error(group)
-            where = f"127.0.0.1:{web_port} (--web-port)"
-            raise OSError(f"the chain ticker page cannot listen on {where}: {error}") from None
-        query = "" if broker.url == "ws://127.0.0.1:8765/ws" else f"?broker={broker.url}"
-        print(f"chain ticker: http://127.0.0.1:{web.port}/{query}", flush=True)
+        print(page_url("chain ticker", web.port, broker.url), flush=True)
         print(f"try:  {sub_hint(broker.url, 'eth.>')}", flush=True)
 
 
