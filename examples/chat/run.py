@@ -29,6 +29,7 @@ import trio
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from example_cli import page_url  # noqa: E402
 from static_server import StaticServer  # noqa: E402
 
 from broker import Broker, config_from_dict  # noqa: E402
@@ -80,9 +81,8 @@ async def main(port: int, web_port: int) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(broker.serve)
         await nursery.start(web.serve, "127.0.0.1", web_port)
-        query = "" if broker.url == "ws://127.0.0.1:8765/ws" else f"?broker={broker.url}"
         print(f"broker on {broker.url}", flush=True)
-        print(f"chat: http://127.0.0.1:{web.port}/{query}", flush=True)
+        print(page_url("chat", web.port, broker.url), flush=True)
 
 
 if __name__ == "__main__":
