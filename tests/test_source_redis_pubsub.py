@@ -8,7 +8,6 @@ name), never the shared server. Skipped when Redis is not reachable.
 from __future__ import annotations
 
 import json
-import socket
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -26,24 +25,9 @@ coredis = pytest.importorskip("coredis", reason="the redis extra is not installe
 
 from broker_redis_pubsub import create  # noqa: E402
 
-REDIS = ("127.0.0.1", 6379)
+from tests.redis_service import MACHINE_REDIS, needs_machine_redis  # noqa: E402
 
-
-def _redis_down() -> str | None:
-    try:
-        with socket.create_connection(REDIS, timeout=1) as s:
-            s.sendall(b"PING\r\n")
-            if not s.recv(16).startswith(b"+PONG"):
-                return "did not answer PING"
-    except OSError as e:
-        return str(e)
-    return None
-
-
-_DOWN = _redis_down()
-pytestmark = pytest.mark.skipif(
-    _DOWN is not None, reason=f"Redis is not reachable at 127.0.0.1:6379: {_DOWN}"
-)
+pytestmark = needs_machine_redis
 
 
 @pytest.fixture
@@ -53,7 +37,9 @@ def prefix() -> str:
 
 @pytest.fixture
 async def admin() -> AsyncIterator[Any]:
-    async with coredis.Redis(host=REDIS[0], port=REDIS[1], decode_responses=False) as client:
+    async with coredis.Redis(
+        host=MACHINE_REDIS[0], port=MACHINE_REDIS[1], decode_responses=False
+    ) as client:
         yield client
 
 
