@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -48,12 +49,18 @@ def values(path: Path, key: str) -> list[str]:
     reason="systemd-analyze is not installed (Debian: apt-get install systemd)",
 )
 def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
+    verify_units(tmp_path, (SERVICE, SOCKET), [SERVICE.name, SOCKET.name])
+
+
+def verify_units(tmp_path: Path, units: Sequence[Path], names: Sequence[str]) -> None:
+    """``systemd-analyze verify`` *names* (units, or instances of templates)
+    of *units*, copied to *tmp_path* with this checkout's broker command."""
     broker = Path(sys.executable).parent / "broker"
     assert broker.exists(), "the broker command of this checkout (pip install -e .)"
-    for unit in (SERVICE, SOCKET):
+    for unit in units:
         (tmp_path / unit.name).write_text(unit.read_text().replace(INSTALLED, str(broker)))
     result = subprocess.run(
-        ["systemd-analyze", "verify", SERVICE.name, SOCKET.name],
+        ["systemd-analyze", "verify", *names],
         cwd=tmp_path,
         capture_output=True,
         text=True,
