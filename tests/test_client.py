@@ -9,6 +9,7 @@ import logging
 import math
 import ssl
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import trio
@@ -29,6 +30,7 @@ from broker.client import (
     Subscription,
     open_client,
 )
+from broker.core.errors import ErrorCode
 from tests.conftest import BrokerFactory
 from tests.helpers import ENCODINGS, TOKEN, TOKENS_CONFIG, EncodingName, deny_factory
 
@@ -452,3 +454,15 @@ async def test_aclose_delivers_buffered_items_then_disconnected(
         assert info.value.code == 1000
         with pytest.raises(Disconnected):
             await client.ping()
+
+
+@pytest.mark.parametrize("code", list(ErrorCode))
+def test_every_error_code_has_its_exception_in_both_clients(code: ErrorCode) -> None:
+    """A new err code reaches the Python client and the JavaScript one."""
+    from broker.client.errors import ServerError, server_error
+
+    error = server_error(code.value, "m")
+    assert type(error) is not ServerError and isinstance(error, ServerError)
+    script = (Path(__file__).parent.parent / "broker" / "web" / "client.js").read_text()
+    table = script.split("const SERVER_ERRORS = {", 1)[1].split("};", 1)[0]
+    assert f"  {code.value}: " in table

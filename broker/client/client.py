@@ -87,6 +87,7 @@ from broker.client.errors import (
     ServerError,
     TooLarge,
     Unauthorized,
+    Unavailable,
     server_error,
 )
 from broker.client.events import (
@@ -162,6 +163,7 @@ __all__ = [
     "Subscription",
     "TooLarge",
     "Unauthorized",
+    "Unavailable",
     "open_client",
 ]
 

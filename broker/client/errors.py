@@ -31,6 +31,7 @@ __all__ = [
     "ServerError",
     "TooLarge",
     "Unauthorized",
+    "Unavailable",
     "server_error",
 ]
 
@@ -108,6 +109,12 @@ class InternalError(ServerError):
     """``internal``: the broker failed; the request was not at fault."""
 
 
+class Unavailable(ServerError):
+    """``unavailable``: the broker's cluster backend (Redis) could not be
+    reached or did not answer in time. The request may be retried; a
+    publish answered so may or may not have been published."""
+
+
 _SERVER_ERRORS: Final[dict[str, type[ServerError]]] = {
     ErrorCode.BAD_REQUEST: BadRequest,
     ErrorCode.UNAUTHORIZED: Unauthorized,
@@ -117,6 +124,7 @@ _SERVER_ERRORS: Final[dict[str, type[ServerError]]] = {
     ErrorCode.RATE_LIMITED: RateLimited,
     ErrorCode.LIMIT: LimitExceeded,
     ErrorCode.INTERNAL: InternalError,
+    ErrorCode.UNAVAILABLE: Unavailable,
 }
 
 

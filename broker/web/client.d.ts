@@ -48,6 +48,7 @@ export declare class TooLarge extends ServerError {}
 export declare class RateLimited extends ServerError {}
 export declare class LimitExceeded extends ServerError {}
 export declare class InternalError extends ServerError {}
+export declare class Unavailable extends ServerError {}
 export declare function serverError(code: string, message: string): ServerError;
 
 /** The client is closed for good. */

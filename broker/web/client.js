@@ -88,6 +88,8 @@ export class TooLarge extends ServerError {}
 export class RateLimited extends ServerError {}
 export class LimitExceeded extends ServerError {}
 export class InternalError extends ServerError {}
+/** `unavailable`: the broker's cluster backend did not answer; may be retried (a publish may or may not have gone out). */
+export class Unavailable extends ServerError {}
 
 const SERVER_ERRORS = {
   bad_request: BadRequest,
@@ -98,6 +100,7 @@ const SERVER_ERRORS = {
   rate_limited: RateLimited,
   limit: LimitExceeded,
   internal: InternalError,
+  unavailable: Unavailable,
 };
 
 /** The ServerError subclass for an `err` with `code`. */
@@ -1445,6 +1448,7 @@ function closeName(code) {
     1008: "policy violation",
     1009: "message too big",
     1011: "internal error",
+    1012: "service restart",
   };
   return names[code] || "connection closed";
 }
