@@ -661,6 +661,8 @@ def render(results: dict[str, Any]) -> str:
         L.append("")
 
     for s in [s for s in scenarios if kinds[s] == "recovery"]:
+        if not any(S[s][b].get("runs") for b in brokers):
+            continue  # only broker-history runs it
         conf = meta.get("scenario_configs", {}).get(s, SCENARIOS.get(s, {}))
         L.append(
             f"### {s}: {num(conf.get('n'))} subscribers reconnect at once and recover "
