@@ -6,11 +6,14 @@ import os
 import struct
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Request, TextMessage
 from wsproto.events import Ping as WsPing
 from wsproto.events import Pong as WsPong
 
+from broker.core import frame_parser
 from broker.core.errors import CloseCode
 from broker.core.frame_parser import Close, FrameError, FrameParser, Ping, Pong
 
@@ -233,3 +236,22 @@ def test_a_length_with_its_top_bit_set_loses_the_framing() -> None:
     with pytest.raises(FrameError):
         parser.feed(masked(0x82, b"", length=2**63))
     assert parser.feed(masked(0x88, b"")) == []  # not a frame boundary any more
+
+
+@given(
+    data=st.binary(max_size=300), mask=st.binary(min_size=4, max_size=4), start=st.integers(0, 7)
+)
+def test_c_unmasking_gives_the_bytes_of_the_pure_python_one(
+    data: bytes, mask: bytes, start: int
+) -> None:
+    """The parser unmasks with websockets' C helper; the fallback (one
+    big-integer XOR) must give the same bytes, from bytes or a memoryview
+    slice of a larger buffer, as the parser passes them."""
+    buf = bytes(start) + mask + data
+    view = memoryview(buf)
+    payload, key = view[start + 4 :], view[start : start + 4]
+    assert frame_parser._unmask is not frame_parser._unmask_int  # the C helper is in use
+    expected = bytes(b ^ mask[i % 4] for i, b in enumerate(data))
+    assert frame_parser._unmask(payload, key) == expected
+    assert frame_parser._unmask_int(payload, key) == expected
+    assert frame_parser._unmask(data, mask) == expected

@@ -275,3 +275,75 @@ def test_discard_frees_everything_and_keeps_the_drop_total() -> None:
     assert (len(box), box.queued_bytes, box.in_flight, box.pending()) == (0, 0, 0, False)
     assert box.take(1 << 20) == []
     assert box.dropped_total == dropped
+
+
+def test_drop_oldest_drops_its_own_rules_oldest_after_a_second_rule_appears() -> None:
+    """Until a second rule is used, a rule's oldest message is found by a
+    scan; from then on by its positions: both must pick the same message."""
+    box = Outbox(max_messages=100, max_bytes=10_000)
+    a = rule(Policy.DROP_OLDEST, max_messages=2)
+    b = QueueRule("b", Policy.DROP_OLDEST, 2, 10_000)
+    box.push(b"a1", "ta", a)
+    assert box.push_reply(b"ok1")
+    box.push(b"a2", "ta", a)
+    box.push(b"b1", "tb", b)  # the second rule: positions from here on
+    box.push(b"a3", "ta", a)  # drops a1, not the reply nor b1
+    box.push(b"b2", "tb", b)
+    box.push(b"b3", "tb", b)  # drops b1
+    assert box.take_drops() == {"ta": 1, "tb": 1}
+    assert box.take(1 << 20) == [b"ok1", b"a2", b"a3", b"b2", b"b3"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    ops=st.lists(
+        st.one_of(
+            st.tuples(st.just("push"), st.sampled_from(["a", "b", "c"]), st.integers(1, 40)),
+            st.tuples(st.just("reply"), st.just(""), st.integers(1, 10)),
+            st.tuples(st.just("take"), st.just(""), st.integers(1, 100)),
+            st.tuples(st.just("in_flight"), st.just(""), st.integers(0, 150)),
+        ),
+        max_size=200,
+    ),
+    policies=st.tuples(
+        st.sampled_from([Policy.DROP_OLDEST, Policy.DROP_NEWEST, Policy.CONFLATE]),
+        st.sampled_from([Policy.DROP_OLDEST, Policy.DROP_NEWEST, Policy.CONFLATE]),
+    ),
+)
+def test_accounting_property_with_two_rules_and_replies(
+    ops: list[tuple[str, str, int]], policies: tuple[Policy, Policy]
+) -> None:
+    """Topic "c" under a second rule (which may appear late), replies in
+    between: each rule's bounds hold, replies are never dropped and keep
+    their order, nothing is lost silently, no topic goes backwards."""
+    box = Outbox(max_messages=6, max_bytes=150)
+    rules = {"a": rule(policies[0], 3, 90), "b": rule(policies[0], 3, 90)}
+    rules["b"] = rules["a"]  # "a" and "b" share one rule
+    rules["c"] = QueueRule("c", policies[1], 2, 60)
+    pushed: dict[str, int] = {}
+    replies: list[bytes] = []
+    received: list[bytes] = []
+    dropped: dict[str, int] = {}
+    for n, (op, topic, size) in enumerate(ops):
+        if op == "push":
+            box.push(f"{topic}{n:06d}".encode().ljust(size, b"."), topic, rules[topic])
+            pushed[topic] = pushed.get(topic, 0) + 1
+        elif op == "reply":
+            frame = f"R{n:06d}".encode()
+            if box.push_reply(frame):
+                replies.append(frame)
+        elif op == "in_flight":
+            box.in_flight = size
+        else:
+            for t, c in box.take_drops().items():
+                dropped[t] = dropped.get(t, 0) + c
+            received += box.take(size)
+        assert box.stats().messages <= 6 and box.stats().bytes <= 150
+    received += drain(box, dropped)
+    assert [m for m in received if m.startswith(b"R")] == replies
+    for topic, count in pushed.items():
+        got = [m for m in received if m.startswith(topic.encode())]
+        assert len(got) + dropped.get(topic, 0) == count
+        seqs = [int(m[1:7]) for m in got]
+        assert seqs == sorted(seqs)
+    assert box.stats().messages == 0 and box.queued_bytes == 0

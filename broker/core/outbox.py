@@ -35,7 +35,7 @@ from __future__ import annotations
 import enum
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, cast
 
 __all__ = [
     "OTHER_TOPICS",
@@ -134,10 +134,12 @@ class Outbox:
         "_frames",
         "_head",
         "_last",
+        "_multi",
         "_replies",
         "_rules",
+        "_scan",
         "_size",
-        "_slots",
+        "_slot_at",
         "_states",
         "_topics",
         "dropped_total",
@@ -148,14 +150,20 @@ class Outbox:
         "max_replies",
     )
 
-    # Layout. The FIFO is four parallel lists, one slot per queued frame:
+    # Layout. The FIFO is three parallel lists, one slot per queued frame:
     # the frame (None once taken or dropped: a tombstone), its topic and rule
-    # state (None for replies) and its conflation slot. A push appends to
-    # them and allocates no container of its own: an object per delivery was
-    # what drove the cyclic garbage collector (a 1000-subscriber publish
-    # outgrew generation 0 mid-fan-out), and its pauses were the latency
-    # tail. Positions are absolute (list index + _base), so rule states and
-    # conflation slots can refer to entries across the lists' trimming.
+    # state (None for replies). A push appends to them and allocates no
+    # container of its own: an object per delivery was what drove the cyclic
+    # garbage collector (a 1000-subscriber publish outgrew generation 0
+    # mid-fan-out), and its pauses were the latency tail. Positions are
+    # absolute (list index + _base), so rule states and conflation slots can
+    # refer to entries across the lists' trimming.
+    #
+    # Most connections only ever see one queue rule. Until a second one
+    # shows up, a rule's oldest message is the FIFO's oldest message, found
+    # by a forward scan from _scan, and no per-rule positions are kept
+    # (_multi False): a push is three list appends. The second rule builds
+    # every rule's positions once and keeps them from then on.
 
     def __init__(
         self,
@@ -174,15 +182,17 @@ class Outbox:
         self._frames: list[bytes | None] = []
         self._topics: list[str | None] = []
         self._states: list[_RuleState | None] = []
-        self._slots: list[object] = []
         self._base = 0  # absolute position of list index 0
         self._head = 0  # list index of the next frame to take
         self._rules: dict[QueueRule, _RuleState] = {}
         self._last: _RuleState | None = None  # the rule state used last
+        self._multi = False  # more than one rule: per-rule positions kept
+        self._scan = 0  # one rule: list index from which to look for its oldest
         # Most connections never conflate nor drop: both start as the shared
         # empty dict and get their own on first write (an idle connection's
         # memory is what bounds how many a broker holds).
         self._conflated: dict[object, int] = _EMPTY  # conflation slot -> position
+        self._slot_at: dict[int, object] = _EMPTY  # position -> its conflation slot
         self._drops: dict[str, int] = _EMPTY
         self._count = 0
         self._size = 0
@@ -202,10 +212,7 @@ class Outbox:
         """Queue one message frame, applying *rule* if a limit is hit."""
         state = self._last
         if state is None or state.rule is not rule:
-            state = self._rules.get(rule)
-            if state is None:
-                state = self._rules[rule] = _RuleState(rule)
-            self._last = state
+            state = self._state(rule)
         size = len(frame)
         if (
             rule.policy is Policy.CONFLATE
@@ -215,17 +222,51 @@ class Outbox:
             or self._size + self.in_flight + size > self.max_bytes
         ):
             return self._push_full(frame, topic, state, key, size)
-        # The common case: room for it.
-        self._append(frame, topic, state, None, size)
-        return PushResult.QUEUED
-
-    def _append(self, frame: bytes, topic: str, state: _RuleState, slot: object, size: int) -> None:
+        # The common case: room for it (_append, inline).
         frames = self._frames
-        state.positions.append(self._base + len(frames))
+        if self._multi:
+            state.positions.append(self._base + len(frames))
         frames.append(frame)
         self._topics.append(topic)
         self._states.append(state)
-        self._slots.append(slot)
+        state.count += 1
+        state.size += size
+        self._count += 1
+        self._size += size
+        return PushResult.QUEUED
+
+    def _state(self, rule: QueueRule) -> _RuleState:
+        """*rule*'s state on this connection (made on first use), now the last used."""
+        rules = self._rules
+        state = rules.get(rule)
+        if state is None:
+            state = rules[rule] = _RuleState(rule)
+            if len(rules) == 2:
+                self._track_positions()
+        self._last = state
+        return state
+
+    def _track_positions(self) -> None:
+        """A second rule: from now on each rule keeps its messages' positions."""
+        self._multi = True
+        frames, states, base = self._frames, self._states, self._base
+        for i in range(self._head, len(frames)):
+            state = states[i]
+            if state is not None and frames[i] is not None:
+                state.positions.append(base + i)
+
+    def _append(self, frame: bytes, topic: str, state: _RuleState, slot: object, size: int) -> None:
+        frames = self._frames
+        position = self._base + len(frames)
+        if self._multi:
+            state.positions.append(position)
+        if slot is not None:
+            if self._slot_at is _EMPTY:
+                self._slot_at = {}
+            self._slot_at[position] = slot
+        frames.append(frame)
+        self._topics.append(topic)
+        self._states.append(state)
         state.count += 1
         state.size += size
         self._count += 1
@@ -286,7 +327,6 @@ class Outbox:
         self._frames.append(frame)
         self._topics.append(None)
         self._states.append(None)
-        self._slots.append(None)
         return True
 
     # -- consumer side (the connection's writer) -----------------------------
@@ -305,11 +345,26 @@ class Outbox:
         than *max_bytes* goes out alone). Call :meth:`take_drops` first, so the
         ``dropped`` notices precede the frames that follow the drops.
         """
+        frames = self._frames
+        head = self._head
+        # The common case: everything queued fits in one batch (a flush
+        # after each read leaves a few frames per subscriber).
+        batch = cast("list[bytes]", frames[head:] if head else frames)
+        if self._dead:
+            batch = [f for f in batch if f is not None]
+        if len(batch) <= 1 or sum(map(len, batch)) <= max_bytes:
+            if batch is frames:
+                # The list itself goes out: positions go on after it.
+                self._frames = []
+                self._base += len(batch)
+            self._take_all()
+            return batch
         out: list[bytes] = []
         total = 0
-        frames = self._frames
         states = self._states
-        i = self._head
+        slot_at = self._slot_at
+        multi = self._multi
+        i = head
         n = len(frames)
         while i < n and total < max_bytes:
             frame = frames[i]
@@ -329,15 +384,17 @@ class Outbox:
                 state.size -= size
                 self._count -= 1
                 self._size -= size
-                # FIFO order is shared, so this is the oldest position of its
-                # rule: drop it (and the tombstones before it) from the rule.
-                positions = state.positions
                 base = self._base
-                while positions and frames[positions[0] - base] is None:
-                    positions.popleft()
-                slot = self._slots[i]
-                if slot is not None and self._conflated.get(slot) == base + i:
-                    del self._conflated[slot]
+                if multi:
+                    # FIFO order is shared, so this is the oldest position of
+                    # its rule: drop it (and the tombstones before it).
+                    positions = state.positions
+                    while positions and frames[positions[0] - base] is None:
+                        positions.popleft()
+                if slot_at:
+                    slot = slot_at.pop(base + i, None)
+                    if slot is not None and self._conflated.get(slot) == base + i:
+                        del self._conflated[slot]
             i += 1
         if i == n:
             self._reset()
@@ -347,6 +404,16 @@ class Outbox:
             self._head = i
         return out
 
+    def _take_all(self) -> None:
+        """Everything queued was taken (take's common case)."""
+        for state in self._rules.values():
+            state.count = state.size = 0
+        self._count = self._size = self._replies = 0
+        if self._conflated or self._slot_at:
+            self._conflated = _EMPTY
+            self._slot_at = _EMPTY
+        self._reset()
+
     def discard(self) -> None:
         """The connection is gone: free what is queued now (a slow
         subscriber's frames can be megabytes), rather than when the
@@ -354,7 +421,9 @@ class Outbox:
         self._reset()
         self._rules.clear()
         self._last = None
+        self._multi = False
         self._conflated = _EMPTY
+        self._slot_at = _EMPTY
         self._drops = _EMPTY
         self._count = self._size = self._replies = self._dead = 0
         self.in_flight = 0
@@ -383,8 +452,22 @@ class Outbox:
     # -- internals -----------------------------------------------------------
 
     def _drop_oldest(self, state: _RuleState) -> bool:
-        positions = state.positions
         frames = self._frames
+        if not self._multi:
+            # One rule: its oldest message is the FIFO's oldest (replies and
+            # tombstones skipped; _scan only moves forward between resets).
+            states = self._states
+            i = max(self._scan, self._head)
+            n = len(frames)
+            while i < n:
+                if frames[i] is not None and states[i] is not None:
+                    self._scan = i + 1
+                    self._discard(i)
+                    return True
+                i += 1
+            self._scan = i
+            return False
+        positions = state.positions
         base = self._base
         while positions:
             i = positions.popleft() - base
@@ -405,9 +488,11 @@ class Outbox:
         state.size -= size
         self._count -= 1
         self._size -= size
-        slot = self._slots[i]
-        if slot is not None and self._conflated.get(slot) == self._base + i:
-            del self._conflated[slot]
+        if self._slot_at:
+            position = self._base + i
+            slot = self._slot_at.pop(position, None)
+            if slot is not None and self._conflated.get(slot) == position:
+                del self._conflated[slot]
         topic = self._topics[i]
         assert topic is not None
         self._count_drop(topic)
@@ -434,29 +519,31 @@ class Outbox:
     def _reset(self) -> None:
         """Everything was taken: empty the lists (freeing their storage)."""
         self._base += len(self._frames)
-        self._head = 0
-        self._dead = 0
-        for lst in (self._frames, self._topics, self._states, self._slots):
-            lst.clear()
-        for state in self._rules.values():
-            state.positions.clear()
+        self._head = self._dead = self._scan = 0
+        self._frames.clear()
+        self._topics.clear()
+        self._states.clear()
+        if self._multi:
+            for state in self._rules.values():
+                state.positions.clear()
 
     def _trim(self, i: int) -> None:
         """Forget the first *i* list slots (all taken or dropped)."""
-        for lst in (self._frames, self._topics, self._states, self._slots):
+        for lst in (self._frames, self._topics, self._states):
             del lst[:i]
         self._base += i
         self._head = 0
+        self._scan = max(0, self._scan - i)
 
     def _compact(self) -> None:
         # Tombstones keep drops cheap; rebuilding the lists when they outnumber
         # live entries keeps memory proportional to the bound (amortised O(1)
         # per drop), even for a subscriber that never reads.
         old_base, head = self._base, self._head
-        frames, topics, states, slots = self._frames, self._topics, self._states, self._slots
+        frames, topics, states = self._frames, self._topics, self._states
         self._base = old_base + len(frames)  # new positions never reuse old ones
-        self._frames, self._topics, self._states, self._slots = [], [], [], []
-        self._head = self._dead = 0
+        self._frames, self._topics, self._states = [], [], []
+        self._head = self._dead = self._scan = 0
         moved: dict[int, int] = {}
         for i in range(head, len(frames)):
             if frames[i] is not None:
@@ -464,8 +551,10 @@ class Outbox:
                 self._frames.append(frames[i])
                 self._topics.append(topics[i])
                 self._states.append(states[i])
-                self._slots.append(slots[i])
-        for state in self._rules.values():
-            state.positions = deque(moved[p] for p in state.positions if p in moved)
+        if self._multi:
+            for state in self._rules.values():
+                state.positions = deque(moved[p] for p in state.positions if p in moved)
         conflated = {s: moved[p] for s, p in self._conflated.items() if p in moved}
         self._conflated = conflated or _EMPTY
+        slot_at = {moved[p]: s for p, s in self._slot_at.items() if p in moved}
+        self._slot_at = slot_at or _EMPTY
