@@ -17,7 +17,7 @@ import trio
 
 from broker import Identity
 from broker.io.http import Request, Response
-from tests.browser.driver import Page, PageServer, Session, browser_session, serve_pages
+from tests.browser.driver import Gate, Page, PageServer, Session, browser_session, serve_pages
 from tests.conftest import BrokerFactory
 from tests.helpers import (
     ENCODINGS,
@@ -198,6 +198,64 @@ async def test_bad_input_is_refused_before_sending(
     assert errors[8] == "BadRequest: bad_request: wildcards are only allowed in subscriptions"
     assert errors[9] == "TypeError: handler must be a function"
     assert errors[10] == "Disconnected: connection closed (1000): client closed the connection"
+
+
+# -- backpressure ----------------------------------------------------------------
+
+
+async def test_a_stuck_page_is_told_what_the_broker_dropped(
+    start_broker: BrokerFactory, session: Session
+) -> None:
+    """The page's main thread is stuck (a long task) while two topics keep
+    publishing: its socket backs up, its queue (20 messages, drop-oldest)
+    overflows. Once it runs again, every message it did not get is
+    accounted for by the `dropped` items of its subscription, per topic,
+    and the client's `dropped` events are the same notices."""
+    broker = await start_broker({"queue": {"max_messages": 20}})
+    gate = Gate()
+    async with serve_pages({Gate.PATH: gate.route}) as pages:
+        page = await harness(session, pages)
+        await page.evaluate(
+            """async (url) => {
+                window.client = await window.broker.connect(url);
+                await window.client.subscribe("big.*", window.record(window.client));
+            }""",
+            broker.url,
+        )
+        (conn,) = broker.connections
+        feed = Identity("feed")
+        payload = "x" * 4000
+        published = {"big.a": 0, "big.b": 0}
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(gate.block, page)
+            await gate.entered.wait()
+            # Publish until the broker has dropped at least 50 for the page.
+            while conn.outbox.dropped_total < 50:
+                for topic in published:
+                    published[topic] = await broker.publish(feed, topic, payload)
+                await trio.lowlevel.checkpoint()  # the broker writes what fits
+            gate.open()
+        dropped = conn.outbox.dropped_total
+        # The end: one more message each, which nothing drops any more.
+        for topic in published:
+            published[topic] = await broker.publish(feed, topic, "end")
+        items = await page.wait_for(
+            "() => window.items.filter((i) => i.data === 'end').length === 2 && window.items"
+        )
+    assert conn.outbox.dropped_total == dropped
+    for topic, last in published.items():
+        seqs = [i["seq"] for i in items if i["type"] == "message" and i["topic"] == topic]
+        notices = [i["count"] for i in items if i["type"] == "dropped" and i["topic"] == topic]
+        assert seqs == sorted(seqs) and seqs[-1] == last
+        assert sum(notices) == last - len(seqs), topic  # every gap is in a notice
+        assert all(count > 0 for count in notices)
+    assert sum(i["count"] for i in items if i["type"] == "dropped") == dropped
+    events = await page.evaluate("() => window.events")
+    assert [e["detail"] for e in events] == [
+        {"topic": i["topic"], "count": i["count"]} for i in items if i["type"] == "dropped"
+    ]
+    assert {e["event"] for e in events} == {"dropped"}
+    await page.evaluate("() => window.client.close()")
 
 
 # -- reconnecting ----------------------------------------------------------------
