@@ -525,6 +525,10 @@ class Held {
     this.sent = null; // the connection its last sub was sent on
     this.established = false; // held once: resubscribed after a reconnect
     this.subscribing = null; // a promise while a first sub is in flight
+    // `dropped` notices that came while its sub awaited the ok on `sent`:
+    // the broker writes notices ahead of queued frames, so those of a
+    // replay that overflowed the queue precede the ok. Delivered after it.
+    this.early = [];
   }
 }
 
@@ -938,6 +942,7 @@ export class Client {
   }
 
   _subscribed(held, subscription, conn, event) {
+    const early = held.early.splice(0);
     if (event.op === "err") {
       held.sent = null;
       return;
@@ -946,6 +951,7 @@ export class Client {
     held.established = true;
     held.positions.started(event, held.history);
     held.blocks.push(subscription);
+    for (const item of early) subscription._deliver(item);
   }
 
   async _release(held, subscription) {
@@ -1009,6 +1015,7 @@ export class Client {
   }
 
   _resubscribed(held, conn, since, reconnected, event) {
+    const early = held.early.splice(0);
     if (event.op === "err") {
       held.sent = null;
       held.established = false;
@@ -1023,6 +1030,7 @@ export class Client {
     for (const subscription of [...held.blocks]) {
       subscription._deliver(reconnected);
       if (notice !== null) subscription._deliver(notice);
+      for (const item of early) subscription._deliver(item);
     }
     if (notice !== null) this._emit("resync", { ...notice, pattern: held.pattern });
   }
@@ -1303,7 +1311,10 @@ export class Client {
     }
     const interrupted = { type: "interrupted", code: details.code, reason: details.reason };
     for (const held of this._held.values()) {
-      if (held.sent === conn) held.sent = null;
+      if (held.sent === conn) {
+        held.sent = null;
+        held.early.length = 0;
+      }
       if (held.conn === conn) {
         held.conn = null;
         if (!final) for (const subscription of [...held.blocks]) subscription._deliver(interrupted);
@@ -1405,8 +1416,13 @@ export class Client {
     this._emit("dropped", { topic: item.topic, count: item.count });
     const everyone = item.topic === OTHER_TOPICS;
     for (const held of [...this._held.values()]) {
-      if (held.conn === conn && (everyone || patternMatches(held.pattern, item.topic))) {
+      if (!everyone && !patternMatches(held.pattern, item.topic)) continue;
+      if (held.conn === conn) {
         for (const subscription of [...held.blocks]) subscription._deliver(item);
+      } else if (held.sent === conn) {
+        // Its sub awaits the ok: the drops may be of its replay (history or
+        // snapshot) that overflowed the queue; it gets them after the ok.
+        held.early.push(item);
       }
     }
   }

@@ -258,6 +258,44 @@ async def test_a_stuck_page_is_told_what_the_broker_dropped(
     await page.evaluate("() => window.client.close()")
 
 
+@pytest.mark.parametrize("replay", ["history", "snapshot"])
+async def test_a_replay_larger_than_the_queue_is_reported_to_its_subscription(
+    start_broker: BrokerFactory, session: Session, pages: PageServer, replay: str
+) -> None:
+    """A subscription asks for a replay (50 stored messages, or a snapshot
+    of 50 keys) that the connection's queue (10 messages) cannot hold: the
+    broker drops the oldest 40 and writes its notice before the `ok` (the
+    notices go ahead of queued frames). The subscription still gets it,
+    first, then the 10 newest."""
+    history = {"pattern": "t.>", "size": 100}
+    if replay == "snapshot":
+        history = {"pattern": "t.>", "size": 0, "snapshot": True}
+    broker = await start_broker({"queue": {"max_messages": 10}, "history": [history]})
+    feed = Identity("feed")
+    for n in range(1, 51):
+        await broker.publish(feed, "t.x", n, key=f"k{n}")
+    page = await harness(session, pages)
+    options = {"history": 50} if replay == "history" else {"snapshot": True}
+    items = await page.evaluate(
+        """async ([url, options]) => {
+            const client = await window.broker.connect(url);
+            window.client = client;
+            const record = window.record(client);
+            await client.subscribe("t.x", options, record);
+            await client.ping();  // after the replay
+            return window.items;
+        }""",
+        [broker.url, options],
+    )
+    assert items[0] == {"label": "", "type": "dropped", "topic": "t.x", "count": 40}
+    assert [i["data"] for i in items[1:]] == list(range(41, 51))
+    assert all(i["snapshot"] is (replay == "snapshot") for i in items[1:])
+    assert await page.evaluate("() => window.events.map((e) => e.detail)") == [
+        {"topic": "t.x", "count": 40}
+    ]
+    await page.evaluate("() => window.client.close()")
+
+
 # -- reconnecting ----------------------------------------------------------------
 
 
