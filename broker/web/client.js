@@ -416,19 +416,45 @@ function now() {
   return performance.now() / 1000;
 }
 
-/** The `exp` claim of a JWT (seconds since the epoch), or null for other tokens. */
-export function tokenExpiry(token) {
+/** The claims of a JWT (its decoded payload), or null for other tokens. */
+function jwtClaims(token) {
   if (typeof token !== "string") return null;
   const parts = token.split(".");
   if (parts.length !== 3) return null;
   try {
     const b64 = parts[1].replace(/-/g, "+").replace(/_/g, "/");
     const claims = JSON.parse(atob(b64 + "===".slice((b64.length + 3) % 4)));
-    return typeof claims.exp === "number" ? claims.exp : null;
+    return claims !== null && typeof claims === "object" ? claims : null;
   } catch {
     return null;
   }
 }
+
+/** The `exp` claim of a JWT (seconds since the epoch), or null for other tokens. */
+export function tokenExpiry(token) {
+  const claims = jwtClaims(token);
+  return claims !== null && typeof claims.exp === "number" ? claims.exp : null;
+}
+
+/**
+ * Seconds until the JWT `token` expires, by the clock of its issuer (the
+ * broker's, if they agree), or null for a token without `exp`. The page's
+ * clock may be off by minutes: when it contradicts the token (`iat` still
+ * to come: the page is behind; `exp` already past: far ahead), the token
+ * is taken as just issued, its whole lifetime (`exp - iat`) left. A token
+ * without `iat` that looks expired: 0.
+ */
+function tokenTimeLeft(token, nowSeconds = Date.now() / 1000) {
+  const claims = jwtClaims(token);
+  if (claims === null || typeof claims.exp !== "number") return null;
+  const { exp, iat } = claims;
+  const left = exp - nowSeconds;
+  if (typeof iat === "number" && exp > iat && (nowSeconds < iat || left <= 0)) return exp - iat;
+  return Math.max(0, left);
+}
+
+/** Automatic token refreshes are at least this many seconds apart. */
+const MIN_REFRESH_INTERVAL = 1;
 
 function checkToken(token) {
   if (typeof token !== "string" || !/^[!-~]+$/.test(token)) {
@@ -584,6 +610,7 @@ export class Client {
     this._timers = new Set();
     this._wake = null; // resolves the backoff wait early (online, visible, close)
     this._refreshTimer = null;
+    this._refreshedAt = null; // when the last automatic refresh began (now())
     this._offline = false;
     this._onOnline = () => this._networkChanged(true);
     this._onOffline = () => this._networkChanged(false);
@@ -1253,19 +1280,26 @@ export class Client {
     this._clearTimer(this._refreshTimer);
     this._refreshTimer = null;
     if (this._getToken === null || this._closeInfo !== null) return;
-    const exp = tokenExpiry(token);
-    if (exp === null) return;
-    const remaining = exp - Date.now() / 1000;
+    const remaining = tokenTimeLeft(token);
+    if (remaining === null) return;
+    // When it expires, on this page's monotonic clock (immune to its wall
+    // clock being off or set while the page runs).
+    const expiry = now() + remaining;
     // Refresh ahead: half the remaining time for short tokens, at most 30 s
-    // before expiry, but never later than 90% of what is left.
+    // before expiry, but never later than 90% of what is left; and never
+    // sooner than MIN_REFRESH_INTERVAL after the last refresh, so that a
+    // token source handing out nearly expired tokens cannot make a storm.
     const lead = Math.max(remaining * 0.1, Math.min(30, remaining / 2));
-    this._refreshTimer = this._setTimer(() => this._refreshNow(exp), Math.max(0, remaining - lead));
+    let delay = Math.max(0, remaining - lead);
+    if (this._refreshedAt !== null) delay = Math.max(delay, this._refreshedAt + MIN_REFRESH_INTERVAL - now());
+    this._refreshTimer = this._setTimer(() => this._refreshNow(expiry), delay);
   }
 
-  async _refreshNow(exp) {
+  async _refreshNow(expiry) {
     this._refreshTimer = null;
     const conn = this._conn;
     if (conn === null || !conn.ready || this._closeInfo !== null) return;
+    this._refreshedAt = now();
     try {
       const token = await this._getToken();
       if (conn !== this._conn || !conn.ready) return; // a reconnect took a fresh one
@@ -1274,8 +1308,8 @@ export class Client {
       if (this._closeInfo !== null || conn !== this._conn || conn.closeInfo !== null) return;
       this._report(error, "refreshing the token failed");
       // Try again while the identity lasts.
-      const remaining = exp - Date.now() / 1000;
-      if (remaining > 1) this._refreshTimer = this._setTimer(() => this._refreshNow(exp), Math.min(5, remaining / 4));
+      const remaining = expiry - now();
+      if (remaining > 1) this._refreshTimer = this._setTimer(() => this._refreshNow(expiry), Math.min(5, remaining / 4));
     }
   }
 

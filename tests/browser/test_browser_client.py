@@ -594,6 +594,50 @@ async def test_token_refresh_before_expiry(start_broker: BrokerFactory, session:
         await page.evaluate("() => window.client.close()")
 
 
+@pytest.mark.parametrize("skew", [-60, 60])
+async def test_token_refresh_when_the_page_clock_is_off(
+    start_broker: BrokerFactory, session: Session, skew: int
+) -> None:
+    """The page's clock is a minute behind (or ahead of) the token issuer's
+    and the broker's, and getToken gives 3-second JWTs. The client times its
+    refreshes by the token's own lifetime (exp - iat) where the page's clock
+    cannot be right: behind, it would refresh after the broker closed the
+    connection at expiry; ahead, every fresh token would look expired and be
+    refreshed at once, again and again."""
+    broker = await start_broker(JWT_CONFIG)
+    issued: list[str] = []
+
+    async def token(request: Request) -> Response:
+        issued.append(make_jwt("alice", 3))
+        return Response(200, issued[-1].encode(), "text/plain")
+
+    async with serve_pages({"/token": token}) as pages:
+        page = await harness(session, pages)
+        await page.evaluate(
+            """async ([url, skew]) => {
+                const realNow = Date.now;
+                window.realNow = () => realNow.call(Date);
+                Date.now = () => realNow.call(Date) + skew * 1000;
+                const { connect } = window.broker;
+                window.tokens = 0;
+                const getToken = () => fetch("/token").then((r) => { window.tokens += 1; return r.text(); });
+                window.client = await connect(url, { getToken });
+                window.record(window.client);
+            }""",
+            [broker.url, skew],
+        )
+        (conn,) = broker.connections
+        first_expiry = jwt.decode(issued[0], options={"verify_signature": False})["exp"]
+        # Past the first token's expiry (by the real clock) and the next one's.
+        await page.wait_for("(exp) => window.realNow() / 1000 > exp + 3.2", first_expiry, seconds=8)
+        assert await page.evaluate("() => window.client.connected") is True
+        assert broker.connections == {conn}
+        assert await page.evaluate("() => window.events.map((e) => e.event)") == []
+        # About one refresh per 1.5 s (half of each token's 3 s), not a storm.
+        assert 3 <= len(issued) <= 6, len(issued)
+        await page.evaluate("() => window.client.close()")
+
+
 async def test_expiry_without_get_token_closes_with_1008(
     start_broker: BrokerFactory, session: Session, pages: PageServer
 ) -> None:
