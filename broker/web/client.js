@@ -599,6 +599,7 @@ export class Client {
     this._ids = 0;
     this._conn = null;
     this._connecting = null; // the WebSocket of an attempt in progress
+    this._probing = null; // the AbortController of _probe()'s request in progress
     this._up = deferred(); // resolved while a connection is ready, and once closed
     this._upSet = false;
     this._held = new Map();
@@ -1266,6 +1267,9 @@ export class Client {
     url.search = "";
     const controller = typeof AbortController === "function" ? new AbortController() : null;
     const timer = this._setTimer(() => controller && controller.abort(), 3);
+    // close() aborts it too: it clears the timer, and a route that hangs
+    // would keep the request (and its connection) open long after.
+    this._probing = controller;
     try {
       await fetch(url.href, { mode: "no-cors", cache: "no-store", signal: controller?.signal });
       return true;
@@ -1273,6 +1277,7 @@ export class Client {
       return false;
     } finally {
       this._clearTimer(timer);
+      this._probing = null;
     }
   }
 
@@ -1370,6 +1375,7 @@ export class Client {
     for (const handle of this._timers) clearTimeout(handle);
     this._timers.clear();
     this._refreshTimer = null;
+    if (this._probing !== null) this._probing.abort();
     if (typeof window !== "undefined") {
       window.removeEventListener("online", this._onOnline);
       window.removeEventListener("offline", this._onOffline);

@@ -347,13 +347,20 @@ class Cable:
     """A TCP proxy between the page and the broker, standing for the
     network: it can be cut (every relayed connection is reset at once, no
     close frame, as when a network fails; new ones are refused until it is
-    plugged back) or frozen (connections stay open but nothing goes
-    through, as for a laptop asleep or a dead route)."""
+    plugged back), frozen (connections stay open but nothing goes
+    through, as for a laptop asleep or a dead route) or made to hang (cut,
+    then new connections are accepted and never answered, as by a proxy
+    whose upstream is gone; :attr:`open` counts them until the page closes
+    them)."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
         self.port = 0
         self.plugged = True
+        #: Connections relayed so far, and open now.
+        self.relayed = 0
+        self.open = 0
+        self.hanging = False
         self._cut = trio.Event()
         self._flowing = trio.Event()
         self._flowing.set()
@@ -372,8 +379,22 @@ class Cable:
         if not self.plugged:
             await _reset(client)
             return
+        if self.hanging:
+            self.relayed += 1
+            self.open += 1
+            try:
+                while await client.receive_some(65536):
+                    pass  # read, never answered, until the page closes it
+            except trio.BrokenResourceError:
+                pass
+            finally:
+                self.open -= 1
+            await trio.aclose_forcefully(client)
+            return
         upstream = await trio.open_tcp_stream("127.0.0.1", self.target_port)
         cut = self._cut
+        self.relayed += 1
+        self.open += 1
 
         async def pump(source: trio.SocketStream, sink: trio.SocketStream) -> None:
             try:
@@ -384,11 +405,14 @@ class Cable:
                 pass
             nursery.cancel_scope.cancel()
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(pump, client, upstream)
-            nursery.start_soon(pump, upstream, client)
-            await cut.wait()
-            nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pump, client, upstream)
+                nursery.start_soon(pump, upstream, client)
+                await cut.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            self.open -= 1
         await _reset(client)
         await _reset(upstream)
 
@@ -398,6 +422,11 @@ class Cable:
         self._cut = trio.Event()
 
     def plug(self) -> None:
+        self.plugged = True
+
+    def hang(self) -> None:
+        self.cut()
+        self.hanging = True
         self.plugged = True
 
     def freeze(self) -> None:
@@ -535,6 +564,39 @@ async def test_a_silent_connection_is_noticed_when_the_page_is_shown_again(
     await wait_until(lambda: broker.stats.accepted >= 2)
     assert broker.stats.accepted == 2
     await page.evaluate("() => window.client.close()")
+    assert await page.evaluate("() => window.leaks()") == {
+        "timers": 0,
+        "listeners": [],
+        "sockets": 0,
+    }
+
+
+async def test_close_while_reconnecting_to_a_dead_route_leaves_no_connection(
+    start_broker: BrokerFactory, nursery: trio.Nursery, session: Session, pages: PageServer
+) -> None:
+    """The route to the broker dies with connections still accepted (a
+    proxy whose upstream hangs): the reconnection attempt times out, and the
+    client asks the address for a plain HTTP answer to tell a refusal from
+    no route, which hangs too. close() then leaves no connection open: not
+    the attempt, not that request."""
+    broker = await start_broker({"limits": {"handshake_timeout": 60.0}})
+    cable = Cable(broker.port)
+    await nursery.start(cable.serve)
+    page = await harness(session, pages)
+    await page.evaluate(
+        """async (url) => {
+            const { connect } = window.broker;
+            window.client = await connect(url, { connectTimeout: 0.3, reconnect: { initialDelay: 0.01 } });
+            window.record(window.client);
+        }""",
+        cable.url,
+    )
+    cable.hang()  # the connection is lost; new ones are accepted, and hang
+    # The attempt (a WebSocket) timed out and was closed; the plain request
+    # hangs.
+    await wait_until(lambda: cable.relayed >= 3 and cable.open == 1)
+    await page.evaluate("() => window.client.close()")
+    await wait_until(lambda: cable.open == 0, seconds=2)
     assert await page.evaluate("() => window.leaks()") == {
         "timers": 0,
         "listeners": [],
