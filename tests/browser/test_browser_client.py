@@ -235,14 +235,13 @@ async def test_a_stuck_page_is_told_what_the_broker_dropped(
                     published[topic] = await broker.publish(feed, topic, payload)
                 await trio.lowlevel.checkpoint()  # the broker writes what fits
             gate.open()
-        dropped = conn.outbox.dropped_total
-        # The end: one more message each, which nothing drops any more.
+        # The end: one more message each (the newest: drop-oldest keeps it).
         for topic in published:
             published[topic] = await broker.publish(feed, topic, "end")
         items = await page.wait_for(
             "() => window.items.filter((i) => i.data === 'end').length === 2 && window.items"
         )
-    assert conn.outbox.dropped_total == dropped
+    dropped = conn.outbox.dropped_total  # nothing more is published
     for topic, last in published.items():
         seqs = [i["seq"] for i in items if i["type"] == "message" and i["topic"] == topic]
         notices = [i["count"] for i in items if i["type"] == "dropped" and i["topic"] == topic]
