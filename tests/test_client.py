@@ -223,6 +223,30 @@ async def test_slow_subscription_gets_dropped_notice(start_broker: BrokerFactory
         assert received + dropped == published
 
 
+@pytest.mark.parametrize("replay", ["history", "snapshot"])
+async def test_a_replay_larger_than_the_queue_is_reported_to_its_subscription(
+    start_broker: BrokerFactory, replay: str
+) -> None:
+    # The replay (50 stored messages, or a snapshot of 50 keys) does not fit
+    # the connection's queue (10): the broker drops the oldest 40 and, as
+    # notices go ahead of queued frames, writes the notice before the ok.
+    # The subscription still gets it, first, then the 10 newest.
+    rule: dict[str, object] = {"pattern": "t.>", "size": 100}
+    if replay == "snapshot":
+        rule = {"pattern": "t.>", "size": 0, "snapshot": True}
+    broker = await start_broker({"queue": {"max_messages": 10}, "history": [rule]})
+    async with open_client(broker.url) as client:
+        for n in range(1, 51):
+            await client.publish("t.x", n, key=f"k{n}")
+        history = 50 if replay == "history" else None
+        async with client.subscribe("t.x", history=history, snapshot=history is None) as sub:
+            assert await receive(sub) == Dropped("t.x", 40)
+            for n in range(41, 51):
+                item = await receive(sub)
+                assert isinstance(item, Message) and item.data == n
+                assert item.snapshot is (replay == "snapshot")
+
+
 # -- errors --------------------------------------------------------------------
 
 

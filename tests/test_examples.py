@@ -92,6 +92,36 @@ async def test_market_data_example(start_broker: BrokerFactory, nursery: trio.Nu
     assert sup.label == "wsfeed/exchange" and sup.status()["ignored"] >= 1  # "subscribed"
 
 
+def test_market_data_books_fit_a_connection_queue() -> None:
+    """The simulated prices wander around their start, so the levels of a
+    book (every key its snapshot holds, removed levels included) stay
+    bounded: after an hour of run.py's 20 ticks a second, each book's
+    snapshot is within broker.toml's snapshot_keys, and the three books'
+    levels and the trades' queue fit the book rule's queue, the largest and
+    so a connection's whole queue. A browser following every book gets its
+    whole snapshot, and when it reads too slowly conflation alone keeps its
+    books right (conflate drops outright only a queue full of distinct keys)."""
+    exchange_module = load_module(MARKET / "exchange.py", "market_data_exchange_books")
+    exchange = exchange_module.Exchange(seed=3)
+    keys: dict[str, set[tuple[str, float]]] = {}
+    for market in exchange.markets:
+        levels = market.book_levels(0)
+        keys[market.symbol] = {(e["side"], e["price"]) for e in levels}
+    for _ in range(20 * 3600):
+        for market in exchange.markets:
+            for event in market.step():
+                if event["type"] == "book":
+                    keys[market.symbol].add((event["side"], event["price"]))
+    data = toml(MARKET / "broker.toml")
+    rules = {rule["pattern"]: rule for rule in data["queue"]["rules"]}
+    (snapshot,) = [rule for rule in data["history"] if rule["pattern"] == "book.>"]
+    assert max(len(k) for k in keys.values()) <= snapshot["snapshot_keys"] // 2
+    largest = max(rule.get("max_messages", 1000) for rule in rules.values())
+    assert rules["book.>"]["max_messages"] == largest
+    total = sum(len(k) for k in keys.values()) + rules["trades.>"]["max_messages"]
+    assert total <= largest
+
+
 async def test_eth_node_example_against_the_fake_node(
     start_broker: BrokerFactory, nursery: trio.Nursery
 ) -> None:

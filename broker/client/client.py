@@ -233,6 +233,7 @@ class _Held:
     __slots__ = (
         "blocks",
         "conn",
+        "early",
         "established",
         "history",
         "pattern",
@@ -265,6 +266,11 @@ class _Held:
         self.established = False
         #: Set while a block's first ``sub`` is in flight.
         self.subscribing: trio.Event | None = None
+        #: ``dropped`` notices read while its ``sub`` awaited the ok on
+        #: :attr:`sent`: the broker writes notices ahead of queued frames, so
+        #: those of a replay that overflowed the queue precede the ok.
+        #: Delivered right after it.
+        self.early: list[Dropped] = []
 
 
 # --------------------------------------------------------------------------
@@ -715,6 +721,7 @@ class Client:
         self, held: _Held, subscription: Subscription, conn: _Connection, event: Ok | Err
     ) -> None:
         """The reader's handling of a first ``sub``'s answer."""
+        early, held.early = held.early, []
         if isinstance(event, Err):
             held.sent = None
             return
@@ -722,6 +729,8 @@ class Client:
         held.established = True
         held.positions.started(event, history=held.history)
         held.blocks.append(subscription)
+        for item in early:
+            subscription._buffer.notice(item)
 
     async def _resubscribe(self, conn: _Connection, attempts: int) -> None:
         """After a reconnect: resubscribe every established pattern with
@@ -756,6 +765,7 @@ class Client:
         event: Ok | Err,
     ) -> None:
         """The reader's handling of a resubscription's answer."""
+        early, held.early = held.early, []
         if isinstance(event, Err):
             held.sent = None
             held.established = False
@@ -772,6 +782,8 @@ class Client:
             subscription._buffer.notice(reconnected)
             if resync is not None:
                 subscription._buffer.notice(resync)
+            for item in early:
+                subscription._buffer.notice(item)
 
     async def _unsubscribe(self, conn: _Connection, pattern: str) -> None:
         with trio.move_on_after(UNSUBSCRIBE_TIMEOUT, shield=True) as scope:
@@ -923,6 +935,7 @@ class Client:
         for held in self._held.values():
             if held.sent is conn:
                 held.sent = None
+                held.early = []
             if held.conn is conn:
                 held.conn = None
                 if not final:
@@ -1001,9 +1014,15 @@ class Client:
     async def _on_dropped(self, conn: _Connection, item: Dropped) -> None:
         everyone = item.topic == OTHER_TOPICS
         for held in tuple(self._held.values()):
-            if held.conn is conn and (everyone or pattern_matches(held.pattern, item.topic)):
+            if not everyone and not pattern_matches(held.pattern, item.topic):
+                continue
+            if held.conn is conn:
                 for subscription in tuple(held.blocks):
                     await subscription._buffer.put(item)
+            elif held.sent is conn:
+                # Its sub awaits the ok: the drops may be of its replay
+                # (history or snapshot) that overflowed the queue.
+                held.early.append(item)
 
     async def _on_member(self, conn: _Connection, event: JoinEvent | LeaveEvent) -> None:
         kind = Join if isinstance(event, JoinEvent) else Leave

@@ -87,6 +87,11 @@ export interface MessageItem {
   /** Part of a snapshot (the latest per topic and key), not live. */
   snapshot: boolean;
 }
+/**
+ * The broker dropped `count` messages of `topic` for this connection: the
+ * page read too slowly, or this subscription's replay (history, snapshot)
+ * did not fit the queue (then it comes first, before the replay).
+ */
 export interface DroppedItem {
   type: "dropped";
   /** The topic, or ">" for topics the broker no longer reports apart. */

@@ -416,19 +416,45 @@ function now() {
   return performance.now() / 1000;
 }
 
-/** The `exp` claim of a JWT (seconds since the epoch), or null for other tokens. */
-export function tokenExpiry(token) {
+/** The claims of a JWT (its decoded payload), or null for other tokens. */
+function jwtClaims(token) {
   if (typeof token !== "string") return null;
   const parts = token.split(".");
   if (parts.length !== 3) return null;
   try {
     const b64 = parts[1].replace(/-/g, "+").replace(/_/g, "/");
     const claims = JSON.parse(atob(b64 + "===".slice((b64.length + 3) % 4)));
-    return typeof claims.exp === "number" ? claims.exp : null;
+    return claims !== null && typeof claims === "object" ? claims : null;
   } catch {
     return null;
   }
 }
+
+/** The `exp` claim of a JWT (seconds since the epoch), or null for other tokens. */
+export function tokenExpiry(token) {
+  const claims = jwtClaims(token);
+  return claims !== null && typeof claims.exp === "number" ? claims.exp : null;
+}
+
+/**
+ * Seconds until the JWT `token` expires, by the clock of its issuer (the
+ * broker's, if they agree), or null for a token without `exp`. The page's
+ * clock may be off by minutes: when it contradicts the token (`iat` still
+ * to come: the page is behind; `exp` already past: far ahead), the token
+ * is taken as just issued, its whole lifetime (`exp - iat`) left. A token
+ * without `iat` that looks expired: 0.
+ */
+function tokenTimeLeft(token, nowSeconds = Date.now() / 1000) {
+  const claims = jwtClaims(token);
+  if (claims === null || typeof claims.exp !== "number") return null;
+  const { exp, iat } = claims;
+  const left = exp - nowSeconds;
+  if (typeof iat === "number" && exp > iat && (nowSeconds < iat || left <= 0)) return exp - iat;
+  return Math.max(0, left);
+}
+
+/** Automatic token refreshes are at least this many seconds apart. */
+const MIN_REFRESH_INTERVAL = 1;
 
 function checkToken(token) {
   if (typeof token !== "string" || !/^[!-~]+$/.test(token)) {
@@ -525,6 +551,10 @@ class Held {
     this.sent = null; // the connection its last sub was sent on
     this.established = false; // held once: resubscribed after a reconnect
     this.subscribing = null; // a promise while a first sub is in flight
+    // `dropped` notices that came while its sub awaited the ok on `sent`:
+    // the broker writes notices ahead of queued frames, so those of a
+    // replay that overflowed the queue precede the ok. Delivered after it.
+    this.early = [];
   }
 }
 
@@ -569,6 +599,7 @@ export class Client {
     this._ids = 0;
     this._conn = null;
     this._connecting = null; // the WebSocket of an attempt in progress
+    this._probing = null; // the AbortController of _probe()'s request in progress
     this._up = deferred(); // resolved while a connection is ready, and once closed
     this._upSet = false;
     this._held = new Map();
@@ -580,6 +611,7 @@ export class Client {
     this._timers = new Set();
     this._wake = null; // resolves the backoff wait early (online, visible, close)
     this._refreshTimer = null;
+    this._refreshedAt = null; // when the last automatic refresh began (now())
     this._offline = false;
     this._onOnline = () => this._networkChanged(true);
     this._onOffline = () => this._networkChanged(false);
@@ -938,6 +970,7 @@ export class Client {
   }
 
   _subscribed(held, subscription, conn, event) {
+    const early = held.early.splice(0);
     if (event.op === "err") {
       held.sent = null;
       return;
@@ -946,6 +979,7 @@ export class Client {
     held.established = true;
     held.positions.started(event, held.history);
     held.blocks.push(subscription);
+    for (const item of early) subscription._deliver(item);
   }
 
   async _release(held, subscription) {
@@ -1009,6 +1043,7 @@ export class Client {
   }
 
   _resubscribed(held, conn, since, reconnected, event) {
+    const early = held.early.splice(0);
     if (event.op === "err") {
       held.sent = null;
       held.established = false;
@@ -1023,6 +1058,7 @@ export class Client {
     for (const subscription of [...held.blocks]) {
       subscription._deliver(reconnected);
       if (notice !== null) subscription._deliver(notice);
+      for (const item of early) subscription._deliver(item);
     }
     if (notice !== null) this._emit("resync", { ...notice, pattern: held.pattern });
   }
@@ -1231,6 +1267,9 @@ export class Client {
     url.search = "";
     const controller = typeof AbortController === "function" ? new AbortController() : null;
     const timer = this._setTimer(() => controller && controller.abort(), 3);
+    // close() aborts it too: it clears the timer, and a route that hangs
+    // would keep the request (and its connection) open long after.
+    this._probing = controller;
     try {
       await fetch(url.href, { mode: "no-cors", cache: "no-store", signal: controller?.signal });
       return true;
@@ -1238,6 +1277,7 @@ export class Client {
       return false;
     } finally {
       this._clearTimer(timer);
+      this._probing = null;
     }
   }
 
@@ -1245,19 +1285,26 @@ export class Client {
     this._clearTimer(this._refreshTimer);
     this._refreshTimer = null;
     if (this._getToken === null || this._closeInfo !== null) return;
-    const exp = tokenExpiry(token);
-    if (exp === null) return;
-    const remaining = exp - Date.now() / 1000;
+    const remaining = tokenTimeLeft(token);
+    if (remaining === null) return;
+    // When it expires, on this page's monotonic clock (immune to its wall
+    // clock being off or set while the page runs).
+    const expiry = now() + remaining;
     // Refresh ahead: half the remaining time for short tokens, at most 30 s
-    // before expiry, but never later than 90% of what is left.
+    // before expiry, but never later than 90% of what is left; and never
+    // sooner than MIN_REFRESH_INTERVAL after the last refresh, so that a
+    // token source handing out nearly expired tokens cannot make a storm.
     const lead = Math.max(remaining * 0.1, Math.min(30, remaining / 2));
-    this._refreshTimer = this._setTimer(() => this._refreshNow(exp), Math.max(0, remaining - lead));
+    let delay = Math.max(0, remaining - lead);
+    if (this._refreshedAt !== null) delay = Math.max(delay, this._refreshedAt + MIN_REFRESH_INTERVAL - now());
+    this._refreshTimer = this._setTimer(() => this._refreshNow(expiry), delay);
   }
 
-  async _refreshNow(exp) {
+  async _refreshNow(expiry) {
     this._refreshTimer = null;
     const conn = this._conn;
     if (conn === null || !conn.ready || this._closeInfo !== null) return;
+    this._refreshedAt = now();
     try {
       const token = await this._getToken();
       if (conn !== this._conn || !conn.ready) return; // a reconnect took a fresh one
@@ -1266,8 +1313,8 @@ export class Client {
       if (this._closeInfo !== null || conn !== this._conn || conn.closeInfo !== null) return;
       this._report(error, "refreshing the token failed");
       // Try again while the identity lasts.
-      const remaining = exp - Date.now() / 1000;
-      if (remaining > 1) this._refreshTimer = this._setTimer(() => this._refreshNow(exp), Math.min(5, remaining / 4));
+      const remaining = expiry - now();
+      if (remaining > 1) this._refreshTimer = this._setTimer(() => this._refreshNow(expiry), Math.min(5, remaining / 4));
     }
   }
 
@@ -1303,7 +1350,10 @@ export class Client {
     }
     const interrupted = { type: "interrupted", code: details.code, reason: details.reason };
     for (const held of this._held.values()) {
-      if (held.sent === conn) held.sent = null;
+      if (held.sent === conn) {
+        held.sent = null;
+        held.early.length = 0;
+      }
       if (held.conn === conn) {
         held.conn = null;
         if (!final) for (const subscription of [...held.blocks]) subscription._deliver(interrupted);
@@ -1325,6 +1375,7 @@ export class Client {
     for (const handle of this._timers) clearTimeout(handle);
     this._timers.clear();
     this._refreshTimer = null;
+    if (this._probing !== null) this._probing.abort();
     if (typeof window !== "undefined") {
       window.removeEventListener("online", this._onOnline);
       window.removeEventListener("offline", this._onOffline);
@@ -1405,8 +1456,13 @@ export class Client {
     this._emit("dropped", { topic: item.topic, count: item.count });
     const everyone = item.topic === OTHER_TOPICS;
     for (const held of [...this._held.values()]) {
-      if (held.conn === conn && (everyone || patternMatches(held.pattern, item.topic))) {
+      if (!everyone && !patternMatches(held.pattern, item.topic)) continue;
+      if (held.conn === conn) {
         for (const subscription of [...held.blocks]) subscription._deliver(item);
+      } else if (held.sent === conn) {
+        // Its sub awaits the ok: the drops may be of its replay (history or
+        // snapshot) that overflowed the queue; it gets them after the ok.
+        held.early.push(item);
       }
     }
   }

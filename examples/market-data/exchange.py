@@ -14,8 +14,10 @@ connects, sends a subscribe message, and receives JSON frames:
         "open": ..., "high": ..., "low": ..., "close": ..., "volume": ..., "trades": 12}
     <- {"type": "heartbeat", "ts": ...}            (every second, subscribed or not)
 
-Prices follow a random walk per symbol; each "tick" makes a trade and moves
-a few order-book levels. ``--rate`` ticks per second per symbol (default
+Prices follow a mean-reverting random walk per symbol (they wander around
+their start price and stay within a few hundred price steps of it, so the
+book's price levels, and the broker's snapshot of them, stay bounded however
+long it runs); each "tick" makes a trade and moves a few order-book levels. ``--rate`` ticks per second per symbol (default
 20); candles close every ``--candle-interval`` seconds (default 1).
 
 Run it alone with ``python examples/market-data/exchange.py --port 9001``,
@@ -37,6 +39,12 @@ import trio
 import trio_websocket
 
 START_PRICES = {"BTC-USD": 64000.0, "ETH-USD": 3200.0, "SOL-USD": 145.0}
+#: The walk of the log price, per tick: its noise, and its pull back to the
+#: start (an Ornstein-Uhlenbeck process). BTC-USD moves about 6 price steps
+#: a tick and stays within about 250 of its start: 450 book levels after an
+#: hour at 20 ticks a second.
+VOLATILITY = 0.0001
+REVERSION = 0.02
 CHANNELS = ("trades", "book", "candles")
 
 
@@ -63,6 +71,8 @@ class Market:
     price: float
     rng: random.Random
     tick: float = field(init=False)
+    start: float = field(init=False)
+    drift: float = 0.0  # log(price / start)
     bids: dict[float, float] = field(default_factory=dict)
     asks: dict[float, float] = field(default_factory=dict)
     candle: _Candle | None = None
@@ -70,6 +80,7 @@ class Market:
 
     def __post_init__(self) -> None:
         self.tick = 10 ** (math.floor(math.log10(self.price)) - 4)
+        self.start = self.price
         for i in range(1, 11):
             self.bids[self._level(self.price - i * self.tick)] = self._size()
             self.asks[self._level(self.price + i * self.tick)] = self._size()
@@ -83,7 +94,8 @@ class Market:
     def step(self) -> list[dict[str, Any]]:
         """One tick: a trade and a few book changes."""
         rng = self.rng
-        self.price = max(self.tick, self.price * math.exp(rng.gauss(0, 0.0004)))
+        self.drift = self.drift * (1 - REVERSION) + rng.gauss(0, VOLATILITY)
+        self.price = max(self.tick, self.start * math.exp(self.drift))
         side = rng.choice(("buy", "sell"))
         qty = round(rng.expovariate(1 / 0.05), 4) or 0.0001
         price = self._level(self.price)

@@ -9,6 +9,9 @@ and a loopback web server for the pages under test.
   connection to the runner: :meth:`Session.open` gives a :class:`Page`,
   whose :meth:`~Page.evaluate` and :meth:`~Page.wait_for` run JavaScript
   functions (as source text) in it.
+* :class:`Gate` is a page route that holds a synchronous request, and so
+  the page's main thread, until the test opens it: a tab stuck in a long
+  task, that reads none of its WebSocket's messages meanwhile.
 * :func:`serve_pages` serves the client (``broker/web``), the test pages
   (``tests/browser/pages``), the examples' pages, ``@msgpack/msgpack`` and
   a test's own routes on ``http://127.0.0.1:PORT``, with the broker's own
@@ -261,6 +264,39 @@ class Page:
 
     async def close(self) -> None:
         await self.session.command("closePage", page=self.id)
+
+
+class Gate:
+    """A page route that answers only once opened: a page that requests it
+    synchronously (XMLHttpRequest) has its main thread blocked until then,
+    like a tab busy with a long task, and reads none of its WebSocket's
+    messages meanwhile. Serve :meth:`route` at :attr:`PATH`
+    (``serve_pages({Gate.PATH: gate.route})``)."""
+
+    PATH = "/gate"
+
+    def __init__(self) -> None:
+        self.entered = trio.Event()
+        self._open = trio.Event()
+
+    async def route(self, request: Request) -> Response:
+        self.entered.set()
+        await self._open.wait()
+        return Response(200, b"open\n", "text/plain")
+
+    def open(self) -> None:
+        self._open.set()
+
+    async def block(self, page: Page) -> None:
+        """Block *page* on the gate until :meth:`open`; returns once the
+        page runs again."""
+        source = """(path) => {
+            const request = new XMLHttpRequest();
+            request.open("GET", path, false);  // synchronous: the tab is stuck
+            request.send();
+            return request.status;
+        }"""
+        assert await page.evaluate(source, self.PATH, seconds=60) == 200
 
 
 @asynccontextmanager

@@ -80,29 +80,36 @@ async function session(socket) {
   };
   const lines = readline.createInterface({ input: socket });
   socket.on("error", () => {});
-  for await (const line of lines) {
-    let request;
-    try {
-      request = JSON.parse(line);
-    } catch (e) {
-      send({ id: null, ok: false, error: `bad command: ${e}` });
-      continue;
+  // The session ends when the test closes its connection, also with a reset
+  // (it closes with page events still unread): either way, its context goes.
+  try {
+    for await (const line of lines) {
+      let request;
+      try {
+        request = JSON.parse(line);
+      } catch (e) {
+        send({ id: null, ok: false, error: `bad command: ${e}` });
+        continue;
+      }
+      const op = ops[request.op];
+      if (!op) {
+        send({ id: request.id, ok: false, error: `unknown op ${request.op}` });
+        continue;
+      }
+      // Commands run concurrently (a test may wait on a page while it
+      // restarts the broker); each answer names its command's id.
+      Promise.resolve()
+        .then(() => op(request))
+        .then(
+          (value) => send({ id: request.id, ok: true, value: value === undefined ? null : value }),
+          (e) => send({ id: request.id, ok: false, error: String(e && e.stack ? e.stack : e) }),
+        );
     }
-    const op = ops[request.op];
-    if (!op) {
-      send({ id: request.id, ok: false, error: `unknown op ${request.op}` });
-      continue;
-    }
-    // Commands run concurrently (a test may wait on a page while it
-    // restarts the broker); each answer names its command's id.
-    Promise.resolve()
-      .then(() => op(request))
-      .then(
-        (value) => send({ id: request.id, ok: true, value: value === undefined ? null : value }),
-        (e) => send({ id: request.id, ok: false, error: String(e && e.stack ? e.stack : e) }),
-      );
+  } catch (e) {
+    if (e.code !== "ECONNRESET") throw e;
+  } finally {
+    await context.close().catch(() => {});
   }
-  await context.close().catch(() => {});
 }
 
 const server = net.createServer((socket) => {

@@ -17,7 +17,7 @@ import trio
 
 from broker import Identity
 from broker.io.http import Request, Response
-from tests.browser.driver import Page, PageServer, Session, browser_session, serve_pages
+from tests.browser.driver import Gate, Page, PageServer, Session, browser_session, serve_pages
 from tests.conftest import BrokerFactory
 from tests.helpers import (
     ENCODINGS,
@@ -200,6 +200,101 @@ async def test_bad_input_is_refused_before_sending(
     assert errors[10] == "Disconnected: connection closed (1000): client closed the connection"
 
 
+# -- backpressure ----------------------------------------------------------------
+
+
+async def test_a_stuck_page_is_told_what_the_broker_dropped(
+    start_broker: BrokerFactory, session: Session
+) -> None:
+    """The page's main thread is stuck (a long task) while two topics keep
+    publishing: its socket backs up, its queue (20 messages, drop-oldest)
+    overflows. Once it runs again, every message it did not get is
+    accounted for by the `dropped` items of its subscription, per topic,
+    and the client's `dropped` events are the same notices."""
+    broker = await start_broker({"queue": {"max_messages": 20}})
+    gate = Gate()
+    async with serve_pages({Gate.PATH: gate.route}) as pages:
+        page = await harness(session, pages)
+        await page.evaluate(
+            """async (url) => {
+                window.client = await window.broker.connect(url);
+                await window.client.subscribe("big.*", window.record(window.client));
+            }""",
+            broker.url,
+        )
+        (conn,) = broker.connections
+        feed = Identity("feed")
+        payload = "x" * 4000
+        published = {"big.a": 0, "big.b": 0}
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(gate.block, page)
+            await gate.entered.wait()
+            # Publish until the broker has dropped at least 50 for the page.
+            while conn.outbox.dropped_total < 50:
+                for topic in published:
+                    published[topic] = await broker.publish(feed, topic, payload)
+                await trio.lowlevel.checkpoint()  # the broker writes what fits
+            gate.open()
+        # The end: one more message each (the newest: drop-oldest keeps it).
+        for topic in published:
+            published[topic] = await broker.publish(feed, topic, "end")
+        items = await page.wait_for(
+            "() => window.items.filter((i) => i.data === 'end').length === 2 && window.items"
+        )
+    dropped = conn.outbox.dropped_total  # nothing more is published
+    for topic, last in published.items():
+        seqs = [i["seq"] for i in items if i["type"] == "message" and i["topic"] == topic]
+        notices = [i["count"] for i in items if i["type"] == "dropped" and i["topic"] == topic]
+        assert seqs == sorted(seqs) and seqs[-1] == last
+        assert sum(notices) == last - len(seqs), topic  # every gap is in a notice
+        assert all(count > 0 for count in notices)
+    assert sum(i["count"] for i in items if i["type"] == "dropped") == dropped
+    events = await page.evaluate("() => window.events")
+    assert [e["detail"] for e in events] == [
+        {"topic": i["topic"], "count": i["count"]} for i in items if i["type"] == "dropped"
+    ]
+    assert {e["event"] for e in events} == {"dropped"}
+    await page.evaluate("() => window.client.close()")
+
+
+@pytest.mark.parametrize("replay", ["history", "snapshot"])
+async def test_a_replay_larger_than_the_queue_is_reported_to_its_subscription(
+    start_broker: BrokerFactory, session: Session, pages: PageServer, replay: str
+) -> None:
+    """A subscription asks for a replay (50 stored messages, or a snapshot
+    of 50 keys) that the connection's queue (10 messages) cannot hold: the
+    broker drops the oldest 40 and writes its notice before the `ok` (the
+    notices go ahead of queued frames). The subscription still gets it,
+    first, then the 10 newest."""
+    history = {"pattern": "t.>", "size": 100}
+    if replay == "snapshot":
+        history = {"pattern": "t.>", "size": 0, "snapshot": True}
+    broker = await start_broker({"queue": {"max_messages": 10}, "history": [history]})
+    feed = Identity("feed")
+    for n in range(1, 51):
+        await broker.publish(feed, "t.x", n, key=f"k{n}")
+    page = await harness(session, pages)
+    options = {"history": 50} if replay == "history" else {"snapshot": True}
+    items = await page.evaluate(
+        """async ([url, options]) => {
+            const client = await window.broker.connect(url);
+            window.client = client;
+            const record = window.record(client);
+            await client.subscribe("t.x", options, record);
+            await client.ping();  // after the replay
+            return window.items;
+        }""",
+        [broker.url, options],
+    )
+    assert items[0] == {"label": "", "type": "dropped", "topic": "t.x", "count": 40}
+    assert [i["data"] for i in items[1:]] == list(range(41, 51))
+    assert all(i["snapshot"] is (replay == "snapshot") for i in items[1:])
+    assert await page.evaluate("() => window.events.map((e) => e.detail)") == [
+        {"topic": "t.x", "count": 40}
+    ]
+    await page.evaluate("() => window.client.close()")
+
+
 # -- reconnecting ----------------------------------------------------------------
 
 
@@ -251,13 +346,20 @@ class Cable:
     """A TCP proxy between the page and the broker, standing for the
     network: it can be cut (every relayed connection is reset at once, no
     close frame, as when a network fails; new ones are refused until it is
-    plugged back) or frozen (connections stay open but nothing goes
-    through, as for a laptop asleep or a dead route)."""
+    plugged back), frozen (connections stay open but nothing goes
+    through, as for a laptop asleep or a dead route) or made to hang (cut,
+    then new connections are accepted and never answered, as by a proxy
+    whose upstream is gone; :attr:`open` counts them until the page closes
+    them)."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
         self.port = 0
         self.plugged = True
+        #: Connections relayed so far, and open now.
+        self.relayed = 0
+        self.open = 0
+        self.hanging = False
         self._cut = trio.Event()
         self._flowing = trio.Event()
         self._flowing.set()
@@ -276,8 +378,22 @@ class Cable:
         if not self.plugged:
             await _reset(client)
             return
+        if self.hanging:
+            self.relayed += 1
+            self.open += 1
+            try:
+                while await client.receive_some(65536):
+                    pass  # read, never answered, until the page closes it
+            except trio.BrokenResourceError:
+                pass
+            finally:
+                self.open -= 1
+            await trio.aclose_forcefully(client)
+            return
         upstream = await trio.open_tcp_stream("127.0.0.1", self.target_port)
         cut = self._cut
+        self.relayed += 1
+        self.open += 1
 
         async def pump(source: trio.SocketStream, sink: trio.SocketStream) -> None:
             try:
@@ -288,11 +404,14 @@ class Cable:
                 pass
             nursery.cancel_scope.cancel()
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(pump, client, upstream)
-            nursery.start_soon(pump, upstream, client)
-            await cut.wait()
-            nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pump, client, upstream)
+                nursery.start_soon(pump, upstream, client)
+                await cut.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            self.open -= 1
         await _reset(client)
         await _reset(upstream)
 
@@ -302,6 +421,11 @@ class Cable:
         self._cut = trio.Event()
 
     def plug(self) -> None:
+        self.plugged = True
+
+    def hang(self) -> None:
+        self.cut()
+        self.hanging = True
         self.plugged = True
 
     def freeze(self) -> None:
@@ -446,6 +570,39 @@ async def test_a_silent_connection_is_noticed_when_the_page_is_shown_again(
     }
 
 
+async def test_close_while_reconnecting_to_a_dead_route_leaves_no_connection(
+    start_broker: BrokerFactory, nursery: trio.Nursery, session: Session, pages: PageServer
+) -> None:
+    """The route to the broker dies with connections still accepted (a
+    proxy whose upstream hangs): the reconnection attempt times out, and the
+    client asks the address for a plain HTTP answer to tell a refusal from
+    no route, which hangs too. close() then leaves no connection open: not
+    the attempt, not that request."""
+    broker = await start_broker({"limits": {"handshake_timeout": 60.0}})
+    cable = Cable(broker.port)
+    await nursery.start(cable.serve)
+    page = await harness(session, pages)
+    await page.evaluate(
+        """async (url) => {
+            const { connect } = window.broker;
+            window.client = await connect(url, { connectTimeout: 0.3, reconnect: { initialDelay: 0.01 } });
+            window.record(window.client);
+        }""",
+        cable.url,
+    )
+    cable.hang()  # the connection is lost; new ones are accepted, and hang
+    # The attempt (a WebSocket) timed out and was closed; the plain request
+    # hangs.
+    await wait_until(lambda: cable.relayed >= 3 and cable.open == 1)
+    await page.evaluate("() => window.client.close()")
+    await wait_until(lambda: cable.open == 0, seconds=2)
+    assert await page.evaluate("() => window.leaks()") == {
+        "timers": 0,
+        "listeners": [],
+        "sockets": 0,
+    }
+
+
 # -- tokens --------------------------------------------------------------------------
 
 SECRET = "browser-test-secret-0123456789abcdef"
@@ -495,6 +652,50 @@ async def test_token_refresh_before_expiry(start_broker: BrokerFactory, session:
         assert await page.evaluate("() => window.client.connected") is True
         assert broker.connections == {conn}
         assert await page.evaluate("() => window.events.map((e) => e.event)") == []
+        await page.evaluate("() => window.client.close()")
+
+
+@pytest.mark.parametrize("skew", [-60, 60])
+async def test_token_refresh_when_the_page_clock_is_off(
+    start_broker: BrokerFactory, session: Session, skew: int
+) -> None:
+    """The page's clock is a minute behind (or ahead of) the token issuer's
+    and the broker's, and getToken gives 3-second JWTs. The client times its
+    refreshes by the token's own lifetime (exp - iat) where the page's clock
+    cannot be right: behind, it would refresh after the broker closed the
+    connection at expiry; ahead, every fresh token would look expired and be
+    refreshed at once, again and again."""
+    broker = await start_broker(JWT_CONFIG)
+    issued: list[str] = []
+
+    async def token(request: Request) -> Response:
+        issued.append(make_jwt("alice", 3))
+        return Response(200, issued[-1].encode(), "text/plain")
+
+    async with serve_pages({"/token": token}) as pages:
+        page = await harness(session, pages)
+        await page.evaluate(
+            """async ([url, skew]) => {
+                const realNow = Date.now;
+                window.realNow = () => realNow.call(Date);
+                Date.now = () => realNow.call(Date) + skew * 1000;
+                const { connect } = window.broker;
+                window.tokens = 0;
+                const getToken = () => fetch("/token").then((r) => { window.tokens += 1; return r.text(); });
+                window.client = await connect(url, { getToken });
+                window.record(window.client);
+            }""",
+            [broker.url, skew],
+        )
+        (conn,) = broker.connections
+        first_expiry = jwt.decode(issued[0], options={"verify_signature": False})["exp"]
+        # Past the first token's expiry (by the real clock) and the next one's.
+        await page.wait_for("(exp) => window.realNow() / 1000 > exp + 3.2", first_expiry, seconds=8)
+        assert await page.evaluate("() => window.client.connected") is True
+        assert broker.connections == {conn}
+        assert await page.evaluate("() => window.events.map((e) => e.event)") == []
+        # About one refresh per 1.5 s (half of each token's 3 s), not a storm.
+        assert 3 <= len(issued) <= 6, len(issued)
         await page.evaluate("() => window.client.close()")
 
 

@@ -14,8 +14,10 @@ import trio
 from broker_jsonrpc import create as jsonrpc
 from broker_wsfeed import create as wsfeed
 
+from broker.client import Client, Dropped, Message, open_client
 from broker.core.errors import CloseCode
-from tests.browser.driver import EXAMPLES, browser_session, serve_pages
+from broker.core.outbox import Policy
+from tests.browser.driver import EXAMPLES, Gate, browser_session, serve_pages
 from tests.conftest import BrokerFactory
 from tests.fake_jsonrpc import FakeNode, head, transfer_log
 from tests.helpers import wait_until
@@ -88,6 +90,136 @@ async def test_market_dashboard(
         assert tape == sorted(tape, reverse=True) and len(tape) == 30
         assert tape[0] == btc.trade_id
         assert await page.evaluate("() => window.dashboard.dropped") == 0
+
+
+class Follower:
+    """A Python client keeping the book of one topic from the broker's
+    snapshot plus every change: what the book is, as the broker says."""
+
+    def __init__(self, client: Client, topic: str) -> None:
+        self.client = client
+        self.topic = topic
+        self.levels: dict[str, dict[float, float]] = {"bid": {}, "ask": {}}
+        self.seq = 0  # of the last message
+        self.dropped = 0
+
+    async def follow(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        async with self.client.subscribe(self.topic, snapshot=True) as sub:
+            task_status.started()
+            async for item in sub:
+                if isinstance(item, Dropped):
+                    self.dropped += item.count
+                elif isinstance(item, Message):
+                    self.seq = max(self.seq, item.seq)
+                    levels = self.levels[item.data["side"]]
+                    if item.data["qty"] > 0:
+                        levels[item.data["price"]] = item.data["qty"]
+                    else:
+                        levels.pop(item.data["price"], None)
+
+    def book(self) -> dict[str, list[list[float]]]:
+        return {"bids": book(self.levels["bid"]), "asks": book(self.levels["ask"])}
+
+
+async def test_a_slow_tab_shows_dropped_and_ends_with_the_right_book(
+    start_broker: BrokerFactory, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """A tab whose main thread is stuck for a while (a long task) reads
+    nothing while the market is busy: its socket backs up, then its queue,
+    and the broker drops under each topic's rule of the example's
+    broker.toml (conflate for the book, drop-oldest for trades). The page
+    shows the drops; once it has caught up and the market is quiet, its book
+    is the broker's (a Python client's, kept from the snapshot and every
+    change), its tape and candles the latest the broker keeps."""
+    exchange_module = load_module(MARKET / "exchange.py", "market_data_exchange_slow")
+    exchange = exchange_module.Exchange(
+        rate=300, candle_interval=0.25, symbols=["BTC-USD"], seed=11
+    )
+    await nursery.start(exchange.serve)
+    data = toml(MARKET / "broker.toml")
+    data["listener"]["port"] = 0
+    data["plugin"]["wsfeed"]["sources"][0]["urls"] = [f"ws://127.0.0.1:{exchange.port}/"]
+    broker = await start_broker(data, factories={"wsfeed": wsfeed}, source=MARKET / "broker.toml")
+    client = await nursery.start(_open_client, broker.url)
+    follower = Follower(client, "book.BTC-USD")
+    await nursery.start(follower.follow)
+    gate = Gate()
+    async with serve_pages({Gate.PATH: gate.route}) as pages, browser_session() as session:
+        others = set(broker.connections)
+        page = await session.open(
+            pages.url(f"/examples/market-data/web/index.html?broker={broker.url}")
+        )
+        await page.wait_for("() => window.dashboard && window.dashboard.ready")
+        (tab,) = broker.connections - others
+        # The tab is stuck while the market goes on: its socket fills, then
+        # its queue, and the broker drops.
+        async with trio.open_nursery() as stuck:
+            stuck.start_soon(gate.block, page)
+            await gate.entered.wait()
+            # Until the broker has dropped under both rules: book changes
+            # (conflated) and trades (the oldest); only this tab is slow.
+            overflows = broker.hub.overflows_by_policy
+            await wait_until(
+                lambda: (
+                    tab.outbox.dropped_total >= 300
+                    and overflows[Policy.CONFLATE] > 0
+                    and overflows[Policy.DROP_OLDEST] > 0
+                ),
+                seconds=30,
+            )
+            gate.open()
+        # The page shows every drop.
+        await page.wait_for(
+            "(n) => Number(document.getElementById('dropped').textContent) >= n",
+            tab.outbox.dropped_total,
+        )
+        assert "warn" in await page.evaluate(
+            "() => document.getElementById('dropped').parentElement.className"
+        )
+        # The market goes quiet; the exchange has sent everything once its
+        # queue to the bridge is empty, and the broker has published it all
+        # once the bridge has read a heartbeat sent after that.
+        for market in exchange.markets:
+            market.step = list
+        await wait_until(
+            lambda: all(c.send.statistics().current_buffer_used == 0 for c in exchange.clients)
+        )
+        (source,) = broker.sources
+        heartbeats = source.ignored
+        await wait_until(lambda: source.ignored >= heartbeats + 2)
+        # The follower has read it all once it has the topic's last seq.
+        last = (await client.history("book.BTC-USD", limit=1)).seq
+        await wait_until(lambda: follower.seq == last)
+        assert follower.dropped == 0
+        expected = follower.book()
+        check = f"(expected) => JSON.stringify(({BOOK_IN_PAGE})()) === JSON.stringify(expected)"
+        await page.wait_for(check, expected)
+        # The tape and the candles: the latest the broker keeps.
+        trades = await client.history("trades.BTC-USD", limit=30)
+        ids = [m.data["id"] for m in reversed(trades.messages)]
+        await page.wait_for(
+            "(ids) => JSON.stringify(window.dashboard.trades.map((t) => t.id)) === JSON.stringify(ids)",
+            ids,
+        )
+        candles = await client.history("candles.BTC-USD", limit=60)
+        starts = [m.data["start"] for m in candles.messages]
+        await page.wait_for(
+            "(starts) => JSON.stringify(window.dashboard.candles.map((c) => c.start))"
+            " === JSON.stringify(starts)",
+            starts,
+        )
+        await page.screenshot("market-dashboard-slow.png", tmp_path)
+        await page.evaluate("() => window.client.close()")
+
+
+async def _open_client(
+    url: str, *, task_status: trio.TaskStatus[Client] = trio.TASK_STATUS_IGNORED
+) -> None:
+    async with open_client(url) as client:
+        task_status.started(client)
+        await trio.sleep_forever()
 
 
 CHAT = EXAMPLES / "chat"

@@ -7,6 +7,11 @@
 //                                    (a slow tab: the broker drops, and the
 //                                    book, conflated per level, stays right)
 //
+// What a slow tab misses needs no reload under broker.toml's queue rules:
+// a book level's dropped change was replaced by a newer one still to come
+// (conflate), and drop-oldest keeps the newest trades and candles, the ones
+// shown. The header counts the drops.
+//
 // The client comes from the broker itself (GET /client.js).
 
 const params = new URLSearchParams(location.search);
@@ -61,6 +66,7 @@ function render() {
     drawCandles();
     $("last").textContent = state.last === null ? "–" : state.last.toFixed(2);
     $("dropped").textContent = state.dropped;
+    $("dropped").parentElement.classList.toggle("warn", state.dropped > 0);
     $("resyncs").textContent = state.resyncs;
   });
 }
