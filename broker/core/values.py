@@ -1,26 +1,39 @@
-"""Values exchanged with the authentication and authorization hooks.
+"""Values exchanged with the plugin hooks.
 
 :class:`Handshake` is what a client presented when it connected,
 :class:`Identity` is who an authenticate hook decided it is, :class:`Reject`
 is how a hook turns a handshake down, :class:`Action` names what
 authorize is asked about, and :class:`Refusal` is how an authorize or validate
-hook refuses a command with a specific error code. All are immutable; none
-holds a socket.
+hook refuses a command with a specific error code. :class:`ServiceStatus`
+(with its :class:`ServiceMetric` values) is what a plugin's service reports
+about itself to the readiness check, the metrics and the stats. All are
+immutable; none holds a socket.
 """
 
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from broker.core.errors import ErrorCode
 
 if TYPE_CHECKING:
     from broker.core.config import Config
 
-__all__ = ["ANONYMOUS", "Action", "ClientInfo", "Handshake", "Identity", "Refusal", "Reject"]
+__all__ = [
+    "ANONYMOUS",
+    "Action",
+    "ClientInfo",
+    "Handshake",
+    "Identity",
+    "Refusal",
+    "Reject",
+    "ServiceMetric",
+    "ServiceStatus",
+]
 
 
 class Action(enum.StrEnum):
@@ -167,3 +180,55 @@ class SourcesContext:
     config: Config
     #: (host, port) of each WebSocket listener, bound before sources start.
     addresses: tuple[tuple[str, int], ...]
+
+
+#: What a service metric may be called (``broker_plugin_`` + the name).
+_METRIC_NAME: Final = re.compile(r"[a-z][a-z0-9_]{0,62}")
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceMetric:
+    """One number a plugin's service exposes at ``/metrics``.
+
+    Exposed as ``broker_plugin_NAME`` (a counter with ``_total`` appended),
+    with the labels ``plugin`` and ``service``.
+
+    Attributes:
+        name: lower-case letters, digits and ``_``, starting with a letter.
+        value: the number now (a counter's never decreases).
+        help: one line saying what it counts.
+        kind: ``"gauge"`` or ``"counter"``.
+    """
+
+    name: str
+    value: float
+    help: str
+    kind: Literal["gauge", "counter"] = "gauge"
+
+    def __post_init__(self) -> None:
+        if not _METRIC_NAME.fullmatch(self.name) or self.name.endswith("_total"):
+            raise ValueError(
+                f"ServiceMetric.name {self.name!r}: lower-case letters, digits and '_', "
+                "starting with a letter, without '_total'"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceStatus:
+    """What a plugin's service says about itself (its ``status()``), read
+    when ``/readyz``, ``/metrics`` or ``/api/stats`` is asked.
+
+    Attributes:
+        ready: False keeps the broker out of service: ``/readyz`` answers
+            503 with *problem* as the reason (say, no signing keys yet).
+        problem: what is wrong, in one line, or None. While *ready*, the
+            broker serves on (say, with keys fetched earlier) and ``/readyz``
+            answers 200 with this line after ``ready``.
+        detail: JSON-ready facts shown in ``/api/stats`` (never a secret).
+        metrics: its numbers for ``/metrics``.
+    """
+
+    ready: bool = True
+    problem: str | None = None
+    detail: Mapping[str, object] = field(default_factory=dict)
+    metrics: tuple[ServiceMetric, ...] = ()
