@@ -16,6 +16,7 @@ import enum
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from http.cookies import CookieError, SimpleCookie
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 from broker.core.errors import ErrorCode
@@ -116,7 +117,8 @@ class Handshake:
         path: the request path without the query string.
         query: query parameters; each name maps to all its values.
         headers: request headers, names lower-cased; repeated headers are
-            joined with ``", "``.
+            joined with ``", "`` (``Cookie`` headers with ``"; "``, as
+            RFC 9113 section 8.2.3 joins them).
         peer: the client's (address, port); behind a proxy in ``[listener]
             trusted_proxies``, the one the proxy named (port 0 if it named
             none).
@@ -140,14 +142,50 @@ class Handshake:
     peer_certificate: Mapping[str, Any] | None = None
     subprotocol: str | None = None
 
-    def bearer_token(self) -> str | None:
-        """The token from ``Authorization: Bearer T``, else from ``?token=T``."""
+    def bearer_token(self, *, cookie: str | None = None, query: bool = True) -> str | None:
+        """The client's token: from ``Authorization: Bearer T``; else from
+        ``?token=T`` (unless *query* is false); else from the cookie named
+        *cookie*, if given (:meth:`cookie`). None if there is none.
+
+        An explicit token (the header, the query) wins over the ambient one
+        a browser attaches by itself (the cookie).
+        """
         auth = self.headers.get("authorization", "")
         scheme, _, value = auth.partition(" ")
         if scheme.lower() == "bearer" and value.strip():
             return value.strip()
-        values = self.query.get("token")
-        return values[0] if values else None
+        if query:
+            values = self.query.get("token")
+            if values:
+                return values[0]
+        if cookie is not None:
+            return self.cookie(cookie)
+        return None
+
+    def cookie(self, name: str) -> str | None:
+        """The value of the cookie *name* in the ``Cookie`` header (the first
+        one, if the browser sent several), or None.
+
+        Each ``name=value`` pair is read by :class:`http.cookies.SimpleCookie`
+        on its own: given the whole header, it drops every cookie when one
+        of them is not to its taste (``a=b c``, a bare ``flag``), and other
+        applications of the same site set such cookies. Pairs are separated
+        by ``;``, which RFC 6265 (section 4.1.1) excludes from names and
+        values, quoted or not.
+        """
+        header = self.headers.get("cookie")
+        if not header:
+            return None
+        for pair in header.split(";"):
+            jar = SimpleCookie()
+            try:
+                jar.load(pair.strip())
+            except CookieError:
+                continue
+            morsel = jar.get(name)
+            if morsel is not None and morsel.value:
+                return morsel.value
+        return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -892,7 +892,10 @@ class Broker:
             return self._refuse(peer, reject, "max_per_ip")
         headers: dict[str, str] = {}
         for key, text in request.headers:
-            headers[key] = f"{headers[key]}, {text}" if key in headers else text
+            # Cookie headers join with "; " (RFC 9113 8.2.3), so that
+            # Handshake.cookie reads the pairs of every one of them.
+            sep = "; " if key == "cookie" else ", "
+            headers[key] = f"{headers[key]}{sep}{text}" if key in headers else text
         handshake = Handshake(
             path=request.path,
             query={k: tuple(v) for k, v in parse_qs(request.query).items()},
