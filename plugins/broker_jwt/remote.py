@@ -297,14 +297,17 @@ class RemoteKeys:
                 f"attempts, the last: {self.last_error}); using the {len(ring.kids)} keys "
                 f"fetched {age:.0f} s ago"
             )
-        next_in = max(0.0, self._next_at - trio.current_time())
+        try:
+            next_in: float | None = round(max(0.0, self._next_at - trio.current_time()), 3)
+        except RuntimeError:  # read outside trio (a registry collected from a thread)
+            next_in = None
         detail: dict[str, object] = {
             "source": opts.where,
             "jwks_uri": shown(self.jwks_uri) if self.jwks_uri else None,
             "kids": sorted(str(k) for k in ring.kids) if ring is not None else [],
             "fetched_at": self.fetched_at,
             "age_seconds": age,
-            "next_fetch_in": round(next_in, 3),
+            "next_fetch_in": next_in,
             "fetches": self.fetches,
             "failures": self.failures,
             "consecutive_failures": self.failing,
