@@ -479,6 +479,17 @@ async def test_a_reload_fetches_before_the_swap_and_stops_the_old_service(
     assert remote_keys(broker) is before
     assert broker.services[0].state is ServiceState.RUNNING
     await accepted(broker, token(keys.rsa, "A"))
+    # jwks_startup = "wait" would start the new plugin without keys: a
+    # ready broker is not made unready by a reload either.
+    write(leeway=20, jwks_startup="wait")
+    result = await reload_broker(broker)
+    assert not result.ok and result.error is not None
+    assert result.error.startswith("plugin jwt/jwks: no signing keys yet: ")
+    assert result.error.endswith(" (the running plugins stay in force)")
+    assert remote_keys(broker) is before
+    await trio.testing.wait_all_tasks_blocked()
+    assert [r.state for r in broker.services] == [ServiceState.RUNNING]
+    await accepted(broker, token(keys.rsa, "A"))
 
 
 def test_check_config_does_not_fetch(tmp_path: Path, tls_files: dict[str, str]) -> None:

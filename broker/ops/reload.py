@@ -11,7 +11,8 @@ A reload is all or nothing, in three steps:
    ``broker check-config`` runs this same step.
 2. The new plugins' services (:mod:`broker.plugin.services`) are started:
    the reload waits until each says it started, and is refused if one
-   cannot (the running configuration stays in force).
+   cannot, or if one is not ready while the broker is (the running
+   configuration stays in force).
 3. :func:`apply` swaps the prepared objects in, synchronously (no other task
    runs in between): the runtime's config and plugins (:meth:`Runtime.swap`; the generation
    is bumped past the old one, so connections drop cached authorization
@@ -301,6 +302,22 @@ async def reload_broker(
             services.stop()
         log.info("reload: the broker is stopping; not applied")
         return _record(broker, ReloadResult(ok=False, at=time.time(), path=name, error="stopping"))
+    # A ready broker stays ready: new services that started but are not
+    # ready (a jwt plugin whose keys could not be loaded, with
+    # jwks_startup = "wait") would take it out of service, while the
+    # running ones serve.
+    unready = [
+        f"plugin {runner.label}: {problem}"
+        for runner in (services.runners if services is not None else [])
+        for ready, problem in [runner.readiness()]
+        if not ready
+    ]
+    if unready and broker.readiness()[0]:
+        assert services is not None
+        services.stop()
+        error = "; ".join(unready) + " (the running plugins stay in force)"
+        log.error("reload refused, the running configuration stays in force: %s", error)
+        return _record(broker, ReloadResult(ok=False, at=time.time(), path=name, error=error))
     apply(broker, prepared)
     # With the swap (nothing ran in between): the replaced plugins'
     # services stop.

@@ -257,9 +257,10 @@ class BrokerSpec:
         An exception before ``started()`` refuses the start (exit status 2),
         or the reload (the running configuration stays in force), with the
         error: a :class:`~broker.core.errors.ConfigError` with a key of the
-        plugin's table is reported as ``plugin.NAME.KEY: reason``. The
-        services of the plugins a reload replaced are cancelled once the new
-        ones are in force; all are cancelled when the broker stops, after the
+        plugin's table is reported as ``plugin.NAME.KEY: reason``. A reload
+        whose new services started but are not ready (``status().ready``),
+        while the broker is, is refused too. The services of the plugins a
+        reload replaced are cancelled once the new ones are in force; all are cancelled when the broker stops, after the
         clients were drained. A service that raises (or returns) after it
         started is logged and reported ``failed`` (``/readyz`` 503) until a
         reload or a restart; the broker goes on.

@@ -14,9 +14,10 @@ A plugin contributes services through the ``broker_services()`` hook (see
 The services of one plugin host run together, as a :class:`PluginServices`:
 started when the host comes into force (when the broker starts serving,
 before the sources and before the listeners accept; at a reload, before
-the new host is swapped in) and cancelled when it leaves (a reload swapped
-another one in, or the broker stopped). So a plugin object and its
-services live and die together.
+the new host is swapped in, and a reload whose new services are not
+ready while the broker is, is refused) and cancelled when it leaves (a
+reload swapped another one in, or the broker stopped). So a plugin
+object and its services live and die together.
 
 Failures never take the broker down once it runs:
 

@@ -15,7 +15,8 @@ bound; everyone else is verified with the cached keys.
   plugin in). If it fails, ``jwks_startup = "fail"`` stops the start (or
   refuses the reload) with the key, the URL and the reason;
   ``jwks_startup = "wait"`` starts anyway, not ready (``/readyz`` 503)
-  until the keys are loaded, retrying meanwhile.
+  until the keys are loaded, retrying meanwhile (a reload that cannot
+  load them is refused either way while the broker is ready).
 * **Refresh**: after a fetch, the next one comes after the response's
   ``Cache-Control: max-age`` (``no-cache``, ``no-store``: 0), bounded by
   ``jwks_refresh_min`` and ``jwks_refresh_max`` (no ``max-age``:
