@@ -31,12 +31,15 @@ from broker.core.values import Handshake as Handshake
 from broker.core.values import Identity as Identity
 from broker.core.values import Refusal as Refusal
 from broker.core.values import Reject as Reject
+from broker.core.values import ServiceMetric as ServiceMetric
+from broker.core.values import ServiceStatus as ServiceStatus
 from broker.core.values import SourcesContext as SourcesContext
 from broker.core.version import VERSION
 from broker.io.tls import make_ssl_context as make_ssl_context
 from broker.plugin.hookspecs import hookimpl as hookimpl
 from broker.plugin.host import PluginContext as PluginContext
 from broker.plugin.host import PluginHost as PluginHost
+from broker.plugin.services import Service as Service
 from broker.server.broker import Broker as Broker
 from broker.server.broker import ListenError as ListenError
 from broker.sources.supervisor import Backoff as Backoff

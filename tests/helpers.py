@@ -231,7 +231,7 @@ class RawClient:
         self = cls(stream, ws, subprotocol, tls)
         request = Request(
             host=parts.netloc,
-            target=parts.path or "/",
+            target=(parts.path or "/") + (f"?{parts.query}" if parts.query else ""),
             subprotocols=[subprotocol] if subprotocol else [],
             extra_headers=[(k.encode(), v.encode()) for k, v in headers],
         )

@@ -19,8 +19,12 @@ from broker.plugin.hookspecs import BrokerSpec
 from tests.conftest import BrokerFactory
 from tests.helpers import Client, connect, rejection, wait_until
 
+#: Hooks called while clients are served (broker_sources and broker_services
+#: are called when plugins come into force: tested below).
 HOOKS = sorted(
-    name for name in vars(BrokerSpec) if name.startswith("broker_") and name != "broker_sources"
+    name
+    for name in vars(BrokerSpec)
+    if name.startswith("broker_") and name not in ("broker_sources", "broker_services")
 )
 
 
@@ -120,3 +124,20 @@ async def test_a_raising_sources_hook_does_not_stop_the_start(
     async with connect(broker.url) as c:
         await c.pub("t", 1)
     assert "plugin bug in broker_sources" in caplog.text
+
+
+@pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
+async def test_a_raising_services_hook_does_not_stop_the_start(
+    start_broker: BrokerFactory, is_async: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    def create(settings: Any, context: Any) -> object:
+        return faulty("broker_services", is_async=is_async)
+
+    broker = await start_broker(
+        {"plugins": {"enabled": ["noauth", "faulty"]}}, factories={"faulty": create}
+    )
+    assert broker.services == []
+    async with connect(broker.url) as c:
+        await c.pub("t", 1)
+    assert "plugin bug in broker_services" in caplog.text
+    assert "plugin faulty: broker_services failed; no services" in caplog.text

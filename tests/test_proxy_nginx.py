@@ -163,8 +163,15 @@ def nginx_cert(ca: trustme.CA, tmp_path: Path) -> tuple[str, str]:
     return str(chain), str(key)
 
 
-def http_site(broker: Broker, port: int, cert: tuple[str, str], read_timeout: str = "60s") -> str:
-    """docs/deploy.md's nginx site, listening on *port* for *broker*."""
+def http_site(
+    broker: Broker,
+    port: int,
+    cert: tuple[str, str],
+    read_timeout: str = "60s",
+    access_log: Path | None = None,
+) -> str:
+    """docs/deploy.md's nginx site, listening on *port* for *broker*,
+    logging to *access_log* (else nowhere)."""
     return adapt(
         deploy_block("## nginx", "nginx"),
         {
@@ -173,6 +180,7 @@ def http_site(broker: Broker, port: int, cert: tuple[str, str], read_timeout: st
             "/etc/ssl/broker/fullchain.pem": cert[0],
             "/etc/ssl/broker/privkey.pem": cert[1],
             "proxy_read_timeout 60s;": f"proxy_read_timeout {read_timeout};",
+            "/var/log/nginx/trio-broker.log": str(access_log or "/dev/null"),
         },
     )
 
@@ -239,6 +247,43 @@ async def test_behind_nginx_clients_keep_their_addresses_and_limits(
     connected = [r.getMessage() for r in caplog.records if " connected from " in r.getMessage()]
     assert connected and all(f" via {PROXY}:" in line for line in connected)
     assert any(f"connected from {BOB}:0 via {PROXY}:" in line for line in connected)
+
+
+async def test_nginx_does_not_log_a_query_token(
+    start_broker: BrokerFactory,
+    tmp_path: Path,
+    nginx_cert: tuple[str, str],
+    client_ssl: ssl.SSLContext,
+) -> None:
+    """docs/deploy.md's log format: a token in the URL (accepted, or
+    refused) is not in nginx's access log; the requests are."""
+    token = "static-token-in-the-url-0123456789"
+    broker = await start_broker(
+        {
+            "listener": {**broker_listener("## nginx"), "allow_insecure": True},
+            "plugins": {"enabled": ["tokens"]},
+            "plugin": {"tokens": {"tokens": [{"id": "app", "token": token}]}},
+        }
+    )
+    port = free_port()
+    log = tmp_path / "trio-broker.log"
+    site = http_site(broker, port, nginx_cert, access_log=log)
+    async with run_nginx(tmp_path, port, http=site):
+        async with raw_connect(
+            f"wss://127.0.0.1:{port}/ws?token={token}", ssl_context=client_ssl, source=ALICE
+        ) as client:
+            await client.send({"op": "ping", "id": 1})
+            assert (await client.recv())["op"] == "pong"
+        wrong = upgrade(f"/ws?token={token}-wrong")
+        assert status(await exchange(port, wrong, source=ALICE, tls=client_ssl)) == 401
+        # nginx writes a line when a request ends (for a WebSocket, when it
+        # closes): an external process, polled with a deadline.
+        with trio.fail_after(10):
+            while len(log.read_text().splitlines()) < 2:  # noqa: ASYNC110
+                await trio.sleep(0.02)
+    text = log.read_text()
+    assert "token" not in text, text
+    assert text.count('"GET /ws HTTP/1.1" ') == 2 and " 101 " in text and " 401 " in text
 
 
 #: nginx's idle timeout in the keepalive tests (the documented 60 s, shortened).

@@ -7,8 +7,10 @@ A small HTTP/1.1 server on h11, separate from the WebSocket listener
 ``GET /healthz``          200 ``ok``: the process is alive and its event loop
                           answers.
 ``GET /readyz``           200 ``ready``, or 503 with the reasons, one a line:
-                          listeners up, sources running, the cluster backend
-                          reachable when there is one, not shutting down.
+                          listeners up, sources running, plugin services
+                          ready, the cluster backend reachable when there is
+                          one, not shutting down. A 200 lists after ``ready``
+                          what plugin services report degraded.
 ``GET /metrics``          Prometheus exposition (text 0.0.4, or OpenMetrics
                           when the scraper asks for it), from the broker's own
                           registry (:mod:`broker.ops.metrics`).
@@ -145,7 +147,11 @@ class AdminServer:
             return _text(200, "ok")
         if path == "/readyz":
             ready, reasons = self.broker.readiness()
-            return _text(200, "ready") if ready else _text(503, "\n".join(reasons))
+            if not ready:
+                return _text(503, "\n".join(reasons))
+            # Ready, with what is degraded meanwhile (a plugin service's
+            # problem), one a line after "ready".
+            return _text(200, "\n".join(["ready", *self.broker.warnings()]))
         if path == "/metrics":
             accept = ", ".join(v for k, v in request.headers if k == "accept")
             encoder, content_type = choose_encoder(accept)

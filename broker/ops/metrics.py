@@ -48,6 +48,7 @@ __all__ = [
     "QUEUE_DEPTH_BUCKETS",
     "BrokerCollector",
     "BrokerMetrics",
+    "service_metrics",
     "source_statuses",
     "tasks_living",
 ]
@@ -403,3 +404,57 @@ class BrokerCollector(Collector):
         yield up
         yield states
         yield restarts
+
+        yield from service_metrics(broker)
+
+
+#: The metric names the broker's own plugin-service metrics take.
+_SERVICE_OWN: Final = frozenset({"service_up", "service_ready"})
+
+
+def service_metrics(broker: Broker) -> Iterator[Metric]:
+    """The plugin services' metrics (see :mod:`broker.plugin.services`):
+    ``broker_plugin_service_up`` and ``broker_plugin_service_ready`` for
+    each, then each one's own numbers as ``broker_plugin_NAME`` (labels
+    ``plugin`` and ``service``, fixed by the configuration)."""
+    labels = ["plugin", "service"]
+    up = GaugeMetricFamily(
+        "broker_plugin_service_up",
+        "1 when the plugin's service runs and reports no problem.",
+        labels=labels,
+    )
+    ready = GaugeMetricFamily(
+        "broker_plugin_service_ready",
+        "1 when the plugin's service lets the broker be ready (/readyz).",
+        labels=labels,
+    )
+    families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {}
+    kinds: dict[str, str] = {}
+    for runner in broker.services:
+        key = [runner.plugin, runner.name]
+        is_ready, problem = runner.readiness()
+        up.add_metric(key, 1 if is_ready and problem is None else 0)
+        ready.add_metric(key, 1 if is_ready else 0)
+        status = runner.health()
+        for metric in status.metrics if status is not None else ():
+            clash = metric.name in _SERVICE_OWN
+            if kinds.setdefault(metric.name, metric.kind) != metric.kind:
+                clash = True  # a counter here, a gauge there
+            if clash:
+                log.error(
+                    "plugin %s: service %s: metric %s clashes with another; not exposed",
+                    runner.plugin,
+                    runner.name,
+                    metric.name,
+                )
+                continue
+            family = families.get(metric.name)
+            if family is None:
+                kind = GaugeMetricFamily if metric.kind == "gauge" else CounterMetricFamily
+                family = families[metric.name] = kind(
+                    f"broker_plugin_{metric.name}", metric.help, labels=labels
+                )
+            family.add_metric(key, metric.value)
+    yield up
+    yield ready
+    yield from families.values()

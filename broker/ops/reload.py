@@ -1,6 +1,6 @@
 """Reloading the configuration of a running broker (SIGHUP, ``systemctl reload``).
 
-A reload is all or nothing, in two steps:
+A reload is all or nothing, in three steps:
 
 1. :func:`prepare` reads the file and builds everything the new
    configuration needs, exactly as a start would: the strict config loader,
@@ -9,11 +9,16 @@ A reload is all or nothing, in two steps:
    the running broker is touched. Any error refuses the whole file and names
    the key and the reason; the running configuration stays in force.
    ``broker check-config`` runs this same step.
-2. :func:`apply` swaps the prepared objects in, synchronously (no other task
+2. The new plugins' services (:mod:`broker.plugin.services`) are started:
+   the reload waits until each says it started, and is refused if one
+   cannot, or if one is not ready while the broker is (the running
+   configuration stays in force).
+3. :func:`apply` swaps the prepared objects in, synchronously (no other task
    runs in between): the runtime's config and plugins (:meth:`Runtime.swap`; the generation
    is bumped past the old one, so connections drop cached authorization
    decisions), ``broker.ssl_context`` (read for every new TLS handshake),
-   the hub's queue rules, and the log level and format.
+   the hub's queue rules, and the log level and format; the services of
+   the plugins it replaced are cancelled.
 
 Open connections are never closed by a reload. What they already hold stays
 as it was (their identity, their granted subscriptions, the size of their
@@ -284,7 +289,39 @@ async def reload_broker(
     if broker.stopping:
         log.info("reload: the broker is stopping; not applied")
         return _record(broker, ReloadResult(ok=False, at=time.time(), path=name, error="stopping"))
+    # The new plugins' services (keys fetched from an identity provider...)
+    # start before the plugins are swapped in, so that they serve at once;
+    # one that cannot start refuses the reload.
+    try:
+        services = await broker.start_services(prepared.plugins)
+    except (ConfigError, PluginError) as e:
+        log.error("reload refused, the running configuration stays in force: %s", e)
+        return _record(broker, ReloadResult(ok=False, at=time.time(), path=name, error=str(e)))
+    if broker.stopping:
+        if services is not None:
+            services.stop()
+        log.info("reload: the broker is stopping; not applied")
+        return _record(broker, ReloadResult(ok=False, at=time.time(), path=name, error="stopping"))
+    # A ready broker stays ready: new services that started but are not
+    # ready (a jwt plugin whose keys could not be loaded, with
+    # jwks_startup = "wait") would take it out of service, while the
+    # running ones serve.
+    unready = [
+        f"plugin {runner.label}: {problem}"
+        for runner in (services.runners if services is not None else [])
+        for ready, problem in [runner.readiness()]
+        if not ready
+    ]
+    if unready and broker.readiness()[0]:
+        assert services is not None
+        services.stop()
+        error = "; ".join(unready) + " (the running plugins stay in force)"
+        log.error("reload refused, the running configuration stays in force: %s", error)
+        return _record(broker, ReloadResult(ok=False, at=time.time(), path=name, error=error))
     apply(broker, prepared)
+    # With the swap (nothing ran in between): the replaced plugins'
+    # services stop.
+    broker.use_services(services)
     # After apply: shows at debug level when the reload turned debug on.
     log.debug(
         "reload: plugins %s in force (generation %d)",

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
         Reject,
         SourcesContext,
     )
+    from broker.plugin.services import Service
     from broker.sources.supervisor import Source
 
 PROJECT = "trio_broker"
@@ -231,6 +232,51 @@ class BrokerSpec:
         On error (an exception, or an item that is not a source): logged;
         that plugin contributes no sources (or skips that item), the broker
         starts anyway.
+
+        .. versionadded:: 0.1
+        """
+
+    @hookspec
+    def broker_services(self) -> Iterable[Service] | None:
+        """Contribute services: a plugin's own background work, such as
+        fetching an identity provider's signing keys and keeping them fresh.
+
+        Called each time a set of plugins comes into force: when the broker
+        starts serving (after every plugin was configured, before the
+        sources start and before the first client is accepted) and at each
+        reload, on the new plugin objects, before they replace the running
+        ones. Return the services to run (objects with ``name``, an async
+        ``run(*, task_status)`` and ``status()``, see
+        :class:`broker.plugin.services.Service`) or ``None``. **All results
+        are collected** (not first-result).
+
+        Each service runs in its own task, in the order returned (plugins in
+        ``plugins.enabled`` order). The broker awaits each one's
+        ``task_status.started()`` before it goes on: before it accepts
+        clients at start, before it swaps the new plugins in at a reload.
+        An exception before ``started()`` refuses the start (exit status 2),
+        or the reload (the running configuration stays in force), with the
+        error: a :class:`~broker.core.errors.ConfigError` with a key of the
+        plugin's table is reported as ``plugin.NAME.KEY: reason``. A reload
+        whose new services started but are not ready (``status().ready``),
+        while the broker is, is refused too. The services of the plugins a
+        reload replaced are cancelled once the new ones are in force; all are cancelled when the broker stops, after the
+        clients were drained. A service that raises (or returns) after it
+        started is logged and reported ``failed`` (``/readyz`` 503) until a
+        reload or a restart; the broker goes on.
+
+        ``status()`` returns a :class:`~broker.core.values.ServiceStatus`,
+        read whenever ``/readyz``, ``/metrics`` or ``/api/stats`` is asked:
+        ``ready=False`` makes ``/readyz`` answer 503 with its ``problem``
+        (no signing keys yet); a ``problem`` while ready is shown after
+        ``ready`` in a 200 answer (keys could not be refreshed, the cached
+        ones are used); ``detail`` goes to ``/api/stats``; ``metrics`` are
+        exposed as ``broker_plugin_NAME{plugin, service}``.
+
+        Sync or async (the hook). On error (an exception, or an item that is
+        not a service): logged; that plugin contributes no services (or
+        skips that item). A second service with the same plugin and name is
+        ignored.
 
         .. versionadded:: 0.1
         """

@@ -380,6 +380,48 @@ class PluginHost:
                 found.append((impl.plugin_name, item))
         return found
 
+    async def services(self) -> list[tuple[str, Any]]:
+        """Run broker_services: every service of every implementation, with
+        the name of the plugin that contributed it, in ``plugins.enabled``
+        order.
+
+        An implementation that raises, or returns something that is not an
+        iterable of services (objects with ``name``, ``run`` and
+        ``status``), is logged and contributes nothing (or skips that item);
+        a second service of one plugin with the same name is ignored.
+        """
+        found: list[tuple[str, Any]] = []
+        seen: set[tuple[str, str]] = set()
+        for impl in self.pm.hook.broker_services.get_hookimpls():
+            try:
+                result = await self._call(impl, {})
+                items = [] if result is None else list(result)
+            except Exception:
+                log.exception("plugin %s: broker_services failed; no services", impl.plugin_name)
+                continue
+            for item in items:
+                name = getattr(item, "name", None)
+                if not (
+                    isinstance(name, str)
+                    and callable(getattr(item, "run", None))
+                    and callable(getattr(item, "status", None))
+                ):
+                    log.error(
+                        "plugin %s: broker_services returned %r, not a service "
+                        "(name, run, status); ignored",
+                        impl.plugin_name,
+                        type(item).__name__,
+                    )
+                    continue
+                if (impl.plugin_name, name) in seen:
+                    log.error(
+                        "plugin %s: two services named %r; ignoring one", impl.plugin_name, name
+                    )
+                    continue
+                seen.add((impl.plugin_name, name))
+                found.append((impl.plugin_name, item))
+        return found
+
     async def notify(self, hook: str, **kwargs: Any) -> None:
         """Call an observer hook on every implementation; errors are logged."""
         for impl in self._impls(hook):

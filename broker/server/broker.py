@@ -35,7 +35,7 @@ from urllib.parse import parse_qs
 import trio
 
 from broker.core.config import Config, is_loopback_host
-from broker.core.errors import CloseCode, ConfigError, PublishError
+from broker.core.errors import CloseCode, ConfigError, PluginError, PublishError
 from broker.core.handshake import (
     HandshakeError,
     HandshakeParser,
@@ -64,6 +64,7 @@ from broker.ops.log import CONNECTION_ID
 from broker.ops.metrics import BrokerMetrics, source_statuses, tasks_living
 from broker.plugin.host import PluginHost
 from broker.plugin.runtime import Runtime
+from broker.plugin.services import PluginServices, ServiceRunner
 from broker.server.connection import CLOSE_TIMEOUT, Connection
 from broker.server.publish import Origin, PublishPipeline, check
 from broker.server.session import SessionServices
@@ -221,6 +222,12 @@ class Broker:
         self._expiry_wakeup = trio.Event()
         #: One supervisor per source (see broker.sources), once serving.
         self.sources: list[Supervisor] = []
+        #: The services of the plugins in force (see broker.plugin.services),
+        #: once serving; a reload replaces them with the new plugins' own.
+        self.plugin_services = PluginServices()
+        #: The nursery services run in, while serving (a reload starts the
+        #: new plugins' services there).
+        self._service_nursery: trio.Nursery | None = None
         # Broker.publish's publishers, one per identity (id -> (identity, origin);
         # the identity is kept so its id is not reused).
         self._origins: dict[int, tuple[Identity, Origin]] = {}
@@ -266,8 +273,9 @@ class Broker:
         """(ready, reasons it is not): what ``/readyz`` answers.
 
         Ready once every listener is up and the sources started, while every
-        source is running and the cluster backend (if any) is reachable; not
-        while shutting down.
+        source is running, every plugin service lets it be (see
+        :mod:`broker.plugin.services`) and the cluster backend (if any) is
+        reachable; not while shutting down.
         """
         reasons: list[str] = []
         if self.stopping:
@@ -277,6 +285,10 @@ class Broker:
         for status in source_statuses(self):
             if not status["running"]:
                 reasons.append(f"source {status['name']} is {status['state']}")
+        for runner in self.services:
+            ready, problem = runner.readiness()
+            if not ready:
+                reasons.append(f"plugin {runner.label}: {problem}")
         try:
             healthy = self.engine.healthy()
         except Exception:
@@ -285,6 +297,47 @@ class Broker:
         if not healthy:
             reasons.append("cluster backend unreachable")
         return not reasons, reasons
+
+    def warnings(self) -> list[str]:
+        """What is wrong while the broker is ready anyway, one line each: the
+        problems plugin services report without holding the broker out of
+        service (``/readyz`` shows them after ``ready``)."""
+        found: list[str] = []
+        for runner in self.services:
+            ready, problem = runner.readiness()
+            if ready and problem:
+                found.append(f"plugin {runner.label}: {problem}")
+        return found
+
+    @property
+    def services(self) -> list[ServiceRunner]:
+        """The services of the plugins in force."""
+        return self.plugin_services.runners
+
+    async def start_services(self, plugins: PluginHost) -> PluginServices | None:
+        """Start the services of *plugins* (a reload's new plugin host) and
+        return them once all have started; None when the broker is not
+        serving (:meth:`serve` starts the services of the plugins in force).
+
+        Raises ConfigError or PluginError when one fails to start (the
+        others are stopped then).
+        """
+        nursery = self._service_nursery
+        if nursery is None:
+            return None
+        services = await PluginServices.collect(plugins)
+        if services.runners:
+            await nursery.start(services.run)
+        return services
+
+    def use_services(self, services: PluginServices | None) -> None:
+        """Put *services* (from :meth:`start_services`) in force, and stop
+        those they replace (synchronous: a reload calls it together with the
+        swap of the plugins)."""
+        if services is None:
+            return
+        old, self.plugin_services = self.plugin_services, services
+        old.stop()
 
     def stats_snapshot(self) -> dict[str, Any]:
         """The broker's numbers as plain JSON values (``/api/stats``)."""
@@ -342,6 +395,7 @@ class Broker:
             "plugins": list(self.config.plugins.enabled),
             "plugin_generation": self.plugins.generation,
             "sources": sources,
+            "services": [runner.snapshot() for runner in self.services],
             "last_reload": self.last_reload.as_dict() if self.last_reload else None,
         }
 
@@ -465,6 +519,7 @@ class Broker:
             log.info("listening on %s:%d%s (%s%s)", shown, port, cfg.path, mode, origin)
         for host, port in self.admin_addresses:
             log.info("admin HTTP on %s:%d (/healthz /readyz /metrics /api/stats)", host, port)
+        failed: ConfigError | PluginError | None = None
         try:
             async with trio.open_nursery() as handlers:
                 # Sources, the admin endpoints and the lag monitor run in the
@@ -475,28 +530,53 @@ class Broker:
                 if admin_listeners:
                     self.admin_server = AdminServer(self)
                     handlers.start_soon(self.admin_server.serve, admin_listeners, handlers)
-                await self._start_sources(handlers)
-                async with trio.open_nursery() as accepting:
-                    for listener in listeners:
-                        accepting.start_soon(self._accept_loop, listener, handlers)
-                    accepting.start_soon(self._heartbeat)
-                    accepting.start_soon(self._expire_identities)
-                    # Only now (listeners bound, admin up, sources started)
-                    # does serve report started: `broker serve` then sends
-                    # READY=1. Anything that must be up before READY starts
-                    # above this line.
-                    self._serving = True
-                    task_status.started(self)
-                    await self._stop.wait()
-                    accepting.cancel_scope.cancel()
-                for listener in listeners:
-                    await listener.aclose()
-                await self._drain(handlers)
+                # The plugins' services (their own background work: keys
+                # fetched from an identity provider...) before the sources
+                # and the first client; one that fails to start stops the
+                # start (ConfigError, PluginError).
+                self._service_nursery = handlers
+                try:
+                    self.use_services(await self.start_services(self.plugins))
+                except (ConfigError, PluginError) as e:
+                    # Raised below, outside the nursery: the caller gets the
+                    # error itself, not an exception group.
+                    failed = e
+                    handlers.cancel_scope.cancel()
+                else:
+                    await self._start_sources(handlers)
+                    await self._serve_clients(listeners, handlers, task_status)
         finally:
             self._serving = False
+            self._service_nursery = None
             with trio.CancelScope(shield=True):
                 for listener in [*listeners, *admin_listeners]:
                     await listener.aclose()  # closed, never shut down (socket activation)
+        if failed is not None:
+            raise failed
+
+    async def _serve_clients(
+        self,
+        listeners: list[trio.SocketListener],
+        handlers: trio.Nursery,
+        task_status: trio.TaskStatus[Broker],
+    ) -> None:
+        """Accept until :meth:`stop`, then close the listeners and drain."""
+        async with trio.open_nursery() as accepting:
+            for listener in listeners:
+                accepting.start_soon(self._accept_loop, listener, handlers)
+            accepting.start_soon(self._heartbeat)
+            accepting.start_soon(self._expire_identities)
+            # Only now (listeners bound, admin up, services and sources
+            # started) does serve report started: `broker serve` then sends
+            # READY=1. Anything that must be up before READY starts before
+            # this line.
+            self._serving = True
+            task_status.started(self)
+            await self._stop.wait()
+            accepting.cancel_scope.cancel()
+        for listener in listeners:
+            await listener.aclose()
+        await self._drain(handlers)
 
     async def _listeners(self, name: str, host: str, port: int) -> list[trio.SocketListener]:
         """Listeners for *name*: the inherited sockets, or freshly bound ones."""
@@ -812,7 +892,10 @@ class Broker:
             return self._refuse(peer, reject, "max_per_ip")
         headers: dict[str, str] = {}
         for key, text in request.headers:
-            headers[key] = f"{headers[key]}, {text}" if key in headers else text
+            # Cookie headers join with "; " (RFC 9113 8.2.3), so that
+            # Handshake.cookie reads the pairs of every one of them.
+            sep = "; " if key == "cookie" else ", "
+            headers[key] = f"{headers[key]}{sep}{text}" if key in headers else text
         handshake = Handshake(
             path=request.path,
             query={k: tuple(v) for k, v in parse_qs(request.query).items()},
