@@ -539,6 +539,12 @@ async def test_metrics_count_the_traffic(start_broker: BrokerFactory) -> None:
             broker.hub.deliver("k.x", 2, "x", None)
             assert (await slow.expect_close()).code == 1008
         await wait_until(lambda: len(broker.connections) == 5)
+        # A handler observes its handshake just after the client has its
+        # answer: the slow consumer's may not have run yet.
+        registry = broker.metrics.registry
+        await wait_until(
+            lambda: registry.get_sample_value("broker_handshake_duration_seconds_count") == 7
+        )
 
         found = await scrape(broker)
         stats = json.loads((await get(broker, "/api/stats"))[2])

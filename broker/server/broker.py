@@ -681,8 +681,12 @@ class Broker:
             # when _serve_client returns; only the connection lives on.
             started = trio.current_time()
             accepted = await self._serve_client(stream, remote)
+            # The handshake is over once answered: a refused socket's
+            # lingering (below) is not part of it.
             self.metrics.handshake_duration.observe(trio.current_time() - started)
-            if accepted is not None:
+            if remote.linger:
+                await self._linger(stream)
+            elif accepted is not None:
                 await self._run_connection(*accepted, via=remote.via)
         except Exception:
             log.exception("unexpected error serving %s:%d", *remote.client)
@@ -720,7 +724,7 @@ class Broker:
             )
             if self.ssl_context is None:  # over TLS, answering costs a handshake
                 await _send_quietly(tcp, reject_response(reject.status, reject.reason))
-                await self._linger(tcp)
+                remote.linger = True
             return None
         stream: trio.SocketStream | TLSStream = tcp
         cert: dict[str, Any] | None = None
@@ -759,8 +763,7 @@ class Broker:
                 self.stats.rejected["bad_request"] += 1
                 log.info("bad handshake from %s:%d: %d %s", *peer, e.status, e.reason)
                 await _send_quietly(stream, reject_response(e.status, e.reason, e.headers))
-                if stream is tcp:
-                    await self._linger(tcp)
+                remote.linger = stream is tcp
                 return None
             except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError) as e:
                 # The TLS handshake failed, or the client left mid-request.
@@ -790,8 +793,7 @@ class Broker:
             terms = Reject(500, "internal error")
         if isinstance(terms, Reject):
             await _send_quietly(stream, reject_response(terms.status, terms.reason))
-            if stream is tcp:
-                await self._linger(tcp)
+            remote.linger = stream is tcp
             return None
         identity, encoding, subprotocol = terms
         try:
@@ -1023,7 +1025,7 @@ class Broker:
 class _Remote:
     """The other end of one accepted socket, as the accept path learns it."""
 
-    __slots__ = ("client", "named", "tcp", "trusted")
+    __slots__ = ("client", "linger", "named", "tcp", "trusted")
 
     def __init__(self, tcp: Address, trusted: bool) -> None:
         #: The socket's peer.
@@ -1035,6 +1037,9 @@ class _Remote:
         self.client = tcp
         #: Whether a trusted proxy named the client (even as itself).
         self.named = False
+        #: Refused on plain TCP: drain what it still sends, then drop it
+        #: (Broker._linger), once the handshake is counted.
+        self.linger = False
 
     @property
     def via(self) -> str:
