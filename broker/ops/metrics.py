@@ -71,6 +71,7 @@ ENGINE_METRICS: Final = (
     ("outage_seconds", "counter", "Seconds the backend was unreachable, in all."),
     ("unavailable", "counter", "Commands answered err unavailable (backend down or slow)."),
     ("timeouts", "counter", "Backend commands not answered within [engine] timeout."),
+    ("errors", "counter", "Backend commands refused with an error no retry cures (ACL, script)."),
     ("reconnects", "counter", "Connection attempts to the backend after the first."),
     ("pending", "gauge", "Commands waiting for the backend now (at most [engine] max_pending)."),
     ("channels", "gauge", "Fan-out channels and globs this node is subscribed to."),

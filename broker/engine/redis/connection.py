@@ -42,7 +42,7 @@ import trio
 
 from broker.engine.redis.resp import Parser, ProtocolError, Push, ReplyError, Value, pack
 
-__all__ = ["ConnectionFailed", "ConnectionLost", "RedisConnection", "Target"]
+__all__ = ["ConnectionFailed", "ConnectionLost", "RedisConnection", "Reply", "Target"]
 
 log = logging.getLogger("broker.engine.redis")
 
@@ -137,18 +137,27 @@ def read_password_file(path: str) -> str:
     return lines[0] if lines else ""
 
 
-class _Reply:
+class Reply:
     """The answer to one queued command, once it comes."""
 
-    __slots__ = ("_event", "value")
+    __slots__ = ("_event", "on_set", "value")
 
     def __init__(self) -> None:
         self._event = trio.Event()
         self.value: Value | BaseException = None
+        #: Called (in the reader task) once the answer is in.
+        self.on_set: Callable[[], None] | None = None
+
+    @property
+    def ready(self) -> bool:
+        """Whether the answer (or the connection's loss) is in."""
+        return self._event.is_set()
 
     def set(self, value: Value | BaseException) -> None:
         self.value = value
         self._event.set()
+        if self.on_set is not None:
+            self.on_set()
 
     async def get(self) -> Value:
         await self._event.wait()
@@ -165,7 +174,7 @@ class RedisConnection:
         self.target = target
         self._stream: trio.abc.Stream | None = None
         self._parser = Parser()
-        self._waiting: deque[_Reply] = deque()
+        self._waiting: deque[Reply] = deque()
         self._out: list[bytes] = []
         self._wake = trio.Event()
         self._scope: trio.CancelScope | None = None
@@ -191,11 +200,11 @@ class RedisConnection:
 
     # -- commands ----------------------------------------------------------------
 
-    def request(self, *args: bytes | str | int) -> _Reply:
+    def request(self, *args: bytes | str | int) -> Reply:
         """Queue a command; its reply is awaited with ``await reply.get()``."""
         if not self.usable:
             raise ConnectionLost(self._lost_message())
-        reply = _Reply()
+        reply = Reply()
         self._waiting.append(reply)
         self._out.append(pack(args))
         self._wake.set()
@@ -354,6 +363,7 @@ class RedisConnection:
     def _lose(self, error: BaseException) -> None:
         if self.error is None:
             self.error = error
+        self._stream = None  # no longer usable: nothing new is queued on it
         self._fail_all(ConnectionLost(self._lost_message()))
         if self._scope is not None:
             self._scope.cancel()

@@ -47,7 +47,7 @@ from broker.engine.redis.layout import (
     decode_publication,
     encode,
 )
-from broker.engine.redis.links import Channel, ClusterLinks, Links, StandaloneLinks
+from broker.engine.redis.links import Call, Channel, ClusterLinks, Links, StandaloneLinks
 from broker.engine.redis.resp import Push, Value
 
 __all__ = ["LIBRARY", "SCRIPT", "RedisEngine"]
@@ -185,27 +185,43 @@ class RedisEngine:
 
     # -- publishing ----------------------------------------------------------------
 
+    def submit(self, topic: str, data: Any, key: str | None) -> _Published | None:
+        keys, op, args = self._publish_call(topic, data, key)
+        call = self._links.submit(keys, op, *args)
+        return None if call is None else _Published(call)
+
     async def publish(self, topic: str, data: Any, key: str | None) -> int:
+        keys, op, args = self._publish_call(topic, data, key)
+        seq = await self._links.eval(keys, op, *args)
+        assert isinstance(seq, int)
+        return seq
+
+    def _publish_call(
+        self, topic: str, data: Any, key: str | None
+    ) -> tuple[tuple[str], str, tuple[str | bytes | int, ...]]:
+        """The script call of a publish: its keys, op and arguments."""
         body = encode(data)
         rule = self.rule_for(topic)
         route = self._layout.route(topic, rule)
         if rule is None:
-            seq = await self._links.eval(
+            return (
                 (self._layout.plain(topic),),
                 "pub0",
-                self._candidate(),
-                body,
-                key or "",
-                self._plain_keep_ms,
-                route.channel,
-                int(route.sharded),
-                topic,
+                (
+                    self._candidate(),
+                    body,
+                    key or "",
+                    self._plain_keep_ms,
+                    route.channel,
+                    int(route.sharded),
+                    topic,
+                ),
             )
-        else:
-            cfg = rule.config
-            seq = await self._links.eval(
-                (rule.base + "rule",),
-                "pub",
+        cfg = rule.config
+        return (
+            (rule.base + "rule",),
+            "pub",
+            (
                 self._candidate(),
                 rule.base,
                 topic,
@@ -220,9 +236,8 @@ class RedisEngine:
                 route.channel,
                 route.rule_channel,
                 int(route.sharded),
-            )
-        assert isinstance(seq, int)
-        return seq
+            ),
+        )
 
     # -- interest ------------------------------------------------------------------
 
@@ -649,6 +664,20 @@ class RedisEngine:
         members = sum(len({s for s, _ in m.values()}) for m in self._members.values())
         connections = sum(len(m) for m in self._members.values())
         return PresenceStats(sum(1 for m in self._members.values() if m), members, connections)
+
+
+class _Published:
+    """A publish submitted to Redis (``Engine.submit``): its seq, once answered."""
+
+    __slots__ = ("_call",)
+
+    def __init__(self, call: Call) -> None:
+        self._call = call
+
+    async def result(self) -> int:
+        seq = await self._call.result()
+        assert isinstance(seq, int)
+        return seq
 
 
 def _seq(entry: Stored) -> int:
