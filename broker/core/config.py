@@ -453,6 +453,7 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
 # --- the tables as written, where they differ from what the broker uses ------------
 
 _QUEUE: Final = QueueConfig()
+_LIMITS: Final = LimitsConfig()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -511,6 +512,15 @@ class _Document:
     engine: EngineConfig = EngineConfig()
 
     def validate(self) -> None:
+        if self.engine.type == "redis":
+            for name in ("max_history_bytes", "max_topics"):
+                if getattr(self.limits, name) != getattr(_LIMITS, name):
+                    raise ConfigError(
+                        f"limits.{name}",
+                        'does not apply with [engine] type = "redis": what Redis keeps is '
+                        "bounded by its maxmemory and eviction policy (see docs/cluster.md, "
+                        '"Memory"); remove it',
+                    )
         for name in self.plugin:
             if name not in self.plugins.enabled:
                 raise ConfigError(

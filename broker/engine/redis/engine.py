@@ -20,12 +20,13 @@ from __future__ import annotations
 import hashlib
 import importlib.resources
 import itertools
+import json
 import logging
 import os
 import secrets
 import socket
-from collections.abc import Callable
-from typing import Any, Final
+from collections.abc import Awaitable, Callable
+from typing import Any, Final, cast
 
 import trio
 
@@ -36,7 +37,12 @@ from broker.core.presence import PresenceInfo, PresenceStats
 from broker.core.protocol import Position, Resume
 from broker.core.topics import is_pattern, pattern_matches
 from broker.engine.base import Delivery
-from broker.engine.redis.connection import Target, read_password_file
+from broker.engine.redis.connection import (
+    ConnectionLost,
+    RedisConnection,
+    Target,
+    read_password_file,
+)
 from broker.engine.redis.layout import (
     NIL,
     Layout,
@@ -48,7 +54,7 @@ from broker.engine.redis.layout import (
     encode,
 )
 from broker.engine.redis.links import Call, Channel, ClusterLinks, Links, StandaloneLinks
-from broker.engine.redis.resp import Push, Value
+from broker.engine.redis.resp import Push, ReplyError, Value
 
 __all__ = ["LIBRARY", "SCRIPT", "RedisEngine"]
 
@@ -64,8 +70,12 @@ LIBRARY: Final = "trio_broker_" + hashlib.sha1(_SOURCE.encode()).hexdigest()[:12
 SCRIPT: Final = f"#!lua name={LIBRARY}\n" + _SOURCE.replace("@NAME@", LIBRARY)
 #: Stored messages kept for sharing between replays (by topic, epoch, seq).
 REPLAY_CACHE: Final = 16_384
-#: Seconds between two prunes of a rule's topic index.
-PRUNE_INTERVAL: Final = 60.0
+#: Seconds between two censuses of what Redis keeps (the history gauges;
+#: the rules' topic indexes are pruned on the way), and before the first.
+CENSUS_INTERVAL: Final = 30.0
+CENSUS_FIRST: Final = 1.0
+#: What a census counts (``Engine.history_stats``).
+CENSUS_FIELDS: Final = ("messages", "bytes", "topics", "stored_topics", "evicted")
 #: Most topics the rule cache holds before it starts over.
 RULE_CACHE: Final = 4096
 
@@ -128,6 +138,7 @@ class RedisEngine:
         self.stats: dict[str, int] = dict.fromkeys(
             ("received", "unwanted", "resynced_connections"), 0
         )
+        self._census_counts: dict[str, int] = dict.fromkeys(CENSUS_FIELDS, 0)
         self.configure(config)
 
     # -- configuration -------------------------------------------------------------
@@ -181,7 +192,9 @@ class RedisEngine:
         return {**self._links.link_stats(), **self.stats}
 
     def history_stats(self) -> dict[str, int]:
-        return {}
+        """What the last census found (every node reports the deployment's:
+        see docs/cluster.md); zeros until the first one."""
+        return dict(self._census_counts)
 
     # -- publishing ----------------------------------------------------------------
 
@@ -314,29 +327,109 @@ class RedisEngine:
             task_status.started()
 
     async def _upkeep(self) -> None:
-        """Refresh this node's presence entries, prune the rules' topic indexes."""
+        """Refresh this node's presence entries (every ``presence_ttl / 3``);
+        take the census (soon after start, then every CENSUS_INTERVAL)."""
         refresh = self._settings.presence_ttl / 3
-        next_prune = trio.current_time() + PRUNE_INTERVAL
+        now = trio.current_time()
+        next_refresh, next_census = now + refresh, now + CENSUS_FIRST
         while True:
-            await trio.sleep(refresh)
-            if self._links.healthy():
-                try:
-                    await self._presence_refresh()
-                    if trio.current_time() >= next_prune:
-                        next_prune = trio.current_time() + PRUNE_INTERVAL
-                        await self._prune()
-                except EngineUnavailable as e:
-                    log.info("upkeep postponed: %s", e)
+            await trio.sleep_until(min(next_refresh, next_census))
+            now = trio.current_time()
+            if now >= next_refresh:
+                next_refresh = now + refresh
+                await self._upkeep_step("presence refresh", self._presence_refresh)
+            if now >= next_census:
+                next_census = now + CENSUS_INTERVAL
+                await self._upkeep_step("census", self._census)
 
-    async def _prune(self) -> None:
+    async def _upkeep_step(self, what: str, step: Callable[[], Awaitable[None]]) -> None:
+        if not self._links.healthy():
+            return
+        try:
+            await step()
+        except EngineUnavailable as e:
+            log.info("%s postponed: %s", what, e)
+        except Exception:
+            # A reply of a shape it did not expect: logged, never the end of
+            # the upkeep (nor of the broker).
+            log.exception("%s failed", what)
+
+    async def _census(self) -> None:
+        """Count what Redis keeps for the deployment (the history gauges):
+        each rule's topics, stored messages and their memory, the topics
+        without a rule, the keys Redis evicted. The rules' topic indexes are
+        pruned on the way. One node takes the census per interval (a lease in
+        Redis); the others read its result."""
+        links = self._links
+        prefix = self._layout.prefix
+        lease, key = prefix + "census:lease", prefix + "census"
+        interval_ms = round(CENSUS_INTERVAL * 1000)
+        if await links.command(lease, "SET", lease, self.node, "NX", "PX", interval_ms) is None:
+            raw = await links.command(key, "GET", key)
+            if isinstance(raw, bytes):
+                self._take_census(raw)
+            return
+        counts = await self._count()
+        self._census_counts = counts
+        await links.command(key, "SET", key, json.dumps(counts), "PX", 3 * interval_ms)
+
+    async def _count(self) -> dict[str, int]:
+        """The census itself (see :meth:`_census`)."""
+        links = self._links
+        counts = dict.fromkeys(CENSUS_FIELDS, 0)
         for rule in self._rules:
-            start: Value = 0
+            start = 0
             while True:
-                start = await self._links.eval(
-                    (rule.base + "rule",), "prune", "", rule.base, str(start)
-                )
+                reply = await links.eval((rule.base + "rule",), "census", "", rule.base, start)
+                assert isinstance(reply, list) and all(isinstance(n, int) for n in reply)
+                start, topics, stored, messages, size = reply
+                counts["topics"] += topics
+                counts["stored_topics"] += stored
+                counts["messages"] += messages
+                counts["bytes"] += size
                 if not start:
                     break
+        plain = f"{self._layout.prefix}t:{{*}}"  # a topic without a rule: its one key
+        for conn in links.primaries():
+            cursor = b"0"
+            while True:
+                reply = await self._primary_call(
+                    conn, "SCAN", cursor, "MATCH", plain, "COUNT", 1000
+                )
+                assert isinstance(reply, list)
+                cursor, found = reply
+                assert isinstance(cursor, bytes) and isinstance(found, list)
+                counts["topics"] += len(found)
+                if cursor == b"0":
+                    break
+            info = await self._primary_call(conn, "INFO", "stats")
+            assert isinstance(info, bytes)
+            counts["evicted"] += _info_field(info, b"evicted_keys")
+        return counts
+
+    def _take_census(self, raw: bytes) -> None:
+        """Another node's census (as it stored it)."""
+        try:
+            found = json.loads(raw)
+        except ValueError:
+            return
+        if isinstance(found, dict):
+            counts = {k: found.get(k) for k in CENSUS_FIELDS}
+            if all(type(v) is int for v in counts.values()):
+                self._census_counts = cast(dict[str, int], counts)
+
+    async def _primary_call(self, conn: RedisConnection, *args: bytes | str | int) -> Value:
+        """A command on one primary's connection, within ``timeout``."""
+        timeout = self._settings.timeout
+        try:
+            with trio.fail_after(timeout):
+                return await conn.call(*args)
+        except trio.TooSlowError:
+            raise EngineUnavailable(f"Redis did not answer within {timeout:g} s") from None
+        except ConnectionLost:
+            raise EngineUnavailable("the connection to Redis was lost") from None
+        except ReplyError as e:
+            raise EngineUnavailable(f"Redis refused {args[0]!s}: {e.message}") from None
 
     # -- recovery and history ------------------------------------------------------
 
@@ -678,6 +771,15 @@ class _Published:
         seq = await self._call.result()
         assert isinstance(seq, int)
         return seq
+
+
+def _info_field(info: bytes, name: bytes) -> int:
+    """An integer field of an ``INFO`` answer (0 if absent)."""
+    for line in info.splitlines():
+        if line.startswith(name + b":"):
+            value = line[len(name) + 1 :].strip()
+            return int(value) if value.isdigit() else 0
+    return 0
 
 
 def _seq(entry: Stored) -> int:

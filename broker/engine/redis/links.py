@@ -394,6 +394,38 @@ class Links:
             log.error("%s refused the engine's %r call: %s", self.label, op, error.message)
         return EngineUnavailable(f"Redis refused: {error.message}")
 
+    async def command(self, key: str, *args: bytes | str | int) -> Value:
+        """One plain command on the connection that serves *key*, within
+        ``timeout``; :class:`EngineUnavailable` when Redis cannot answer."""
+        timeout = self.settings.timeout
+        with trio.move_on_after(timeout):
+            while True:
+                conn = await self._connection_for(key)
+                try:
+                    return await conn.call(*args)
+                except ConnectionLost:
+                    self.stats["unavailable"] += 1
+                    raise EngineUnavailable("the connection to Redis was lost") from None
+                except ReplyError as e:
+                    if e.code != "MOVED":
+                        raise self._refused(str(args[0]), e) from None
+                    self.want_refresh()
+                    await self._after_moved()
+        self.stats["unavailable"] += 1
+        self.stats["timeouts"] += 1
+        raise EngineUnavailable(f"Redis did not answer within {timeout:g} s")
+
+    async def _connection_for(self, key: str) -> RedisConnection:
+        raise NotImplementedError
+
+    async def _after_moved(self) -> None:
+        """After a MOVED answer: until the slot map was read again."""
+        await trio.lowlevel.checkpoint()
+
+    def primaries(self) -> list[RedisConnection]:
+        """The usable command connection of each primary (one on one Redis)."""
+        raise NotImplementedError
+
     def _timed_out(self, stuck: list[RedisConnection]) -> EngineUnavailable:
         """A call was not answered within ``timeout``: the link is stuck (a
         slow or stalled Redis). Drop it, so that what waits on it fails now
@@ -588,6 +620,13 @@ class StandaloneLinks(Links):
     def _placeable(self, key: str) -> RedisConnection | None:
         conn = self._command.conn
         return conn if conn is not None and conn.usable else None
+
+    async def _connection_for(self, key: str) -> RedisConnection:
+        return await self._command.connection()
+
+    def primaries(self) -> list[RedisConnection]:
+        conn = self._placeable("")
+        return [] if conn is None else [conn]
 
     async def _eval(
         self,
@@ -830,6 +869,22 @@ class ClusterLinks(Links):
         link = self._commands.get(address) if address is not None else None
         conn = link.conn if link is not None else None
         return conn if conn is not None and conn.usable else None
+
+    async def _connection_for(self, key: str) -> RedisConnection:
+        while True:
+            address = self.owner(key_slot(key))
+            link = self._commands.get(address) if address is not None else None
+            if link is not None:
+                return await link.connection()
+            self.want_refresh()
+            await self._changed.wait()
+
+    async def _after_moved(self) -> None:
+        await self._refreshed.wait()
+
+    def primaries(self) -> list[RedisConnection]:
+        links = (self._commands.get(address) for address in self._primaries)
+        return [link.conn for link in links if link is not None and link.up and link.conn]
 
     async def _eval(
         self,
