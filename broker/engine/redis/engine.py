@@ -30,7 +30,7 @@ from typing import Any, Final, cast
 
 import trio
 
-from broker.core.config import Config, EngineConfig
+from broker.core.config import Config, EngineConfig, cluster_node_url
 from broker.core.errors import EngineUnavailable
 from broker.core.history import Detached, HistoryPage, Recovery, Replay, Stored, overlap
 from broker.core.presence import PresenceInfo, PresenceStats
@@ -110,13 +110,17 @@ class RedisEngine:
         self._epoch_prefix = f"{secrets.token_hex(3)}{os.getpid():x}."
         self._epochs = itertools.count(1)
         password = read_password_file(settings.password_file) or None
-        name = f"trio-broker:{self.node}"
-        if cluster:
-            target = Target(password=password, client_name=name)
-        else:
-            target = Target.from_url(
-                settings.url, password=password, tls_ca=settings.tls_ca, client_name=name
-            )
+        # On a Redis Cluster, the first startup node's URL gives the login
+        # and TLS of every node (they are checked to agree).
+        url = settings.url or cluster_node_url(settings.cluster[0])
+        target = Target.from_url(
+            url,
+            password=password,
+            tls_ca=settings.tls_ca,
+            tls_cert=settings.tls_cert,
+            tls_key=settings.tls_key,
+            client_name=f"trio-broker:{self.node}",
+        )
         links_class = ClusterLinks if cluster else StandaloneLinks
         self._links: Links = links_class(
             settings,

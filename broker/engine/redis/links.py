@@ -35,10 +35,11 @@ import math
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Final
+from urllib.parse import urlsplit
 
 import trio
 
-from broker.core.config import EngineConfig
+from broker.core.config import EngineConfig, cluster_node_url
 from broker.core.errors import EngineUnavailable
 from broker.engine.redis.connection import (
     ConnectionFailed,
@@ -135,7 +136,9 @@ class Links:
         self.target = target
         #: How logs name the Redis this node uses (never with a password).
         self.label = (
-            f"Redis Cluster ({', '.join(settings.cluster)})" if settings.cluster else target.label
+            f"Redis Cluster ({', '.join(f'{h}:{p}' for h, p in startup_nodes(settings))})"
+            if settings.cluster
+            else target.label
         )
         self._script = script
         self._function = library
@@ -293,6 +296,9 @@ class Links:
                     await conn.call("PING")
                 except ConnectionLost:
                     return
+                except ReplyError as e:  # (an ACL without PING)
+                    log.error("fan-out link: Redis refused PING: %s", e.message)
+                    return
             if scope.cancelled_caught:
                 log.warning("fan-out link: no answer to PING within %g s: reconnecting", interval)
                 conn.close()
@@ -303,11 +309,22 @@ class Links:
         await conn.call("FUNCTION", "LOAD", "REPLACE", self._script)
 
     async def _subscribe_all(self, conn: RedisConnection, link: _Link, mine: list[Channel]) -> None:
-        """A fan-out link's setup: subscribe *mine*, confirmed by a PING."""
+        """A fan-out link's setup: subscribe *mine*, each confirmed by a PING."""
+        confirms = []
         for kind, name in mine:
             conn.send(_COMMANDS[kind][0], name)
-        await conn.call("PING")
-        link.confirmed = {c for c in mine if c in self.channels}
+            confirms.append(conn.confirm())
+        refused: set[Channel] = set()
+        for channel, confirm in zip(mine, confirms, strict=True):
+            await confirm.get()
+            if confirm.errors and confirm.errors[0].code == "MOVED":
+                raise confirm.errors[0]  # a stale slot map: start over on the new one
+            if confirm.errors:
+                # (The ACL changed since it was subscribed.) Its subscribers
+                # get nothing until they subscribe again: say so.
+                refused.add(channel)
+                self._refused(f"{_COMMANDS[channel[0]][0]} {channel[1]}", confirm.errors[0])
+        link.confirmed = {c for c in mine if c in self.channels and c not in refused}
 
     # -- commands ------------------------------------------------------------------
 
@@ -522,13 +539,22 @@ class Links:
                         await trio.lowlevel.checkpoint()
                         return
                     conn = await link.connection()
+                    command = _COMMANDS[channel[0]][0]
                     try:
-                        conn.send(_COMMANDS[channel[0]][0], channel[1])
+                        conn.send(command, channel[1])
                         # Redis answers in order: once the PING is answered,
-                        # the subscription is in place.
-                        await conn.call("PING")
+                        # the subscription is in place (or was refused).
+                        confirm = conn.confirm()
+                        await confirm.get()
                     except ConnectionLost:
                         continue  # the next link subscribes it (it is in channels)
+                    if confirm.errors and confirm.errors[0].code == "MOVED":
+                        # A shard channel whose slot has moved: on the new map.
+                        self.want_refresh()
+                        await self._after_moved()
+                        continue
+                    if confirm.errors:
+                        raise self._refused(f"{command} {channel[1]}", confirm.errors[0])
                     if link.conn is conn:
                         link.confirmed.add(channel)
                     done = True
@@ -551,6 +577,7 @@ class Links:
         if not count and link is not None and link.up:
             assert link.conn is not None
             link.conn.send(_COMMANDS[channel[0]][0], channel[1])
+            link.conn.confirm()  # (takes a refusal's reply; nobody waits)
 
     def want_refresh(self) -> None:
         """The cluster's slot map may have changed (nothing to do on one Redis)."""
@@ -599,6 +626,7 @@ class Links:
             if link.up:
                 assert link.conn is not None
                 link.conn.send(_COMMANDS[channel[0]][1], channel[1])
+                link.conn.confirm()  # (takes a refusal's reply; nobody waits)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         raise NotImplementedError
@@ -680,11 +708,7 @@ class ClusterLinks(Links):
     """A Redis Cluster (see the module doc)."""
 
     def _make_links(self) -> None:
-        settings = self.settings
-        self._startup: list[Address] = []
-        for node in settings.cluster:
-            host, _, port = node.rpartition(":")
-            self._startup.append((host, int(port)))
+        self._startup: list[Address] = startup_nodes(self.settings)
         #: Slot ranges (start, end, primary), sorted; empty until known.
         self._ranges: list[tuple[int, int, Address]] = []
         self._primaries: list[Address] = []
@@ -952,6 +976,16 @@ class ClusterLinks(Links):
                 while not self._up and self._ranges:  # the per-primary links
                     await self._changed.wait()
             task_status.started()
+
+
+def startup_nodes(settings: EngineConfig) -> list[Address]:
+    """The Redis Cluster startup nodes' addresses (``host:port`` or URLs)."""
+    out: list[Address] = []
+    for node in settings.cluster:
+        parts = urlsplit(cluster_node_url(node))
+        assert parts.hostname is not None and parts.port is not None  # (validated)
+        out.append((parts.hostname, parts.port))
+    return out
 
 
 def _parse_slots(reply: Value, default_host: str) -> list[tuple[int, int, Address]]:
