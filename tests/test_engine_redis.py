@@ -579,3 +579,25 @@ async def test_a_lost_topic_index_makes_pattern_resumes_unknown(node: Node) -> N
         event = await client.recv()
         assert (event["topic"], event["data"]) == ("t.d", 1)
         await client.assert_alive()
+
+
+async def test_a_message_on_the_fanout_channels_that_is_not_a_publication_is_dropped(
+    node: Node, prefix: str
+) -> None:
+    """Anything else PUBLISHing on the prefix's channels (or brokers of
+    another wire format) must not take the node down: what it cannot read
+    is dropped, counted and logged; what follows is delivered."""
+    a, b = await node(), await node()
+    async with connect(a.url) as sub, connect(b.url) as pub:
+        await sub.sub("t.x")
+        await sub.sub("u.*", id="s2")
+        for garbage in (b"", b"m\x00", b"hello", b"m" + b"\x00" * 14 + b"t.x\xc1", b"j\xff\xff"):
+            await redis_command(URL, "PUBLISH", prefix + "m:t.x", garbage)
+        await redis_command(URL, "PUBLISH", prefix + "m:u.y", b"zz")
+        assert await pub.pub("t.x", "after") == 1
+        event = await sub.recv()
+        assert (event["topic"], event["data"]) == ("t.x", "after")
+        await sub.assert_alive()
+    stats = engine(a).engine_stats()
+    assert stats["malformed"] == 6 and stats["up"] == 1, stats
+    assert a.readiness()[0]

@@ -27,6 +27,7 @@ import trio.testing
 
 from broker import Broker
 from broker.engine.redis import RedisEngine
+from broker.engine.redis.engine import REFRESH_WINDOW
 from broker.server.session import PUBLISH_WINDOW
 from tests.conftest import BrokerFactory, merge
 from tests.helpers import RawClient, connect, mask_frame, raw_connect, wait_until
@@ -76,10 +77,14 @@ async def redis() -> AsyncIterator[RedisProcess]:
 
 
 async def start_node(
-    start_broker: BrokerFactory, url: str, prefix: str = "p:", **engine: Any
+    start_broker: BrokerFactory,
+    url: str,
+    prefix: str = "p:",
+    extra: dict[str, Any] | None = None,
+    **engine: Any,
 ) -> Broker:
     config = {"engine": {"type": "redis", "url": url, "prefix": prefix, **engine}}
-    broker = await start_broker(merge(merge(config, HISTORY), QUEUE))
+    broker = await start_broker(merge(merge(merge(config, HISTORY), QUEUE), extra or {}))
     await wait_until(lambda: broker.readiness()[0])
     return broker
 
@@ -323,3 +328,27 @@ async def test_publishes_in_flight_when_the_client_closes_are_published(
         await unpause(redis)
         assert [(await subscriber.recv())["data"] for _ in range(50)] == list(range(50))
         await wait_until(lambda: pending(node) == 0)
+
+
+async def test_the_presence_refresh_is_pipelined(
+    start_broker: BrokerFactory, redis: RedisProcess
+) -> None:
+    """A node's presence refresh (every presence_ttl / 3) is one call per
+    topic: they wait for Redis together, REFRESH_WINDOW at once, instead of
+    one round trip each."""
+    node = await start_node(start_broker, redis.url, extra={"presence": [{"pattern": "chat.>"}]})
+    topics = 300
+    async with raw_connect(node.url) as member:
+        subs = [{"op": "sub", "id": n, "topic": f"chat.{n}"} for n in range(topics)]
+        await member.send_raw(b"".join(mask_frame(0x1, json.dumps(s).encode()) for s in subs))
+        assert [(await member.recv())["id"] for _ in range(topics)] == list(range(topics))
+        engine = node.engine
+        assert isinstance(engine, RedisEngine)
+        await pause(redis)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(engine._presence_refresh)
+            await wait_until(lambda: pending(node) == REFRESH_WINDOW)
+            await unpause(redis)
+        async with connect(node.url) as watcher:
+            reply = await watcher.request({"op": "presence", "id": 1, "topic": "chat.299"})
+            assert (reply["count"], reply["connections"]) == (1, 1), reply

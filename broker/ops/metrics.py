@@ -78,6 +78,7 @@ ENGINE_METRICS: Final = (
     ("received", "counter", "Publications and presence events received from the fan-out."),
     ("unwanted", "counter", "Received publications no local subscriber wanted (glob over-match)."),
     ("duplicates", "counter", "Received twice through overlapping subscriptions (dropped)."),
+    ("malformed", "counter", "Received messages that are not a broker's publication (dropped)."),
     ("gaps", "counter", "Fan-out link restored after a loss (subscribers told to resume)."),
     ("resynced_connections", "counter", "Connections closed with 1012 after a fan-out gap."),
     ("topology_changes", "counter", "Redis Cluster slot map changes followed."),

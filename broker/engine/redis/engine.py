@@ -22,9 +22,11 @@ import importlib.resources
 import itertools
 import json
 import logging
+import math
 import os
 import secrets
 import socket
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, cast
 
@@ -74,6 +76,10 @@ REPLAY_CACHE: Final = 16_384
 #: the rules' topic indexes are pruned on the way), and before the first.
 CENSUS_INTERVAL: Final = 30.0
 CENSUS_FIRST: Final = 1.0
+#: Presence refresh calls in flight at once.
+REFRESH_WINDOW: Final = 256
+#: Seconds between two log lines about fan-out messages that are not a broker's.
+MALFORMED_LOG_INTERVAL: Final = 10.0
 #: What a census counts (``Engine.history_stats``).
 CENSUS_FIELDS: Final = ("messages", "bytes", "topics", "stored_topics", "evicted")
 #: Most topics the rule cache holds before it starts over.
@@ -140,8 +146,9 @@ class RedisEngine:
         #: Stored messages shared between concurrent replays.
         self._replays: dict[tuple[str, str, int], Stored] = {}
         self.stats: dict[str, int] = dict.fromkeys(
-            ("received", "unwanted", "resynced_connections"), 0
+            ("received", "unwanted", "resynced_connections", "malformed"), 0
         )
+        self._next_malformed_log = -math.inf
         self._census_counts: dict[str, int] = dict.fromkeys(CENSUS_FIELDS, 0)
         self.configure(config)
 
@@ -301,21 +308,36 @@ class RedisEngine:
             payload = push[3]
         else:
             return  # (un)subscribe confirmations
-        assert isinstance(payload, bytes)
         self.stats["received"] += 1
-        tag = payload[0]
-        if tag == 0x6D:  # "m"
-            pub = decode_publication(payload)
-            if pub.seq == 1:
-                n = self._delivery.deliver(pub.topic, 1, pub.data, pub.key, pub.epoch)
+        try:
+            assert isinstance(payload, bytes)
+            tag = payload[0]
+            if tag == 0x6D:  # "m"
+                pub = decode_publication(payload)
+                if pub.seq == 1:
+                    n = self._delivery.deliver(pub.topic, 1, pub.data, pub.key, pub.epoch)
+                else:
+                    n = self._delivery.deliver(pub.topic, pub.seq, pub.data, pub.key)
+            elif tag == 0x6A or tag == 0x6C:  # "j", "l"
+                topic, member = decode_event(payload)
+                member["connections"] = 1 if tag == 0x6A else 0
+                n = self._delivery.presence_event(topic, "join" if tag == 0x6A else "leave", member)
             else:
-                n = self._delivery.deliver(pub.topic, pub.seq, pub.data, pub.key)
-        elif tag == 0x6A or tag == 0x6C:  # "j", "l"
-            topic, member = decode_event(payload)
-            member["connections"] = 1 if tag == 0x6A else 0
-            n = self._delivery.presence_event(topic, "join" if tag == 0x6A else "leave", member)
-        else:
-            log.warning("fan-out: a message of unknown kind %r", payload[:1])
+                raise ValueError(f"a message of unknown kind {payload[:1]!r}")
+        except Exception as e:
+            # Not a broker's (something else PUBLISHes on the prefix's
+            # channels, or a broker of another wire format): dropped and
+            # counted; the fan-out reader, and the node, go on.
+            self.stats["malformed"] += 1
+            now = trio.current_time()
+            if now >= self._next_malformed_log:
+                self._next_malformed_log = now + MALFORMED_LOG_INTERVAL
+                log.warning(
+                    "fan-out: dropped a message on %r that is not a broker's publication (%s: %s)",
+                    push[1 if kind != _PMESSAGE else 2],
+                    type(e).__name__,
+                    e,
+                )
             return
         if not n:
             self.stats["unwanted"] += 1
@@ -723,18 +745,27 @@ class RedisEngine:
 
     async def _presence_refresh(self) -> None:
         """Tell Redis this node's members are still there (and bring it in
-        line with them after an outage or a sweep)."""
+        line with them after an outage or a sweep): one call per topic,
+        pipelined (REFRESH_WINDOW at once), not one round trip each."""
+        links = self._links
+        waiting: deque[Call] = deque()
         for topic in list(self._members):
             members = self._members.get(topic, {})
             args: list[str | int | bytes] = []
             for connection, (subject, fields) in members.items():
                 args += [connection, subject, fields]
             keys, where = self._presence_args(topic)
-            await self._links.eval(
-                keys, "pjoin", *where, self.node, self._presence_ttl_ms, 1, *args
-            )
+            call = links.submit(keys, "pjoin", *where, self.node, self._presence_ttl_ms, 1, *args)
+            if call is None:  # max_pending calls wait already
+                await links.eval(keys, "pjoin", *where, self.node, self._presence_ttl_ms, 1, *args)
+            else:
+                waiting.append(call)
+                if len(waiting) >= REFRESH_WINDOW:
+                    await waiting.popleft().result()
             if not members:
                 self._members.pop(topic, None)
+        while waiting:
+            await waiting.popleft().result()
         self._delivery.flush()
 
     async def presence(self, topic: str, max_members: int) -> PresenceInfo:

@@ -97,7 +97,7 @@ class _Link:
         self.was_up = False
         self.scope: trio.CancelScope | None = None
         #: The payload of the last message this link brought (see _push).
-        self.last = b""
+        self.last: bytes | None = None
 
     @property
     def up(self) -> bool:
