@@ -226,3 +226,14 @@ async def test_a_redis_cluster_over_tls_with_an_acl_user(
         await acts_as_one(a, b)
         assert len(engine(a)._links.primaries()) == 3
     assert PASSWORD not in caplog.text
+
+
+async def test_a_redis_without_functions_is_named_too_old(
+    start_broker: BrokerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis 6 has no FUNCTION (here: a Redis 7 with the command renamed
+    away): the broker stays not ready and says what it needs."""
+    async with open_redis("--rename-command", "FUNCTION", "") as redis:
+        node = await start_node(start_broker, url=redis.url, connect_timeout=0.5)
+        assert not node.readiness()[0]
+        await wait_until(lambda: "needs Redis 7 or later" in caplog.text)

@@ -113,7 +113,10 @@ class RedisEngine:
         self._layout = Layout(settings.prefix, cluster=cluster)
         #: This process among the nodes (presence entries, epochs, client names).
         self.node = f"{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(3)}"
-        self._epoch_prefix = f"{secrets.token_hex(3)}{os.getpid():x}."
+        # 64 random bits: two processes (over every node and restart) that
+        # drew the same prefix could give one topic the same epoch twice, and
+        # a client resuming across both would be replayed a wrong history.
+        self._epoch_prefix = f"{secrets.token_hex(8)}{os.getpid():x}."
         self._epochs = itertools.count(1)
         password = read_password_file(settings.password_file) or None
         # On a Redis Cluster, the first startup node's URL gives the login

@@ -306,7 +306,14 @@ class Links:
 
     async def _command_setup(self, conn: RedisConnection) -> None:
         await conn.server_run_id()
-        await conn.call("FUNCTION", "LOAD", "REPLACE", self._script)
+        try:
+            await conn.call("FUNCTION", "LOAD", "REPLACE", self._script)
+        except ReplyError as e:
+            if "unknown command" in e.message.lower():
+                raise ReplyError(
+                    f"ERR the Redis engine needs Redis 7 or later (FUNCTION LOAD: {e.message})"
+                ) from None
+            raise
 
     async def _subscribe_all(self, conn: RedisConnection, link: _Link, mine: list[Channel]) -> None:
         """A fan-out link's setup: subscribe *mine*, each confirmed by a PING."""
