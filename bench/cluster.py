@@ -1,6 +1,6 @@
 """Benchmarks of the Redis engine: several brokers on one Redis.
 
-    python3 bench/cluster.py                 # 3 repeats (~6 min)
+    python3 bench/cluster.py                 # 3 repeats (~10 min)
     python3 bench/cluster.py --quick         # 1 repeat, short windows
 
 Scenarios (each variant in the same run, on fresh processes, interleaved):
@@ -16,6 +16,9 @@ Scenarios (each variant in the same run, on fresh processes, interleaved):
   300 s), no subscriber (gen/loadgen.mjs ``publish``): acked publishes/s and
   the ack latency p50/p99, on the Redis engine and on the in-process one.
   ``publish-history-64``: the same with 64 publishers, 2 in flight each.
+  ``publish-1conn``: one publisher connection with 128 acked publishes in
+  flight (the rate one connection gets: its publishes are pipelined to
+  Redis), same topics and rule.
 * ``reuseport``: ``fanout-1000`` against one port served by one broker
   process, then by two processes with ``SO_REUSEPORT`` sockets passed the
   systemd way (examples/systemd/trio-broker@.socket), both on the Redis
@@ -220,8 +223,8 @@ def run_variant(
                 brokers = [b, a]
                 cfg["pub_port"] = a.launch.ws_port
                 cfg["aux_pids"] = [a.pid]
-        elif scenario.startswith("publish-history"):
-            publishers = 64 if scenario.endswith("-64") else 8
+        elif scenario.startswith("publish-"):
+            publishers = {"publish-history-64": 64, "publish-1conn": 1}.get(scenario, 8)
             cfg = {
                 "scenario": "publish",
                 "n": publishers,
@@ -244,7 +247,7 @@ def run_variant(
                 cfg["broker_pids"] = [brokers[1].pid]
         else:
             raise ValueError(scenario)
-        if not scenario.startswith("publish-history") or variant == "redis":
+        if not scenario.startswith("publish-") or variant == "redis":
             cfg.setdefault("aux_pids", [])
             if variant != "single" and variant != "memory":
                 cfg["aux_pids"] = [*cfg["aux_pids"], redis.proc.pid]
@@ -271,6 +274,7 @@ VARIANTS = {
     "fanout-1000": ("single", "redis-local", "cross-node"),
     "publish-history": ("memory", "redis"),
     "publish-history-64": ("memory", "redis"),
+    "publish-1conn": ("memory", "redis"),
     "reuseport": ("1-process", "2-processes"),
 }
 
@@ -317,7 +321,11 @@ def render(summary: dict[str, dict[str, dict[str, Any]]], meta: dict[str, Any]) 
                 f"| {m.get('aux_cpu', '')} | {m.get('gen_cpu', '')} |"
             )
         lines.append("")
-    for scenario, shape in (("publish-history", "8 x 16"), ("publish-history-64", "64 x 2")):
+    for scenario, shape in (
+        ("publish-history", "8 x 16"),
+        ("publish-history-64", "64 x 2"),
+        ("publish-1conn", "1 x 128"),
+    ):
         pub = summary.get(scenario, {})
         if not pub:
             continue

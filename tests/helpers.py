@@ -144,6 +144,10 @@ async def connect(
             assert ws.subprotocol == subprotocol
             yield Client(ws, subprotocol)
         finally:
+            # trio-websocket's reader may be stuck handing over a message the
+            # test did not read (its queue holds one): closing the queue frees
+            # it, or its aclose waits for it for ever once the socket is gone.
+            await ws._recv_channel.aclose()
             # trio-websocket's client leaves its socket open when the broker
             # closed first (it waits for a TCP close it never acts on).
             await trio.aclose_forcefully(ws._stream)

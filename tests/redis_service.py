@@ -8,6 +8,8 @@
   directory, for the tests that stop, kill, slow down or restart Redis; a
   Redis Cluster is three of them (:func:`open_cluster`).
 * :func:`redis_command` sends one command with the engine's own connection.
+* :class:`TlsFiles`: a CA, a server certificate for 127.0.0.1 and a client
+  certificate (trustme), for a ``redis-server`` serving TLS only.
 
 Every wait is on a process or a socket, bounded (no sleeps as synchronisation).
 """
@@ -22,10 +24,12 @@ import tempfile
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import trio
+import trustme
 
 from broker.engine.redis.connection import RedisConnection, Target
 from broker.engine.redis.resp import Value
@@ -64,10 +68,41 @@ def unique_prefix() -> str:
     return f"tbtest:{uuid.uuid4().hex[:12]}:"
 
 
-async def redis_command(url: str, *args: bytes | str | int) -> Value:
-    """One command on a fresh connection to *url*."""
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files of a test CA, a server certificate (127.0.0.1, localhost)
+    and a client certificate, all issued by it."""
+
+    ca: str
+    server_cert: str
+    server_key: str
+    client_cert: str
+    client_key: str
+
+    @classmethod
+    def make(cls, directory: Path) -> TlsFiles:
+        ca = trustme.CA()
+        paths = {name: str(directory / f"{name}.pem") for name in cls.__dataclass_fields__}
+        ca.cert_pem.write_to_path(paths["ca"])
+        for who, cert in (
+            ("server", ca.issue_cert("127.0.0.1", "localhost")),
+            ("client", ca.issue_cert("broker.example")),
+        ):
+            cert.cert_chain_pems[0].write_to_path(paths[f"{who}_cert"])
+            cert.private_key_pem.write_to_path(paths[f"{who}_key"])
+        return cls(**paths)
+
+    def target(self, url: str) -> Target:
+        return Target.from_url(
+            url, tls_ca=self.ca, tls_cert=self.client_cert, tls_key=self.client_key
+        )
+
+
+async def redis_command(url: str | Target, *args: bytes | str | int) -> Value:
+    """One command on a fresh connection to *url* (or *Target*)."""
+    target = Target.from_url(url) if isinstance(url, str) else url
     async with trio.open_nursery() as nursery:
-        conn = await nursery.start(RedisConnection(Target.from_url(url)).run, WAIT)
+        conn = await nursery.start(RedisConnection(target).run, WAIT)
         try:
             with trio.fail_after(WAIT):
                 return await conn.call(*args)
@@ -94,17 +129,30 @@ async def delete_prefix(url: str, prefix: str) -> None:
 
 
 class RedisProcess:
-    """One ``redis-server`` of a test's own (no persistence unless asked)."""
+    """One ``redis-server`` of a test's own (no persistence unless asked);
+    with *tls*, it serves TLS only (client certificates optional)."""
 
-    def __init__(self, directory: Path, port: int | None = None, *extra: str) -> None:
+    def __init__(
+        self, directory: Path, port: int | None = None, *extra: str, tls: TlsFiles | None = None
+    ) -> None:
         self.directory = directory
         self.port = port or free_port()
         self.extra = extra
+        self.tls = tls
         self.process: trio.Process | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        scheme = "rediss" if self.tls is not None else "redis"
+        return f"{scheme}://127.0.0.1:{self.port}/0"
+
+    @property
+    def target(self) -> Target:
+        """How the tests reach it (the default user; the client certificate)."""
+        return self.tls.target(self.url) if self.tls is not None else Target.from_url(self.url)
+
+    async def command(self, *args: bytes | str | int) -> Value:
+        return await redis_command(self.target, *args)
 
     @property
     def address(self) -> str:
@@ -112,10 +160,15 @@ class RedisProcess:
 
     async def start(self) -> None:
         assert REDIS_SERVER is not None
+        tls = self.tls
+        listen = ["--port", str(self.port)]
+        if tls is not None:
+            listen = ["--port", "0", "--tls-port", str(self.port)]
+            listen += ["--tls-cert-file", tls.server_cert, "--tls-key-file", tls.server_key]
+            listen += ["--tls-ca-cert-file", tls.ca, "--tls-auth-clients", "optional"]
         argv = [
             REDIS_SERVER,
-            "--port",
-            str(self.port),
+            *listen,
             "--bind",
             "127.0.0.1",
             "--save",
@@ -143,7 +196,7 @@ class RedisProcess:
             while True:
                 assert self.process is not None and self.process.returncode is None, self.log_text()
                 try:
-                    if await redis_command(self.url, "PING") == b"PONG":
+                    if await self.command("PING") == b"PONG":
                         return
                 except Exception:
                     pass
@@ -172,10 +225,10 @@ class RedisProcess:
 
 
 @asynccontextmanager
-async def open_redis(*extra: str) -> AsyncIterator[RedisProcess]:
+async def open_redis(*extra: str, tls: TlsFiles | None = None) -> AsyncIterator[RedisProcess]:
     """A ``redis-server`` on a free port, killed at the end."""
     directory = Path(tempfile.mkdtemp(prefix="tb-redis-"))
-    server = RedisProcess(directory, None, *extra)
+    server = RedisProcess(directory, None, *extra, tls=tls)
     try:
         await server.start()
         yield server
@@ -186,8 +239,11 @@ async def open_redis(*extra: str) -> AsyncIterator[RedisProcess]:
 
 
 @asynccontextmanager
-async def open_cluster(masters: int = 3, replicas: int = 0) -> AsyncIterator[list[RedisProcess]]:
-    """A Redis Cluster of *masters* (and *replicas* per master) on free ports."""
+async def open_cluster(
+    masters: int = 3, replicas: int = 0, *extra: str, tls: TlsFiles | None = None
+) -> AsyncIterator[list[RedisProcess]]:
+    """A Redis Cluster of *masters* (and *replicas* per master) on free
+    ports; with *tls*, TLS only (the cluster bus and replication too)."""
     directory = Path(tempfile.mkdtemp(prefix="tb-cluster-"))
     servers: list[RedisProcess] = []
     try:
@@ -208,10 +264,25 @@ async def open_cluster(masters: int = 3, replicas: int = 0) -> AsyncIterator[lis
                 # is young; the default may refuse to fail over).
                 "--cluster-replica-validity-factor",
                 "0",
+                *(("--tls-cluster", "yes", "--tls-replication", "yes") if tls else ()),
+                *extra,
+                tls=tls,
             )
             await server.start()
             servers.append(server)
+        login = []
+        if tls is not None:
+            login = [
+                "--tls",
+                "--cacert",
+                tls.ca,
+                "--cert",
+                tls.client_cert,
+                "--key",
+                tls.client_key,
+            ]
         await cli(
+            *login,
             "--cluster",
             "create",
             *(s.address for s in servers),
@@ -250,7 +321,7 @@ async def wait_cluster_ok(servers: Sequence[RedisProcess]) -> None:
             for server in servers:
                 if server.process is None:
                     continue
-                info = await redis_command(server.url, "CLUSTER", "INFO")
+                info = await server.command("CLUSTER", "INFO")
                 assert isinstance(info, bytes)
                 states.append(b"cluster_state:ok" in info)
             if all(states):

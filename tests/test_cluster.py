@@ -11,6 +11,7 @@ the brokers follow a failover and a moved slot, and report what was lost.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from broker.engine.redis import RedisEngine
 from broker.engine.redis.layout import key_slot
 from broker.ops.reload import reload_broker
 from tests.conftest import BrokerFactory, merge
-from tests.helpers import connect, wait_until
+from tests.helpers import connect, mask_frame, raw_connect, wait_until
 from tests.redis_service import (
     RedisProcess,
     needs_redis_server,
@@ -174,6 +175,8 @@ async def test_the_brokers_follow_a_failover_and_report_what_was_lost(
             assert reply["recovered"] is False and reply["epoch"] != ok["epoch"]
             assert reply["seq"] == 1
         for broker in (a, b):
+            # Its sharded links start over on the new map (with backoff).
+            await wait_until(lambda: broker.readiness()[0], 10)  # noqa: B023
             stats = engine(broker).engine_stats()
             assert stats["topology_changes"] >= 1 and stats["up"] == 1, stats
 
@@ -212,6 +215,63 @@ async def test_the_brokers_follow_a_moved_slot(
         assert reply["recovered"] is False
         await pub_and_receive(a, again, "t.x")
     assert (await owner_of(cluster, rule.base)) is destination
+
+
+async def test_pipelined_publishes_keep_their_order_across_a_moved_slot(
+    start_broker: BrokerFactory, cluster: list[RedisProcess]
+) -> None:
+    """A client keeps 50 publishes in flight while its topic's slot moves to
+    another primary: the calls sent to the old owner are answered MOVED (or
+    ASK) and go to the new one before any later call does, so the acks, in
+    the client's order, carry increasing seqs: one epoch, then (the new
+    owner cannot vouch for the old writes) a new one from seq 1."""
+    node = node_factory(start_broker, cluster)
+    a = await node(HISTORY)
+    rule = engine(a).rule_for("t.x")
+    assert rule is not None
+    source = await owner_of(cluster, rule.base)
+    destination = next(s for s in cluster if s is not source)
+    got: list[dict[str, Any]] = []
+    moved = trio.Event()
+
+    async def publisher() -> None:
+        async with raw_connect(a.url) as client:
+            n = 0
+            end: int | None = None  # 500 more once the slot moved
+            while end is None or n < end:
+                if end is None and moved.is_set():
+                    end = n + 500
+                frames = [
+                    mask_frame(
+                        0x1,
+                        json.dumps({"op": "pub", "id": n + i, "topic": "t.x", "data": i}).encode(),
+                    )
+                    for i in range(50)
+                ]
+                await client.send_raw(b"".join(frames))
+                got.extend([await client.recv() for _ in range(50)])
+                n += 50
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(publisher)
+            await wait_until(lambda: len(got) >= 200)
+            await move_slot(cluster, key_slot(rule.base), source, destination)
+            moved.set()
+    assert [r["id"] for r in got] == list(range(len(got)))
+    assert {r.get("code") for r in got if r["op"] == "err"} <= {"unavailable"}
+    seqs = [r["seq"] for r in got if r["op"] == "ok"]
+    epochs = [seqs[:1]]
+    for seq in seqs[1:]:
+        if seq == 1:
+            epochs.append([seq])
+        else:
+            epochs[-1].append(seq)
+    assert len(epochs) == 2, [e[:3] for e in epochs]
+    for epoch in epochs:
+        assert epoch == sorted(epoch) and len(set(epoch)) == len(epoch)
+    assert (await owner_of(cluster, rule.base)) is destination
+    assert engine(a).engine_stats()["pending"] == 0
 
 
 async def pub_and_receive(publisher: Broker, client: Any, topic: str) -> None:

@@ -1,5 +1,5 @@
 """Smoke test of the Redis engine's benchmark (bench/cluster.py): one tiny
-run of its cheapest scenario, which starts its own redis-server and brokers.
+run of its cheapest scenarios, which start their own redis-server and brokers.
 Skipped where node or redis-server is missing."""
 
 from __future__ import annotations
@@ -23,12 +23,14 @@ pytestmark = pytest.mark.skipif(
 def test_cluster_bench_runs_and_writes_its_results(tmp_path: Path) -> None:
     out = tmp_path / "cluster.json"
     argv = [sys.executable, str(ROOT / "bench" / "cluster.py"), "--quick", "--duration", "1"]
-    argv += ["--warmup", "0", "--scenarios", "publish-history", "--python", sys.executable]
+    argv += ["--warmup", "0", "--scenarios", "publish-history,publish-1conn"]
+    argv += ["--python", sys.executable]
     argv += ["--out", str(out)]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
     data = json.loads(out.read_text())
-    summary = data["summary"]["publish-history"]
-    assert summary["memory"]["acked_per_s"] > 0
-    assert summary["redis"]["acked_per_s"] > 0
-    assert "| publish-history" in result.stdout
+    for scenario in ("publish-history", "publish-1conn"):
+        summary = data["summary"][scenario]
+        assert summary["memory"]["acked_per_s"] > 0
+        assert summary["redis"]["acked_per_s"] > 0
+        assert f"| {scenario}" in result.stdout

@@ -23,6 +23,7 @@ from broker.engine.redis import RedisEngine
 from tests.conftest import BrokerFactory, merge
 from tests.helpers import ENCODINGS, MSGPACK, Client, EncodingName, connect, wait_until
 from tests.redis_service import delete_prefix, needs_machine_redis, redis_command, unique_prefix
+from tests.service import http_get
 
 pytestmark = needs_machine_redis
 
@@ -71,6 +72,11 @@ async def test_engine_config_is_checked_with_the_key_named() -> None:
         config_from_dict({"engine": {"type": "redis", "url": URL, "cluster": ["a:1"]}})
     with pytest.raises(ConfigError, match=r"engine\.url: must be a redis://"):
         config_from_dict({"engine": {"type": "redis", "url": "http://x"}})
+    # The in-process engine's memory bounds do not bound Redis: refused, not ignored.
+    for key in ("max_history_bytes", "max_topics"):
+        with pytest.raises(ConfigError, match=rf"limits\.{key}: does not apply .* maxmemory"):
+            config_from_dict({"engine": {"type": "redis", "url": URL}, "limits": {key: 1000}})
+    config_from_dict({"engine": {"type": "redis", "url": URL}, "limits": {"topic_idle": 60}})
 
 
 @ENCODINGS
@@ -497,9 +503,9 @@ async def test_the_topic_index_forgets_expired_topics_and_says_so(node: Node, pr
         rule = engine(a).rule_for("t.gone")
         assert rule is not None
         await redis_command(URL, "DEL", rule.base + "m:t.gone", rule.base + "s:t.gone")
-        await engine(a)._prune()
+        await engine(a)._count()
         topics = await redis_command(URL, "ZRANGE", rule.base + "topics", 0, -1)
-        assert topics == [b"t.kept"]
+        assert topics == [b"", b"t.kept"]  # (b"": the index is whole)
         reply = await client.request(
             {"op": "sub", "id": 3, "topic": "t.*", "since": {"cursor": ok["cursor"], "topics": {}}}
         )
@@ -507,3 +513,91 @@ async def test_the_topic_index_forgets_expired_topics_and_says_so(node: Node, pr
         event = await client.recv()  # t.kept is replayed all the same
         assert (event["topic"], event["data"]) == ("t.kept", 1)
         await client.assert_alive()
+
+
+async def test_the_history_gauges_count_what_redis_keeps(node: Node, prefix: str) -> None:
+    """The census: one node counts what Redis keeps for the deployment (the
+    rules' topics, their stored messages and memory, the topics without a
+    rule), the others read its count; /metrics and /api/stats show it."""
+    rules = {
+        "history": [
+            {"pattern": "t.>", "size": 100, "ttl": 60.0},
+            {"pattern": "book.*", "size": 0, "snapshot": True},
+        ]
+    }
+    a, b = await node(rules), await node(rules)
+    async with connect(a.url) as pub:
+        for n in range(5):
+            await pub.pub("t.a", n)
+        for n in range(2):
+            await pub.pub("t.b", n)
+        await pub.pub("book.X", 1, key="k")  # a snapshot, no stream
+        await pub.pub("u.a", 1)  # no rule: a position only
+        await pub.pub("u.b", 1)
+    await redis_command(URL, "DEL", prefix + "census:lease")
+    await engine(a)._census()  # takes the lease: counts
+    await engine(b)._census()  # the lease is a's: reads a's count
+    for broker in (a, b):
+        history = broker.stats_snapshot()["history"]
+        assert (history["messages"], history["topics"], history["stored_topics"]) == (7, 5, 3)
+        assert history["bytes"] > 7 * 10 and history["evicted"] >= 0, history
+    host, port = b.admin_addresses[0]
+    _, _, metrics = await http_get(host, port, "/metrics")
+    assert b"broker_history_messages 7.0" in metrics
+    assert b"broker_history_topics 5.0" in metrics
+
+
+async def test_a_lost_topic_index_makes_pattern_resumes_unknown(node: Node) -> None:
+    """A rule's index of topics evicted (allkeys-* maxmemory policies may):
+    a pattern resume cannot know which topics it held, so it answers
+    recovered false with unknown, never recovered true with a topic
+    missed; the census marks the loss, and cursors given after it resume
+    fully again."""
+    a = await node(HISTORY)
+    rule = engine(a).rule_for("t.a")
+    assert rule is not None
+    async with connect(a.url) as client:
+        ok = await client.request({"op": "sub", "id": 1, "topic": "t.*"})
+        await client.request({"op": "unsub", "id": 2, "topic": "t.*"})
+        await client.pub("t.a", 1)
+        await client.pub("t.c", 1)  # a topic the resuming client does not know
+        await redis_command(URL, "DEL", rule.base + "topics")
+        since = {"cursor": ok["cursor"], "topics": {}}
+        reply = await client.request({"op": "sub", "id": 3, "topic": "t.*", "since": since})
+        assert reply["recovered"] is False and reply["unknown"] is True, reply
+        await client.request({"op": "unsub", "id": 4, "topic": "t.*"})
+        await engine(a)._count()  # the census marks the loss
+        reply = await client.request({"op": "sub", "id": 5, "topic": "t.*", "since": since})
+        assert reply["recovered"] is False and reply["unknown"] is True, reply
+        await client.request({"op": "unsub", "id": 6, "topic": "t.*"})
+        fresh = await client.request({"op": "sub", "id": 7, "topic": "t.*"})
+        await client.request({"op": "unsub", "id": 8, "topic": "t.*"})
+        await client.pub("t.d", 1)
+        since = {"cursor": fresh["cursor"], "topics": {}}
+        reply = await client.request({"op": "sub", "id": 9, "topic": "t.*", "since": since})
+        assert reply["recovered"] is True, reply
+        event = await client.recv()
+        assert (event["topic"], event["data"]) == ("t.d", 1)
+        await client.assert_alive()
+
+
+async def test_a_message_on_the_fanout_channels_that_is_not_a_publication_is_dropped(
+    node: Node, prefix: str
+) -> None:
+    """Anything else PUBLISHing on the prefix's channels (or brokers of
+    another wire format) must not take the node down: what it cannot read
+    is dropped, counted and logged; what follows is delivered."""
+    a, b = await node(), await node()
+    async with connect(a.url) as sub, connect(b.url) as pub:
+        await sub.sub("t.x")
+        await sub.sub("u.*", id="s2")
+        for garbage in (b"", b"m\x00", b"hello", b"m" + b"\x00" * 14 + b"t.x\xc1", b"j\xff\xff"):
+            await redis_command(URL, "PUBLISH", prefix + "m:t.x", garbage)
+        await redis_command(URL, "PUBLISH", prefix + "m:u.y", b"zz")
+        assert await pub.pub("t.x", "after") == 1
+        event = await sub.recv()
+        assert (event["topic"], event["data"]) == ("t.x", "after")
+        await sub.assert_alive()
+    stats = engine(a).engine_stats()
+    assert stats["malformed"] == 6 and stats["up"] == 1, stats
+    assert a.readiness()[0]

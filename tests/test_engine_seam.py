@@ -13,6 +13,12 @@ Whatever interleaves, every subscriber must get every topic's messages
 exactly once, in ``seq`` order, with each publisher's messages in the order
 it sent them.
 
+Its publishes are pipelined as a Redis engine's are (``Engine.submit``):
+the atomic step happens in the call, the answer comes after random yields
+(or, now and then, not at all: ``unavailable``), and one submit in ten is
+refused for the caller to ``publish`` instead. ``pipelined=False`` makes
+every submit refused: publishes then await the engine one at a time.
+
 Presence goes the same way: joins and leaves yield around the atomic step
 that updates the table, and their events reach the hub from the engine's
 own task, as a remote node's would (tests/test_server_presence.py runs over it).
@@ -29,6 +35,7 @@ import trio
 
 from broker import Broker
 from broker.core.config import Config
+from broker.core.errors import EngineUnavailable
 from broker.core.history import History, HistoryPage, Recovery, Replay
 from broker.core.presence import PresenceInfo, PresenceStats, PresenceTable
 from broker.core.protocol import Position
@@ -46,9 +53,15 @@ class YieldingEngine:
     tracks_interest = True
     delivers_inline = False
 
-    def __init__(self, delivery: Delivery, seed: int) -> None:
+    def __init__(
+        self, delivery: Delivery, seed: int, *, pipelined: bool = True, fail_rate: float = 0.0
+    ) -> None:
         self._delivery = delivery
         self._rng = random.Random(seed)
+        self.pipelined = pipelined
+        #: Share of submitted publishes whose answer is lost (numbered all
+        #: the same, as a Redis script that ran before its connection failed).
+        self.fail_rate = fail_rate
         self.log = History(
             (), clock=trio.current_time, max_bytes=1 << 26, max_topics=1 << 20, idle=600.0
         )
@@ -63,16 +76,26 @@ class YieldingEngine:
         for _ in range(self._rng.randint(0, most)):
             await trio.lowlevel.checkpoint()
 
-    async def publish(self, topic: str, data: Any, key: str | None) -> int:
-        await self._yield()
-        # The atomic step: number (and store) the message and fix its place
-        # in the stream.
+    def _append(self, topic: str, data: Any, key: str | None) -> int:
+        """The atomic step: number (and store) the message and fix its
+        place in the stream."""
         seq, epoch = self.log.append(topic, data, key)
         self._stream.append((topic, seq, data, key, epoch))
         self._more.set()
         self.published += 1
+        return seq
+
+    async def publish(self, topic: str, data: Any, key: str | None) -> int:
+        await self._yield()
+        seq = self._append(topic, data, key)
         await self._yield()
         return seq
+
+    def submit(self, topic: str, data: Any, key: str | None) -> _Answer | None:
+        if not self.pipelined or self._rng.random() < 0.1:
+            return None  # "not now": the caller awaits publish instead
+        seq = self._append(topic, data, key)
+        return _Answer(self, seq, self._rng.random() < self.fail_rate)
 
     async def subscribe(self, pattern: str) -> None:
         await self._yield()
@@ -155,14 +178,34 @@ class YieldingEngine:
         return self.presence_table.stats()
 
 
+class _Answer:
+    """A YieldingEngine publish's answer, after random yields."""
+
+    def __init__(self, engine: YieldingEngine, seq: int, lost: bool) -> None:
+        self._engine = engine
+        self._seq = seq
+        self._lost = lost
+
+    async def result(self) -> int:
+        await self._engine._yield(5)
+        if self._lost:
+            raise EngineUnavailable("the answer was lost")
+        return self._seq
+
+
 async def start_yielding(
-    config: dict[str, Any] | None = None, *, start_broker: BrokerFactory, seed: int
+    config: dict[str, Any] | None = None,
+    *,
+    start_broker: BrokerFactory,
+    seed: int,
+    pipelined: bool = True,
+    fail_rate: float = 0.0,
 ) -> tuple[Broker, YieldingEngine]:
     """A broker over a YieldingEngine, and the engine."""
     engines: list[YieldingEngine] = []
 
     def make(delivery: Delivery) -> YieldingEngine:
-        engines.append(YieldingEngine(delivery, seed))
+        engines.append(YieldingEngine(delivery, seed, pipelined=pipelined, fail_rate=fail_rate))
         return engines[-1]
 
     broker = await start_broker(config, engine=make)
@@ -184,12 +227,16 @@ async def collect(client: Client, expected: int) -> list[dict[str, Any]]:
     return got
 
 
+@pytest.mark.parametrize("pipelined", [True, False], ids=["pipelined", "awaited"])
 @pytest.mark.parametrize("seed", [1, 2, 3])
 async def test_order_and_exactly_once_over_an_awaiting_engine(
-    start_broker: BrokerFactory, seed: int
+    start_broker: BrokerFactory, seed: int, pipelined: bool
 ) -> None:
     broker, engine = await start_yielding(
-        {"queue": {"max_messages": 10_000}}, start_broker=start_broker, seed=seed
+        {"queue": {"max_messages": 10_000}},
+        start_broker=start_broker,
+        seed=seed,
+        pipelined=pipelined,
     )
     rng = random.Random(seed)
     # What each publisher will send, topic by topic, decided up front.

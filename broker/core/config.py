@@ -334,10 +334,37 @@ def _redis_url(url: str) -> None:
         raise ValueError("must be a redis://, rediss:// or unix:// URL")
 
 
+def cluster_node_url(node: str) -> str:
+    """A ``cluster`` entry as a URL: ``host:port`` is ``redis://host:port``."""
+    return node if "://" in node else f"redis://{node}"
+
+
 def _cluster_node(node: str) -> None:
-    host, sep, port = node.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"{node!r} is not host:port")
+    url = cluster_node_url(node)
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname or port is None:
+        raise ValueError(
+            f"{_without_password(node)!r} is not host:port or a redis:// or rediss:// URL "
+            "with a host and a port"
+        )
+    if parts.path.strip("/") not in ("", "0") or parts.query:
+        raise ValueError(
+            f"{_without_password(node)!r}: a Redis Cluster has database 0 only, and no options"
+        )
+
+
+def _without_password(url: str) -> str:
+    """*url* with its password (if any) replaced by ``***``: for messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{user}:***@{host}").geturl()
 
 
 def _redis_prefix(prefix: str) -> None:
@@ -359,15 +386,20 @@ class EngineConfig:
     type: Literal["memory", "redis"] = "memory"
     #: A standalone Redis: ``redis://[user:password@]host:port/db``,
     #: ``rediss://`` (TLS) or ``unix:///path?db=N``.
-    url: Annotated[str, Check(_redis_url)] = ""
-    #: Redis Cluster startup nodes (``host:port``), instead of ``url``.
-    cluster: tuple[Annotated[str, Check(_cluster_node)], ...] = ()
+    url: Annotated[str, Check(_redis_url)] = field(default="", repr=False)
+    #: Redis Cluster startup nodes (``host:port``, or ``redis://`` /
+    #: ``rediss://`` URLs with a user), instead of ``url``.
+    cluster: tuple[Annotated[str, Check(_cluster_node)], ...] = field(default=(), repr=False)
     #: Every key and channel the engine uses starts with it.
     prefix: Annotated[str, Meta(min_length=1), Check(_redis_prefix)] = "broker:"
     #: A file holding the password (instead of one in the URL).
     password_file: PemFile = ""
     #: PEM CA bundle to verify a TLS Redis with (default: the system's).
     tls_ca: PemFile = ""
+    #: A client certificate (PEM) and its key, for a TLS Redis that asks
+    #: for one (``tls-auth-clients``).
+    tls_cert: PemFile = ""
+    tls_key: PemFile = ""
     #: Seconds to open a connection to Redis (TCP, TLS and handshake).
     connect_timeout: Seconds = 5.0
     #: Seconds a command may take: a publish not answered in time gets
@@ -387,7 +419,7 @@ class EngineConfig:
 
     def validate(self) -> None:
         if self.type == "memory":
-            for name in ("url", "cluster", "password_file", "tls_ca"):
+            for name in ("url", "cluster", "password_file", "tls_ca", "tls_cert", "tls_key"):
                 if getattr(self, name):
                     raise ConfigError(name, 'only used with type = "redis"')
             return
@@ -400,8 +432,32 @@ class EngineConfig:
                 "url",
                 'type = "redis" needs url (e.g. "redis://127.0.0.1:6379/0") or cluster',
             )
-        if self.password_file and self.url and urlsplit(self.url).password is not None:
-            raise ConfigError("password_file", "the url has a password already")
+        urls = [self.url] if self.url else [cluster_node_url(n) for n in self.cluster]
+        first = urlsplit(urls[0])
+        for index, url in enumerate(urls[1:], 1):
+            parts = urlsplit(url)
+            if (parts.scheme, parts.username, parts.password) != (
+                first.scheme,
+                first.username,
+                first.password,
+            ):
+                raise ConfigError(
+                    f"cluster[{index}]",
+                    "every startup node needs the same scheme (redis:// or rediss://), "
+                    "user and password as the first",
+                )
+        if self.password_file and first.password is not None:
+            raise ConfigError(
+                "password_file", f"the {'url' if self.url else 'cluster'} has a password already"
+            )
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError(
+                "tls_key" if self.tls_cert else "tls_cert", "give tls_cert and tls_key together"
+            )
+        if first.scheme != "rediss":
+            for name in ("tls_ca", "tls_cert"):
+                if getattr(self, name):
+                    raise ConfigError(name, "only used with a rediss:// (TLS) Redis")
 
 
 @dataclass(frozen=True, slots=True)
@@ -453,6 +509,7 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
 # --- the tables as written, where they differ from what the broker uses ------------
 
 _QUEUE: Final = QueueConfig()
+_LIMITS: Final = LimitsConfig()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -511,6 +568,15 @@ class _Document:
     engine: EngineConfig = EngineConfig()
 
     def validate(self) -> None:
+        if self.engine.type == "redis":
+            for name in ("max_history_bytes", "max_topics"):
+                if getattr(self.limits, name) != getattr(_LIMITS, name):
+                    raise ConfigError(
+                        f"limits.{name}",
+                        'does not apply with [engine] type = "redis": what Redis keeps is '
+                        "bounded by its maxmemory and eviction policy (see docs/cluster.md, "
+                        '"Memory"); remove it',
+                    )
         for name in self.plugin:
             if name not in self.plugins.enabled:
                 raise ConfigError(

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from broker.core.config import Config
 from broker.engine.base import Delivery as Delivery
 from broker.engine.base import Engine as Engine
+from broker.engine.base import Submitted as Submitted
 from broker.engine.flusher import Flusher as Flusher
 from broker.engine.interest import Interest as Interest
 from broker.engine.memory import MemoryEngine as MemoryEngine

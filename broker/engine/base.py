@@ -7,6 +7,10 @@ talks to it in three ways, and to nothing else of it:
 * :meth:`Engine.publish` gives the message its per-topic ``seq`` (the
   engine's own counter, shared by every node of a cluster) and makes it
   reach every node that is interested in the topic, this one included.
+  :meth:`Engine.submit` does the same without awaiting when the engine can
+  fix the message's place at once (a remote engine: its command is queued
+  on the connection that carries it), and hands back what to await for its
+  ``seq``: that is how one connection's publishes are pipelined.
 * Every publication this node must deliver, whether published here or on
   another node, comes back through the node's :class:`Delivery` (the hub):
   ``deliver(topic, seq, data, key)`` for each, then ``flush()`` once a batch
@@ -59,7 +63,7 @@ from broker.core.history import HistoryPage, Recovery, Replay
 from broker.core.presence import PresenceInfo, PresenceStats
 from broker.core.protocol import Position
 
-__all__ = ["Delivery", "Engine"]
+__all__ = ["Delivery", "Engine", "Submitted"]
 
 
 class Delivery(Protocol):
@@ -83,6 +87,16 @@ class Delivery(Protocol):
         """Queue a ``join`` or ``leave`` (*op*) of *member* for the local
         subscribers that asked for *topic*'s presence events; synchronous,
         flushed like :meth:`deliver`. Returns how many got it."""
+        ...
+
+
+class Submitted(Protocol):
+    """A publish an engine has taken and not answered yet (see :meth:`Engine.submit`)."""
+
+    async def result(self) -> int:
+        """The message's ``seq``, once the engine has it. Raises
+        :class:`~broker.core.errors.EngineUnavailable` as :meth:`Engine.publish`
+        does. Await it once."""
         ...
 
 
@@ -113,6 +127,20 @@ class Engine(Protocol):
 
         The caller flushes the delivery (``Delivery.flush``) when its batch is
         done; an engine that delivers from a task of its own flushes itself.
+        """
+        ...
+
+    def submit(self, topic: str, data: Any, key: str | None) -> int | Submitted | None:
+        """:meth:`publish` without awaiting, for a caller that publishes
+        several messages in a row (a connection's ``pub`` commands).
+
+        Returns the ``seq`` when the engine numbers in the call (in memory);
+        a :class:`Submitted` when the message's place is fixed (its ``seq``
+        will follow the ``seq`` of every publish submitted before it to the
+        same topic, and precede those submitted after) but its answer is
+        still to come; None when the engine cannot fix its place without
+        waiting (Redis unreachable for now, too many commands in flight):
+        the caller then awaits the results it has, and :meth:`publish`.
         """
         ...
 

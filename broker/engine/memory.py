@@ -56,7 +56,7 @@ class MemoryEngine:
         """The positions and stored messages (for tests and stats)."""
         return self._history
 
-    async def publish(self, topic: str, data: Any, key: str | None) -> int:
+    def submit(self, topic: str, data: Any, key: str | None) -> int:
         # One synchronous block: number and store, then deliver. Nothing may
         # await in between, or another publish could deliver seq + 1 first.
         seq, epoch = self._history.append(topic, data, key)
@@ -65,6 +65,9 @@ class MemoryEngine:
         else:
             self._delivery.deliver(topic, seq, data, key, epoch)
         return seq
+
+    async def publish(self, topic: str, data: Any, key: str | None) -> int:
+        return self.submit(topic, data, key)
 
     async def subscribe(self, pattern: str) -> None:
         """Every publication is local: nothing to do."""

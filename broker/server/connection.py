@@ -438,6 +438,12 @@ class Connection:
                     if more:
                         data = more
                         continue
+                if session.in_flight is not None:
+                    # Publishes a remote engine has yet to answer: their
+                    # acks go out with this flush.
+                    await session.settle_publishes()
+                    if self.close_code is not None:
+                        return
                 hub.flush()
             reads = 0
             handled = 0

@@ -20,6 +20,16 @@ The caller answers (an ``ok`` with the ``seq`` or an ``err`` with the
 refusal's code) and flushes the hub when its batch is done: a connection
 after each read, a source when it next waits (see ``broker.sources``).
 
+**Pipelining.** :meth:`PublishPipeline.publish` runs the five steps through.
+:meth:`PublishPipeline.submit` stops after step 3 when the engine's answer
+is still to come (a remote engine's round trip: ``Engine.submit``) and
+returns a :class:`Pending`; :meth:`Pending.outcome` awaits the answer and
+does steps 4 and 5. A connection submits the ``pub`` commands of a read one
+after the other, each in its place in the engine's order, and awaits their
+outcomes in the same order (see ``broker.server.session``): its publishes
+share round trips, and its acks keep their order. The in-process engine
+answers at once: ``submit`` then returns the ``seq`` itself.
+
 Shape checks (topic grammar, ``data`` representable in both encodings, key)
 come before: the protocol decoder makes them for clients, :func:`check`
 for in-process publishers.
@@ -33,11 +43,11 @@ from broker.core.errors import EngineUnavailable, ErrorCode, ProtocolError
 from broker.core.protocol import check_publish
 from broker.core.stats import BrokerStats
 from broker.core.values import Action, ClientInfo, Identity, Refusal
-from broker.engine import Engine
+from broker.engine import Engine, Submitted
 from broker.plugin.host import ValidationFailed
 from broker.plugin.runtime import Runtime
 
-__all__ = ["CACHE_SIZE", "Origin", "PublishPipeline", "check"]
+__all__ = ["CACHE_SIZE", "Origin", "Pending", "PublishPipeline", "check"]
 
 #: Most topics whose publish authorization one publisher remembers.
 CACHE_SIZE: Final = 1024
@@ -107,6 +117,17 @@ class PublishPipeline:
     ) -> int | Refusal:
         """Publish *data* on *topic* for *origin*: the message's ``seq``, or
         why it was refused (counted either way)."""
+        result = await self.submit(origin, topic, data, key)
+        if isinstance(result, Pending):
+            return await result.outcome()
+        return result
+
+    async def submit(
+        self, origin: Origin, topic: str, data: Any, key: str | None
+    ) -> int | Refusal | Pending:
+        """:meth:`publish`, or a :class:`Pending` when the engine answers
+        later (see the module doc): its place among this caller's publishes
+        is fixed, unless :attr:`Pending.placed` says otherwise."""
         plugins = self._runtime.plugins
         cache = origin._allowed
         if origin._generation != plugins.generation:
@@ -137,23 +158,78 @@ class PublishPipeline:
                 refusal = Refusal(ErrorCode.INTERNAL, "validation failed")
             if refusal is not None:
                 return self._refused(refusal)
-        try:
-            seq = await self._engine.publish(topic, data, key)
-        except EngineUnavailable as e:
-            return self._refused(Refusal(ErrorCode.UNAVAILABLE, str(e)))
+        seq = self._engine.submit(topic, data, key)
+        if not isinstance(seq, int):
+            return Pending(self, origin, topic, data, key, seq)
         self._stats.published += 1
         if plugins.observes_published:
-            await plugins.notify(
-                "broker_published",
-                identity=origin.identity,
-                topic=topic,
-                seq=seq,
-                data=data,
-                key=key,
-            )
+            await self._observe(origin, topic, seq, data, key)
         return seq
+
+    async def _observe(
+        self, origin: Origin, topic: str, seq: int, data: Any, key: str | None
+    ) -> None:
+        await self._runtime.plugins.notify(
+            "broker_published",
+            identity=origin.identity,
+            topic=topic,
+            seq=seq,
+            data=data,
+            key=key,
+        )
 
     def _refused(self, refusal: Refusal) -> Refusal:
         self._stats.refused(refusal.code)
         self._stats.refused_publishes[_RESULT.get(refusal.code, "error")] += 1
         return refusal
+
+
+class Pending:
+    """A publish handed to the engine whose answer is still to come
+    (:meth:`PublishPipeline.submit`).
+
+    Await :meth:`outcome` once, and the outcomes of one caller's publishes
+    in the order it submitted them: a publish the engine could not place
+    (:attr:`placed` false) is published by its :meth:`outcome`, after the
+    earlier ones are answered, so nothing may be submitted after it before
+    that.
+    """
+
+    __slots__ = ("_origin", "_pipeline", "_submitted", "data", "key", "topic")
+
+    def __init__(
+        self,
+        pipeline: PublishPipeline,
+        origin: Origin,
+        topic: str,
+        data: Any,
+        key: str | None,
+        submitted: Submitted | None,
+    ) -> None:
+        self._pipeline = pipeline
+        self._origin = origin
+        self.topic = topic
+        self.data = data
+        self.key = key
+        self._submitted = submitted
+
+    @property
+    def placed(self) -> bool:
+        """Whether the engine has fixed its place among the publishes."""
+        return self._submitted is not None
+
+    async def outcome(self) -> int | Refusal:
+        """Its ``seq``, or why it was refused (``unavailable``); counted and
+        observed as :meth:`PublishPipeline.publish` does."""
+        pipeline = self._pipeline
+        try:
+            if self._submitted is None:
+                seq = await pipeline._engine.publish(self.topic, self.data, self.key)
+            else:
+                seq = await self._submitted.result()
+        except EngineUnavailable as e:
+            return pipeline._refused(Refusal(ErrorCode.UNAVAILABLE, str(e)))
+        pipeline._stats.published += 1
+        if pipeline._runtime.plugins.observes_published:
+            await pipeline._observe(self._origin, self.topic, seq, self.data, self.key)
+        return seq

@@ -13,6 +13,17 @@ It sees the broker through :class:`SessionServices` only: the runtime (config
 and plugins in force), the pipeline, the hub, the engine's interest, the
 counters and the expiry task's wake-up.
 
+Publishes in flight: the pipeline answers a ``pub`` at once on the
+in-process engine; a remote engine answers later (:class:`~broker.server.publish.Pending`).
+Such publishes are kept in order in the session (at most
+:data:`PUBLISH_WINDOW`; at that many, the session waits for the oldest
+answer before it takes the next command, so the connection stops reading)
+and answered in the order they came, before the session answers anything
+else: before it runs any other command, and when the connection has handled
+the messages of its read (:meth:`Session.settle_publishes`). So a client's
+publishes share the engine's round trips, its acks keep its order, and a
+command that follows publishes sees them done.
+
 Presence: a ``sub`` of an exact topic that a ``[[presence]]`` rule covers
 makes the connection one of the topic's members' connections
 (``Engine.presence_join``), and with ``"presence": true`` a watcher of its
@@ -25,6 +36,7 @@ tells the engine.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol, assert_never
@@ -57,7 +69,7 @@ from broker.core.topics import is_pattern
 from broker.core.values import Action, ClientInfo, Identity, Refusal, Reject
 from broker.engine import Engine, Interest
 from broker.plugin.runtime import Runtime
-from broker.server.publish import Origin, PublishPipeline
+from broker.server.publish import Origin, Pending, PublishPipeline
 
 __all__ = ["Session", "SessionHost", "SessionServices"]
 
@@ -68,6 +80,9 @@ log = logging.getLogger("broker.connection")
 MAX_HISTORY_REPLY_BYTES: Final = 1_048_576
 #: Most topics a pattern's ``ok`` names in ``lost``; past it ``unknown`` is set.
 MAX_LOST_TOPICS: Final = 1000
+#: Most publishes of one connection waiting for the engine's answer at once
+#: (a remote engine); at this many, the session waits for the oldest.
+PUBLISH_WINDOW: Final = 128
 
 
 def _position_fields(recovery: Recovery) -> dict[str, object] | None:
@@ -135,6 +150,7 @@ class Session:
         "encoding",
         "host",
         "identity",
+        "in_flight",
         "info",
         "origin",
         "services",
@@ -154,25 +170,31 @@ class Session:
         self.subscriptions: set[str] = set()
         self._released: list[str] | None = None
         self._presence: _Presence | None = None
+        #: Publishes waiting for the engine's answer, in the order they came
+        #: (None when there are none: always, on the in-process engine).
+        self.in_flight: deque[tuple[RequestId | None, Pending]] | None = None
 
     async def command(self, message: str | bytes) -> None:
         """Decode and run one message; bad input is answered ``err`` (or
         closes the connection, for a wrong frame type or bad UTF-8)."""
         try:
             command = decode_command(message, self.encoding)
+            if self.in_flight is not None and type(command) is not Publish:
+                await self.settle_publishes()
             match command:
                 case Publish():
                     # The hot path, inline: one coroutine less per message.
                     origin = self.origin
                     if origin is None:
                         origin = self.origin = Origin(self.identity, self.info)
-                    result = await self.services.pipeline.publish(
+                    result = await self.services.pipeline.submit(
                         origin, command.topic, command.data, command.key
                     )
-                    if isinstance(result, Refusal):
-                        self._refuse(command.id, result)
-                    elif command.id is not None:
-                        self._reply(encode_ok(command.id, self.encoding, seq=result))
+                    if type(result) is int and self.in_flight is None:
+                        if command.id is not None:
+                            self._reply(encode_ok(command.id, self.encoding, seq=result))
+                    else:
+                        await self._publish_in_order(command.id, result)
                 case Subscribe():
                     await self._subscribe(command)
                 case Unsubscribe():
@@ -188,11 +210,55 @@ class Session:
                 case _:
                     assert_never(command)
         except ProtocolError as e:
+            if self.in_flight is not None:
+                await self.settle_publishes()
             if e.close_code is not None:
                 log.info("%s closing (%d): %s", self.host.id, e.close_code, e.message)
                 self.host.close(e.close_code, e.message, drain=True)
                 return
             self._error(e.request_id, e.code, e.message)
+
+    # -- publishes in flight (see the module doc) -----------------------------------
+
+    async def _publish_in_order(
+        self, request_id: RequestId | None, result: int | Refusal | Pending
+    ) -> None:
+        """A ``pub`` whose answer cannot go out at once: it is still to come,
+        or publishes before it are still in flight."""
+        if isinstance(result, Pending):
+            queue = self.in_flight
+            if queue is None:
+                queue = self.in_flight = deque()
+            queue.append((request_id, result))
+            if not result.placed:
+                # Published by its outcome, once those before it are
+                # answered; nothing may be submitted before that.
+                await self.settle_publishes()
+            elif len(queue) >= PUBLISH_WINDOW:
+                await self._answer_oldest(queue)
+            return
+        await self.settle_publishes()
+        self._answer_publish(request_id, result)
+
+    async def settle_publishes(self) -> None:
+        """Answer every publish in flight, in order (the connection calls
+        this once it has handled the messages of a read)."""
+        queue = self.in_flight
+        while queue:
+            await self._answer_oldest(queue)
+        self.in_flight = None
+
+    async def _answer_oldest(self, queue: deque[tuple[RequestId | None, Pending]]) -> None:
+        # Taken off first: cancelled here (the connection closing), it is
+        # not awaited again (its outcome is the engine's to finish).
+        request_id, pending = queue.popleft()
+        self._answer_publish(request_id, await pending.outcome())
+
+    def _answer_publish(self, request_id: RequestId | None, result: int | Refusal) -> None:
+        if isinstance(result, Refusal):
+            self._refuse(request_id, result)
+        elif request_id is not None:
+            self._reply(encode_ok(request_id, self.encoding, seq=result))
 
     # -- answers ------------------------------------------------------------------
 
@@ -367,11 +433,16 @@ class Session:
         self._presence_closing()
 
     async def settle(self) -> None:
-        """Tell the engine of what :meth:`unsubscribe_all` released."""
+        """Tell the engine of what :meth:`unsubscribe_all` released, and
+        finish the publishes still in flight (they are counted and
+        observed; the connection is closing, so they are not answered)."""
         await self._presence_settle()
         released, self._released = self._released, None
         for pattern in released or ():
             await self.services.interest.settle(pattern)
+        queue, self.in_flight = self.in_flight, None
+        while queue:
+            await queue.popleft()[1].outcome()
 
     async def _refresh(self, command: Auth) -> None:
         """``auth``: replace the identity by the one a new token proves (same subject)."""

@@ -34,15 +34,16 @@ import math
 import ssl
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import trio
 
+from broker.core.errors import ConfigError
 from broker.engine.redis.resp import Parser, ProtocolError, Push, ReplyError, Value, pack
 
-__all__ = ["ConnectionFailed", "ConnectionLost", "RedisConnection", "Target"]
+__all__ = ["ConnectionFailed", "ConnectionLost", "RedisConnection", "Reply", "Target"]
 
 log = logging.getLogger("broker.engine.redis")
 
@@ -70,7 +71,7 @@ class Target:
     path: str | None = None
     db: int = 0
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
     tls: ssl.SSLContext | None = None
     client_name: str | None = None
 
@@ -86,11 +87,15 @@ class Target:
         *,
         password: str | None = None,
         tls_ca: str = "",
+        tls_cert: str = "",
+        tls_key: str = "",
         client_name: str | None = None,
     ) -> Target:
         """``redis://[user[:password]@]host[:port][/db]``, ``rediss://...``
         or ``unix://[user[:password]@]/path[?db=N]``. *password* (from a
-        file) is used when the URL has none."""
+        file) is used when the URL has none; with ``rediss://``, the server
+        is verified with *tls_ca* (default: the system's CAs), and
+        *tls_cert* and *tls_key* are the client certificate, if any."""
         parts = urlsplit(url)
         username = unquote(parts.username) if parts.username else None
         secret = unquote(parts.password) if parts.password is not None else password
@@ -108,7 +113,7 @@ class Target:
         db = int(path) if path else int(query.get("db", ["0"])[0])
         tls = None
         if parts.scheme == "rediss":
-            tls = ssl.create_default_context(cafile=tls_ca or None)
+            tls = _tls_context(tls_ca, tls_cert, tls_key)
         return cls(
             host=parts.hostname or "127.0.0.1",
             port=parts.port or 6379,
@@ -131,24 +136,51 @@ class Target:
         )
 
 
+def _tls_context(ca: str, cert: str, key: str) -> ssl.SSLContext:
+    """The client TLS context for a ``rediss://`` Redis; a file it cannot
+    use is a :class:`ConfigError` naming the ``[engine]`` key and the file."""
+    try:
+        context = ssl.create_default_context(cafile=ca or None)
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError("engine.tls_ca", f"{ca}: {e}") from None
+    if cert:
+        try:
+            context.load_cert_chain(cert, key or None)
+        except (OSError, ssl.SSLError) as e:
+            raise ConfigError("engine.tls_cert", f"{cert} (key {key}): {e}") from None
+    return context
+
+
 def read_password_file(path: str) -> str:
     """The first line of *path* (a password file)."""
     lines = Path(path).read_text(encoding="utf-8").splitlines() if path else []
     return lines[0] if lines else ""
 
 
-class _Reply:
+class Reply:
     """The answer to one queued command, once it comes."""
 
-    __slots__ = ("_event", "value")
+    __slots__ = ("_event", "errors", "on_set", "value")
 
     def __init__(self) -> None:
         self._event = trio.Event()
         self.value: Value | BaseException = None
+        #: Called (in the reader task) once the answer is in.
+        self.on_set: Callable[[], None] | None = None
+        #: A confirmation's (see RedisConnection.confirm): the error replies
+        #: that came before its answer. None for any other command.
+        self.errors: list[ReplyError] | None = None
+
+    @property
+    def ready(self) -> bool:
+        """Whether the answer (or the connection's loss) is in."""
+        return self._event.is_set()
 
     def set(self, value: Value | BaseException) -> None:
         self.value = value
         self._event.set()
+        if self.on_set is not None:
+            self.on_set()
 
     async def get(self) -> Value:
         await self._event.wait()
@@ -165,7 +197,7 @@ class RedisConnection:
         self.target = target
         self._stream: trio.abc.Stream | None = None
         self._parser = Parser()
-        self._waiting: deque[_Reply] = deque()
+        self._waiting: deque[Reply] = deque()
         self._out: list[bytes] = []
         self._wake = trio.Event()
         self._scope: trio.CancelScope | None = None
@@ -191,11 +223,11 @@ class RedisConnection:
 
     # -- commands ----------------------------------------------------------------
 
-    def request(self, *args: bytes | str | int) -> _Reply:
+    def request(self, *args: bytes | str | int) -> Reply:
         """Queue a command; its reply is awaited with ``await reply.get()``."""
         if not self.usable:
             raise ConnectionLost(self._lost_message())
-        reply = _Reply()
+        reply = Reply()
         self._waiting.append(reply)
         self._out.append(pack(args))
         self._wake.set()
@@ -211,11 +243,21 @@ class RedisConnection:
 
     def send(self, *args: bytes | str | int) -> None:
         """Queue a command that gets no reply of its own (``SUBSCRIBE`` and
-        the like in RESP3: their confirmations are pushes)."""
+        the like in RESP3: their confirmations are pushes). Follow it with
+        :meth:`confirm`: if Redis refuses it, its error is a reply."""
         if not self.usable:
             raise ConnectionLost(self._lost_message())
         self._out.append(pack(args))
         self._wake.set()
+
+    def confirm(self) -> Reply:
+        """A ``PING`` after commands :meth:`send` queued: its answer means
+        Redis has handled them; the error replies of those it refused (an
+        ACL that does not allow a channel) come before it and are gathered
+        in the reply's ``errors``, so that no reply is taken for another's."""
+        reply = self.request("PING")
+        reply.errors = []
+        return reply
 
     def close(self) -> None:
         """Close the connection; waiting commands get :class:`ConnectionLost`."""
@@ -225,7 +267,7 @@ class RedisConnection:
             self.closed.set()
 
     def _lost_message(self) -> str:
-        reason = f": {self.error}" if self.error else ""
+        reason = f": {_describe(self.error)}" if self.error else ""
         return f"connection to Redis at {self.target.label} closed{reason}"
 
     # -- life ----------------------------------------------------------------------
@@ -326,7 +368,19 @@ class RedisConnection:
                         if self.on_push is not None:
                             self.on_push(value)
                     elif waiting:
-                        waiting.popleft().set(value)
+                        reply = waiting.popleft()
+                        errors = reply.errors
+                        if (
+                            errors is not None
+                            and type(value) is ReplyError
+                            and "'ping'" not in value.message
+                        ):
+                            # A sent command's refusal: its confirmation
+                            # still comes.
+                            errors.append(value)
+                            waiting.appendleft(reply)
+                        else:
+                            reply.set(value)
                     else:
                         raise ProtocolError("a reply nobody asked for")
                 if pushed and self.on_batch is not None:
@@ -354,6 +408,7 @@ class RedisConnection:
     def _lose(self, error: BaseException) -> None:
         if self.error is None:
             self.error = error
+        self._stream = None  # no longer usable: nothing new is queued on it
         self._fail_all(ConnectionLost(self._lost_message()))
         if self._scope is not None:
             self._scope.cancel()
@@ -369,6 +424,11 @@ def _describe(error: BaseException) -> str:
         return "timed out"
     if isinstance(error, ReplyError):
         return error.message
+    if isinstance(error, ConnectionLost | ConnectionFailed):
+        return str(error)
+    cause = error.__cause__
+    if isinstance(cause, ssl.SSLError):  # (trio.SSLStream's BrokenResourceError)
+        return f"TLS: {cause}"
     text = str(error)
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 

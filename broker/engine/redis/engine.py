@@ -20,23 +20,31 @@ from __future__ import annotations
 import hashlib
 import importlib.resources
 import itertools
+import json
 import logging
+import math
 import os
 import secrets
 import socket
-from collections.abc import Callable
-from typing import Any, Final
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any, Final, cast
 
 import trio
 
-from broker.core.config import Config, EngineConfig
+from broker.core.config import Config, EngineConfig, cluster_node_url
 from broker.core.errors import EngineUnavailable
 from broker.core.history import Detached, HistoryPage, Recovery, Replay, Stored, overlap
 from broker.core.presence import PresenceInfo, PresenceStats
 from broker.core.protocol import Position, Resume
 from broker.core.topics import is_pattern, pattern_matches
 from broker.engine.base import Delivery
-from broker.engine.redis.connection import Target, read_password_file
+from broker.engine.redis.connection import (
+    ConnectionLost,
+    RedisConnection,
+    Target,
+    read_password_file,
+)
 from broker.engine.redis.layout import (
     NIL,
     Layout,
@@ -47,8 +55,8 @@ from broker.engine.redis.layout import (
     decode_publication,
     encode,
 )
-from broker.engine.redis.links import Channel, ClusterLinks, Links, StandaloneLinks
-from broker.engine.redis.resp import Push, Value
+from broker.engine.redis.links import Call, Channel, ClusterLinks, Links, StandaloneLinks
+from broker.engine.redis.resp import Push, ReplyError, Value
 
 __all__ = ["LIBRARY", "SCRIPT", "RedisEngine"]
 
@@ -64,8 +72,16 @@ LIBRARY: Final = "trio_broker_" + hashlib.sha1(_SOURCE.encode()).hexdigest()[:12
 SCRIPT: Final = f"#!lua name={LIBRARY}\n" + _SOURCE.replace("@NAME@", LIBRARY)
 #: Stored messages kept for sharing between replays (by topic, epoch, seq).
 REPLAY_CACHE: Final = 16_384
-#: Seconds between two prunes of a rule's topic index.
-PRUNE_INTERVAL: Final = 60.0
+#: Seconds between two censuses of what Redis keeps (the history gauges;
+#: the rules' topic indexes are pruned on the way), and before the first.
+CENSUS_INTERVAL: Final = 30.0
+CENSUS_FIRST: Final = 1.0
+#: Presence refresh calls in flight at once.
+REFRESH_WINDOW: Final = 256
+#: Seconds between two log lines about fan-out messages that are not a broker's.
+MALFORMED_LOG_INTERVAL: Final = 10.0
+#: What a census counts (``Engine.history_stats``).
+CENSUS_FIELDS: Final = ("messages", "bytes", "topics", "stored_topics", "evicted")
 #: Most topics the rule cache holds before it starts over.
 RULE_CACHE: Final = 4096
 
@@ -97,16 +113,23 @@ class RedisEngine:
         self._layout = Layout(settings.prefix, cluster=cluster)
         #: This process among the nodes (presence entries, epochs, client names).
         self.node = f"{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(3)}"
-        self._epoch_prefix = f"{secrets.token_hex(3)}{os.getpid():x}."
+        # 64 random bits: two processes (over every node and restart) that
+        # drew the same prefix could give one topic the same epoch twice, and
+        # a client resuming across both would be replayed a wrong history.
+        self._epoch_prefix = f"{secrets.token_hex(8)}{os.getpid():x}."
         self._epochs = itertools.count(1)
         password = read_password_file(settings.password_file) or None
-        name = f"trio-broker:{self.node}"
-        if cluster:
-            target = Target(password=password, client_name=name)
-        else:
-            target = Target.from_url(
-                settings.url, password=password, tls_ca=settings.tls_ca, client_name=name
-            )
+        # On a Redis Cluster, the first startup node's URL gives the login
+        # and TLS of every node (they are checked to agree).
+        url = settings.url or cluster_node_url(settings.cluster[0])
+        target = Target.from_url(
+            url,
+            password=password,
+            tls_ca=settings.tls_ca,
+            tls_cert=settings.tls_cert,
+            tls_key=settings.tls_key,
+            client_name=f"trio-broker:{self.node}",
+        )
         links_class = ClusterLinks if cluster else StandaloneLinks
         self._links: Links = links_class(
             settings,
@@ -126,8 +149,10 @@ class RedisEngine:
         #: Stored messages shared between concurrent replays.
         self._replays: dict[tuple[str, str, int], Stored] = {}
         self.stats: dict[str, int] = dict.fromkeys(
-            ("received", "unwanted", "resynced_connections"), 0
+            ("received", "unwanted", "resynced_connections", "malformed"), 0
         )
+        self._next_malformed_log = -math.inf
+        self._census_counts: dict[str, int] = dict.fromkeys(CENSUS_FIELDS, 0)
         self.configure(config)
 
     # -- configuration -------------------------------------------------------------
@@ -181,31 +206,49 @@ class RedisEngine:
         return {**self._links.link_stats(), **self.stats}
 
     def history_stats(self) -> dict[str, int]:
-        return {}
+        """What the last census found (every node reports the deployment's:
+        see docs/cluster.md); zeros until the first one."""
+        return dict(self._census_counts)
 
     # -- publishing ----------------------------------------------------------------
 
+    def submit(self, topic: str, data: Any, key: str | None) -> _Published | None:
+        keys, op, args = self._publish_call(topic, data, key)
+        call = self._links.submit(keys, op, *args)
+        return None if call is None else _Published(call)
+
     async def publish(self, topic: str, data: Any, key: str | None) -> int:
+        keys, op, args = self._publish_call(topic, data, key)
+        seq = await self._links.eval(keys, op, *args)
+        assert isinstance(seq, int)
+        return seq
+
+    def _publish_call(
+        self, topic: str, data: Any, key: str | None
+    ) -> tuple[tuple[str], str, tuple[str | bytes | int, ...]]:
+        """The script call of a publish: its keys, op and arguments."""
         body = encode(data)
         rule = self.rule_for(topic)
         route = self._layout.route(topic, rule)
         if rule is None:
-            seq = await self._links.eval(
+            return (
                 (self._layout.plain(topic),),
                 "pub0",
-                self._candidate(),
-                body,
-                key or "",
-                self._plain_keep_ms,
-                route.channel,
-                int(route.sharded),
-                topic,
+                (
+                    self._candidate(),
+                    body,
+                    key or "",
+                    self._plain_keep_ms,
+                    route.channel,
+                    int(route.sharded),
+                    topic,
+                ),
             )
-        else:
-            cfg = rule.config
-            seq = await self._links.eval(
-                (rule.base + "rule",),
-                "pub",
+        cfg = rule.config
+        return (
+            (rule.base + "rule",),
+            "pub",
+            (
                 self._candidate(),
                 rule.base,
                 topic,
@@ -220,9 +263,8 @@ class RedisEngine:
                 route.channel,
                 route.rule_channel,
                 int(route.sharded),
-            )
-        assert isinstance(seq, int)
-        return seq
+            ),
+        )
 
     # -- interest ------------------------------------------------------------------
 
@@ -269,21 +311,36 @@ class RedisEngine:
             payload = push[3]
         else:
             return  # (un)subscribe confirmations
-        assert isinstance(payload, bytes)
         self.stats["received"] += 1
-        tag = payload[0]
-        if tag == 0x6D:  # "m"
-            pub = decode_publication(payload)
-            if pub.seq == 1:
-                n = self._delivery.deliver(pub.topic, 1, pub.data, pub.key, pub.epoch)
+        try:
+            assert isinstance(payload, bytes)
+            tag = payload[0]
+            if tag == 0x6D:  # "m"
+                pub = decode_publication(payload)
+                if pub.seq == 1:
+                    n = self._delivery.deliver(pub.topic, 1, pub.data, pub.key, pub.epoch)
+                else:
+                    n = self._delivery.deliver(pub.topic, pub.seq, pub.data, pub.key)
+            elif tag == 0x6A or tag == 0x6C:  # "j", "l"
+                topic, member = decode_event(payload)
+                member["connections"] = 1 if tag == 0x6A else 0
+                n = self._delivery.presence_event(topic, "join" if tag == 0x6A else "leave", member)
             else:
-                n = self._delivery.deliver(pub.topic, pub.seq, pub.data, pub.key)
-        elif tag == 0x6A or tag == 0x6C:  # "j", "l"
-            topic, member = decode_event(payload)
-            member["connections"] = 1 if tag == 0x6A else 0
-            n = self._delivery.presence_event(topic, "join" if tag == 0x6A else "leave", member)
-        else:
-            log.warning("fan-out: a message of unknown kind %r", payload[:1])
+                raise ValueError(f"a message of unknown kind {payload[:1]!r}")
+        except Exception as e:
+            # Not a broker's (something else PUBLISHes on the prefix's
+            # channels, or a broker of another wire format): dropped and
+            # counted; the fan-out reader, and the node, go on.
+            self.stats["malformed"] += 1
+            now = trio.current_time()
+            if now >= self._next_malformed_log:
+                self._next_malformed_log = now + MALFORMED_LOG_INTERVAL
+                log.warning(
+                    "fan-out: dropped a message on %r that is not a broker's publication (%s: %s)",
+                    push[1 if kind != _PMESSAGE else 2],
+                    type(e).__name__,
+                    e,
+                )
             return
         if not n:
             self.stats["unwanted"] += 1
@@ -299,29 +356,109 @@ class RedisEngine:
             task_status.started()
 
     async def _upkeep(self) -> None:
-        """Refresh this node's presence entries, prune the rules' topic indexes."""
+        """Refresh this node's presence entries (every ``presence_ttl / 3``);
+        take the census (soon after start, then every CENSUS_INTERVAL)."""
         refresh = self._settings.presence_ttl / 3
-        next_prune = trio.current_time() + PRUNE_INTERVAL
+        now = trio.current_time()
+        next_refresh, next_census = now + refresh, now + CENSUS_FIRST
         while True:
-            await trio.sleep(refresh)
-            if self._links.healthy():
-                try:
-                    await self._presence_refresh()
-                    if trio.current_time() >= next_prune:
-                        next_prune = trio.current_time() + PRUNE_INTERVAL
-                        await self._prune()
-                except EngineUnavailable as e:
-                    log.info("upkeep postponed: %s", e)
+            await trio.sleep_until(min(next_refresh, next_census))
+            now = trio.current_time()
+            if now >= next_refresh:
+                next_refresh = now + refresh
+                await self._upkeep_step("presence refresh", self._presence_refresh)
+            if now >= next_census:
+                next_census = now + CENSUS_INTERVAL
+                await self._upkeep_step("census", self._census)
 
-    async def _prune(self) -> None:
+    async def _upkeep_step(self, what: str, step: Callable[[], Awaitable[None]]) -> None:
+        if not self._links.healthy():
+            return
+        try:
+            await step()
+        except EngineUnavailable as e:
+            log.info("%s postponed: %s", what, e)
+        except Exception:
+            # A reply of a shape it did not expect: logged, never the end of
+            # the upkeep (nor of the broker).
+            log.exception("%s failed", what)
+
+    async def _census(self) -> None:
+        """Count what Redis keeps for the deployment (the history gauges):
+        each rule's topics, stored messages and their memory, the topics
+        without a rule, the keys Redis evicted. The rules' topic indexes are
+        pruned on the way. One node takes the census per interval (a lease in
+        Redis); the others read its result."""
+        links = self._links
+        prefix = self._layout.prefix
+        lease, key = prefix + "census:lease", prefix + "census"
+        interval_ms = round(CENSUS_INTERVAL * 1000)
+        if await links.command(lease, "SET", lease, self.node, "NX", "PX", interval_ms) is None:
+            raw = await links.command(key, "GET", key)
+            if isinstance(raw, bytes):
+                self._take_census(raw)
+            return
+        counts = await self._count()
+        self._census_counts = counts
+        await links.command(key, "SET", key, json.dumps(counts), "PX", 3 * interval_ms)
+
+    async def _count(self) -> dict[str, int]:
+        """The census itself (see :meth:`_census`)."""
+        links = self._links
+        counts = dict.fromkeys(CENSUS_FIELDS, 0)
         for rule in self._rules:
-            start: Value = 0
+            start = 0
             while True:
-                start = await self._links.eval(
-                    (rule.base + "rule",), "prune", "", rule.base, str(start)
-                )
+                reply = await links.eval((rule.base + "rule",), "census", "", rule.base, start)
+                assert isinstance(reply, list) and all(isinstance(n, int) for n in reply)
+                start, topics, stored, messages, size = reply
+                counts["topics"] += topics
+                counts["stored_topics"] += stored
+                counts["messages"] += messages
+                counts["bytes"] += size
                 if not start:
                     break
+        plain = f"{self._layout.prefix}t:{{*}}"  # a topic without a rule: its one key
+        for conn in links.primaries():
+            cursor = b"0"
+            while True:
+                reply = await self._primary_call(
+                    conn, "SCAN", cursor, "MATCH", plain, "COUNT", 1000
+                )
+                assert isinstance(reply, list)
+                cursor, found = reply
+                assert isinstance(cursor, bytes) and isinstance(found, list)
+                counts["topics"] += len(found)
+                if cursor == b"0":
+                    break
+            info = await self._primary_call(conn, "INFO", "stats")
+            assert isinstance(info, bytes)
+            counts["evicted"] += _info_field(info, b"evicted_keys")
+        return counts
+
+    def _take_census(self, raw: bytes) -> None:
+        """Another node's census (as it stored it)."""
+        try:
+            found = json.loads(raw)
+        except ValueError:
+            return
+        if isinstance(found, dict):
+            counts = {k: found.get(k) for k in CENSUS_FIELDS}
+            if all(type(v) is int for v in counts.values()):
+                self._census_counts = cast(dict[str, int], counts)
+
+    async def _primary_call(self, conn: RedisConnection, *args: bytes | str | int) -> Value:
+        """A command on one primary's connection, within ``timeout``."""
+        timeout = self._settings.timeout
+        try:
+            with trio.fail_after(timeout):
+                return await conn.call(*args)
+        except trio.TooSlowError:
+            raise EngineUnavailable(f"Redis did not answer within {timeout:g} s") from None
+        except ConnectionLost:
+            raise EngineUnavailable("the connection to Redis was lost") from None
+        except ReplyError as e:
+            raise EngineUnavailable(f"Redis refused {args[0]!s}: {e.message}") from None
 
     # -- recovery and history ------------------------------------------------------
 
@@ -611,18 +748,27 @@ class RedisEngine:
 
     async def _presence_refresh(self) -> None:
         """Tell Redis this node's members are still there (and bring it in
-        line with them after an outage or a sweep)."""
+        line with them after an outage or a sweep): one call per topic,
+        pipelined (REFRESH_WINDOW at once), not one round trip each."""
+        links = self._links
+        waiting: deque[Call] = deque()
         for topic in list(self._members):
             members = self._members.get(topic, {})
             args: list[str | int | bytes] = []
             for connection, (subject, fields) in members.items():
                 args += [connection, subject, fields]
             keys, where = self._presence_args(topic)
-            await self._links.eval(
-                keys, "pjoin", *where, self.node, self._presence_ttl_ms, 1, *args
-            )
+            call = links.submit(keys, "pjoin", *where, self.node, self._presence_ttl_ms, 1, *args)
+            if call is None:  # max_pending calls wait already
+                await links.eval(keys, "pjoin", *where, self.node, self._presence_ttl_ms, 1, *args)
+            else:
+                waiting.append(call)
+                if len(waiting) >= REFRESH_WINDOW:
+                    await waiting.popleft().result()
             if not members:
                 self._members.pop(topic, None)
+        while waiting:
+            await waiting.popleft().result()
         self._delivery.flush()
 
     async def presence(self, topic: str, max_members: int) -> PresenceInfo:
@@ -649,6 +795,29 @@ class RedisEngine:
         members = sum(len({s for s, _ in m.values()}) for m in self._members.values())
         connections = sum(len(m) for m in self._members.values())
         return PresenceStats(sum(1 for m in self._members.values() if m), members, connections)
+
+
+class _Published:
+    """A publish submitted to Redis (``Engine.submit``): its seq, once answered."""
+
+    __slots__ = ("_call",)
+
+    def __init__(self, call: Call) -> None:
+        self._call = call
+
+    async def result(self) -> int:
+        seq = await self._call.result()
+        assert isinstance(seq, int)
+        return seq
+
+
+def _info_field(info: bytes, name: bytes) -> int:
+    """An integer field of an ``INFO`` answer (0 if absent)."""
+    for line in info.splitlines():
+        if line.startswith(name + b":"):
+            value = line[len(name) + 1 :].strip()
+            return int(value) if value.isdigit() else 0
+    return 0
 
 
 def _seq(entry: Stored) -> int:

@@ -171,9 +171,12 @@ class Publication:
 
 
 def decode_publication(payload: bytes) -> Publication:
-    """A publication as the script sends it (``b"m"`` first)."""
+    """A publication as the script sends it (``b"m"`` first); ValueError
+    (or a decoding error) for anything else."""
     seq, elen, klen, tlen = _HEAD.unpack_from(payload, 1)
     start = 1 + _HEAD.size
+    if seq < 1 or not tlen or start + elen + klen + tlen >= len(payload):
+        raise ValueError("not a publication: its lengths do not add up")
     epoch = payload[start : start + elen].decode()
     start += elen
     key = payload[start : start + klen].decode() if klen else None
@@ -186,6 +189,8 @@ def decode_event(payload: bytes) -> tuple[str, dict[str, Any]]:
     """A presence event: its topic and the member's fields (after the kind byte)."""
     (tlen,) = _EVENT.unpack_from(payload, 1)
     start = 1 + _EVENT.size
+    if not tlen or start + tlen > len(payload):
+        raise ValueError("not a presence event: its lengths do not add up")
     topic = payload[start : start + tlen].decode()
     rest = memoryview(payload)[start + tlen :]
     fields = decode(rest) if len(rest) else {}

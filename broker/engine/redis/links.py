@@ -4,7 +4,10 @@ A node talks to Redis over **links**: a connection kept up by a task that
 reconnects with backoff (:meth:`Links._keep`). Two kinds:
 
 * **command** links carry the script calls, pipelined (concurrent calls
-  share round trips; at most ``max_pending`` wait at once);
+  share round trips; at most ``max_pending`` wait at once). :meth:`Links.eval`
+  awaits a call; :meth:`Links.submit` queues one on its connection without
+  awaiting (its place among the commands is then fixed) and returns a
+  :class:`Call` to await later;
 * **fan-out** links are subscribed to what the node's subscribers need; the
   engine's ``on_push`` gets each message they bring, in order, and
   ``on_batch`` after each read. A fan-out link that comes back after a loss
@@ -29,24 +32,27 @@ from __future__ import annotations
 import functools
 import logging
 import math
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Final
+from urllib.parse import urlsplit
 
 import trio
 
-from broker.core.config import EngineConfig
+from broker.core.config import EngineConfig, cluster_node_url
 from broker.core.errors import EngineUnavailable
 from broker.engine.redis.connection import (
     ConnectionFailed,
     ConnectionLost,
     RedisConnection,
+    Reply,
     Target,
     backoff,
 )
 from broker.engine.redis.layout import key_slot
 from broker.engine.redis.resp import ProtocolError, Push, ReplyError, Value
 
-__all__ = ["Channel", "ClusterLinks", "Links", "StandaloneLinks"]
+__all__ = ["Call", "Channel", "ClusterLinks", "Links", "StandaloneLinks"]
 
 log = logging.getLogger("broker.engine.redis")
 
@@ -68,6 +74,11 @@ UNAVAILABLE_CODES: Final = frozenset(
 TOPOLOGY_INTERVAL: Final = 5.0
 #: Seconds before a command is tried again after TRYAGAIN (a slot migrating).
 TRYAGAIN_DELAY: Final = 0.02
+#: Seconds between two log lines about Redis refusing script calls.
+ERROR_LOG_INTERVAL: Final = 10.0
+#: What Redis says when a script touches a key of a slot being migrated
+#: that the node does not serve (the script stops there).
+NON_LOCAL: Final = "non local key"
 
 Address = tuple[str, int]
 
@@ -86,7 +97,7 @@ class _Link:
         self.was_up = False
         self.scope: trio.CancelScope | None = None
         #: The payload of the last message this link brought (see _push).
-        self.last = b""
+        self.last: bytes | None = None
 
     @property
     def up(self) -> bool:
@@ -125,7 +136,9 @@ class Links:
         self.target = target
         #: How logs name the Redis this node uses (never with a password).
         self.label = (
-            f"Redis Cluster ({', '.join(settings.cluster)})" if settings.cluster else target.label
+            f"Redis Cluster ({', '.join(f'{h}:{p}' for h, p in startup_nodes(settings))})"
+            if settings.cluster
+            else target.label
         )
         self._script = script
         self._function = library
@@ -133,6 +146,10 @@ class Links:
         self._on_batch = on_batch
         self._on_gap = on_gap
         self._slots = trio.Semaphore(settings.max_pending)
+        #: Submitted calls sent and not answered yet (see submit).
+        self._unanswered = 0
+        #: Submitted calls no connection could take yet, in order (see submit).
+        self._backlog: deque[Call] = deque()
         #: Channels wanted, with how many subscribers want each.
         self.channels: dict[Channel, int] = {}
         self.stats: dict[str, int] = dict.fromkeys(
@@ -144,11 +161,13 @@ class Links:
                 "gaps",
                 "topology_changes",
                 "duplicates",
+                "errors",
             ),
             0,
         )
         self._up = False
         self._closing = False
+        self._next_error_log = -math.inf
         self._down_since: float | None = None
         self._outage_seconds = 0.0
         self._changed = trio.Event()  # any link's state changed
@@ -166,9 +185,11 @@ class Links:
         raise NotImplementedError
 
     def _update(self) -> None:
-        """Recompute health after a link came or went."""
+        """Recompute health after a link came or went (or the slot map changed)."""
         self._changed.set()
         self._changed = trio.Event()
+        if self._backlog:
+            self._send_backlog()
         up = self._all_up()
         if up == self._up or self._closing:
             return
@@ -275,6 +296,9 @@ class Links:
                     await conn.call("PING")
                 except ConnectionLost:
                     return
+                except ReplyError as e:  # (an ACL without PING)
+                    log.error("fan-out link: Redis refused PING: %s", e.message)
+                    return
             if scope.cancelled_caught:
                 log.warning("fan-out link: no answer to PING within %g s: reconnecting", interval)
                 conn.close()
@@ -282,34 +306,162 @@ class Links:
 
     async def _command_setup(self, conn: RedisConnection) -> None:
         await conn.server_run_id()
-        await conn.call("FUNCTION", "LOAD", "REPLACE", self._script)
+        try:
+            await conn.call("FUNCTION", "LOAD", "REPLACE", self._script)
+        except ReplyError as e:
+            if "unknown command" in e.message.lower():
+                raise ReplyError(
+                    f"ERR the Redis engine needs Redis 7 or later (FUNCTION LOAD: {e.message})"
+                ) from None
+            raise
 
     async def _subscribe_all(self, conn: RedisConnection, link: _Link, mine: list[Channel]) -> None:
-        """A fan-out link's setup: subscribe *mine*, confirmed by a PING."""
+        """A fan-out link's setup: subscribe *mine*, each confirmed by a PING."""
+        confirms = []
         for kind, name in mine:
             conn.send(_COMMANDS[kind][0], name)
-        await conn.call("PING")
-        link.confirmed = {c for c in mine if c in self.channels}
+            confirms.append(conn.confirm())
+        refused: set[Channel] = set()
+        for channel, confirm in zip(mine, confirms, strict=True):
+            await confirm.get()
+            if confirm.errors and confirm.errors[0].code == "MOVED":
+                raise confirm.errors[0]  # a stale slot map: start over on the new one
+            if confirm.errors:
+                # (The ACL changed since it was subscribed.) Its subscribers
+                # get nothing until they subscribe again: say so.
+                refused.add(channel)
+                self._refused(f"{_COMMANDS[channel[0]][0]} {channel[1]}", confirm.errors[0])
+        link.confirmed = {c for c in mine if c in self.channels and c not in refused}
 
     # -- commands ------------------------------------------------------------------
 
     async def eval(self, keys: Sequence[str], op: str, *args: bytes | str | int) -> Value:
         """Run the script's *op*; :class:`EngineUnavailable` when Redis
         cannot answer within ``timeout`` (or refuses)."""
-        timeout = self.settings.timeout
         stuck: list[RedisConnection] = []
-        with trio.move_on_after(timeout):
+        with trio.move_on_after(self.settings.timeout):
             async with self._slots:
-                return await self._eval(keys, op, args, stuck)
-        # Timed out: the link is stuck (a slow or stalled Redis). Drop it, so
-        # that what waits on it fails now and the link starts over.
+                try:
+                    return await self._eval(keys, op, args, stuck)
+                except ReplyError as e:
+                    raise self._refused(op, e) from None
+        raise self._timed_out(stuck)
+
+    def submit(self, keys: Sequence[str], op: str, *args: bytes | str | int) -> Call | None:
+        """Queue the script's *op* without awaiting: its place among the
+        calls on the same keys is fixed now. It is sent at once on the
+        connection that serves *keys*, or, when none can take it yet (Redis
+        unreachable for now; on a Redis Cluster whose slot map just changed,
+        calls still answering from the old map), kept in a backlog sent in
+        order once one can: within ``timeout`` of the submit, or never.
+        None when ``max_pending`` calls wait already: :meth:`eval` it then.
+        """
+        try:
+            self._slots.acquire_nowait()
+        except trio.WouldBlock:
+            return None
+        call = Call(self, keys, op, args, trio.current_time() + self.settings.timeout)
+        backlog = self._backlog
+        if backlog:
+            self._expire_backlog()
+        conn = None if backlog else self._placeable(keys[0])
+        if conn is None:
+            backlog.append(call)
+        else:
+            self._send(call, conn)
+        return call
+
+    def _send(self, call: Call, conn: RedisConnection) -> None:
+        call.sent(conn, conn.request(*self._fcall(conn, call.keys, call.op, call.args)))
+        self._unanswered += 1
+
+    def _answered(self) -> None:
+        """A sent call's reply (or its connection's loss) came: its slot is free."""
+        self._unanswered -= 1
+        self._slots.release()
+        if self._backlog and not self._unanswered:
+            self._send_backlog()
+
+    def _send_backlog(self) -> None:
+        """Send what the backlog holds, in order, as far as connections take it."""
+        backlog = self._backlog
+        self._expire_backlog()
+        while backlog:
+            conn = self._placeable(backlog[0].keys[0])
+            if conn is None:
+                return
+            self._send(backlog.popleft(), conn)
+
+    def _expire_backlog(self) -> None:
+        """Drop the calls of the backlog whose time is up (never sent: each
+        gets ``unavailable``). Deadlines grow along the backlog."""
+        backlog = self._backlog
+        now = trio.current_time()
+        while backlog and backlog[0].deadline <= now:
+            backlog.popleft().expired()
+            self._slots.release()
+
+    def _placeable(self, key: str) -> RedisConnection | None:
+        """The usable connection a call on *key* goes to now (see submit)."""
+        raise NotImplementedError
+
+    def _refused(self, op: str, error: ReplyError) -> EngineUnavailable:
+        """Redis answered a script call with an error no retry cures (an ACL
+        that does not allow it, a script that failed): the operator is told
+        (at most every ERROR_LOG_INTERVAL seconds), the caller gets
+        ``unavailable``."""
+        self.stats["unavailable"] += 1
+        self.stats["errors"] += 1
+        now = trio.current_time()
+        if now >= self._next_error_log:
+            self._next_error_log = now + ERROR_LOG_INTERVAL
+            log.error("%s refused the engine's %r call: %s", self.label, op, error.message)
+        return EngineUnavailable(f"Redis refused: {error.message}")
+
+    async def command(self, key: str, *args: bytes | str | int) -> Value:
+        """One plain command on the connection that serves *key*, within
+        ``timeout``; :class:`EngineUnavailable` when Redis cannot answer."""
+        timeout = self.settings.timeout
+        with trio.move_on_after(timeout):
+            while True:
+                conn = await self._connection_for(key)
+                try:
+                    return await conn.call(*args)
+                except ConnectionLost:
+                    self.stats["unavailable"] += 1
+                    raise EngineUnavailable("the connection to Redis was lost") from None
+                except ReplyError as e:
+                    if e.code != "MOVED":
+                        raise self._refused(str(args[0]), e) from None
+                    self.want_refresh()
+                    await self._after_moved()
+        self.stats["unavailable"] += 1
+        self.stats["timeouts"] += 1
+        raise EngineUnavailable(f"Redis did not answer within {timeout:g} s")
+
+    async def _connection_for(self, key: str) -> RedisConnection:
+        raise NotImplementedError
+
+    async def _after_moved(self) -> None:
+        """After a MOVED answer: until the slot map was read again."""
+        await trio.lowlevel.checkpoint()
+
+    def primaries(self) -> list[RedisConnection]:
+        """The usable command connection of each primary (one on one Redis)."""
+        raise NotImplementedError
+
+    def _timed_out(self, stuck: list[RedisConnection]) -> EngineUnavailable:
+        """A call was not answered within ``timeout``: the link is stuck (a
+        slow or stalled Redis). Drop it, so that what waits on it fails now
+        and the link starts over."""
+        timeout = self.settings.timeout
         self.stats["unavailable"] += 1
         self.stats["timeouts"] += 1
         for conn in stuck:
             if conn.usable:
                 log.warning("Redis did not answer within %g s: reconnecting", timeout)
                 conn.close()
-        raise EngineUnavailable(f"Redis did not answer within {timeout:g} s")
+        return EngineUnavailable(f"Redis did not answer within {timeout:g} s")
 
     async def _eval(
         self,
@@ -317,8 +469,19 @@ class Links:
         op: str,
         args: tuple[bytes | str | int, ...],
         stuck: list[RedisConnection],
+        sent: tuple[RedisConnection, Reply] | None = None,
     ) -> Value:
+        """The call and its retries; *sent*: it was submitted already."""
         raise NotImplementedError
+
+    def _fcall(
+        self,
+        conn: RedisConnection,
+        keys: Sequence[str],
+        op: str,
+        args: tuple[bytes | str | int, ...],
+    ) -> tuple[bytes | str | int, ...]:
+        return ("FCALL", self._function, len(keys), *keys, op, conn.run_id, *args)
 
     async def _call(
         self,
@@ -328,17 +491,23 @@ class Links:
         args: tuple[bytes | str | int, ...],
         *,
         asking: bool = False,
+        sent: Reply | None = None,
     ) -> Value:
-        """FCALL on *conn*, loading the library again if Redis lost it
-        (restarted without persistence, FUNCTION FLUSH) and asking the
-        run_id again if Redis restarted (neither runs it)."""
+        """FCALL on *conn* (or the reply to the one *sent* already), loading
+        the library again if Redis lost it (restarted without persistence,
+        FUNCTION FLUSH) and asking the run_id again if Redis restarted
+        (neither runs it)."""
         for _ in range(3):
-            if asking:
-                conn.request("ASKING")
             try:
-                return await conn.call(
-                    "FCALL", self._function, len(keys), *keys, op, conn.run_id, *args
-                )
+                if sent is not None:
+                    value = await sent.get()
+                    sent = None
+                    if isinstance(value, ReplyError):
+                        raise value
+                    return value
+                if asking:
+                    conn.request("ASKING")
+                return await conn.call(*self._fcall(conn, keys, op, args))
             except ReplyError as e:
                 if "Function not found" in e.message:
                     await conn.call("FUNCTION", "LOAD", "REPLACE", self._script)
@@ -377,13 +546,22 @@ class Links:
                         await trio.lowlevel.checkpoint()
                         return
                     conn = await link.connection()
+                    command = _COMMANDS[channel[0]][0]
                     try:
-                        conn.send(_COMMANDS[channel[0]][0], channel[1])
+                        conn.send(command, channel[1])
                         # Redis answers in order: once the PING is answered,
-                        # the subscription is in place.
-                        await conn.call("PING")
+                        # the subscription is in place (or was refused).
+                        confirm = conn.confirm()
+                        await confirm.get()
                     except ConnectionLost:
                         continue  # the next link subscribes it (it is in channels)
+                    if confirm.errors and confirm.errors[0].code == "MOVED":
+                        # A shard channel whose slot has moved: on the new map.
+                        self.want_refresh()
+                        await self._after_moved()
+                        continue
+                    if confirm.errors:
+                        raise self._refused(f"{command} {channel[1]}", confirm.errors[0])
                     if link.conn is conn:
                         link.confirmed.add(channel)
                     done = True
@@ -406,6 +584,7 @@ class Links:
         if not count and link is not None and link.up:
             assert link.conn is not None
             link.conn.send(_COMMANDS[channel[0]][0], channel[1])
+            link.conn.confirm()  # (takes a refusal's reply; nobody waits)
 
     def want_refresh(self) -> None:
         """The cluster's slot map may have changed (nothing to do on one Redis)."""
@@ -454,6 +633,7 @@ class Links:
             if link.up:
                 assert link.conn is not None
                 link.conn.send(_COMMANDS[channel[0]][1], channel[1])
+                link.conn.confirm()  # (takes a refusal's reply; nobody waits)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         raise NotImplementedError
@@ -472,13 +652,29 @@ class StandaloneLinks(Links):
     def _fanout_for(self, channel: Channel) -> _Link | None:
         return self._fanout
 
+    def _placeable(self, key: str) -> RedisConnection | None:
+        conn = self._command.conn
+        return conn if conn is not None and conn.usable else None
+
+    async def _connection_for(self, key: str) -> RedisConnection:
+        return await self._command.connection()
+
+    def primaries(self) -> list[RedisConnection]:
+        conn = self._placeable("")
+        return [] if conn is None else [conn]
+
     async def _eval(
         self,
         keys: Sequence[str],
         op: str,
         args: tuple[bytes | str | int, ...],
         stuck: list[RedisConnection],
+        sent: tuple[RedisConnection, Reply] | None = None,
     ) -> Value:
+        if sent is not None:
+            conn, reply = sent
+            stuck.append(conn)
+            return await self._call(conn, keys, op, args, sent=reply)
         conn = await self._command.connection()
         stuck.append(conn)
         return await self._call(conn, keys, op, args)
@@ -519,11 +715,7 @@ class ClusterLinks(Links):
     """A Redis Cluster (see the module doc)."""
 
     def _make_links(self) -> None:
-        settings = self.settings
-        self._startup: list[Address] = []
-        for node in settings.cluster:
-            host, _, port = node.rpartition(":")
-            self._startup.append((host, int(port)))
+        self._startup: list[Address] = startup_nodes(self.settings)
         #: Slot ranges (start, end, primary), sorted; empty until known.
         self._ranges: list[tuple[int, int, Address]] = []
         self._primaries: list[Address] = []
@@ -533,6 +725,8 @@ class ClusterLinks(Links):
         self._refresh_wanted = trio.Event()
         self._refreshed = trio.Event()
         self._nursery: trio.Nursery | None = None
+        #: The slot map changed since the last submit (see _placeable).
+        self._moved = False
 
     # -- the slot map --------------------------------------------------------------
 
@@ -596,6 +790,7 @@ class ClusterLinks(Links):
             elif ranges != self._ranges:
                 changed = bool(self._ranges)
                 self._ranges = ranges
+                self._moved = True
                 primaries = sorted({address for _, _, address in ranges})
                 self._primaries = primaries
                 self._reconcile(nursery, primaries)
@@ -694,26 +889,59 @@ class ClusterLinks(Links):
 
     # -- commands ------------------------------------------------------------------
 
+    def _placeable(self, key: str) -> RedisConnection | None:
+        if self._moved:
+            # A call placed on the old map may be answered MOVED and go to
+            # the new owner after a later one placed there: wait for them.
+            if self._unanswered:
+                return None
+            self._moved = False
+        address = self.owner(key_slot(key))
+        link = self._commands.get(address) if address is not None else None
+        conn = link.conn if link is not None else None
+        return conn if conn is not None and conn.usable else None
+
+    async def _connection_for(self, key: str) -> RedisConnection:
+        while True:
+            address = self.owner(key_slot(key))
+            link = self._commands.get(address) if address is not None else None
+            if link is not None:
+                return await link.connection()
+            self.want_refresh()
+            await self._changed.wait()
+
+    async def _after_moved(self) -> None:
+        await self._refreshed.wait()
+
+    def primaries(self) -> list[RedisConnection]:
+        links = (self._commands.get(address) for address in self._primaries)
+        return [link.conn for link in links if link is not None and link.up and link.conn]
+
     async def _eval(
         self,
         keys: Sequence[str],
         op: str,
         args: tuple[bytes | str | int, ...],
         stuck: list[RedisConnection],
+        sent: tuple[RedisConnection, Reply] | None = None,
     ) -> Value:
         slot = key_slot(keys[0])
         asking: Address | None = None
         while True:
-            address = asking or self.owner(slot)
-            link = self._commands.get(address) if address is not None else None
-            if link is None:
-                self.want_refresh()
-                await self._changed.wait()
-                continue
-            conn = await link.connection()
+            reply: Reply | None = None
+            if sent is not None:
+                (conn, reply), sent = sent, None
+            else:
+                address = asking or self.owner(slot)
+                link = self._commands.get(address) if address is not None else None
+                if link is None:
+                    self.want_refresh()
+                    await self._changed.wait()
+                    continue
+                conn = await link.connection()
             stuck.append(conn)
             try:
-                return await self._call(conn, keys, op, args, asking=asking is not None)
+                return await self._call(conn, keys, op, args, asking=asking is not None, sent=reply)
             except EngineUnavailable:
                 self.want_refresh()  # a primary may have gone
                 raise
@@ -733,6 +961,14 @@ class ClusterLinks(Links):
                 if code == "TRYAGAIN":
                     await trio.sleep(TRYAGAIN_DELAY)
                     continue
+                if NON_LOCAL in e.message:
+                    # Not run: the slot is migrating and a key the script
+                    # touches is not on this node (yet, or any more). Ask
+                    # the owner again once the migration is further on.
+                    asking = None
+                    self.want_refresh()
+                    await trio.sleep(TRYAGAIN_DELAY)
+                    continue
                 raise
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -747,6 +983,16 @@ class ClusterLinks(Links):
                 while not self._up and self._ranges:  # the per-primary links
                     await self._changed.wait()
             task_status.started()
+
+
+def startup_nodes(settings: EngineConfig) -> list[Address]:
+    """The Redis Cluster startup nodes' addresses (``host:port`` or URLs)."""
+    out: list[Address] = []
+    for node in settings.cluster:
+        parts = urlsplit(cluster_node_url(node))
+        assert parts.hostname is not None and parts.port is not None  # (validated)
+        out.append((parts.hostname, parts.port))
+    return out
 
 
 def _parse_slots(reply: Value, default_host: str) -> list[tuple[int, int, Address]]:
@@ -793,3 +1039,74 @@ async def _one_command(target: Target, settings: EngineConfig, *args: bytes | st
     if failure is not None:
         raise failure
     return reply
+
+
+class Call:
+    """A script call :meth:`Links.submit` took: its place among the calls on
+    its keys is fixed. :meth:`result` awaits its reply, and does what
+    :meth:`Links.eval` would on a MOVED, a lost library or a Redis restart
+    (the retries go after the calls sent since), within ``timeout`` of the
+    submit. Await it once."""
+
+    __slots__ = ("_conn", "_links", "_on_sent", "_reply", "args", "deadline", "keys", "op")
+
+    def __init__(
+        self,
+        links: Links,
+        keys: Sequence[str],
+        op: str,
+        args: tuple[bytes | str | int, ...],
+        deadline: float,
+    ) -> None:
+        self._links = links
+        self.keys = keys
+        self.op = op
+        self.args = args
+        self.deadline = deadline
+        self._conn: RedisConnection | None = None
+        #: None until sent; an exception if it never will be.
+        self._reply: Reply | BaseException | None = None
+        self._on_sent: trio.Event | None = None
+
+    def sent(self, conn: RedisConnection, reply: Reply) -> None:
+        """It was sent on *conn* (the slot is the reply's until it comes)."""
+        reply.on_set = self._links._answered
+        self._conn = conn
+        self._reply = reply
+        if self._on_sent is not None:
+            self._on_sent.set()
+
+    def expired(self) -> None:
+        """Its time ran out in the backlog: it was never sent."""
+        self._links.stats["unavailable"] += 1
+        self._reply = EngineUnavailable(
+            f"Redis unreachable for {self._links.settings.timeout:g} s: not sent"
+        )
+        if self._on_sent is not None:
+            self._on_sent.set()
+
+    async def result(self) -> Value:
+        reply = self._reply
+        if type(reply) is Reply and reply.ready:
+            value = reply.value
+            if not isinstance(value, BaseException):
+                return value  # answered: no need to wait
+        links = self._links
+        stuck: list[RedisConnection] = []
+        with trio.move_on_at(self.deadline):
+            if reply is None:  # in the backlog: until it is sent
+                self._on_sent = trio.Event()
+                await self._on_sent.wait()
+                reply = self._reply
+            if isinstance(reply, BaseException):
+                raise reply
+            assert isinstance(reply, Reply) and self._conn is not None
+            try:
+                return await links._eval(self.keys, self.op, self.args, stuck, (self._conn, reply))
+            except ReplyError as e:
+                raise links._refused(self.op, e) from None
+        if self._reply is None:
+            links._expire_backlog()  # (this call among them)
+            assert isinstance(self._reply, BaseException)
+            raise self._reply
+        raise links._timed_out(stuck)

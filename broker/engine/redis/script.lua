@@ -16,8 +16,9 @@
 --                       g: generation (new when the rule's state was lost)
 --                       o: offset counter (one per stored publish of the rule)
 --                       f: newest offset of a topic forgotten by the index
---   B.."topics"   zset  topic -> offset of its newest message (pruned of the
---                       topics whose state expired)
+--   B.."topics"   zset  topic -> offset of its newest message (the census op
+--                       drops the topics whose state expired), and WHOLE
+--                       (see rule_state) at -1
 --   B.."m:"..T    hash  e: epoch, s: seq, r: run_id, g: rule generation,
 --                       b: offset when the epoch began, lo: newest offset,
 --                       tr: newest offset no longer stored, k: "1" when the
@@ -27,6 +28,9 @@
 --                       the latest per key, "!" always (so it never vanishes)
 --   B.."z:"..T    zset  snapshot keys by seq (least recently updated first)
 -- Keys of a topic without history: prefix.."t:{"..T.."}" hash e, s, r.
+-- prefix.."census" and prefix.."census:lease" (plain strings, not used by
+-- this script): the last census of what the deployment keeps, and which
+-- node takes the next (broker/engine/redis/engine.py).
 -- Presence keys of a topic (P: the topic's keys' prefix .. "p:" .. T .. ":",
 -- in the same slot as the topic's keys and channel):
 --   P.."n"        zset  node -> expiry (ms)
@@ -113,11 +117,19 @@ end
 
 -- == history rules =========================================================
 
+-- The member of a rule's index of topics that says the index is whole: an
+-- empty name (no topic has one) at score -1 (below every offset, so no walk
+-- of the index meets it). An index without it was lost (evicted) since the
+-- rule's state was made: a pattern resume cannot tell which topics it knew.
+local WHOLE = ''
+
 -- The rule's state (generation and offset counter), made if missing.
-local function rule_state(rule_key, candidate)
+local function rule_state(base, candidate)
+  local rule_key = base .. 'rule'
   local r = redis.call('HMGET', rule_key, 'g', 'o', 'f')
   if not r[1] then
     redis.call('HSET', rule_key, 'g', candidate, 'o', 0, 'f', 0)
+    redis.call('ZADD', base .. 'topics', -1, WHOLE)
     return candidate, 0, 0
   end
   return r[1], tonumber(r[2]), tonumber(r[3])
@@ -167,7 +179,7 @@ local function pub_history()
   local snapshot, snapshot_keys = ARGV[12] == '1', tonumber(ARGV[13])
   local ev = {channel = ARGV[14], rule_channel = ARGV[15], sharded = ARGV[16] == '1'}
   local rule_key = base .. 'rule'
-  local gen, offset = rule_state(rule_key, candidate)
+  local gen, offset = rule_state(base, candidate)
   local t = open_topic(base, topic, candidate, gen, offset, keep_ms, true)
   local now = now_ms()
   local seq = t.s + 1
@@ -230,8 +242,8 @@ local function pub_history()
     fields[#fields + 1] = '1'
   end
   redis.call(unpack(fields))
-  -- The rule's index of topics (no expiry: the prune op drops the topics
-  -- whose state expired, and an empty index is gone).
+  -- The rule's index of topics (no expiry: the census op drops the topics
+  -- whose state expired; the WHOLE member stays).
   redis.call('ZADD', base .. 'topics', offset, topic)
   if keep_ms > 0 and not t.opened then
     redis.call('PEXPIRE', t.mkey, keep_ms)
@@ -360,7 +372,7 @@ local function read_topic()
   local size, ttl, keep_ms = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
   local since_epoch, since_seq = ARGV[9], tonumber(ARGV[10])
   local count, want_snapshot, limit = tonumber(ARGV[11]), ARGV[12] == '1', tonumber(ARGV[13])
-  local gen, offset = rule_state(base .. 'rule', candidate)
+  local gen, offset = rule_state(base, candidate)
   local t = open_topic(base, topic, candidate, gen, offset, keep_ms, true)
   local limit_time = now_ms() - ttl
   local status, entries, snap, more = -1, {}, {}, false
@@ -406,7 +418,7 @@ local function read_pattern()
   local candidate, base, pattern = ARGV[3], ARGV[4], ARGV[5]
   local size, ttl = tonumber(ARGV[6]), tonumber(ARGV[7])
   local count, want_snapshot = tonumber(ARGV[8]), ARGV[9] == '1'
-  local gen, offset = rule_state(base .. 'rule', candidate)
+  local gen, offset = rule_state(base, candidate)
   local out = {}
   if count <= 0 and not want_snapshot then
     return {gen, offset, out}
@@ -450,9 +462,12 @@ local function resume()
   local candidate, base, pattern = ARGV[3], ARGV[4], ARGV[5]
   local size, ttl = tonumber(ARGV[6]), tonumber(ARGV[7])
   local cursor_gen, cursor = ARGV[8], tonumber(ARGV[9])
-  local gen, offset, forgotten = rule_state(base .. 'rule', candidate)
+  local gen, offset, forgotten = rule_state(base, candidate)
   if gen ~= cursor_gen or cursor > offset then
     return {gen, offset, 1, {}}
+  end
+  if not redis.call('ZSCORE', base .. 'topics', WHOLE) then
+    forgotten = offset -- the index was lost: every topic it knew may be missed
   end
   local limit_time = now_ms() - ttl
   local positions = {}
@@ -509,27 +524,55 @@ local function resume()
   return {gen, offset, forgotten > cursor and 1 or 0, results}
 end
 
--- Drop from the index the topics whose state expired (up to 256 per call,
--- oldest first from offset *start*). ARGV: op, run, candidate, base, start.
--- Returns the offset to go on from (0: done).
-local function prune()
+-- The census of a rule, 256 topics of its index per call (oldest first
+-- from offset *start*): drop from the index the topics whose state expired,
+-- and count what the others keep. ARGV: op, run, candidate, base, start.
+-- Returns {next offset (0: done), topics, topics with something stored,
+-- messages stored, bytes (MEMORY USAGE of their streams and snapshots)}.
+local function census()
   local base, start = ARGV[4], tonumber(ARGV[5])
   local index = base .. 'topics'
   local raw = redis.call('ZRANGEBYSCORE', index, start, '+inf', 'WITHSCORES', 'LIMIT', 0, 256)
-  local forgotten = tonumber(redis.call('HGET', base .. 'rule', 'f') or '0')
+  local state = redis.call('HMGET', base .. 'rule', 'o', 'f')
+  local forgotten = tonumber(state[2] or '0')
+  if start == 0 and state[1] and not redis.call('ZSCORE', index, WHOLE) then
+    -- The index was lost: what it knew of, up to now, is forgotten.
+    forgotten = math.max(forgotten, tonumber(state[1]))
+    redis.call('ZADD', index, -1, WHOLE)
+  end
+  local topics, stored, messages, bytes = 0, 0, 0, 0
   for i = 1, #raw, 2 do
-    if redis.call('EXISTS', base .. 'm:' .. raw[i]) == 0 then
-      redis.call('ZREM', index, raw[i])
+    local topic = raw[i]
+    if redis.call('EXISTS', base .. 'm:' .. topic) == 0 then
+      redis.call('ZREM', index, topic)
       forgotten = math.max(forgotten, tonumber(raw[i + 1]))
+    else
+      topics = topics + 1
+      local n = redis.call('XLEN', base .. 's:' .. topic)
+      local kept = n
+      for _, suffix in ipairs({'s:', 'k:', 'z:'}) do
+        local size = redis.call('MEMORY', 'USAGE', base .. suffix .. topic)
+        if size then
+          bytes = bytes + size
+          if suffix == 'k:' then
+            kept = kept + 1
+          end
+        end
+      end
+      messages = messages + n
+      if kept > 0 then
+        stored = stored + 1
+      end
     end
   end
   if redis.call('EXISTS', base .. 'rule') == 1 then
     redis.call('HSET', base .. 'rule', 'f', forgotten)
   end
-  if #raw < 512 then
-    return 0
+  local next = 0
+  if #raw >= 512 then
+    next = tonumber(raw[#raw]) + 1
   end
-  return tonumber(raw[#raw]) + 1
+  return {next, topics, stored, messages, bytes}
 end
 
 -- == presence ==============================================================
@@ -686,8 +729,8 @@ local function main(keys, args)
     return read_pattern()
   elseif op == 'resume' then
     return resume()
-  elseif op == 'prune' then
-    return prune()
+  elseif op == 'census' then
+    return census()
   elseif op == 'pjoin' then
     return presence_join()
   elseif op == 'pleave' then
