@@ -26,7 +26,7 @@ import trio.testing
 import trustme
 
 from broker import Broker, CloseCode
-from broker.io.tls import TLSStream, make_ssl_context
+from broker.io.tls import TLSStream, joined, make_ssl_context
 from broker.server.connection import Connection
 from tests.conftest import CLOSE_TIMEOUT, BrokerFactory
 from tests.helpers import (
@@ -196,9 +196,14 @@ async def test_receive_nowait(tls_files: dict[str, str], client_ssl: ssl.SSLCont
         assert server.receive_nowait() == b""
 
 
-async def test_a_client_that_stops_reading(tls_files: dict[str, str], ca: trustme.CA) -> None:
-    data = noise(8 * MIB)
-    chunk = 65536
+@pytest.mark.parametrize("chunk", [65536, 1000])
+async def test_a_client_that_stops_reading(
+    tls_files: dict[str, str], ca: trustme.CA, chunk: int
+) -> None:
+    """Direct writes until the socket backs up, then an awaiting one. A
+    chunk of 1000 bytes is a subscriber's usual batch (one TLS record, the
+    one-piece path of send_nowait); 65536 takes several records."""
+    data = noise(8 * MIB if chunk > 16384 else MIB)
     async with tls_pair(
         server_context(tls_files), client_context(ca), client_rcvbuf=4096, server_sndbuf=16384
     ) as (server, client):
@@ -226,6 +231,26 @@ async def test_a_client_that_stops_reading(tls_files: dict[str, str], ca: trustm
         assert server.unsent == 0
         assert server.send_nowait(b"after") is True
         assert await receive_exactly(client, 5) == b"after"
+
+
+def test_joined_is_the_join_and_reuses_the_last_one() -> None:
+    """joined() hands every TLS subscriber of a fan-out the same bytes for
+    the same frames, and the right bytes for any other batch."""
+    a, b, c = b"frame-a", b"frame-b", b"frame-c"
+    assert joined([a]) is a
+    first = joined([a, b])
+    assert first == a + b
+    assert joined([a, b]) is first  # the same frames: joined once
+    assert joined([bytes(a), bytes(b)]) is first  # equal frames, other objects
+    assert joined([b, a]) == b + a
+    assert joined([a, b, c]) == a + b + c
+    # The caller may reuse its list: what was kept is a copy of it.
+    parts = [a, c]
+    assert joined(parts) == a + c
+    parts[1] = b
+    assert joined(parts) == a + b
+    parts.append(c)
+    assert joined(parts) == a + b + c
 
 
 async def test_a_cancelled_send_all_leaves_the_stream_usable(

@@ -75,7 +75,7 @@ import trio
 
 from broker.core.config import ListenerConfig
 
-__all__ = ["TLSStream", "describe_tls_error"]
+__all__ = ["TLSStream", "describe_tls_error", "joined"]
 
 #: Bytes of ciphertext asked of the kernel per read, and the default most
 #: plaintext bytes one receive returns.
@@ -215,9 +215,31 @@ class TLSStream(trio.abc.Stream):
             trio.ClosedResourceError: the stream was closed.
             trio.BusyResourceError: another task is in :meth:`send_all`.
         """
-        if self._state != _OPEN:
+        if self._state == _OPEN and not (self._sending or self._pending) and data:
+            if len(data) <= BIO_CHUNK:
+                # The common case (a subscriber's batch in one record), in
+                # one piece: one encryption, one read of the BIO, one write.
+                try:
+                    self._ssl.write(data)
+                except ssl.SSLError as e:
+                    self._fail()
+                    raise trio.BrokenResourceError(f"TLS write failed: {e}") from e
+                cipher = self._out.read()
+                try:
+                    written = os.write(self._fd, cipher)
+                except _WOULD_BLOCK:
+                    self._pending = cipher
+                    return False
+                except OSError as e:
+                    self._fail()
+                    raise trio.BrokenResourceError(f"socket write failed: {e}") from e
+                if written == len(cipher):
+                    return True
+                self._pending = memoryview(cipher)[written:]
+                return False
+        elif self._state != _OPEN:
             self._check()
-        if self._sending:
+        elif self._sending:
             raise trio.BusyResourceError("another task is sending on this TLS stream")
         if data:
             self._encrypt(data)
@@ -484,6 +506,31 @@ class TLSStream(trio.abc.Stream):
         if chunks:
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
         return b"" if ended else None
+
+
+# The last batch joined (a copy of its list of frames) and its bytes.
+_last_parts: list[bytes] = []
+_last_joined = b""
+
+
+def joined(parts: list[bytes]) -> bytes:
+    """``b"".join(parts)``: one subscriber's batch as one piece of plaintext,
+    for one encryption (:meth:`TLSStream.send_nowait`).
+
+    A fan-out hands every subscriber of a topic the same frames, so the
+    last batch joined is kept and handed out again while the frames are the
+    same (equal bytes, usually the very same objects): one join per batch,
+    not one per TLS subscriber. It holds one batch at most.
+    """
+    global _last_parts, _last_joined
+    if len(parts) == 1:
+        return parts[0]
+    if parts == _last_parts:
+        return _last_joined
+    data = b"".join(parts)
+    _last_parts = parts.copy()
+    _last_joined = data
+    return data
 
 
 def describe_tls_error(error: BaseException) -> str:
