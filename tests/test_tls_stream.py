@@ -11,6 +11,7 @@ buffer after; where it needs a task to be stuck, it waits for
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import socket
@@ -26,7 +27,7 @@ import trio.testing
 import trustme
 
 from broker import Broker, CloseCode
-from broker.io.tls import TLSStream, joined, make_ssl_context
+from broker.io.tls import WRITE_CHUNK, TLSStream, joined, make_ssl_context
 from broker.server.connection import Connection
 from tests.conftest import CLOSE_TIMEOUT, BrokerFactory
 from tests.helpers import (
@@ -361,6 +362,68 @@ async def test_a_missing_client_certificate_fails_the_handshake(
     assert isinstance(cause, ssl.SSLError)
     assert "CERTIFICATE_REQUIRED" in str(cause)
     await trio.aclose_forcefully(client)
+
+
+async def test_streams_share_the_outgoing_bio_and_never_mix_their_bytes(
+    tls_files: dict[str, str], ca: trustme.CA, client_ssl: ssl.SSLContext
+) -> None:
+    """The streams of a thread write their ciphertext to one shared BIO and
+    take it out in the same step: a stream backed up with ciphertext kept,
+    one writing directly, a batch larger than one encryption step, a
+    handshake that fails with an alert and another that succeeds, all
+    interleaved, and each client gets its own bytes and nothing else (a
+    stray record or alert from another connection would break its TLS)."""
+    context = server_context(tls_files)
+    async with (
+        tls_pair(context, client_context(ca), client_rcvbuf=4096, server_sndbuf=16384) as (
+            slow,
+            slow_client,
+        ),
+        tls_pair(context, client_ssl) as (fast, fast_client),
+    ):
+        assert slow._out is fast._out  # one outgoing BIO for the thread
+        big = noise(2 * MIB, seed=3)
+        offset = 0
+        while slow.send_nowait(big[offset : offset + 1000]):
+            offset += 1000
+        offset += 1000
+        assert slow.unsent > 0
+        expected = bytearray()
+        for i in range(10):
+            data = noise(100 * (i + 1), seed=10 + i)
+            assert fast.send_nowait(data)
+            expected += data
+            if i == 3:
+                # A client without the certificate a context requires: the
+                # server's handshake fails and produces an alert.
+                client_tcp, server_tcp = await tcp_pair()
+                refused = TLSStream(server_tcp, server_context(tls_files, "required"))
+                client = trio.SSLStream(client_tcp, client_ssl, server_hostname="127.0.0.1")
+
+                async def client_side(client: trio.SSLStream[trio.SocketStream]) -> None:
+                    with contextlib.suppress(trio.BrokenResourceError):
+                        await client.do_handshake()
+                        await client.receive_some()
+
+                with trio.fail_after(WAIT):
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(client_side, client)
+                        with pytest.raises(trio.BrokenResourceError):
+                            await refused.do_handshake()
+                await refused.aclose()
+                await trio.aclose_forcefully(client)
+            if i == 6:
+                async with tls_pair(context, client_ssl) as (other, other_client):
+                    await other.send_all(b"another connection")
+                    assert await receive_exactly(other_client, 18) == b"another connection"
+        huge = noise(WRITE_CHUNK + 12345, seed=4)  # more than one encryption step
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fast.send_all, huge)
+            assert await receive_exactly(fast_client, len(expected) + len(huge)) == expected + huge
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(slow.send_all, big[offset:])
+            assert await receive_exactly(slow_client, len(big)) == big
+        assert slow.unsent == fast.unsent == 0
 
 
 @pytest.mark.parametrize("how", ["close", "partial-hello", "reset"])
