@@ -367,12 +367,13 @@ async def test_a_missing_client_certificate_fails_the_handshake(
 async def test_streams_share_the_outgoing_bio_and_never_mix_their_bytes(
     tls_files: dict[str, str], ca: trustme.CA, client_ssl: ssl.SSLContext
 ) -> None:
-    """The streams of a thread write their ciphertext to one shared BIO and
-    take it out in the same step: a stream backed up with ciphertext kept,
-    one writing directly, a batch larger than one encryption step, a
-    handshake that fails with an alert and another that succeeds, all
-    interleaved, and each client gets its own bytes and nothing else (a
-    stray record or alert from another connection would break its TLS)."""
+    """The streams of a thread share one pair of BIOs and take their bytes
+    out in the same step: receives that stop at max_bytes with ciphertext
+    left, a stream backed up with ciphertext kept, one writing directly, a
+    batch larger than one encryption step, a handshake that fails with an
+    alert and others that succeed, all interleaved, and each side gets its
+    own bytes and nothing else (a stray record or alert from another
+    connection would break its TLS)."""
     context = server_context(tls_files)
     async with (
         tls_pair(context, client_context(ca), client_rcvbuf=4096, server_sndbuf=16384) as (
@@ -381,7 +382,20 @@ async def test_streams_share_the_outgoing_bio_and_never_mix_their_bytes(
         ),
         tls_pair(context, client_ssl) as (fast, fast_client),
     ):
-        assert slow._out is fast._out  # one outgoing BIO for the thread
+        assert slow._out is fast._out and slow._in is fast._in  # one pair for the thread
+        # Receives that stop at max_bytes keep the rest of the ciphertext
+        # back while another stream receives and handshakes.
+        up, other_up = noise(300_000, seed=5), noise(50_000, seed=6)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fast_client.send_all, up)
+            nursery.start_soon(slow_client.send_all, other_up)
+            got = await receive_exactly(fast, 1000, max_bytes=1000)
+            async with tls_pair(context, client_ssl) as (other, other_client):
+                await other_client.send_all(b"hello")
+                assert await receive_exactly(other, 5) == b"hello"
+            assert await receive_exactly(slow, len(other_up), max_bytes=7000) == other_up
+            got += await receive_exactly(fast, len(up) - 1000, max_bytes=3000)
+        assert got == up
         big = noise(2 * MIB, seed=3)
         offset = 0
         while slow.send_nowait(big[offset : offset + 1000]):

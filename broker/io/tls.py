@@ -59,19 +59,21 @@ with ``__slots__`` and holds no buffer (``_pending`` is empty unless a
 subscriber is backed up, bounded then by one write batch). A MemoryBIO never
 gives back the largest size it held:
 
-* **The outgoing BIO is shared** by all the streams of a thread. Since
-  whatever an SSLObject step writes to it is taken out in the same step,
-  it is empty between steps, and one BIO serves them all: no buffer per
-  connection for the ciphertext of the handshake (about 1.2 KB, kept for
-  the life of the connection before) or of the largest batch it sent (up
-  to ~22 KiB), and the buffer every encryption writes to stays in the CPU
-  cache instead of being a cold one per subscriber (a fan-out to 1000 wss
-  subscribers touches 1000 of them per batch). It keeps the largest
-  ciphertext it held, once per thread: :data:`WRITE_CHUNK` bounds that.
-* **The incoming BIO is the stream's own** (ciphertext may wait in it,
-  between receives, for the rest of a record or for a larger *max_bytes*),
-  and is handed at most :data:`BIO_CHUNK` bytes at a time: a connection
-  that once sent a 64 KiB read keeps about 20 KiB there, not the whole of it.
+**both BIOs are shared** by all the streams of a thread. Every SSLObject
+step takes out what it wrote to the outgoing BIO (to ``_pending``) and
+what it left unread in the incoming one (to ``_unread``, which is empty
+unless a receive stopped at *max_bytes* with whole records still to
+decrypt) in the same synchronous step, also when the step fails, so both
+are empty between steps and one pair serves every stream. A connection
+thus keeps no BIO buffer of its own: not the ciphertext of its handshake
+(about 1.9 KB for both directions, for the life of the connection), nor
+that of its largest batch or read (up to ~22 KiB per direction), and the
+buffer each encryption writes to stays in the CPU cache instead of being
+one cold buffer per subscriber (a fan-out to 1000 wss subscribers touches
+1000 of them per batch). The shared BIOs keep the largest size they held,
+once per thread: :data:`WRITE_CHUNK` and :data:`BIO_CHUNK` bound that.
+The streams of a Trio run all live in its thread; the BIOs are per thread
+so that runs in other threads never share them.
 """
 
 from __future__ import annotations
@@ -94,9 +96,9 @@ __all__ = ["TLSStream", "describe_tls_error", "joined"]
 #: plaintext bytes one receive returns.
 RECEIVE_SIZE: Final = 65536
 #: Most bytes of ciphertext handed to the SSLObject at a time (one full TLS
-#: record). A MemoryBIO keeps the largest size it ever held allocated for
-#: the life of the connection, so this bounds what a connection keeps in
-#: its incoming BIO after a burst (about 20 KiB instead of a whole read).
+#: record), as decryption needs them: what the shared incoming BIO keeps
+#: after the largest read, and what a receive that stopped at *max_bytes*
+#: has to take back out of it at most.
 BIO_CHUNK: Final = 16384
 #: Most bytes of plaintext encrypted in one step (the default write batch,
 #: ``limits.write_batch_bytes``): what the shared outgoing BIO keeps after
@@ -106,14 +108,19 @@ WRITE_CHUNK: Final = 262144
 _per_thread = threading.local()
 
 
-def _outgoing() -> ssl.MemoryBIO:
-    """The calling thread's outgoing BIO, which all its streams share (see
-    the module docstring); the streams of a Trio run live in one thread."""
+def _shared_bios() -> tuple[ssl.MemoryBIO, ssl.MemoryBIO]:
+    """The calling thread's (incoming, outgoing) BIOs, which all its streams
+    share (see the module docstring)."""
     try:
-        bio: ssl.MemoryBIO = _per_thread.outgoing
+        bios: tuple[ssl.MemoryBIO, ssl.MemoryBIO] = _per_thread.bios
     except AttributeError:
-        bio = _per_thread.outgoing = ssl.MemoryBIO()
-    return bio
+        bios = _per_thread.bios = (ssl.MemoryBIO(), ssl.MemoryBIO())
+    return bios
+
+
+#: What a peer's end looks like to an SSLObject, raised for an end met in
+#: the middle of the handshake (a shared BIO is never told of one stream's end).
+_EOF_MESSAGE: Final = "EOF occurred in violation of protocol"
 
 
 _WOULD_BLOCK: Final = (BlockingIOError, InterruptedError)
@@ -147,18 +154,21 @@ class TLSStream(trio.abc.Stream):
         "_sending",
         "_ssl",
         "_state",
+        "_unread",
         "transport_stream",
     )
 
     def __init__(self, transport_stream: trio.SocketStream, ssl_context: ssl.SSLContext) -> None:
         self.transport_stream = transport_stream
         self._fd = transport_stream.socket.fileno()
-        self._in = ssl.MemoryBIO()
-        #: Shared: empty whenever this stream's code is not running.
-        self._out = _outgoing()
+        # Shared: both are empty whenever this stream's code is not running.
+        self._in, self._out = _shared_bios()
         self._ssl = ssl_context.wrap_bio(self._in, self._out, server_side=True)
         #: Ciphertext produced but not yet taken by the kernel, in order.
         self._pending: bytes | memoryview = b""
+        #: Ciphertext read from the socket but not consumed by the SSLObject
+        #: yet (a receive stopped at max_bytes), in order.
+        self._unread: bytes | memoryview = b""
         self._state = _HANDSHAKE
         self._sending = False
         self._receiving = False
@@ -190,21 +200,26 @@ class TLSStream(trio.abc.Stream):
         try:
             await trio.lowlevel.checkpoint_if_cancelled()
             ssl_object = self._ssl
+            incoming = self._in
+            data = b""
             while True:
                 try:
+                    if data:
+                        incoming.write(data)
                     ssl_object.do_handshake()
                     break
                 except ssl.SSLWantReadError:
                     pass
                 finally:
-                    self._collect()  # the flight, or an alert (see below)
+                    # The flight or an alert (see below) out of the shared
+                    # BIO, and what came after the handshake (the request)
+                    # kept for the first receive.
+                    self._settle()
                 await self._flush()  # a checkpoint, even with nothing to write
                 while (data := self._read_ciphertext(BIO_CHUNK)) is None:
                     await trio.lowlevel.wait_readable(self._fd)
-                if data:
-                    self._in.write(data)
-                else:
-                    self._in.write_eof()
+                if not data:
+                    raise ssl.SSLEOFError(ssl.SSL_ERROR_EOF, _EOF_MESSAGE)
             # TLS 1.2 ends with our Finished, which the client waits for. What
             # TLS 1.3 produces now is session tickets: they go out with the
             # first send, as in trio (one write fewer per connection).
@@ -369,12 +384,12 @@ class TLSStream(trio.abc.Stream):
                 except ssl.SSLError:
                     pass
                 finally:
-                    self._collect()
+                    self._settle()
                 if self._pending:
                     with contextlib.suppress(trio.BrokenResourceError):
                         self._write_pending()
             self._state = _CLOSED
-            self._pending = b""
+            self._pending = self._unread = b""
             self.transport_stream.socket.close()  # wakes any task waiting on it
         await trio.lowlevel.checkpoint()
 
@@ -393,6 +408,16 @@ class TLSStream(trio.abc.Stream):
     def _fail(self) -> None:
         self._state = _BROKEN
         self._pending = b""
+
+    def _settle(self) -> None:
+        """After an SSLObject step: empty the shared BIOs, what it wrote to
+        the end of the pending ciphertext, what it left unread to the front
+        of ``_unread``."""
+        incoming = self._in
+        if incoming.pending:
+            rest = incoming.read()
+            self._unread = b"".join((rest, self._unread)) if self._unread else rest
+        self._collect()
 
     def _collect(self) -> None:
         """Move what the SSLObject produced to the end of the pending ciphertext."""
@@ -473,28 +498,31 @@ class TLSStream(trio.abc.Stream):
             raise trio.BrokenResourceError(f"socket read failed: {e}") from e
 
     def _decrypt(self, max_bytes: int, raw: bytes | None = None) -> bytes | None:
-        """Plaintext from what the incoming BIO holds, then from *raw* (what
-        a socket read returned, ``b""`` for EOF), up to *max_bytes* and over
+        """Plaintext from what the stream holds (decrypted but not returned
+        yet, or ciphertext in ``_unread``), then from *raw* (what a socket
+        read returned, ``b""`` at its end), up to *max_bytes* and over
         several TLS records: ``b""`` at the end of the stream, None if more
         ciphertext is needed.
 
-        *raw* is fed to the BIO BIO_CHUNK bytes at a time, as decryption
-        needs them; what is left when *max_bytes* is reached goes to the BIO
-        for the next call.
+        Ciphertext goes to the shared incoming BIO BIO_CHUNK bytes at a
+        time, as decryption needs it; what is left when *max_bytes* is
+        reached goes back to ``_unread`` for the next call, and the BIO is
+        left empty.
         """
         ssl_object = self._ssl
         incoming = self._in
         error = self._read_error
         if error is not None:
             # OpenSSL reports a fatal error once; what it says afterwards
-            # (an EOF) must not pass for a clean end of the stream.
+            # must not pass for a clean end of the stream.
             self._read_error = None
             self._state = _BROKEN
             raise trio.BrokenResourceError(f"TLS read failed: {error}") from error
-        if raw == b"":
-            incoming.write_eof()
-            raw = None
-        left = len(raw) if raw is not None else 0  # not fed to the BIO yet
+        unread = self._unread
+        if raw:
+            unread = b"".join((unread, raw)) if unread else raw
+        self._unread = b""
+        left = len(unread)  # not handed to the BIO yet, from fed on
         fed = 0
         chunks: list[bytes] = []
         size = 0
@@ -505,13 +533,14 @@ class TLSStream(trio.abc.Stream):
                     data = ssl_object.read(max_bytes - size)
                 except ssl.SSLWantReadError:
                     if fed < left:
-                        assert raw is not None
-                        incoming.write(memoryview(raw)[fed : fed + BIO_CHUNK])
-                        fed += BIO_CHUNK
+                        end = min(fed + BIO_CHUNK, left)
+                        incoming.write(memoryview(unread)[fed:end])
+                        fed = end
                         continue
-                    break
-                except ssl.SSLEOFError:
-                    ended = True  # closed without close_notify: https_compatible EOF
+                    # All of it handed over: the end of the socket is the
+                    # end of the stream (https_compatible: without a
+                    # close_notify, even in the middle of a record).
+                    ended = raw == b""
                     break
                 except ssl.SSLError as e:
                     if chunks:
@@ -529,14 +558,18 @@ class TLSStream(trio.abc.Stream):
                 if fed >= left and not incoming.pending:
                     break  # all consumed (a short read: no plaintext left inside)
         finally:
-            # Produced while reading (a key-update reply, an alert...): out
-            # of the shared BIO now, to the socket below if it takes it.
+            # The shared BIOs emptied: the ciphertext not consumed (what
+            # the BIO still holds is the end of what was fed) back to
+            # _unread, without a copy; what was produced while reading (a
+            # key-update reply, an alert...) to the pending ciphertext.
+            kept = incoming.pending
+            if kept:
+                incoming.read()
+            if kept or fed < left:
+                self._unread = memoryview(unread)[fed - kept :]
             produced = self._out.pending
             if produced:
                 self._collect()
-        if fed < left:
-            assert raw is not None
-            incoming.write(memoryview(raw)[fed:])  # max_bytes reached: for the next call
         if produced and not self._sending:
             # In order, now if the socket takes it, else with the next send.
             # A failure shows in the next send or receive.
