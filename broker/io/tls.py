@@ -201,7 +201,7 @@ class TLSStream(trio.abc.Stream):
             await trio.lowlevel.checkpoint_if_cancelled()
             ssl_object = self._ssl
             incoming = self._in
-            data = b""
+            data: bytes | None = b""
             while True:
                 try:
                     if data:
