@@ -580,9 +580,10 @@ class TLSStream(trio.abc.Stream):
         return b"" if ended else None
 
 
-# The last batch joined (a copy of its list of frames) and its bytes.
-_last_parts: list[bytes] = []
-_last_joined = b""
+# The last batch joined: a copy of its list of frames, and its bytes. One
+# tuple, replaced whole, so that a thread never pairs one batch's frames
+# with another's bytes.
+_last_join: tuple[list[bytes], bytes] = ([], b"")
 
 
 def joined(parts: list[bytes]) -> bytes:
@@ -594,14 +595,14 @@ def joined(parts: list[bytes]) -> bytes:
     same (equal bytes, usually the very same objects): one join per batch,
     not one per TLS subscriber. It holds one batch at most.
     """
-    global _last_parts, _last_joined
+    global _last_join
     if len(parts) == 1:
         return parts[0]
-    if parts == _last_parts:
-        return _last_joined
+    last_parts, last_data = _last_join
+    if parts == last_parts:
+        return last_data
     data = b"".join(parts)
-    _last_parts = parts.copy()
-    _last_joined = data
+    _last_join = (parts.copy(), data)
     return data
 
 
