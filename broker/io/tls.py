@@ -57,9 +57,8 @@ or read is written if the socket takes it at once (trio drops it).
 Memory: beyond OpenSSL's own state, an idle stream is one small object
 with ``__slots__`` and holds no buffer (``_pending`` is empty unless a
 subscriber is backed up, bounded then by one write batch). A MemoryBIO never
-gives back the largest size it held:
-
-**both BIOs are shared** by all the streams of a thread. Every SSLObject
+gives back the largest size it held, so **both BIOs are shared** by all the
+streams of a thread. Every SSLObject
 step takes out what it wrote to the outgoing BIO (to ``_pending``) and
 what it left unread in the incoming one (to ``_unread``, which is empty
 unless a receive stopped at *max_bytes* with whole records still to
@@ -204,6 +203,9 @@ class TLSStream(trio.abc.Stream):
             data: bytes | None = b""
             while True:
                 try:
+                    if self._unread:  # (kept by the last step, in order)
+                        incoming.write(self._unread)
+                        self._unread = b""
                     if data:
                         incoming.write(data)
                     ssl_object.do_handshake()
