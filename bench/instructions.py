@@ -151,7 +151,11 @@ def drive(port: int, rounds: int, burst: int, fanout: bool, tls: ssl.SSLContext 
     payloads = [
         masked(
             json.dumps(
-                {"op": "pub", "topic": f"t.{n % TOPICS}", "data": f"@T{n:016d}{filler}"}
+                {
+                    "op": "pub",
+                    "topic": "t.0" if fanout else f"t.{n % TOPICS}",
+                    "data": f"@T{n:016d}{filler}",
+                }
             ).encode()
         )
         for n in range(burst)
