@@ -11,6 +11,7 @@ buffer after; where it needs a task to be stuck, it waits for
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import socket
@@ -26,7 +27,7 @@ import trio.testing
 import trustme
 
 from broker import Broker, CloseCode
-from broker.io.tls import TLSStream, make_ssl_context
+from broker.io.tls import WRITE_CHUNK, TLSStream, joined, make_ssl_context
 from broker.server.connection import Connection
 from tests.conftest import CLOSE_TIMEOUT, BrokerFactory
 from tests.helpers import (
@@ -196,9 +197,14 @@ async def test_receive_nowait(tls_files: dict[str, str], client_ssl: ssl.SSLCont
         assert server.receive_nowait() == b""
 
 
-async def test_a_client_that_stops_reading(tls_files: dict[str, str], ca: trustme.CA) -> None:
-    data = noise(8 * MIB)
-    chunk = 65536
+@pytest.mark.parametrize("chunk", [65536, 1000])
+async def test_a_client_that_stops_reading(
+    tls_files: dict[str, str], ca: trustme.CA, chunk: int
+) -> None:
+    """Direct writes until the socket backs up, then an awaiting one. A
+    chunk of 1000 bytes is a subscriber's usual batch (one TLS record, the
+    one-piece path of send_nowait); 65536 takes several records."""
+    data = noise(8 * MIB if chunk > 16384 else MIB)
     async with tls_pair(
         server_context(tls_files), client_context(ca), client_rcvbuf=4096, server_sndbuf=16384
     ) as (server, client):
@@ -226,6 +232,26 @@ async def test_a_client_that_stops_reading(tls_files: dict[str, str], ca: trustm
         assert server.unsent == 0
         assert server.send_nowait(b"after") is True
         assert await receive_exactly(client, 5) == b"after"
+
+
+def test_joined_is_the_join_and_reuses_the_last_one() -> None:
+    """joined() hands every TLS subscriber of a fan-out the same bytes for
+    the same frames, and the right bytes for any other batch."""
+    a, b, c = b"frame-a", b"frame-b", b"frame-c"
+    assert joined([a]) is a
+    first = joined([a, b])
+    assert first == a + b
+    assert joined([a, b]) is first  # the same frames: joined once
+    assert joined([bytes(a), bytes(b)]) is first  # equal frames, other objects
+    assert joined([b, a]) == b + a
+    assert joined([a, b, c]) == a + b + c
+    # The caller may reuse its list: what was kept is a copy of it.
+    parts = [a, c]
+    assert joined(parts) == a + c
+    parts[1] = b
+    assert joined(parts) == a + b
+    parts.append(c)
+    assert joined(parts) == a + b + c
 
 
 async def test_a_cancelled_send_all_leaves_the_stream_usable(
@@ -336,6 +362,82 @@ async def test_a_missing_client_certificate_fails_the_handshake(
     assert isinstance(cause, ssl.SSLError)
     assert "CERTIFICATE_REQUIRED" in str(cause)
     await trio.aclose_forcefully(client)
+
+
+async def test_streams_share_the_outgoing_bio_and_never_mix_their_bytes(
+    tls_files: dict[str, str], ca: trustme.CA, client_ssl: ssl.SSLContext
+) -> None:
+    """The streams of a thread share one pair of BIOs and take their bytes
+    out in the same step: receives that stop at max_bytes with ciphertext
+    left, a stream backed up with ciphertext kept, one writing directly, a
+    batch larger than one encryption step, a handshake that fails with an
+    alert and others that succeed, all interleaved, and each side gets its
+    own bytes and nothing else (a stray record or alert from another
+    connection would break its TLS)."""
+    context = server_context(tls_files)
+    async with (
+        tls_pair(context, client_context(ca), client_rcvbuf=4096, server_sndbuf=16384) as (
+            slow,
+            slow_client,
+        ),
+        tls_pair(context, client_ssl) as (fast, fast_client),
+    ):
+        assert slow._out is fast._out and slow._in is fast._in  # one pair for the thread
+        # Receives that stop at max_bytes keep the rest of the ciphertext
+        # back while another stream receives and handshakes.
+        up, other_up = noise(300_000, seed=5), noise(50_000, seed=6)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fast_client.send_all, up)
+            nursery.start_soon(slow_client.send_all, other_up)
+            got = await receive_exactly(fast, 1000, max_bytes=1000)
+            async with tls_pair(context, client_ssl) as (other, other_client):
+                await other_client.send_all(b"hello")
+                assert await receive_exactly(other, 5) == b"hello"
+            assert await receive_exactly(slow, len(other_up), max_bytes=7000) == other_up
+            got += await receive_exactly(fast, len(up) - 1000, max_bytes=3000)
+        assert got == up
+        big = noise(2 * MIB, seed=3)
+        offset = 0
+        while slow.send_nowait(big[offset : offset + 1000]):
+            offset += 1000
+        offset += 1000
+        assert slow.unsent > 0
+        expected = bytearray()
+        for i in range(10):
+            data = noise(100 * (i + 1), seed=10 + i)
+            assert fast.send_nowait(data)
+            expected += data
+            if i == 3:
+                # A client without the certificate a context requires: the
+                # server's handshake fails and produces an alert.
+                client_tcp, server_tcp = await tcp_pair()
+                refused = TLSStream(server_tcp, server_context(tls_files, "required"))
+                client = trio.SSLStream(client_tcp, client_ssl, server_hostname="127.0.0.1")
+
+                async def client_side(client: trio.SSLStream[trio.SocketStream]) -> None:
+                    with contextlib.suppress(trio.BrokenResourceError):
+                        await client.do_handshake()
+                        await client.receive_some()
+
+                with trio.fail_after(WAIT):
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(client_side, client)
+                        with pytest.raises(trio.BrokenResourceError):
+                            await refused.do_handshake()
+                await refused.aclose()
+                await trio.aclose_forcefully(client)
+            if i == 6:
+                async with tls_pair(context, client_ssl) as (other, other_client):
+                    await other.send_all(b"another connection")
+                    assert await receive_exactly(other_client, 18) == b"another connection"
+        huge = noise(WRITE_CHUNK + 12345, seed=4)  # more than one encryption step
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fast.send_all, huge)
+            assert await receive_exactly(fast_client, len(expected) + len(huge)) == expected + huge
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(slow.send_all, big[offset:])
+            assert await receive_exactly(slow_client, len(big)) == big
+        assert slow.unsent == fast.unsent == 0
 
 
 @pytest.mark.parametrize("how", ["close", "partial-hello", "reset"])

@@ -16,7 +16,8 @@ How it stays correct:
 
 * **One ordered ciphertext buffer.** Everything the SSLObject produces
   (application data, TLS 1.3 session tickets, key-update replies, alerts,
-  close_notify) is appended to ``_pending`` the moment it is produced, and
+  close_notify) is appended to ``_pending`` the moment it is produced (in
+  the same synchronous step, even when the step fails), and
   the socket is only ever written from the front of that buffer. So the
   bytes on the wire are always in the order the SSLObject produced them,
   whichever task wrote them.
@@ -56,10 +57,22 @@ or read is written if the socket takes it at once (trio drops it).
 Memory: beyond OpenSSL's own state, an idle stream is one small object
 with ``__slots__`` and holds no buffer (``_pending`` is empty unless a
 subscriber is backed up, bounded then by one write batch). A MemoryBIO never
-gives back the largest size it held, so the SSLObject is handed at most
-:data:`BIO_CHUNK` bytes at a time, in both directions: a connection that
-once received a 256 KiB batch or sent a 64 KiB read keeps about 20 KiB per
-BIO, not the whole of it.
+gives back the largest size it held, so **both BIOs are shared** by all the
+streams of a thread. Every SSLObject
+step takes out what it wrote to the outgoing BIO (to ``_pending``) and
+what it left unread in the incoming one (to ``_unread``, which is empty
+unless a receive stopped at *max_bytes* with whole records still to
+decrypt) in the same synchronous step, also when the step fails, so both
+are empty between steps and one pair serves every stream. A connection
+thus keeps no BIO buffer of its own: not the ciphertext of its handshake
+(about 1.9 KB for both directions, for the life of the connection), nor
+that of its largest batch or read (up to ~22 KiB per direction), and the
+buffer each encryption writes to stays in the CPU cache instead of being
+one cold buffer per subscriber (a fan-out to 1000 wss subscribers touches
+1000 of them per batch). The shared BIOs keep the largest size they held,
+once per thread: :data:`WRITE_CHUNK` and :data:`BIO_CHUNK` bound that.
+The streams of a Trio run all live in its thread; the BIOs are per thread
+so that runs in other threads never share them.
 """
 
 from __future__ import annotations
@@ -69,23 +82,45 @@ import operator
 import os
 import re
 import ssl
+import threading
 from typing import Any, Final
 
 import trio
 
 from broker.core.config import ListenerConfig
 
-__all__ = ["TLSStream", "describe_tls_error"]
+__all__ = ["TLSStream", "describe_tls_error", "joined"]
 
 #: Bytes of ciphertext asked of the kernel per read, and the default most
 #: plaintext bytes one receive returns.
 RECEIVE_SIZE: Final = 65536
-#: Most bytes handed to the SSLObject at a time: plaintext to encrypt (one
-#: full TLS record), ciphertext to decrypt. A MemoryBIO keeps the largest
-#: size it ever held allocated for the life of the connection, so this
-#: bounds what a connection keeps after a burst (about 20 KiB per
-#: direction, instead of a whole write batch or a whole read).
+#: Most bytes of ciphertext handed to the SSLObject at a time (one full TLS
+#: record), as decryption needs them: what the shared incoming BIO keeps
+#: after the largest read, and what a receive that stopped at *max_bytes*
+#: has to take back out of it at most.
 BIO_CHUNK: Final = 16384
+#: Most bytes of plaintext encrypted in one step (the default write batch,
+#: ``limits.write_batch_bytes``): what the shared outgoing BIO keeps after
+#: the largest write, once per thread (about 350 KiB).
+WRITE_CHUNK: Final = 262144
+
+_per_thread = threading.local()
+
+
+def _shared_bios() -> tuple[ssl.MemoryBIO, ssl.MemoryBIO]:
+    """The calling thread's (incoming, outgoing) BIOs, which all its streams
+    share (see the module docstring)."""
+    try:
+        bios: tuple[ssl.MemoryBIO, ssl.MemoryBIO] = _per_thread.bios
+    except AttributeError:
+        bios = _per_thread.bios = (ssl.MemoryBIO(), ssl.MemoryBIO())
+    return bios
+
+
+#: What a peer's end looks like to an SSLObject, raised for an end met in
+#: the middle of the handshake (a shared BIO is never told of one stream's end).
+_EOF_MESSAGE: Final = "EOF occurred in violation of protocol"
+
 
 _WOULD_BLOCK: Final = (BlockingIOError, InterruptedError)
 
@@ -118,17 +153,21 @@ class TLSStream(trio.abc.Stream):
         "_sending",
         "_ssl",
         "_state",
+        "_unread",
         "transport_stream",
     )
 
     def __init__(self, transport_stream: trio.SocketStream, ssl_context: ssl.SSLContext) -> None:
         self.transport_stream = transport_stream
         self._fd = transport_stream.socket.fileno()
-        self._in = ssl.MemoryBIO()
-        self._out = ssl.MemoryBIO()
+        # Shared: both are empty whenever this stream's code is not running.
+        self._in, self._out = _shared_bios()
         self._ssl = ssl_context.wrap_bio(self._in, self._out, server_side=True)
         #: Ciphertext produced but not yet taken by the kernel, in order.
         self._pending: bytes | memoryview = b""
+        #: Ciphertext read from the socket but not consumed by the SSLObject
+        #: yet (a receive stopped at max_bytes), in order.
+        self._unread: bytes | memoryview = b""
         self._state = _HANDSHAKE
         self._sending = False
         self._receiving = False
@@ -160,21 +199,29 @@ class TLSStream(trio.abc.Stream):
         try:
             await trio.lowlevel.checkpoint_if_cancelled()
             ssl_object = self._ssl
+            incoming = self._in
+            data: bytes | None = b""
             while True:
                 try:
+                    if self._unread:  # (kept by the last step, in order)
+                        incoming.write(self._unread)
+                        self._unread = b""
+                    if data:
+                        incoming.write(data)
                     ssl_object.do_handshake()
                     break
                 except ssl.SSLWantReadError:
                     pass
-                self._collect()
+                finally:
+                    # The flight or an alert (see below) out of the shared
+                    # BIO, and what came after the handshake (the request)
+                    # kept for the first receive.
+                    self._settle()
                 await self._flush()  # a checkpoint, even with nothing to write
                 while (data := self._read_ciphertext(BIO_CHUNK)) is None:
                     await trio.lowlevel.wait_readable(self._fd)
-                if data:
-                    self._in.write(data)
-                else:
-                    self._in.write_eof()
-            self._collect()
+                if not data:
+                    raise ssl.SSLEOFError(ssl.SSL_ERROR_EOF, _EOF_MESSAGE)
             # TLS 1.2 ends with our Finished, which the client waits for. What
             # TLS 1.3 produces now is session tickets: they go out with the
             # first send, as in trio (one write fewer per connection).
@@ -215,9 +262,32 @@ class TLSStream(trio.abc.Stream):
             trio.ClosedResourceError: the stream was closed.
             trio.BusyResourceError: another task is in :meth:`send_all`.
         """
-        if self._state != _OPEN:
+        if self._state == _OPEN and not (self._sending or self._pending) and data:
+            if len(data) <= WRITE_CHUNK:
+                # The common case (a subscriber's batch), in one piece: one
+                # encryption, one read of the BIO, one write.
+                try:
+                    self._ssl.write(data)
+                except ssl.SSLError as e:
+                    self._state = _BROKEN
+                    self._send_alert()  # empties the shared BIO
+                    raise trio.BrokenResourceError(f"TLS write failed: {e}") from e
+                cipher = self._out.read()
+                try:
+                    written = os.write(self._fd, cipher)
+                except _WOULD_BLOCK:
+                    self._pending = cipher
+                    return False
+                except OSError as e:
+                    self._fail()
+                    raise trio.BrokenResourceError(f"socket write failed: {e}") from e
+                if written == len(cipher):
+                    return True
+                self._pending = memoryview(cipher)[written:]
+                return False
+        elif self._state != _OPEN:
             self._check()
-        if self._sending:
+        elif self._sending:
             raise trio.BusyResourceError("another task is sending on this TLS stream")
         if data:
             self._encrypt(data)
@@ -311,14 +381,17 @@ class TLSStream(trio.abc.Stream):
             if self._state == _OPEN:
                 # Queues our close_notify (SSLWantReadError: the peer's is
                 # not awaited).
-                with contextlib.suppress(ssl.SSLError):
+                try:
                     self._ssl.unwrap()
-                self._collect()
+                except ssl.SSLError:
+                    pass
+                finally:
+                    self._settle()
                 if self._pending:
                     with contextlib.suppress(trio.BrokenResourceError):
                         self._write_pending()
             self._state = _CLOSED
-            self._pending = b""
+            self._pending = self._unread = b""
             self.transport_stream.socket.close()  # wakes any task waiting on it
         await trio.lowlevel.checkpoint()
 
@@ -338,6 +411,16 @@ class TLSStream(trio.abc.Stream):
         self._state = _BROKEN
         self._pending = b""
 
+    def _settle(self) -> None:
+        """After an SSLObject step: empty the shared BIOs, what it wrote to
+        the end of the pending ciphertext, what it left unread to the front
+        of ``_unread``."""
+        incoming = self._in
+        if incoming.pending:
+            rest = incoming.read()
+            self._unread = b"".join((rest, self._unread)) if self._unread else rest
+        self._collect()
+
     def _collect(self) -> None:
         """Move what the SSLObject produced to the end of the pending ciphertext."""
         out = self._out
@@ -346,22 +429,23 @@ class TLSStream(trio.abc.Stream):
             self._pending = b"".join((self._pending, data)) if self._pending else data
 
     def _encrypt(self, data: bytes | bytearray | memoryview) -> None:
-        """Encrypt *data* onto the end of the pending ciphertext, BIO_CHUNK
+        """Encrypt *data* onto the end of the pending ciphertext, WRITE_CHUNK
         bytes at a time."""
         ssl_object = self._ssl
         try:
-            if len(data) <= BIO_CHUNK:
+            if len(data) <= WRITE_CHUNK:
                 ssl_object.write(data)
                 self._collect()
                 return
             out = self._out
             parts = [self._pending] if self._pending else []
             view = memoryview(data)
-            for start in range(0, len(view), BIO_CHUNK):
-                ssl_object.write(view[start : start + BIO_CHUNK])
+            for start in range(0, len(view), WRITE_CHUNK):
+                ssl_object.write(view[start : start + WRITE_CHUNK])
                 parts.append(out.read())
         except ssl.SSLError as e:
-            self._fail()
+            self._state = _BROKEN
+            self._send_alert()  # empties the shared BIO
             raise trio.BrokenResourceError(f"TLS write failed: {e}") from e
         self._pending = b"".join(parts)
 
@@ -416,74 +500,112 @@ class TLSStream(trio.abc.Stream):
             raise trio.BrokenResourceError(f"socket read failed: {e}") from e
 
     def _decrypt(self, max_bytes: int, raw: bytes | None = None) -> bytes | None:
-        """Plaintext from what the incoming BIO holds, then from *raw* (what
-        a socket read returned, ``b""`` for EOF), up to *max_bytes* and over
+        """Plaintext from what the stream holds (decrypted but not returned
+        yet, or ciphertext in ``_unread``), then from *raw* (what a socket
+        read returned, ``b""`` at its end), up to *max_bytes* and over
         several TLS records: ``b""`` at the end of the stream, None if more
         ciphertext is needed.
 
-        *raw* is fed to the BIO BIO_CHUNK bytes at a time, as decryption
-        needs them; what is left when *max_bytes* is reached goes to the BIO
-        for the next call.
+        Ciphertext goes to the shared incoming BIO BIO_CHUNK bytes at a
+        time, as decryption needs it; what is left when *max_bytes* is
+        reached goes back to ``_unread`` for the next call, and the BIO is
+        left empty.
         """
         ssl_object = self._ssl
         incoming = self._in
         error = self._read_error
         if error is not None:
             # OpenSSL reports a fatal error once; what it says afterwards
-            # (an EOF) must not pass for a clean end of the stream.
+            # must not pass for a clean end of the stream.
             self._read_error = None
             self._state = _BROKEN
             raise trio.BrokenResourceError(f"TLS read failed: {error}") from error
-        if raw == b"":
-            incoming.write_eof()
-            raw = None
-        left = len(raw) if raw is not None else 0  # not fed to the BIO yet
+        unread = self._unread
+        if raw:
+            unread = b"".join((unread, raw)) if unread else raw
+        self._unread = b""
+        left = len(unread)  # not handed to the BIO yet, from fed on
         fed = 0
         chunks: list[bytes] = []
         size = 0
         ended = False
-        while size < max_bytes:
-            try:
-                data = ssl_object.read(max_bytes - size)
-            except ssl.SSLWantReadError:
-                if fed < left:
-                    assert raw is not None
-                    incoming.write(memoryview(raw)[fed : fed + BIO_CHUNK])
-                    fed += BIO_CHUNK
-                    continue
-                break
-            except ssl.SSLEOFError:
-                ended = True  # closed without close_notify: https_compatible EOF
-                break
-            except ssl.SSLError as e:
-                if chunks:
-                    # Return what came before it; the next receive raises it.
-                    self._read_error = e
+        try:
+            while size < max_bytes:
+                try:
+                    data = ssl_object.read(max_bytes - size)
+                except ssl.SSLWantReadError:
+                    if fed < left:
+                        end = min(fed + BIO_CHUNK, left)
+                        incoming.write(memoryview(unread)[fed:end])
+                        fed = end
+                        continue
+                    # All of it handed over: the end of the socket is the
+                    # end of the stream (https_compatible: without a
+                    # close_notify, even in the middle of a record).
+                    ended = raw == b""
                     break
-                self._state = _BROKEN
-                self._send_alert()
-                raise trio.BrokenResourceError(f"TLS read failed: {e}") from e
-            if not data:
-                ended = True  # close_notify
-                break
-            chunks.append(data)
-            size += len(data)
-            if fed >= left and not incoming.pending:
-                break  # all consumed (a short read: no plaintext left inside)
-        if fed < left:
-            assert raw is not None
-            incoming.write(memoryview(raw)[fed:])  # max_bytes reached: for the next call
-        if self._out.pending:
-            # Produced while reading (a key-update reply, an alert...): out
-            # in order, now if the socket takes it, else with the next send.
-            self._collect()
-            if not self._sending:
-                # A failure shows in the next send or receive.
-                with contextlib.suppress(trio.BrokenResourceError):
-                    self._write_pending()
+                except ssl.SSLError as e:
+                    if chunks:
+                        # Return what came before it; the next receive raises it.
+                        self._read_error = e
+                        break
+                    self._state = _BROKEN
+                    self._send_alert()
+                    raise trio.BrokenResourceError(f"TLS read failed: {e}") from e
+                if not data:
+                    ended = True  # close_notify
+                    break
+                chunks.append(data)
+                size += len(data)
+                if fed >= left and not incoming.pending:
+                    break  # all consumed (a short read: no plaintext left inside)
+        finally:
+            # The shared BIOs emptied: the ciphertext not consumed (what
+            # the BIO still holds is the end of what was fed) back to
+            # _unread, without a copy; what was produced while reading (a
+            # key-update reply, an alert...) to the pending ciphertext.
+            kept = incoming.pending
+            if kept:
+                incoming.read()
+            if kept or fed < left:
+                self._unread = memoryview(unread)[fed - kept :]
+            produced = self._out.pending
+            if produced:
+                self._collect()
+        if produced and not self._sending:
+            # In order, now if the socket takes it, else with the next send.
+            # A failure shows in the next send or receive.
+            with contextlib.suppress(trio.BrokenResourceError):
+                self._write_pending()
         if chunks:
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
         return b"" if ended else None
+
+
+# The last batch joined: a copy of its list of frames, and its bytes. One
+# tuple, replaced whole, so that a thread never pairs one batch's frames
+# with another's bytes.
+_last_join: tuple[list[bytes], bytes] = ([], b"")
+
+
+def joined(parts: list[bytes]) -> bytes:
+    """``b"".join(parts)``: one subscriber's batch as one piece of plaintext,
+    for one encryption (:meth:`TLSStream.send_nowait`).
+
+    A fan-out hands every subscriber of a topic the same frames, so the
+    last batch joined is kept and handed out again while the frames are the
+    same (equal bytes, usually the very same objects): one join per batch,
+    not one per TLS subscriber. It holds one batch at most.
+    """
+    global _last_join
+    if len(parts) == 1:
+        return parts[0]
+    last_parts, last_data = _last_join
+    if parts == last_parts:
+        return last_data
+    data = b"".join(parts)
+    _last_join = (parts.copy(), data)
+    return data
 
 
 def describe_tls_error(error: BaseException) -> str:

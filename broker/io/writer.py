@@ -38,7 +38,7 @@ from broker.core.errors import CloseCode
 from broker.core.frames import close_frame, frame
 from broker.core.outbox import Outbox
 from broker.core.protocol import Encoding, encode_dropped
-from broker.io.tls import TLSStream
+from broker.io.tls import TLSStream, joined
 
 __all__ = ["MAX_IOV", "SocketWriter"]
 
@@ -208,8 +208,7 @@ class SocketWriter:
         """:meth:`_write_nowait` for TLS: each batch encrypted in one piece."""
         outbox = self.outbox
         while outbox.pending():
-            parts = self._next_parts()
-            data = parts[0] if len(parts) == 1 else b"".join(parts)
+            data = joined(self._next_parts())
             try:
                 done = tls.send_nowait(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
