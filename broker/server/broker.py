@@ -546,7 +546,7 @@ class Broker:
                 )
                 await trio.sleep(ACCEPT_RETRY)
             else:
-                handlers.start_soon(self._handle_stream, stream)
+                handlers.start_soon(self._handle_stream, stream, handlers)
 
     async def _drain(self, handlers: trio.Nursery) -> None:
         limits = self.config.limits
@@ -581,7 +581,7 @@ class Broker:
                 del self._per_ip[old]
             self._per_ip[new] += 1
 
-    async def _handle_stream(self, stream: trio.SocketStream) -> None:
+    async def _handle_stream(self, stream: trio.SocketStream, handlers: trio.Nursery) -> None:
         # One handler per accepted socket; it catches everything but
         # cancellation, and closes the socket whatever happens.
         try:
@@ -600,10 +600,18 @@ class Broker:
             # The handshake's objects (h11 state, parsed headers) are freed
             # when _serve_client returns; only the connection lives on.
             started = trio.current_time()
-            accepted = await self._serve_client(stream, remote)
+            accepted = await self._serve_client(stream, remote, handlers)
             self.metrics.handshake_duration.observe(trio.current_time() - started)
             if accepted is not None:
-                await self._run_connection(*accepted, via=remote.via)
+                # Served here rather than in a coroutine of its own: an idle
+                # connection holds one suspended frame less.
+                conn, initial = accepted
+                accepted = None
+                self._connected(conn, remote.via)
+                try:
+                    await conn.run(initial)
+                finally:
+                    self._disconnected(conn)
         except Exception:
             log.exception("unexpected error serving %s:%d", *remote.client)
         finally:
@@ -618,11 +626,11 @@ class Broker:
                 self._idle.set()
 
     async def _serve_client(
-        self, tcp: trio.SocketStream, remote: _Remote
+        self, tcp: trio.SocketStream, remote: _Remote, handlers: trio.Nursery
     ) -> tuple[Connection, bytes] | None:
         """The PROXY header, TLS, the opening handshake and authentication:
-        the accepted connection and the bytes that came after the request,
-        or None."""
+        the accepted connection (its writer task to run in *handlers*) and
+        the bytes that came after the request, or None."""
         limits = self.config.limits
         listener = self.config.listener
         peer = remote.client
@@ -725,6 +733,7 @@ class Broker:
             identity=identity,
             encoding=encoding,
             peer=peer,
+            nursery=handlers,
             close_timeout=self._close_timeout,
         )
         return conn, request.trailing
@@ -844,7 +853,9 @@ class Broker:
         log.info("rejected %s:%d with %d: %s", *peer, reject.status, reject.reason)
         return reject
 
-    async def _run_connection(self, conn: Connection, initial: bytes, *, via: str = "") -> None:
+    def _connected(self, conn: Connection, via: str) -> None:
+        """*conn* completed its handshake: count it, log it, and close it at
+        once if the broker is shutting down."""
         identity, peer, encoding = conn.identity, conn.peer, conn.encoding
         self.stats.accepted += 1
         self.connections.add(conn)
@@ -861,24 +872,24 @@ class Broker:
         )
         if self._stop.is_set():
             conn.close(CloseCode.GOING_AWAY, "server shutting down")
-        try:
-            await conn.run(initial)
-        finally:
-            self.connections.discard(conn)
-            stats = self.stats
-            stats.bytes_in += conn.bytes_in
-            stats.bytes_out += conn.bytes_out
-            stats.messages_dropped += conn.outbox.dropped_total
-            log.info(
-                "%s disconnected (%s%s)%s",
-                conn.id,
-                conn.close_code,
-                f" {conn.close_reason}" if conn.close_reason else "",
-                f", {conn.outbox.dropped_total} dropped" if conn.outbox.dropped_total else "",
-            )
-            # Its buffers go now; the connection's objects (which refer to
-            # each other) only at the next garbage collection.
-            conn.writer.release()
+
+    def _disconnected(self, conn: Connection) -> None:
+        """*conn* has ended: count its traffic in and log it."""
+        self.connections.discard(conn)
+        stats = self.stats
+        stats.bytes_in += conn.bytes_in
+        stats.bytes_out += conn.bytes_out
+        stats.messages_dropped += conn.outbox.dropped_total
+        log.info(
+            "%s disconnected (%s%s)%s",
+            conn.id,
+            conn.close_code,
+            f" {conn.close_reason}" if conn.close_reason else "",
+            f", {conn.outbox.dropped_total} dropped" if conn.outbox.dropped_total else "",
+        )
+        # Its buffers go now; the connection's objects (which refer to
+        # each other) only at the next garbage collection.
+        conn.writer.release()
 
     def identity_changed(self) -> None:
         """A connection's identity, or its expiry, changed: re-plan the expiry task."""
