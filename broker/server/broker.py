@@ -58,6 +58,7 @@ from broker.core.stats import BrokerStats, BusiestTopics
 from broker.core.values import Handshake, Identity, Refusal, Reject, SourcesContext
 from broker.core.version import VERSION
 from broker.engine import Engine, Flusher, Interest, create_engine
+from broker.io.poller import ReadPoller, create_poller
 from broker.io.tls import TLSStream, describe_tls_error, ssl_context_for
 from broker.ops.admin import AdminServer
 from broker.ops.log import CONNECTION_ID
@@ -204,6 +205,8 @@ class Broker:
         self.started_at = time.time()
         self._sockets = dict(sockets or {})
         self._serving = False
+        #: Where idle plain connections wait for input, once serving.
+        self._poller: ReadPoller | None = None
         # What the handshake tells plugins about the listener: from the
         # config, or from the sockets actually served (socket activation).
         self._listener_host = config.listener.host
@@ -470,6 +473,9 @@ class Broker:
                 # Sources, the admin endpoints and the lag monitor run in the
                 # handlers nursery: they stay up during the drain.
                 await handlers.start(self.engine.run)
+                self._poller = create_poller()
+                if self._poller is not None:
+                    handlers.start_soon(self._poller.run)
                 handlers.start_soon(self.flusher.run)
                 handlers.start_soon(self._lag_monitor)
                 if admin_listeners:
@@ -494,6 +500,7 @@ class Broker:
                 await self._drain(handlers)
         finally:
             self._serving = False
+            self._poller = None
             with trio.CancelScope(shield=True):
                 for listener in [*listeners, *admin_listeners]:
                     await listener.aclose()  # closed, never shut down (socket activation)
@@ -734,6 +741,7 @@ class Broker:
             encoding=encoding,
             peer=peer,
             nursery=handlers,
+            poller=self._poller,
             close_timeout=self._close_timeout,
         )
         return conn, request.trailing

@@ -31,6 +31,7 @@ from broker.core.frames import ping_frame, pong_frame
 from broker.core.outbox import Outbox
 from broker.core.protocol import Encoding
 from broker.core.values import ClientInfo, Identity
+from broker.io.poller import ReadPoller
 from broker.io.tls import TLSStream
 from broker.io.writer import SocketWriter
 from broker.server.session import Session, SessionServices
@@ -78,6 +79,8 @@ class Connection:
         peer: the client's (address, port).
         nursery: where its writer task runs when it needs one (the broker's
             handlers nursery).
+        poller: where its reader waits for a plain socket to become readable
+            (None: ``trio.lowlevel.wait_readable``).
         close_timeout: how long the closing handshake may take.
     """
 
@@ -90,6 +93,7 @@ class Connection:
         "_hub",
         "_nursery",
         "_peer_closed",
+        "_poller",
         "_scope",
         "_services",
         "bytes_in",
@@ -118,11 +122,13 @@ class Connection:
         encoding: Encoding,
         peer: tuple[str, int],
         nursery: trio.Nursery,
+        poller: ReadPoller | None = None,
         close_timeout: float = CLOSE_TIMEOUT,
     ) -> None:
         config = services.runtime.config
         self._services = services
         self._nursery = nursery
+        self._poller = poller
         self._hub = services.hub
         self.stream: trio.SocketStream | TLSStream = stream
         self.id = conn_id
@@ -257,6 +263,10 @@ class Connection:
         plugins = services.runtime.plugins
         writer = self.writer
         fd = writer.fd
+        poller = self._poller
+        if poller is not None and (fd < 0 or not poller.register(fd)):
+            poller = self._poller = None  # TLS, or the kernel refused: trio's wait
+        task = trio.lowlevel.current_task()
         data = initial
         try:
             # No nursery of its own: the writer task, when the socket backs
@@ -277,14 +287,19 @@ class Connection:
                         if fd >= 0:
                             # Plain TCP: read the descriptor, and wait on it
                             # when empty. Idle, a connection is then suspended
-                            # in wait_readable alone: through
+                            # in one trio trap, parked on the broker's poller
+                            # (broker.io.poller): through
                             # SocketStream.receive_some it would also hold four
                             # more suspended frames (~1.5 KB, measured with
-                            # tracemalloc).
+                            # tracemalloc), through wait_readable three.
                             read = _read_nowait(fd)
                             if read is None:
                                 try:
-                                    await trio.lowlevel.wait_readable(fd)
+                                    if poller is not None:
+                                        poller.park(fd, task)
+                                        await trio.lowlevel.wait_task_rescheduled(self._unpark)
+                                    else:
+                                        await trio.lowlevel.wait_readable(fd)
                                 except trio.ClosedResourceError:
                                     pass
                                 else:
@@ -340,6 +355,12 @@ class Connection:
             if plugins.pm.hook.broker_disconnected.get_hookimpls():
                 with trio.move_on_after(self._close_timeout, shield=True):
                     await plugins.disconnected(self.info, int(code), self.close_reason)
+
+    def _unpark(self, raise_cancel: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+        """The reader, parked on the poller, is cancelled: it waits no more."""
+        if self._poller is not None:
+            self._poller.unpark(self.writer.fd)
+        return trio.lowlevel.Abort.SUCCEEDED
 
     async def _finish(self) -> None:
         """Send the close frame and wait briefly for the client's; close the socket."""
