@@ -98,7 +98,9 @@ class _RuleState:
         self.rule = rule
         #: Absolute FIFO positions of this rule's queued messages, oldest first
         #: (positions of entries taken or dropped since are skipped lazily).
-        self.positions: deque[int] = deque()
+        #: None while the queue is empty: an empty deque holds ~760 B, and
+        #: most connections are idle subscribers with nothing queued.
+        self.positions: deque[int] | None = None
         self.count = 0
         self.size = 0
 
@@ -221,7 +223,10 @@ class Outbox:
 
     def _append(self, frame: bytes, topic: str, state: _RuleState, slot: object, size: int) -> None:
         frames = self._frames
-        state.positions.append(self._base + len(frames))
+        positions = state.positions
+        if positions is None:
+            positions = state.positions = deque()
+        positions.append(self._base + len(frames))
         frames.append(frame)
         self._topics.append(topic)
         self._states.append(state)
@@ -439,7 +444,7 @@ class Outbox:
         for lst in (self._frames, self._topics, self._states, self._slots):
             lst.clear()
         for state in self._rules.values():
-            state.positions.clear()
+            state.positions = None
 
     def _trim(self, i: int) -> None:
         """Forget the first *i* list slots (all taken or dropped)."""
@@ -466,6 +471,7 @@ class Outbox:
                 self._states.append(states[i])
                 self._slots.append(slots[i])
         for state in self._rules.values():
-            state.positions = deque(moved[p] for p in state.positions if p in moved)
+            if state.positions is not None:
+                state.positions = deque(moved[p] for p in state.positions if p in moved)
         conflated = {s: moved[p] for s, p in self._conflated.items() if p in moved}
         self._conflated = conflated or _EMPTY
