@@ -718,61 +718,80 @@ class Broker:
         stream: trio.SocketStream | TLSStream = tcp
         cert: dict[str, Any] | None = None
         request: UpgradeRequest | None = None
-        with trio.move_on_after(limits.handshake_timeout) as timeout:
+        parser: HandshakeParser | None = None
+        early: Exception | None = None
+        if not listener.proxy_protocol and self.ssl_context is None:
+            # The common case first, outside the timeout's cancel scope
+            # (entering one costs about as much as reading the request): the
+            # whole request is usually in the socket by now, and reading it
+            # cannot wait. What it raises is handled below, in the scope.
+            parser = HandshakeParser()
             try:
-                if listener.proxy_protocol:
-                    # Before TLS: the proxy writes it ahead of the ClientHello.
-                    if not await self._read_proxy_header(tcp, remote):
-                        self.stats.rejected["closed"] += 1
-                        return None
-                    peer = remote.client
-                if self.ssl_context is not None:
-                    tls = TLSStream(tcp, self.ssl_context)
-                    await tls.do_handshake()
-                    cert = tls.getpeercert() or None
-                    stream = tls
-                parser = HandshakeParser()
-                if stream is tcp:
-                    request = parser.feed(await _receive_request(tcp, checkpoint=False))
-                    while request is None:
-                        request = parser.feed(await _receive_request(tcp, checkpoint=True))
-                else:
-                    while request is None:
-                        request = parser.feed(await stream.receive_some(4096))
-            except ProxyProtocolError as e:
-                self.stats.rejected["proxy_protocol"] += 1
-                log.info("bad PROXY protocol header from %s:%d: %s", *peer, e)
-                return None
-            except HandshakeError as e:
-                # A plain GET of /client.js: the JavaScript client (broker.web).
-                script = (
-                    client_script_response(e.target, e.request_headers)
-                    if isinstance(e, NotAnUpgrade)
-                    else None
-                )
-                if script is not None:
-                    log.debug("served the client script to %s:%d", *peer)
-                    await _send_quietly(stream, script)
+                data = _read_request_nowait(tcp)
+                if data is not None:
+                    request = parser.feed(data)
+            except (HandshakeError, trio.BrokenResourceError) as e:
+                early = e
+        if request is None:
+            with trio.move_on_after(limits.handshake_timeout) as timeout:
+                try:
+                    if early is not None:
+                        raise early
+                    if listener.proxy_protocol:
+                        # Before TLS: the proxy writes it ahead of the ClientHello.
+                        if not await self._read_proxy_header(tcp, remote):
+                            self.stats.rejected["closed"] += 1
+                            return None
+                        peer = remote.client
+                    if self.ssl_context is not None:
+                        tls = TLSStream(tcp, self.ssl_context)
+                        await tls.do_handshake()
+                        cert = tls.getpeercert() or None
+                        stream = tls
+                    if parser is None:
+                        parser = HandshakeParser()
+                    if stream is tcp:
+                        while request is None:
+                            request = parser.feed(await _receive_request(tcp))
+                    else:
+                        while request is None:
+                            request = parser.feed(await stream.receive_some(4096))
+                except ProxyProtocolError as e:
+                    self.stats.rejected["proxy_protocol"] += 1
+                    log.info("bad PROXY protocol header from %s:%d: %s", *peer, e)
                     return None
-                self.stats.rejected["bad_request"] += 1
-                log.info("bad handshake from %s:%d: %d %s", *peer, e.status, e.reason)
-                await _send_quietly(stream, reject_response(e.status, e.reason, e.headers))
-                if stream is tcp:
-                    await self._linger(tcp)
+                except HandshakeError as e:
+                    # A plain GET of /client.js: the JavaScript client (broker.web).
+                    script = (
+                        client_script_response(e.target, e.request_headers)
+                        if isinstance(e, NotAnUpgrade)
+                        else None
+                    )
+                    if script is not None:
+                        log.debug("served the client script to %s:%d", *peer)
+                        await _send_quietly(stream, script)
+                        return None
+                    self.stats.rejected["bad_request"] += 1
+                    log.info("bad handshake from %s:%d: %d %s", *peer, e.status, e.reason)
+                    await _send_quietly(stream, reject_response(e.status, e.reason, e.headers))
+                    if stream is tcp:
+                        await self._linger(tcp)
+                    return None
+                except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError) as e:
+                    # The TLS handshake failed, or the client left mid-request.
+                    failed_tls = stream is tcp and self.ssl_context is not None
+                    self.stats.rejected["tls" if failed_tls else "closed"] += 1
+                    if failed_tls:  # one line per refused handshake (docs: [log] level)
+                        log.info(
+                            "refused TLS handshake from %s:%d: %s", *peer, describe_tls_error(e)
+                        )
+                    else:
+                        log.debug("handshake with %s:%d failed: %r", *peer, e)
+                    return None
+            if timeout.cancelled_caught or request is None:
+                log.info("handshake timeout from %s:%d", *peer)
+                self.stats.rejected["handshake_timeout"] += 1
                 return None
-            except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError) as e:
-                # The TLS handshake failed, or the client left mid-request.
-                failed_tls = stream is tcp and self.ssl_context is not None
-                self.stats.rejected["tls" if failed_tls else "closed"] += 1
-                if failed_tls:  # one line per refused handshake (docs: [log] level)
-                    log.info("refused TLS handshake from %s:%d: %s", *peer, describe_tls_error(e))
-                else:
-                    log.debug("handshake with %s:%d failed: %r", *peer, e)
-                return None
-        if timeout.cancelled_caught or request is None:
-            log.info("handshake timeout from %s:%d", *peer)
-            self.stats.rejected["handshake_timeout"] += 1
-            return None
         header = listener.forwarded_header
         trusted = self._trusted_proxies()
         if header != "none" and peer[0] in trusted:
@@ -1076,32 +1095,40 @@ async def _send_quietly(stream: trio.abc.Stream, data: bytes) -> None:
         await stream.send_all(data)
 
 
-async def _receive_request(tcp: trio.SocketStream, *, checkpoint: bool) -> bytes:
-    """Up to 4 KiB of the opening handshake's request, from a plain socket.
-
-    ``receive_some`` with less ceremony: a non-blocking ``os.read`` of the
-    descriptor, waiting only when it is empty. The request usually arrives
-    whole with the first read, which then takes no checkpoint (one
-    scheduling round less per connection); each later read takes one
-    (*checkpoint*), so a client that trickles its request cannot hold the
-    loop.
+def _read_request_nowait(tcp: trio.SocketStream) -> bytes | None:
+    """Up to 4 KiB of the opening handshake's request if the plain socket
+    has some now (None if not; ``b""`` at its end).
 
     Raises:
         trio.BrokenResourceError: the socket failed.
     """
-    fd = tcp.socket.fileno()
+    try:
+        return os.read(tcp.socket.fileno(), 4096)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError as e:
+        raise trio.BrokenResourceError(f"socket read failed: {e}") from e
+
+
+async def _receive_request(tcp: trio.SocketStream) -> bytes:
+    """The rest of the request, from a plain socket: ``receive_some`` with
+    less ceremony (a non-blocking read, and a wait only when it is empty).
+
+    A checkpoint each time, as ``receive_some`` takes (the wait is one), so
+    that a client that trickles its request cannot hold the loop.
+
+    Raises:
+        trio.BrokenResourceError: the socket failed.
+    """
     while True:
-        try:
-            data = os.read(fd, 4096)
-        except (BlockingIOError, InterruptedError):
-            await trio.lowlevel.wait_readable(fd)
-            checkpoint = False  # the wait was one
-            continue
-        except OSError as e:
-            raise trio.BrokenResourceError(f"socket read failed: {e}") from e
-        if checkpoint:
+        data = _read_request_nowait(tcp)
+        if data is not None:
             await trio.lowlevel.checkpoint()
-        return data
+            return data
+        await trio.lowlevel.wait_readable(tcp.socket.fileno())
+        data = _read_request_nowait(tcp)
+        if data is not None:
+            return data
 
 
 async def _send_response(stream: trio.abc.Stream, data: bytes) -> None:
