@@ -46,7 +46,8 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Final
 
@@ -115,6 +116,8 @@ class UpgradeRequest:
         key: the ``Sec-WebSocket-Key``.
         subprotocols: the offered ``Sec-WebSocket-Protocol`` values, in order.
         trailing: bytes received after the request head.
+        fields: each field's value by lower-case name, a repeated field's
+            values joined with ``", "`` (RFC 9110 section 5.3).
     """
 
     target: str
@@ -122,6 +125,7 @@ class UpgradeRequest:
     key: str
     subprotocols: tuple[str, ...]
     trailing: bytes
+    fields: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     @property
     def path(self) -> str:
@@ -296,6 +300,7 @@ def _check(
             p.strip() for p in fields.get("sec-websocket-protocol", "").split(",") if p.strip()
         ),
         trailing=trailing,
+        fields=fields,
     )
 
 

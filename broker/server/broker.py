@@ -909,13 +909,11 @@ class Broker:
         if not exempt and self._per_ip[peer[0]] > limits.max_connections_per_ip:
             reject = Reject(429, "too many connections from this address")
             return self._refuse(peer, reject, "max_per_ip")
-        headers: dict[str, str] = {}
-        for key, text in request.headers:
-            headers[key] = f"{headers[key]}, {text}" if key in headers else text
+        query = request.query
         handshake = Handshake(
             path=request.path,
-            query={k: tuple(v) for k, v in parse_qs(request.query).items()},
-            headers=headers,
+            query={k: tuple(v) for k, v in parse_qs(query).items()} if query else {},
+            headers=request.fields,
             peer=peer,
             listener_host=self._listener_host,
             listener_loopback=self._listener_loopback,
