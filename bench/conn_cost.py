@@ -11,7 +11,9 @@ with instrumentation off, switches it on, opens ``--n`` connections the way
 ``idle-10000`` does (TCP connect, opening handshake, ``sub`` to a topic of
 its own, wait for the ``ok``; 64 in flight), then one probe message to each
 through a publisher connection, dumps the counters and prints the broker's
-instructions per connection. Instruction counts do not depend on what else
+instructions per connection. With ``--churn``, each connection makes one
+``ping`` round trip and the closing handshake instead, as ``connect-rate``
+does. Instruction counts do not depend on what else
 the machine runs, so a change to the accept path can be judged with one run
 before and one after (against a checkout of the old commit: ``git worktree
 add /tmp/old COMMIT`` and run the script there). System calls are the
@@ -56,14 +58,14 @@ REQUEST = (
 )
 
 
-def _masked(payload: bytes) -> bytes:
-    """One masked text frame (payloads under 64 KiB)."""
+def _masked(payload: bytes, opcode: int = 0x1) -> bytes:
+    """One masked frame, text by default (payloads under 64 KiB)."""
     mask = os.urandom(4)
     body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
     if len(payload) < 126:
-        head = bytes([0x81, 0x80 | len(payload)])
+        head = bytes([0x80 | opcode, 0x80 | len(payload)])
     else:
-        head = bytes([0x81, 0x80 | 126]) + struct.pack(">H", len(payload))
+        head = bytes([0x80 | opcode, 0x80 | 126]) + struct.pack(">H", len(payload))
     return head + mask + body
 
 
@@ -95,10 +97,17 @@ class _Client:
         self.state = "connecting"
 
 
-def open_clients(port: int, n: int, concurrency: int = 64) -> list[socket.socket]:
+def open_clients(
+    port: int, n: int, concurrency: int = 64, *, churn: bool = False
+) -> list[socket.socket]:
     """Open *n* subscribed connections (topic ``t<i>``), *concurrency* at a
     time, then publish one probe to each topic and wait until every one got
-    it. Returns the sockets."""
+    it. Returns the sockets.
+
+    With *churn*, as the benchmark's ``connect-rate``: each connection makes
+    one ``ping`` round trip, then the closing handshake, and is closed (none
+    is returned).
+    """
     sel = selectors.DefaultSelector()
     done: list[socket.socket] = []
     started = 0
@@ -128,6 +137,12 @@ def open_clients(port: int, n: int, concurrency: int = 64) -> list[socket.socket
                 sel.modify(c.sock, selectors.EVENT_READ, c)
                 continue
             data = c.sock.recv(65536)
+            if not data and c.state == "closing":  # the broker closed after its close frame
+                sel.unregister(c.sock)
+                c.sock.close()
+                done.append(c.sock)
+                in_flight -= 1
+                continue
             if not data:
                 raise OSError(f"connection {c.i} closed in state {c.state}")
             c.buf += data
@@ -138,9 +153,16 @@ def open_clients(port: int, n: int, concurrency: int = 64) -> list[socket.socket
                 if not c.buf.startswith(b"HTTP/1.1 101"):
                     raise OSError(f"connection {c.i}: {bytes(c.buf[:80])!r}")
                 del c.buf[: end + 4]
-                sub = json.dumps({"op": "sub", "id": 1, "topic": f"t{c.i}"})
-                c.sock.sendall(_masked(sub.encode()))
-                c.state = "subscribing"
+                if churn:
+                    c.sock.sendall(_masked(b'{"op":"ping","id":1}'))
+                    c.state = "pinging"
+                else:
+                    sub = json.dumps({"op": "sub", "id": 1, "topic": f"t{c.i}"})
+                    c.sock.sendall(_masked(sub.encode()))
+                    c.state = "subscribing"
+            if c.state == "pinging" and _frames(c.buf):
+                c.sock.sendall(_masked(struct.pack(">H", 1000), opcode=0x8))
+                c.state = "closing"
             if c.state == "subscribing":
                 for payload in _frames(c.buf):
                     if json.loads(payload).get("op") != "ok":
@@ -150,6 +172,8 @@ def open_clients(port: int, n: int, concurrency: int = 64) -> list[socket.socket
                     done.append(c.sock)
                     in_flight -= 1
     sel.close()
+    if churn:
+        return []
     # One probe to every subscriber, as idle-10000's barrier does.
     pub = socket.create_connection(("127.0.0.1", port))
     k = base64.b64encode(os.urandom(16)).decode()
@@ -230,7 +254,7 @@ def instructions(args: argparse.Namespace) -> None:
             warm = open_clients(launch.ws_port, 64)
             subprocess.run(["callgrind_control", "-i", "on", str(proc.pid)], check=True)
             t0 = time.monotonic()
-            socks = open_clients(launch.ws_port, args.n)
+            socks = open_clients(launch.ws_port, args.n, churn=args.churn)
             elapsed = time.monotonic() - t0
             subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True)
             dumps = sorted(workdir.glob("callgrind.out*"), key=lambda p: p.stat().st_mtime)
@@ -359,7 +383,7 @@ def raise_nofile(need: int) -> None:
 
 def clients_main(args: argparse.Namespace) -> None:
     raise_nofile(args.n + 100)
-    socks = open_clients(args.port, args.n)
+    socks = open_clients(args.port, args.n, churn=args.churn)
     print(f"{len(socks)} open", flush=True)
     sys.stdin.read()
     for sock in socks:
@@ -374,6 +398,11 @@ def main() -> None:
     p.add_argument("--python", default=str(ROOT / ".venv" / "bin" / "python"))
     p.add_argument("--keep", metavar="DIR", help="move the callgrind output there")
     p.add_argument(
+        "--churn",
+        action="store_true",
+        help="as connect-rate: a ping round trip and the closing handshake per connection",
+    )
+    p.add_argument(
         "--root", default=str(ROOT), help="the checkout whose broker runs (default: this one)"
     )
     p = sub.add_parser("memory")
@@ -383,6 +412,7 @@ def main() -> None:
     p = sub.add_parser("clients")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--n", type=int, default=2000)
+    p.add_argument("--churn", action="store_true", help="as instructions --churn")
     args = parser.parse_args()
     {"instructions": instructions, "memory": memory, "clients": clients_main}[args.mode](args)
 
