@@ -79,6 +79,7 @@ class SocketWriter:
     # One of these lives per connection: no instance __dict__.
     __slots__ = (
         "_batch_bytes",
+        "_close_queued",
         "_fd",
         "_owner",
         "_task_done",
@@ -136,6 +137,8 @@ class SocketWriter:
         self.no_more = False
         #: WebSocket bytes written (before TLS), for metrics.
         self.bytes_out = 0
+        # The rest of the close frame is in _unsent (see send_close_nowait).
+        self._close_queued = False
 
     def release(self) -> None:
         """The connection is over: drop what it still held to write."""
@@ -313,6 +316,32 @@ class SocketWriter:
 
     # -- the close frame ---------------------------------------------------------------
 
+    def send_close_nowait(self, code: int, reason: str) -> bool:
+        """:meth:`send_close` without waiting, on plain TCP: True once done
+        (the close frame written with one non-blocking write, or nothing may
+        be written); False if :meth:`send_close` must finish it (the socket
+        is backed up, or a TLS stream).
+        """
+        if self._writing:
+            self.broken = True  # cut mid-write by the drain deadline
+        if self.broken:
+            return True
+        if self._unsent or self._fd < 0:
+            return False
+        closing = close_frame(code, reason)
+        try:
+            written = os.write(self._fd, closing)
+        except _WOULD_BLOCK:
+            return False
+        except OSError:
+            self.broken = True  # (send_close would raise: the socket is closed all the same)
+            return True
+        if written < len(closing):
+            self._unsent = closing[written:]
+            self._close_queued = True
+            return False
+        return True
+
     async def send_close(self, code: int, reason: str) -> None:
         """Finish a frame a direct write cut short, then send the close frame.
 
@@ -330,6 +359,8 @@ class SocketWriter:
         if self._unsent:
             await stream.send_all(self._unsent)
             self._unsent = b""
+            if self._close_queued:
+                return  # it ended with the close frame
         # (TLS: send_all writes the ciphertext the stream holds first.)
         closing = close_frame(code, reason)
         if self._fd >= 0:

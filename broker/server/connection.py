@@ -224,14 +224,20 @@ class Connection:
         With *drain*, frames already queued are written first (bounded by
         ``limits.drain_timeout``).
         """
+        self._stop(code, reason, drain)
+        if self._scope is not None:
+            self._scope.cancel()
+
+    def _stop(self, code: int, reason: str, drain: bool = False) -> None:
+        """:meth:`close` without cancelling the reader: for the reader itself,
+        which stops reading right after (cancelling costs more than the rest
+        of a close)."""
         if self.close_code is None:
             self.close_code = code
             self.close_reason = reason
             self._drain = drain
             # No new messages for a connection that is closing.
             self.session.unsubscribe_all()
-        if self._scope is not None:
-            self._scope.cancel()
 
     def flush(self) -> None:
         """Write what is queued now, without blocking (see :mod:`broker.io.writer`)."""
@@ -316,11 +322,11 @@ class Connection:
                                 data = b""
                         if not data:
                             writer.broken = True  # TCP closed without a close frame
-                            self.close(CloseCode.ABNORMAL, "connection lost")
+                            self._stop(CloseCode.ABNORMAL, "connection lost")
                             break
                 except Exception:
                     log.exception("%s internal error", self.id)
-                    self.close(CloseCode.INTERNAL_ERROR, "internal error", drain=True)
+                    self._stop(CloseCode.INTERNAL_ERROR, "internal error", drain=True)
             self._scope = None
             self.session.unsubscribe_all()
             self._hub.flush()  # what this reader queued for others
@@ -344,13 +350,17 @@ class Connection:
                     await writer.stop(-math.inf)
             self._finishing = True
             self.session.unsubscribe_all()
-            with trio.move_on_after(self._close_timeout, shield=True):
-                await self._finish()
+            # (A cancel scope costs as much as the rest of a close: each is
+            # entered only when what it bounds may wait.)
+            if not self._finish_nowait():
+                with trio.move_on_after(self._close_timeout, shield=True):
+                    await self._finish()
             # The engine hears of the patterns nobody here needs any more, and
             # counts the connection out of presence: in a scope of its own, so
             # a client that never answers the close frame does not skip it.
-            with trio.move_on_after(self._close_timeout, shield=True):
-                await self.session.settle()
+            if not self.session.settled:
+                with trio.move_on_after(self._close_timeout, shield=True):
+                    await self.session.settle()
             code = self.close_code if self.close_code is not None else CloseCode.NORMAL
             if plugins.pm.hook.broker_disconnected.get_hookimpls():
                 with trio.move_on_after(self._close_timeout, shield=True):
@@ -361,6 +371,23 @@ class Connection:
         if self._poller is not None:
             self._poller.unpark(self.writer.fd)
         return trio.lowlevel.Abort.SUCCEEDED
+
+    def _finish_nowait(self) -> bool:
+        """:meth:`_finish` when it cannot wait: on plain TCP, when the client's
+        close frame is not to be waited for (it closed first, or the socket
+        failed) and the close frame goes out with one non-blocking write.
+        False (the socket still open) if :meth:`_finish` must run."""
+        stream = self.stream
+        if not isinstance(stream, trio.SocketStream):
+            return False
+        writer = self.writer
+        if not (writer.broken or self._peer_closed or self.parser.lost):
+            return False  # the client's close frame is waited for
+        code = self.close_code if self.close_code is not None else CloseCode.NORMAL
+        if not writer.send_close_nowait(int(code), self.close_reason):
+            return False
+        stream.socket.close()
+        return True
 
     async def _finish(self) -> None:
         """Send the close frame and wait briefly for the client's; close the socket."""
@@ -437,7 +464,7 @@ class Connection:
                     assert isinstance(event, Close)
                     self._peer_closed = True
                     code = event.code if event.code != 1005 else CloseCode.NORMAL
-                    self.close(code, event.reason)
+                    self._stop(code, event.reason)
                     return False
                 if self.close_code is not None:
                     return False
@@ -451,7 +478,7 @@ class Connection:
                 # (closing: the client's close frame was seen already.)
                 self._peer_closed = violation.closing
                 log.info("%s closing (%d): %s", self.id, violation.code, violation.reason)
-                self.close(violation.code, violation.reason, drain=True)
+                self._stop(violation.code, violation.reason, drain=True)
                 return False
             # Adaptive batching: before flushing, take what input is
             # already waiting (one more non-blocking read, and more while
@@ -478,7 +505,7 @@ class Connection:
                     continue
                 if ahead is not None:
                     writer.broken = True  # closed without a close frame
-                    self.close(CloseCode.ABNORMAL, "connection lost")
+                    self._stop(CloseCode.ABNORMAL, "connection lost")
                     return False
             if (
                 handled >= DEFER_MIN_MESSAGES
@@ -501,7 +528,7 @@ class Connection:
                         writer.broken = True
                     if not more:
                         writer.broken = True
-                        self.close(CloseCode.ABNORMAL, "connection lost")
+                        self._stop(CloseCode.ABNORMAL, "connection lost")
                         return False
                 if more:
                     data = more

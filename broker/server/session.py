@@ -366,6 +366,13 @@ class Session:
         self.subscriptions.clear()
         self._presence_closing()
 
+    @property
+    def settled(self) -> bool:
+        """True if :meth:`settle` has nothing to tell the engine (it would
+        return at once)."""
+        presence = self._presence
+        return not self._released and (presence is None or not presence.leaving)
+
     async def settle(self) -> None:
         """Tell the engine of what :meth:`unsubscribe_all` released."""
         await self._presence_settle()
