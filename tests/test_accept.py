@@ -1,9 +1,13 @@
-"""Out of file descriptors: the broker keeps serving and accepts again later.
+"""The accept loop: bursts, addresses, and running out of file descriptors.
 
-``broker serve`` runs in a subprocess with a low open-files limit. Once
-every descriptor is taken, ``accept()`` fails with EMFILE: the broker logs
-it, keeps its connections, and retries, so that a client waiting in the
-listen backlog is served as soon as another one leaves.
+A burst of more connections than the loop takes per wake-up is served
+whole, each connection named by the address accept() gave (IPv4 and IPv6).
+
+Out of file descriptors, ``broker serve`` (in a subprocess with a low
+open-files limit) keeps serving: once every descriptor is taken,
+``accept()`` fails with EMFILE; the broker logs it, keeps its connections,
+and retries, so that a client waiting in the listen backlog is served as
+soon as another one leaves.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.helpers import RawClient, free_port, wait_until
+from broker.server.broker import ACCEPT_BATCH
+from tests.conftest import BrokerFactory
+from tests.helpers import RawClient, connect, free_port, wait_until
 from tests.test_shutdown import serve_command
 
 pytestmark = pytest.mark.skipif(
@@ -30,6 +36,47 @@ ROOM = 4
 
 def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+async def test_a_burst_of_connections_is_accepted_and_served(
+    start_broker: BrokerFactory,
+) -> None:
+    broker = await start_broker()
+    count = 3 * ACCEPT_BATCH + 5
+    clients: list[RawClient] = []
+
+    async def one(i: int) -> None:
+        client = await RawClient.open(broker.url)
+        clients.append(client)
+        await client.send({"op": "sub", "id": 1, "topic": f"burst.{i}"})
+        assert await client.recv() == {"op": "ok", "id": 1}
+
+    async with trio.open_nursery() as nursery:
+        for i in range(count):
+            nursery.start_soon(one, i)
+    assert len(broker.connections) == count
+    # Each connection is named by the client's own address and port.
+    ours = {("127.0.0.1", client.stream.socket.getsockname()[1]) for client in clients}
+    assert {conn.peer for conn in broker.connections} == ours
+    for client in clients:
+        await client.aclose()
+
+
+async def test_an_ipv6_client_is_named_by_its_address_and_port(
+    start_broker: BrokerFactory,
+) -> None:
+    try:
+        broker = await start_broker({"listener": {"host": "::1"}})
+    except OSError as e:  # no IPv6 loopback here
+        pytest.skip(f"cannot listen on ::1: {e}")
+    async with connect(broker.url) as client:
+        await client.send({"op": "ping", "id": 1})
+        assert await client.recv() == {"op": "pong", "id": 1}
+        [conn] = broker.connections
+        stream = client.ws._stream
+        assert isinstance(stream, trio.SocketStream)
+        host, port = stream.socket.getsockname()[:2]
+        assert conn.peer == (host, port) == ("::1", port)
 
 
 async def test_accept_survives_running_out_of_descriptors(tmp_path: Path) -> None:

@@ -38,6 +38,11 @@ For every request the decision (upgrade or refuse) must be the same, fed
 in one piece or split anywhere; for an accepted one, the
 ``Sec-WebSocket-Accept`` must be wsproto's (and RFC 6455's SHA-1 of the key
 and the GUID) and the offered subprotocols the same.
+
+And the parser's reader for plain requests (no h11) against its h11 path,
+on the same requests and on their bytes changed (line ends, control and
+non-ASCII bytes, folded lines, a second ``Host``, a body's fields, a head
+limit just under the request's size): the same request or the same refusal.
 """
 
 from __future__ import annotations
@@ -56,9 +61,12 @@ from wsproto.events import AcceptConnection, Request
 from wsproto.utilities import RemoteProtocolError
 
 from broker.core.handshake import (
+    MAX_REQUEST_HEAD,
     HandshakeError,
     HandshakeParser,
+    NotAnUpgrade,
     UpgradeRequest,
+    _parse_plain,
     accept_response,
     origin_form,
 )
@@ -360,3 +368,90 @@ def test_documented_differences(request_: Generated, broker: bool, wsproto: bool
     assert wsproto_decision(data).accepted is wsproto
     assert broker_decision(data, []).accepted is broker
     assert reference(request_).accepted is broker
+
+
+# -- the plain-request reader against h11 ------------------------------------------------
+#
+# HandshakeParser reads a plain request, whole in the first bytes fed, without
+# h11 (core.handshake._parse_plain). Whatever the bytes, it must come to
+# exactly what h11 comes to: the same UpgradeRequest, or the same refusal.
+
+#: Bytes that make a request less plain: line ends, controls, obs-text,
+#: separators, whitespace.
+ODD_BYTES = [b"\r", b"\n", b"\r\n", b"\x00", b"\x01", b"\x7f", b"\x80", b"\xff", b" ", b"\t", b":"]
+#: Whole lines that h11 reads in its own way (or refuses).
+ODD_LINES = [
+    b" folded continuation",  # obs-fold: h11 joins it to the field before
+    b"\tfolded",
+    b"Host: other.example",  # a second Host
+    b"Bad Name: x",
+    b"Na(me: x",
+    b": no name",
+    b"X-Empty:",
+    b"X-Spaces:   padded \t ",
+    b"X-Obs-Text: caf\xc3\xa9",
+    b"X-Control: a\x01b",
+    b"Content-Length: 0",
+    b"Content-Length: 00, 0",
+    b"Transfer-Encoding: chunked",
+    b"",  # an early end of the head
+]
+
+
+@st.composite
+def mutated(draw: st.DrawFn) -> bytes:
+    """A generated request's bytes, then changed at the byte level: a line
+    end swapped, an odd byte or an odd line inserted, bytes after the head."""
+    data = bytearray(draw(requests()).render())
+    for _ in range(draw(st.integers(min_value=0, max_value=3))):
+        kind = draw(st.sampled_from(["byte", "line", "line end", "none"]))
+        if kind == "byte":
+            at = draw(st.integers(min_value=0, max_value=len(data)))
+            data[at:at] = draw(st.sampled_from(ODD_BYTES))
+        elif kind == "line":
+            ends = [i for i in range(len(data)) if data.startswith(b"\r\n", i)]
+            at = draw(st.sampled_from(ends)) + 2
+            data[at:at] = draw(st.sampled_from(ODD_LINES)) + b"\r\n"
+        elif kind == "line end":
+            ends = [i for i in range(len(data)) if data.startswith(b"\r\n", i)]
+            at = draw(st.sampled_from(ends))
+            data[at : at + 2] = draw(st.sampled_from([b"\n", b"\r", b"\r\r\n", b"\n\r"]))
+    if draw(st.booleans()):
+        data += draw(st.sampled_from([b"\x81\x85abcd", b"GET / HTTP/1.1\r\n\r\n", b"\r\n"]))
+    return bytes(data)
+
+
+def parse_outcome(data: bytes, *, plain: bool, max_head: int) -> object:
+    """What HandshakeParser makes of *data* fed at once: the request (or None:
+    incomplete), or the refusal with everything the broker answers with."""
+    parser = HandshakeParser(max_head, plain=plain)
+    try:
+        return parser.feed(data)
+    except NotAnUpgrade as e:
+        return ("not an upgrade", e.status, e.reason, e.headers, e.target, e.request_headers)
+    except HandshakeError as e:
+        return (type(e), e.status, e.reason, e.headers)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(data=st.one_of(requests().map(Generated.render), mutated()), small=st.booleans())
+@example(data=GOOD.render(), small=False)
+@example(data=GOOD.render() + b"\x81\x80abcd", small=False)
+@example(data=GOOD.render().replace(b"Host", b"X-Host"), small=False)  # no Host
+@example(data=b"\r\n" + GOOD.render(), small=False)
+@example(data=GOOD.render().replace(b"\r\n", b"\n"), small=False)
+@example(data=GOOD.render(), small=True)
+def test_the_plain_reader_decides_as_h11_does(data: bytes, small: bool) -> None:
+    # small: a head limit just under or over the request's own size.
+    max_head = len(data) - 2 if small else MAX_REQUEST_HEAD
+    plain = parse_outcome(data, plain=True, max_head=max_head)
+    assert plain == parse_outcome(data, plain=False, max_head=max_head), data
+
+
+def test_the_plain_reader_takes_the_common_request() -> None:
+    """The request browsers and the clients send is read without h11 (the
+    test above would pass if it never was)."""
+    data = GOOD.render() + b"\x81\x80abcd"
+    assert _parse_plain(data, MAX_REQUEST_HEAD) is not None
+    request = HandshakeParser().feed(data)
+    assert request is not None and request.trailing == b"\x81\x80abcd"

@@ -15,6 +15,7 @@ dicts here; each plugin reads its own table when it is created.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import tomllib
@@ -481,6 +482,9 @@ class Config:
     source: Path | None = None
 
 
+# Cached: the built-in noauth plugin asks it of every client's address, and
+# parsing an address is a third of what authenticating a connection costs.
+@functools.lru_cache(maxsize=1024)
 def is_loopback_host(host: str) -> bool:
     """True for ``localhost`` and loopback IP literals."""
     if host == "localhost":

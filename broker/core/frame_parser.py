@@ -150,8 +150,11 @@ class FrameParser:
     def __init__(self, max_message_size: int) -> None:
         self.max_message_size = max_message_size
         self._buf = bytearray()
-        self._parts: list[bytes] = []  # of a fragmented binary message
-        self._text: list[str] = []  # of a fragmented text message, decoded
+        # The fragments of a fragmented binary or text (decoded) message: None
+        # but while one is reassembled (few clients fragment; every
+        # connection has a parser).
+        self._parts: list[bytes] | None = None
+        self._text: list[str] | None = None
         self._decoder: codecs.IncrementalDecoder | None = None  # for _text
         self._size = 0
         self._opcode: int | None = None  # of the fragmented message in progress
@@ -301,6 +304,8 @@ class FrameParser:
             # Text is decoded fragment by fragment: invalid UTF-8 fails the
             # connection at the fragment that makes it invalid (a code point
             # split across fragments waits for its last byte).
+            if self._text is None:
+                self._text = []
             try:
                 self._text.append(decoder.decode(payload, bool(fin)))
             except UnicodeDecodeError:
@@ -308,6 +313,8 @@ class FrameParser:
                     CloseCode.INVALID_PAYLOAD, "text message is not valid UTF-8"
                 ) from None
         else:
+            if self._parts is None:
+                self._parts = []
             self._parts.append(payload)
         if not fin:
             return None
@@ -315,11 +322,11 @@ class FrameParser:
         self._size = 0
         if decoder is not None:
             self._decoder = None
-            text = "".join(self._text)
-            self._text.clear()
+            text = "".join(self._text or ())
+            self._text = None
             return text
-        data = b"".join(self._parts)
-        self._parts.clear()
+        data = b"".join(self._parts or ())
+        self._parts = None
         return data
 
     @staticmethod
@@ -357,8 +364,7 @@ class FrameParser:
         frame on (or after it, if it was read whole); note in *error* if the
         client's close frame was the offending frame (*close*) or is in *rest*."""
         self.failed = True
-        self._parts.clear()
-        self._text.clear()
+        self._parts = self._text = None
         self._decoder = None
         self._buf = bytearray()
         if close:

@@ -13,12 +13,18 @@ batch is done, and :meth:`SocketWriter.flush` then writes:
   :meth:`broker.io.tls.TLSStream.send_nowait`: the batch is encrypted in one go
   and the ciphertext written with one non-blocking ``os.write``;
 * only when the kernel's buffer is full (a subscriber that reads slowly or
-  not at all) a **writer** task is started in the connection's nursery; it
-  waits until the socket is writable, writes what a direct write left
-  (plain TCP: the rest of the batch; TLS: the ciphertext the stream kept)
-  and drains the queue. Until it ends, flushes leave the socket to it, so
-  frames never reorder. What a write has taken but the socket not accepted
-  counts against the queue's byte bound (``Outbox.in_flight``).
+  not at all) a **writer** task is started; it waits until the socket is
+  writable, writes what a direct write left (plain TCP: the rest of the
+  batch; TLS: the ciphertext the stream kept) and drains the queue. Until it
+  ends, flushes leave the socket to it, so frames never reorder. What a
+  write has taken but the socket not accepted counts against the queue's
+  byte bound (``Outbox.in_flight``).
+
+The writer task runs in a nursery the connection names (the broker's
+handlers nursery, where the connection's own task runs), in a cancel scope
+of its own created with it: a connection holds no nursery of its own for a
+task it rarely needs. The connection bounds it and waits for its end with
+:meth:`SocketWriter.stop` before it writes the close frame.
 
 The writer knows nothing of the broker: it gets the stream, the outbox, the
 encoding (for ``dropped`` notices), the batch size and its connection (to
@@ -73,8 +79,11 @@ class SocketWriter:
     # One of these lives per connection: no instance __dict__.
     __slots__ = (
         "_batch_bytes",
+        "_close_queued",
         "_fd",
         "_owner",
+        "_task_done",
+        "_task_scope",
         "_tls",
         "_unsent",
         "_writing",
@@ -113,9 +122,13 @@ class SocketWriter:
         self._batch_bytes = batch_bytes
         self._owner = owner
         self.conn_id = conn_id
-        #: Where the writer task runs (the connection's nursery), while it serves.
+        #: Where the writer task runs (the broker's handlers nursery), while
+        #: the connection serves; None: no writer task may start.
         self.nursery: trio.Nursery | None = None
         self.writer_running = False
+        # The writer task's cancel scope and end, while it runs.
+        self._task_scope: trio.CancelScope | None = None
+        self._task_done: trio.Event | None = None
         self._unsent = b""  # plain TCP: the tail of a partial direct write; goes out first
         self._writing = False  # an awaiting write is in progress
         #: The socket failed, or a write was cut mid-frame: write nothing more.
@@ -124,6 +137,8 @@ class SocketWriter:
         self.no_more = False
         #: WebSocket bytes written (before TLS), for metrics.
         self.bytes_out = 0
+        # The rest of the close frame is in _unsent (see send_close_nowait).
+        self._close_queued = False
 
     def release(self) -> None:
         """The connection is over: drop what it still held to write."""
@@ -153,7 +168,18 @@ class SocketWriter:
         if nursery is None or self.writer_running:
             return
         self.writer_running = True
-        nursery.start_soon(self._writer)
+        scope = self._task_scope = trio.CancelScope()
+        done = self._task_done = trio.Event()
+        nursery.start_soon(self._writer, scope, done)
+
+    async def stop(self, deadline: float) -> None:
+        """Let the writer task run until *deadline* at most (``-math.inf``:
+        cancel it now), and wait for its end; returns at once without one."""
+        scope, done = self._task_scope, self._task_done
+        if scope is None or done is None:
+            return
+        scope.deadline = min(scope.deadline, deadline)
+        await done.wait()
 
     # -- direct writes -------------------------------------------------------------
 
@@ -225,21 +251,25 @@ class SocketWriter:
 
     # -- the writer task -------------------------------------------------------------
 
-    async def _writer(self) -> None:
+    async def _writer(self, scope: trio.CancelScope, done: trio.Event) -> None:
         """Write what is queued with awaiting writes, while the socket is
-        backed up (or to drain on close); ends once nothing is left."""
+        backed up (or to drain on close); ends once nothing is left, or when
+        *scope* is cancelled (see :meth:`stop`)."""
         try:
-            while await self._write_some():
-                pass
+            with scope:
+                while await self._write_some():
+                    pass
         except Exception as e:
             log.exception("%s writer failed", self.conn_id)
             self.fail(e)
         finally:
             self.writer_running = False
+            self._task_scope = self._task_done = None
             if self._writing:
                 # Cancelled part-way through send_all: the peer may hold half
                 # a frame, so nothing more may be written, not even a close.
                 self.broken = True
+            done.set()
 
     async def _write_some(self) -> bool:
         """One awaiting write of what is queued; False when nothing was left."""
@@ -285,6 +315,32 @@ class SocketWriter:
 
     # -- the close frame ---------------------------------------------------------------
 
+    def send_close_nowait(self, code: int, reason: str) -> bool:
+        """:meth:`send_close` without waiting, on plain TCP: True once done
+        (the close frame written with one non-blocking write, or nothing may
+        be written); False if :meth:`send_close` must finish it (the socket
+        is backed up, or a TLS stream).
+        """
+        if self._writing:
+            self.broken = True  # cut mid-write by the drain deadline
+        if self.broken:
+            return True
+        if self._unsent or self._fd < 0:
+            return False
+        closing = close_frame(code, reason)
+        try:
+            written = os.write(self._fd, closing)
+        except _WOULD_BLOCK:
+            return False
+        except OSError:
+            self.broken = True  # (send_close would raise: the socket is closed all the same)
+            return True
+        if written < len(closing):
+            self._unsent = closing[written:]
+            self._close_queued = True
+            return False
+        return True
+
     async def send_close(self, code: int, reason: str) -> None:
         """Finish a frame a direct write cut short, then send the close frame.
 
@@ -302,6 +358,8 @@ class SocketWriter:
         if self._unsent:
             await stream.send_all(self._unsent)
             self._unsent = b""
+            if self._close_queued:
+                return  # it ended with the close frame
         # (TLS: send_all writes the ciphertext the stream holds first.)
         closing = close_frame(code, reason)
         if self._fd >= 0:

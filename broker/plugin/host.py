@@ -24,7 +24,7 @@ import logging
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Any
+from typing import Any, Final
 
 import pluggy
 import trio
@@ -67,6 +67,11 @@ class ValidationFailed(Exception):
 #: The reason of the refusal when authentication plugins overrun
 #: ``limits.auth_timeout`` (HTTP 503 at a handshake).
 AUTH_TIMED_OUT = "authentication timed out"
+
+# The refusals of an authentication no plugin decided, or that failed: made
+# once (values are immutable), not for every connection.
+_AUTHENTICATION_ERROR: Final = Reject(403, "authentication error")
+_NO_CREDENTIALS: Final = Reject(401, "missing or invalid credentials")
 
 
 class _TimedOut(Exception):
@@ -192,8 +197,8 @@ class PluginHost:
             {"handshake": handshake},
             deadline,
             whom=peer,
-            error=Reject(403, "authentication error"),
-            none=Reject(401, "missing or invalid credentials"),
+            error=_AUTHENTICATION_ERROR,
+            none=_NO_CREDENTIALS,
         )
 
     async def authorize(

@@ -19,6 +19,7 @@ briefly for the client's (``close_timeout``), and closes the socket.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import Final
 
@@ -30,6 +31,7 @@ from broker.core.frames import ping_frame, pong_frame
 from broker.core.outbox import Outbox
 from broker.core.protocol import Encoding
 from broker.core.values import ClientInfo, Identity
+from broker.io.poller import ReadPoller
 from broker.io.tls import TLSStream
 from broker.io.writer import SocketWriter
 from broker.server.session import Session, SessionServices
@@ -47,7 +49,7 @@ RECEIVE_SIZE: Final = 65536
 #: large burst of publishes does not hold every subscriber's first frame back.
 FLUSH_EVERY: Final = 20_000
 #: A flush about to write this many sockets or more waits up to FLUSH_DEFER
-#: seconds for more input first (see Connection._reader).
+#: seconds for more input first (see Connection._batch).
 DEFER_MIN_DIRTY: Final = 64
 FLUSH_DEFER: Final = 0.0002
 #: ...but only after a batch of at least this many messages (sustained load).
@@ -75,6 +77,10 @@ class Connection:
         identity: who it authenticated as.
         encoding: JSON or msgpack, from the subprotocol.
         peer: the client's (address, port).
+        nursery: where its writer task runs when it needs one (the broker's
+            handlers nursery).
+        poller: where its reader waits for a plain socket to become readable
+            (None: ``trio.lowlevel.wait_readable``).
         close_timeout: how long the closing handshake may take.
     """
 
@@ -85,7 +91,9 @@ class Connection:
         "_drain",
         "_finishing",
         "_hub",
+        "_nursery",
         "_peer_closed",
+        "_poller",
         "_scope",
         "_services",
         "bytes_in",
@@ -113,10 +121,14 @@ class Connection:
         identity: Identity,
         encoding: Encoding,
         peer: tuple[str, int],
+        nursery: trio.Nursery,
+        poller: ReadPoller | None = None,
         close_timeout: float = CLOSE_TIMEOUT,
     ) -> None:
         config = services.runtime.config
         self._services = services
+        self._nursery = nursery
+        self._poller = poller
         self._hub = services.hub
         self.stream: trio.SocketStream | TLSStream = stream
         self.id = conn_id
@@ -212,14 +224,20 @@ class Connection:
         With *drain*, frames already queued are written first (bounded by
         ``limits.drain_timeout``).
         """
+        self._stop(code, reason, drain)
+        if self._scope is not None:
+            self._scope.cancel()
+
+    def _stop(self, code: int, reason: str, drain: bool = False) -> None:
+        """:meth:`close` without cancelling the reader: for the reader itself,
+        which stops reading right after (cancelling costs more than the rest
+        of a close)."""
         if self.close_code is None:
             self.close_code = code
             self.close_reason = reason
             self._drain = drain
             # No new messages for a connection that is closing.
             self.session.unsubscribe_all()
-        if self._scope is not None:
-            self._scope.cancel()
 
     def flush(self) -> None:
         """Write what is queued now, without blocking (see :mod:`broker.io.writer`)."""
@@ -240,54 +258,136 @@ class Connection:
         """Serve the client until it or the broker closes the connection.
 
         *initial* is data that arrived with the handshake request.
+
+        The reading loop is here, not in a coroutine of its own: an idle
+        connection is this frame (and its caller's) suspended in
+        ``wait_readable``, and nothing more; each read is handled by
+        :meth:`_batch`, whose frame (with the parser, session and flushing
+        state it uses) lives only while it runs.
         """
         services = self._services
         plugins = services.runtime.plugins
         writer = self.writer
+        fd = writer.fd
+        poller = self._poller
+        if poller is not None and (fd < 0 or not poller.register(fd)):
+            poller = self._poller = None  # TLS, or the kernel refused: trio's wait
+        task = trio.lowlevel.current_task()
+        data = initial
         try:
-            async with trio.open_nursery() as nursery:
-                writer.nursery = nursery
-                with trio.CancelScope() as scope:
-                    self._scope = scope
-                    if self.close_code is not None:  # closed before we started
-                        scope.cancel()
-                    await plugins.connected(self.info)
-                    try:
-                        await self._reader(initial)
-                    except Exception:
-                        log.exception("%s internal error", self.id)
-                        self.close(CloseCode.INTERNAL_ERROR, "internal error", drain=True)
-                self._scope = None
-                self.session.unsubscribe_all()
-                self._hub.flush()  # what this reader queued for others
-                if self._drain and not writer.broken:
-                    # Let the writer finish what is queued, for a bounded time;
-                    # cancelling it mid-write would cost the close frame.
-                    limits = services.runtime.config.limits
-                    nursery.cancel_scope.deadline = trio.current_time() + limits.drain_timeout
-                    writer.start_writer()  # unless it is running
-                else:
-                    # Queued frames are not written, but a write in progress
-                    # gets close_timeout to end, so that the close frame can
-                    # follow it (a slow consumer may still read its 1008).
-                    writer.no_more = True
-                    nursery.cancel_scope.deadline = trio.current_time() + self._close_timeout
+            # No nursery of its own: the writer task, when the socket backs
+            # up, runs in the broker's (see broker.io.writer).
+            writer.nursery = self._nursery
+            with trio.CancelScope() as scope:
+                self._scope = scope
+                if self.close_code is not None:  # closed before we started
+                    scope.cancel()
+                await plugins.connected(self.info)
+                try:
+                    while True:
+                        if data and not await self._batch(data):
+                            break
+                        # Hold nothing while waiting (an idle connection's
+                        # whole cost).
+                        data = b""
+                        if fd >= 0:
+                            # Plain TCP: read the descriptor, and wait on it
+                            # when empty. Idle, a connection is then suspended
+                            # in one trio trap, parked on the broker's poller
+                            # (broker.io.poller): through
+                            # SocketStream.receive_some it would also hold four
+                            # more suspended frames (~1.5 KB, measured with
+                            # tracemalloc), through wait_readable three.
+                            read = _read_nowait(fd)
+                            if read is None:
+                                try:
+                                    if poller is not None:
+                                        poller.park(fd, task)
+                                        await trio.lowlevel.wait_task_rescheduled(self._unpark)
+                                    else:
+                                        await trio.lowlevel.wait_readable(fd)
+                                except trio.ClosedResourceError:
+                                    pass
+                                else:
+                                    continue
+                            elif read:
+                                # a checkpoint per read, as trio's own
+                                # receive_some makes
+                                await trio.lowlevel.checkpoint()
+                                data = read
+                        else:
+                            try:
+                                data = await self.stream.receive_some(RECEIVE_SIZE)
+                            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                                data = b""
+                        if not data:
+                            writer.broken = True  # TCP closed without a close frame
+                            self._stop(CloseCode.ABNORMAL, "connection lost")
+                            break
+                except Exception:
+                    log.exception("%s internal error", self.id)
+                    self._stop(CloseCode.INTERNAL_ERROR, "internal error", drain=True)
+            self._scope = None
+            self.session.unsubscribe_all()
+            self._hub.flush()  # what this reader queued for others
+            if self._drain and not writer.broken:
+                # Let the writer finish what is queued, for a bounded time;
+                # cancelling it mid-write would cost the close frame.
+                limits = services.runtime.config.limits
+                writer.start_writer()  # unless it is running
+                await writer.stop(trio.current_time() + limits.drain_timeout)
+            else:
+                # Queued frames are not written, but a write in progress
+                # gets close_timeout to end, so that the close frame can
+                # follow it (a slow consumer may still read its 1008).
+                writer.no_more = True
+                await writer.stop(trio.current_time() + self._close_timeout)
         finally:
             self._scope = None
             writer.nursery = None
+            if writer.writer_running:  # cancelled from outside: end it now
+                with trio.CancelScope(shield=True):
+                    await writer.stop(-math.inf)
             self._finishing = True
             self.session.unsubscribe_all()
-            with trio.move_on_after(self._close_timeout, shield=True):
-                await self._finish()
+            # (A cancel scope costs as much as the rest of a close: each is
+            # entered only when what it bounds may wait.)
+            if not self._finish_nowait():
+                with trio.move_on_after(self._close_timeout, shield=True):
+                    await self._finish()
             # The engine hears of the patterns nobody here needs any more, and
             # counts the connection out of presence: in a scope of its own, so
             # a client that never answers the close frame does not skip it.
-            with trio.move_on_after(self._close_timeout, shield=True):
-                await self.session.settle()
+            if not self.session.settled:
+                with trio.move_on_after(self._close_timeout, shield=True):
+                    await self.session.settle()
             code = self.close_code if self.close_code is not None else CloseCode.NORMAL
             if plugins.pm.hook.broker_disconnected.get_hookimpls():
                 with trio.move_on_after(self._close_timeout, shield=True):
                     await plugins.disconnected(self.info, int(code), self.close_reason)
+
+    def _unpark(self, raise_cancel: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+        """The reader, parked on the poller, is cancelled: it waits no more."""
+        if self._poller is not None:
+            self._poller.unpark(self.writer.fd)
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    def _finish_nowait(self) -> bool:
+        """:meth:`_finish` when it cannot wait: on plain TCP, when the client's
+        close frame is not to be waited for (it closed first, or the socket
+        failed) and the close frame goes out with one non-blocking write.
+        False (the socket still open) if :meth:`_finish` must run."""
+        stream = self.stream
+        if not isinstance(stream, trio.SocketStream):
+            return False
+        writer = self.writer
+        if not (writer.broken or self._peer_closed or self.parser.lost):
+            return False  # the client's close frame is waited for
+        code = self.close_code if self.close_code is not None else CloseCode.NORMAL
+        if not writer.send_close_nowait(int(code), self.close_reason):
+            return False
+        stream.socket.close()
+        return True
 
     async def _finish(self) -> None:
         """Send the close frame and wait briefly for the client's; close the socket."""
@@ -325,7 +425,9 @@ class Connection:
             if any(isinstance(e, Close) for e in events):
                 return
 
-    async def _reader(self, initial: bytes | bytearray) -> None:
+    async def _batch(self, data: bytes | bytearray) -> bool:
+        """Handle *data* and the input already waiting after it, then flush:
+        False once the connection is closing."""
         stream = self.stream
         parser = self.parser
         hub = self._hub
@@ -333,156 +435,126 @@ class Connection:
         writer = self.writer
         fd = writer.fd
         tls = writer.tls
-        data = initial
         reads = 0
         handled = 0  # messages since the last flush
         spent = 0  # FRAME_COST per frame handled since the last checkpoint
         delivered = hub.delivered  # the hub's deliveries at the last checkpoint
         while True:
-            if data:
-                self.last_seen = trio.current_time()
-                self.bytes_in += len(data)
-                # Any traffic shows the client is alive; a new ping may go out
-                # the next time it falls silent.
-                self.ping_outstanding = False
-                violation: FrameError | None = None
-                try:
-                    events = parser.feed(data)
-                except FrameError as e:
-                    events, violation = e.events, e  # handle what came before it
-                for event in events:
-                    if isinstance(event, (str, bytes)):
-                        handled += 1
-                        await session.command(event)
-                        if hub.pending > FLUSH_EVERY:
-                            hub.flush()
-                    elif isinstance(event, Ping):
-                        self.reply_frame(pong_frame(event.payload))
-                    elif isinstance(event, Pong):
-                        self.ping_outstanding = False
-                    else:
-                        assert isinstance(event, Close)
-                        self._peer_closed = True
-                        code = event.code if event.code != 1005 else CloseCode.NORMAL
-                        self.close(code, event.reason)
-                        return
-                    if self.close_code is not None:
-                        return
-                    spent += FRAME_COST
-                    if spent + hub.delivered - delivered >= ROUND_BUDGET:
-                        # This client's round is over: let the others run.
-                        await trio.lowlevel.checkpoint()
-                        spent = 0
-                        delivered = hub.delivered
-                if violation is not None:
-                    # (closing: the client's close frame was seen already.)
-                    self._peer_closed = violation.closing
-                    log.info("%s closing (%d): %s", self.id, violation.code, violation.reason)
-                    self.close(violation.code, violation.reason, drain=True)
-                    return
-                # Adaptive batching: before flushing, take what input is
-                # already waiting (one more non-blocking read, and more while
-                # reads come back full), so that under load each subscriber
-                # gets many frames per write; idle, it costs one EAGAIN.
-                # Bounded, so others get their turn and latency stays low.
-                if (
-                    (len(data) >= RECEIVE_SIZE or reads == 0)
-                    and (fd >= 0 or tls is not None)
-                    and reads < MAX_READS_PER_FLUSH
-                    and hub.pending < FLUSH_EVERY
-                ):
-                    reads += 1
-                    ahead: bytes | None
-                    if tls is not None:
-                        try:
-                            ahead = tls.receive_nowait(RECEIVE_SIZE)
-                        except (trio.BrokenResourceError, trio.ClosedResourceError):
-                            ahead = b""
-                    else:
-                        try:
-                            ahead = os.read(fd, RECEIVE_SIZE)
-                        except _WOULD_BLOCK:
-                            ahead = None
-                        except OSError:
-                            ahead = None  # the next receive_some reports it
-                    if ahead:
-                        data = ahead
-                        continue
-                    if ahead is not None:
-                        writer.broken = True  # closed without a close frame
-                        self.close(CloseCode.ABNORMAL, "connection lost")
-                        return
-                if (
-                    handled >= DEFER_MIN_MESSAGES
-                    and len(hub.dirty) >= DEFER_MIN_DIRTY
-                    and reads < MAX_READS_PER_FLUSH
-                    and hub.pending < FLUSH_EVERY
-                ):
-                    # Under sustained load (many messages in this batch), a
-                    # flush to many sockets is about to go out with a frame or
-                    # two each: give the publisher FLUSH_DEFER to send more,
-                    # so that the same writes carry more frames. A sporadic
-                    # publish is flushed at once.
-                    reads += 1
-                    more: bytes | bytearray = b""
-                    with trio.move_on_after(FLUSH_DEFER):
-                        try:
-                            more = await stream.receive_some(RECEIVE_SIZE)
-                        except (trio.BrokenResourceError, trio.ClosedResourceError):
-                            more = b""
-                            writer.broken = True
-                        if not more:
-                            writer.broken = True
-                            self.close(CloseCode.ABNORMAL, "connection lost")
-                            return
-                    if more:
-                        data = more
-                        continue
-                if session.in_flight is not None:
-                    # Publishes a remote engine has yet to answer: their
-                    # acks go out with this flush.
-                    await session.settle_publishes()
-                    if self.close_code is not None:
-                        return
-                hub.flush()
-            reads = 0
-            handled = 0
-            # Whatever comes next awaits (a read or a wait): a new round.
-            spent = 0
-            delivered = hub.delivered
-            # Hold nothing while waiting (an idle connection's whole cost).
-            data = b""
-            events = []
-            if fd >= 0:
-                # Plain TCP: read the descriptor, and wait on it when empty.
-                # Idle, a connection is then suspended in wait_readable alone:
-                # through SocketStream.receive_some it would also hold four
-                # more suspended frames (~1.5 KB, measured with tracemalloc).
-                empty = False
-                try:
-                    data = os.read(fd, RECEIVE_SIZE)
-                except _WOULD_BLOCK:
-                    empty = True  # wait outside the handler: no exception kept
-                except OSError:
-                    data = b""
-                if empty:
-                    try:
-                        await trio.lowlevel.wait_readable(fd)
-                    except trio.ClosedResourceError:
-                        data = b""
-                    else:
-                        continue
-                elif data:
-                    # a checkpoint per read, as trio's own receive_some makes
+            self.last_seen = trio.current_time()
+            self.bytes_in += len(data)
+            # Any traffic shows the client is alive; a new ping may go out
+            # the next time it falls silent.
+            self.ping_outstanding = False
+            violation: FrameError | None = None
+            try:
+                events = parser.feed(data)
+            except FrameError as e:
+                events, violation = e.events, e  # handle what came before it
+            for event in events:
+                if isinstance(event, (str, bytes)):
+                    handled += 1
+                    await session.command(event)
+                    if hub.pending > FLUSH_EVERY:
+                        hub.flush()
+                elif isinstance(event, Ping):
+                    self.reply_frame(pong_frame(event.payload))
+                elif isinstance(event, Pong):
+                    self.ping_outstanding = False
+                else:
+                    assert isinstance(event, Close)
+                    self._peer_closed = True
+                    code = event.code if event.code != 1005 else CloseCode.NORMAL
+                    self._stop(code, event.reason)
+                    return False
+                if self.close_code is not None:
+                    return False
+                spent += FRAME_COST
+                if spent + hub.delivered - delivered >= ROUND_BUDGET:
+                    # This client's round is over: let the others run.
                     await trio.lowlevel.checkpoint()
-            else:
-                try:
-                    data = await stream.receive_some(RECEIVE_SIZE)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    writer.broken = True
-                    self.close(CloseCode.ABNORMAL, "connection lost")
-                    return
-            if not data:
-                writer.broken = True  # TCP closed without a close frame
-                self.close(CloseCode.ABNORMAL, "connection lost")
-                return
+                    spent = 0
+                    delivered = hub.delivered
+            if violation is not None:
+                # (closing: the client's close frame was seen already.)
+                self._peer_closed = violation.closing
+                log.info("%s closing (%d): %s", self.id, violation.code, violation.reason)
+                self._stop(violation.code, violation.reason, drain=True)
+                return False
+            # Adaptive batching: before flushing, take what input is
+            # already waiting (one more non-blocking read, and more while
+            # reads come back full), so that under load each subscriber
+            # gets many frames per write; idle, it costs one EAGAIN.
+            # Bounded, so others get their turn and latency stays low.
+            if (
+                (len(data) >= RECEIVE_SIZE or reads == 0)
+                and (fd >= 0 or tls is not None)
+                and reads < MAX_READS_PER_FLUSH
+                and hub.pending < FLUSH_EVERY
+            ):
+                reads += 1
+                ahead: bytes | None
+                if tls is not None:
+                    try:
+                        ahead = tls.receive_nowait(RECEIVE_SIZE)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        ahead = b""
+                else:
+                    ahead = _read_nowait(fd)
+                if ahead:
+                    data = ahead
+                    continue
+                if ahead is not None:
+                    writer.broken = True  # closed without a close frame
+                    self._stop(CloseCode.ABNORMAL, "connection lost")
+                    return False
+            if (
+                handled >= DEFER_MIN_MESSAGES
+                and len(hub.dirty) >= DEFER_MIN_DIRTY
+                and reads < MAX_READS_PER_FLUSH
+                and hub.pending < FLUSH_EVERY
+            ):
+                # Under sustained load (many messages in this batch), a
+                # flush to many sockets is about to go out with a frame or
+                # two each: give the publisher FLUSH_DEFER to send more,
+                # so that the same writes carry more frames. A sporadic
+                # publish is flushed at once.
+                reads += 1
+                more: bytes | bytearray = b""
+                with trio.move_on_after(FLUSH_DEFER):
+                    try:
+                        more = await stream.receive_some(RECEIVE_SIZE)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        more = b""
+                        writer.broken = True
+                    if not more:
+                        writer.broken = True
+                        self._stop(CloseCode.ABNORMAL, "connection lost")
+                        return False
+                if more:
+                    data = more
+                    continue
+            if session.in_flight is not None:
+                # Publishes a remote engine has yet to answer: their
+                # acks go out with this flush.
+                await session.settle_publishes()
+                if self.close_code is not None:
+                    return False
+            hub.flush()
+            return True
+
+
+def _read_nowait(fd: int) -> bytes | None:
+    """One non-blocking read of *fd*: None if nothing is waiting, ``b""`` at
+    the end of the stream or when the socket failed.
+
+    A function of its own so that the ``BlockingIOError`` of an empty socket
+    is raised and caught in this short-lived frame: raised in a connection's
+    long-lived reader, it would give that coroutine a frame object (~360 B)
+    for the rest of its life.
+    """
+    try:
+        return os.read(fd, RECEIVE_SIZE)
+    except _WOULD_BLOCK:
+        return None
+    except OSError:
+        return b""

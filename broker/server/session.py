@@ -432,6 +432,15 @@ class Session:
         self.subscriptions.clear()
         self._presence_closing()
 
+    @property
+    def settled(self) -> bool:
+        """True if :meth:`settle` has nothing to tell the engine (it would
+        return at once)."""
+        presence = self._presence
+        return (
+            not self._released and not self.in_flight and (presence is None or not presence.leaving)
+        )
+
     async def settle(self) -> None:
         """Tell the engine of what :meth:`unsubscribe_all` released, and
         finish the publishes still in flight (they are counted and

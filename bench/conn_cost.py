@@ -1,0 +1,421 @@
+"""What one idle subscribed connection costs the broker: CPU instructions to
+set it up, and the memory it holds.
+
+    python3 bench/conn_cost.py instructions [--n 2000] [--python .venv/bin/python]
+    PYTHONPATH=. .venv/bin/python bench/conn_cost.py memory [--n 2000] [--top 25]
+    python3 bench/conn_cost.py clients --port PORT [--n 2000]
+
+``instructions`` starts ``broker serve`` (the configuration of
+``bench/run.py``'s ``broker`` target) under ``valgrind --tool=callgrind``
+with instrumentation off, switches it on, opens ``--n`` connections the way
+``idle-10000`` does (TCP connect, opening handshake, ``sub`` to a topic of
+its own, wait for the ``ok``; 64 in flight), then one probe message to each
+through a publisher connection, dumps the counters and prints the broker's
+instructions per connection. With ``--churn``, each connection makes one
+``ping`` round trip and the closing handshake instead, as ``connect-rate``
+does. Instruction counts do not depend on what else
+the machine runs, so a change to the accept path can be judged with one run
+before and one after (against a checkout of the old commit: ``git worktree
+add /tmp/old COMMIT`` and run the script there). System calls are the
+kernel's and not counted: ``strace -c -f -p PID`` tells them.
+
+``memory`` runs the broker in this process with :mod:`tracemalloc` and the
+clients in a child process, and prints the Python bytes per connection (all
+of them, not only those with broker code on the stack as
+``tests/test_memory_budget.py`` counts) and the allocation sites that hold
+the most.
+
+``clients`` is the client side alone (stdlib sockets and selectors), for a
+broker started some other way; it prints one line when every connection
+got its probe, then holds them open until stdin closes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import gc
+import json
+import os
+import resource
+import selectors
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+
+REQUEST = (
+    "GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+    "Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+def _masked(payload: bytes, opcode: int = 0x1) -> bytes:
+    """One masked frame, text by default (payloads under 64 KiB)."""
+    mask = os.urandom(4)
+    body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    if len(payload) < 126:
+        head = bytes([0x80 | opcode, 0x80 | len(payload)])
+    else:
+        head = bytes([0x80 | opcode, 0x80 | 126]) + struct.pack(">H", len(payload))
+    return head + mask + body
+
+
+def _frames(buf: bytearray) -> list[bytes]:
+    """Take the complete unmasked server frames at the start of *buf*."""
+    out = []
+    while len(buf) >= 2:
+        length = buf[1] & 0x7F
+        at = 2
+        if length == 126:
+            if len(buf) < 4:
+                break
+            length = struct.unpack(">H", buf[2:4])[0]
+            at = 4
+        if len(buf) < at + length:
+            break
+        out.append(bytes(buf[at : at + length]))
+        del buf[: at + length]
+    return out
+
+
+class _Client:
+    __slots__ = ("buf", "i", "sock", "state")
+
+    def __init__(self, i: int, sock: socket.socket) -> None:
+        self.i = i
+        self.sock = sock
+        self.buf = bytearray()
+        self.state = "connecting"
+
+
+def open_clients(
+    port: int, n: int, concurrency: int = 64, *, churn: bool = False
+) -> list[socket.socket]:
+    """Open *n* subscribed connections (topic ``t<i>``), *concurrency* at a
+    time, then publish one probe to each topic and wait until every one got
+    it. Returns the sockets.
+
+    With *churn*, as the benchmark's ``connect-rate``: each connection makes
+    one ``ping`` round trip, then the closing handshake, and is closed (none
+    is returned).
+    """
+    sel = selectors.DefaultSelector()
+    done: list[socket.socket] = []
+    started = 0
+    in_flight = 0
+
+    def start(i: int) -> None:
+        sock = socket.socket()
+        sock.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            sock.connect(("127.0.0.1", port))
+        sel.register(sock, selectors.EVENT_WRITE, _Client(i, sock))
+
+    while len(done) < n:
+        while in_flight < concurrency and started < n:
+            start(started)
+            started += 1
+            in_flight += 1
+        for key, _ in sel.select(10):
+            c: _Client = key.data
+            if c.state == "connecting":
+                err = c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if err:
+                    raise OSError(err, f"connection {c.i}: {os.strerror(err)}")
+                k = base64.b64encode(os.urandom(16)).decode()
+                c.sock.sendall(REQUEST.format(port=port, key=k).encode())
+                c.state = "handshake"
+                sel.modify(c.sock, selectors.EVENT_READ, c)
+                continue
+            data = c.sock.recv(65536)
+            if not data and c.state == "closing":  # the broker closed after its close frame
+                sel.unregister(c.sock)
+                c.sock.close()
+                done.append(c.sock)
+                in_flight -= 1
+                continue
+            if not data:
+                raise OSError(f"connection {c.i} closed in state {c.state}")
+            c.buf += data
+            if c.state == "handshake":
+                end = c.buf.find(b"\r\n\r\n")
+                if end < 0:
+                    continue
+                if not c.buf.startswith(b"HTTP/1.1 101"):
+                    raise OSError(f"connection {c.i}: {bytes(c.buf[:80])!r}")
+                del c.buf[: end + 4]
+                if churn:
+                    c.sock.sendall(_masked(b'{"op":"ping","id":1}'))
+                    c.state = "pinging"
+                else:
+                    sub = json.dumps({"op": "sub", "id": 1, "topic": f"t{c.i}"})
+                    c.sock.sendall(_masked(sub.encode()))
+                    c.state = "subscribing"
+            if c.state == "pinging" and _frames(c.buf):
+                c.sock.sendall(_masked(struct.pack(">H", 1000), opcode=0x8))
+                c.state = "closing"
+            if c.state == "subscribing":
+                for payload in _frames(c.buf):
+                    if json.loads(payload).get("op") != "ok":
+                        raise OSError(f"connection {c.i}: {payload!r}")
+                    sel.unregister(c.sock)
+                    c.sock.setblocking(True)
+                    done.append(c.sock)
+                    in_flight -= 1
+    sel.close()
+    if churn:
+        return []
+    # One probe to every subscriber, as idle-10000's barrier does.
+    pub = socket.create_connection(("127.0.0.1", port))
+    k = base64.b64encode(os.urandom(16)).decode()
+    pub.sendall(REQUEST.format(port=port, key=k).encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += pub.recv(4096)
+    probe = "@T0000000000000000#" + "x" * 81
+    pub.sendall(
+        b"".join(
+            _masked(json.dumps({"op": "pub", "topic": f"t{i}", "data": probe}).encode())
+            for i in range(n)
+        )
+    )
+    for sock in done:
+        buf = bytearray()
+        while not _frames(buf):
+            buf += sock.recv(4096)
+    done.append(pub)
+    return done
+
+
+# ------------------------------------------------------------------ instructions
+def _broker_launch(python: str, workdir: Path) -> Any:
+    sys.path.insert(0, str(BENCH))
+    import targets
+
+    return targets._broker(targets.Settings(python=python), workdir)
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 300) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the broker exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.sendall(
+                    REQUEST.format(
+                        port=port, key=base64.b64encode(b"conn-cost-probe!").decode()
+                    ).encode()
+                )
+                if s.recv(64).startswith(b"HTTP/1.1 101"):
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError("the broker did not answer")
+
+
+def _total_ir(path: Path) -> int:
+    for line in path.read_text().splitlines():
+        if line.startswith(("summary:", "totals:")):
+            return int(line.split()[1])
+    raise RuntimeError(f"no totals in {path}")
+
+
+def instructions(args: argparse.Namespace) -> None:
+    raise_nofile(args.n + 100)
+    with tempfile.TemporaryDirectory(prefix="conn-cost-") as tmp:
+        workdir = Path(tmp)
+        launch = _broker_launch(args.python, workdir)
+        out = workdir / "callgrind.out"
+        argv = [
+            "valgrind",
+            "--tool=callgrind",
+            "--instr-atstart=no",
+            f"--callgrind-out-file={out}",
+            *launch.argv,
+        ]
+        root = Path(args.root).resolve()
+        env = {**os.environ, "PYTHONPATH": f"{root}:{root / 'plugins'}"}
+        log = open(workdir / "broker.log", "wb")  # noqa: SIM115
+        proc = subprocess.Popen(argv, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            _wait_port(launch.ws_port, proc)
+            # Warm up (first handshake, first sub, code paths taken once).
+            warm = open_clients(launch.ws_port, 64)
+            subprocess.run(["callgrind_control", "-i", "on", str(proc.pid)], check=True)
+            t0 = time.monotonic()
+            socks = open_clients(launch.ws_port, args.n, churn=args.churn)
+            elapsed = time.monotonic() - t0
+            subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True)
+            dumps = sorted(workdir.glob("callgrind.out*"), key=lambda p: p.stat().st_mtime)
+            total = sum(_total_ir(p) for p in dumps if p.stat().st_size)
+            for sock in socks + warm:
+                sock.close()
+            if args.keep:
+                for dump in dumps:
+                    dump.rename(Path(args.keep) / dump.name)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            log.close()
+        print(
+            json.dumps(
+                {
+                    "connections": args.n,
+                    "instructions": total,
+                    "instructions_per_connection": round(total / args.n),
+                    "seconds_under_valgrind": round(elapsed, 1),
+                }
+            )
+        )
+
+
+# ------------------------------------------------------------------ memory
+def memory(args: argparse.Namespace) -> None:
+    import tracemalloc
+
+    import trio
+
+    from broker import Broker, PluginHost, config_from_dict
+
+    raise_nofile(args.n + 100)
+    cfg = config_from_dict(
+        {
+            "listener": {"host": "127.0.0.1", "port": 0, "path": "/ws"},
+            "limits": {
+                "ping_interval": 0,
+                "max_connections": 20000,
+                "max_connections_per_ip": 20000,
+            },
+            "admin": {"enabled": False},
+            "plugins": {"enabled": ["noauth"]},
+        }
+    )
+
+    async def main() -> None:
+        broker = Broker(cfg, plugins=PluginHost.from_config(cfg))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(broker.serve)
+
+            async def clients(n: int) -> trio.Process:
+                proc = await trio.lowlevel.open_process(
+                    [
+                        sys.executable,
+                        __file__,
+                        "clients",
+                        "--port",
+                        str(broker.port),
+                        "--n",
+                        str(n),
+                    ],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                )
+                assert proc.stdout is not None
+                line = b""
+                while not line.endswith(b"\n"):
+                    chunk = await proc.stdout.receive_some(100)
+                    if not chunk:
+                        raise RuntimeError("the clients failed")
+                    line += chunk
+                return proc
+
+            warm = await clients(64)
+            gc.collect()
+            tracemalloc.start(args.depth)
+            before = tracemalloc.take_snapshot()
+            proc = await clients(args.n)
+            await trio.sleep(0.5)
+            gc.collect()
+            after = tracemalloc.take_snapshot()
+            tracemalloc.stop()
+            for p in (proc, warm):
+                assert p.stdin is not None
+                await p.stdin.aclose()
+                await p.wait()
+            broker.stop()
+        n = args.n + 1  # the publisher's connection too
+        stats = after.compare_to(before, "traceback")
+        total = sum(s.size_diff for s in stats)
+        print(f"{total / n:.0f} B of Python heap per connection ({n} connections)")
+        by_line: dict[str, int] = {}
+        for stat in stats:
+            # Frames oldest first: the site is the newest frame, the owner
+            # the newest frame of the broker's own code.
+            site = stat.traceback[-1]
+            owner = next((f for f in reversed(stat.traceback) if "broker/" in f.filename), None)
+            name = f"{_short(site.filename)}:{site.lineno}"
+            if owner is not None and owner is not site:
+                name += f" <- {_short(owner.filename)}:{owner.lineno}"
+            by_line[name] = by_line.get(name, 0) + stat.size_diff
+        for name, size in sorted(by_line.items(), key=lambda kv: -kv[1])[: args.top]:
+            print(f"{size / n:8.0f}  {name}")
+
+    trio.run(main)
+
+
+def _short(filename: str) -> str:
+    for marker in ("/site-packages/", "/lib/python3"):
+        if marker in filename:
+            return filename.split(marker, 1)[1]
+    return os.path.relpath(filename, ROOT)
+
+
+def raise_nofile(need: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < need:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(need, soft)), hard))
+
+
+def clients_main(args: argparse.Namespace) -> None:
+    raise_nofile(args.n + 100)
+    socks = open_clients(args.port, args.n, churn=args.churn)
+    print(f"{len(socks)} open", flush=True)
+    sys.stdin.read()
+    for sock in socks:
+        sock.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="mode", required=True)
+    p = sub.add_parser("instructions")
+    p.add_argument("--n", type=int, default=2000)
+    p.add_argument("--python", default=str(ROOT / ".venv" / "bin" / "python"))
+    p.add_argument("--keep", metavar="DIR", help="move the callgrind output there")
+    p.add_argument(
+        "--churn",
+        action="store_true",
+        help="as connect-rate: a ping round trip and the closing handshake per connection",
+    )
+    p.add_argument(
+        "--root", default=str(ROOT), help="the checkout whose broker runs (default: this one)"
+    )
+    p = sub.add_parser("memory")
+    p.add_argument("--n", type=int, default=2000)
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--depth", type=int, default=25)
+    p = sub.add_parser("clients")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--n", type=int, default=2000)
+    p.add_argument("--churn", action="store_true", help="as instructions --churn")
+    args = parser.parse_args()
+    {"instructions": instructions, "memory": memory, "clients": clients_main}[args.mode](args)
+
+
+if __name__ == "__main__":
+    main()
