@@ -15,10 +15,10 @@ that never has.
 
 What it measured: ~9.4 KB per plain connection (without a message
 received) before issue 15; ~6.4 KB after, with one (docs/performance.md,
-"Per-connection cost"): no nursery per connection, the reader's loop and
-the handler one coroutine each, idle readers parked on the broker's read
-poller rather than in ``wait_readable``, no queue or fragment structures
-while there is nothing in them. Undoing one of these fails the budget:
+"Issue 15: per-connection cost"): no nursery per connection, the reader's
+loop and the handler one coroutine each, idle readers parked on the
+broker's read poller rather than in ``wait_readable``, no queue or
+fragment structures while there is nothing in them. Undoing one of these fails the budget:
 waiting through ``wait_readable`` measures ~7.6 KB, an empty deque kept
 per queue rule ~7.1 KB, a nursery per connection costs ~1.2 KB more.
 """
