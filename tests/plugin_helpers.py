@@ -13,7 +13,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from broker import Handshake, Identity, PluginContext, hookimpl
+from broker import ClientInfo, Handshake, Identity, PluginContext, hookimpl
 from broker.plugin.host import PluginFactory
 
 #: An HS256 secret (at least 32 bytes).
@@ -111,3 +111,14 @@ def plugin_factory(name: str, plugin: object) -> Mapping[str, PluginFactory]:
         return plugin
 
     return {name: create}
+
+
+class SeenIdentities:
+    """A test plugin recording the identity of every accepted client."""
+
+    def __init__(self) -> None:
+        self.identities: list[Identity] = []
+
+    @hookimpl
+    def broker_connected(self, client: ClientInfo) -> None:
+        self.identities.append(client.identity)

@@ -16,8 +16,7 @@ import pytest
 from broker import ConfigError, Handshake, PluginHost, config_from_dict
 from tests.conftest import BrokerFactory
 from tests.helpers import raw_connect
-from tests.plugin_helpers import SECRET, claims, hs256, plugin_factory
-from tests.test_plugin_jwt import Seen
+from tests.plugin_helpers import SECRET, SeenIdentities, claims, hs256, plugin_factory
 from tests.test_proxy_server import exchange, status, upgrade
 
 APP = "https://app.example.com"
@@ -76,7 +75,7 @@ def cookie_config(**jwt: Any) -> dict[str, Any]:
 
 
 async def test_a_raw_client_authenticates_with_the_cookie(start_broker: BrokerFactory) -> None:
-    seen = Seen()
+    seen = SeenIdentities()
     broker = await start_broker(cookie_config(), factories=plugin_factory("seen", seen))
     token = hs256(claims("alice", roles=["reader"]))
     headers = [("Origin", APP), ("Cookie", f"theme=dark; broker_token={token}")]
@@ -106,7 +105,7 @@ async def test_another_sites_page_with_the_cookie_is_refused(start_broker: Broke
     """What a browser does for a page of another site that opens a
     WebSocket to the broker: it attaches the visitor's cookie, and says
     where the page is from. The origin plugin refuses it first."""
-    broker = await start_broker(cookie_config(), factories=plugin_factory("seen", Seen()))
+    broker = await start_broker(cookie_config(), factories=plugin_factory("seen", SeenIdentities()))
     cookie = ("Cookie", f"broker_token={hs256(claims('alice'))}")
     forged = upgrade(headers=[("Origin", "https://evil.example"), cookie])
     answer = await exchange(broker.port, forged, source="127.0.0.1")

@@ -18,12 +18,13 @@ import jwt
 import pytest
 from broker_jwt import JWTAuth
 
-from broker import ClientInfo, ConfigError, Identity, PluginHost, config_from_dict, hookimpl
+from broker import ConfigError, PluginHost, config_from_dict
 from tests.conftest import BrokerFactory
 from tests.helpers import connect, rejection
 from tests.plugin_helpers import (
     SECRET,
     Keys,
+    SeenIdentities,
     bearer,
     claims,
     hs256,
@@ -40,17 +41,6 @@ def keys() -> Keys:
 @pytest.fixture
 def key_files(keys: Keys, tmp_path: Path) -> dict[str, str]:
     return keys.write_public(tmp_path)
-
-
-class Seen:
-    """Records the identities of accepted clients."""
-
-    def __init__(self) -> None:
-        self.identities: list[Identity] = []
-
-    @hookimpl
-    def broker_connected(self, client: ClientInfo) -> None:
-        self.identities.append(client.identity)
 
 
 def jwt_config(tls_files: Mapping[str, str], **settings: Any) -> dict[str, Any]:
@@ -95,7 +85,7 @@ def forge_hs256(payload: Mapping[str, Any], secret: bytes) -> str:
 async def test_hs256_identity_from_header_and_query(
     start_broker: BrokerFactory, tls_files: dict[str, str], client_ssl: ssl.SSLContext
 ) -> None:
-    seen = Seen()
+    seen = SeenIdentities()
     broker = await start_broker(
         jwt_config(tls_files, secret=SECRET, audience="broker", issuer="https://id.test/"),
         factories=plugin_factory("seen", seen),
@@ -135,7 +125,7 @@ async def test_hs256_bad_tokens_are_401(
 ) -> None:
     broker = await start_broker(
         jwt_config(tls_files, secret=SECRET, audience="broker", issuer="https://id.test/"),
-        factories=plugin_factory("seen", Seen()),
+        factories=plugin_factory("seen", SeenIdentities()),
     )
     # exp and nbf are given relative to now (parameters are built at collection).
     now = int(time.time())
@@ -149,7 +139,7 @@ async def test_alg_none_and_missing_exp_are_refused(
     start_broker: BrokerFactory, tls_files: dict[str, str], client_ssl: ssl.SSLContext
 ) -> None:
     broker = await start_broker(
-        jwt_config(tls_files, secret=SECRET), factories=plugin_factory("seen", Seen())
+        jwt_config(tls_files, secret=SECRET), factories=plugin_factory("seen", SeenIdentities())
     )
     assert await refused(broker.url, unsigned(claims()), client_ssl) == (
         401,
@@ -166,7 +156,8 @@ async def test_leeway_tolerates_a_little_clock_skew(
     start_broker: BrokerFactory, tls_files: dict[str, str], client_ssl: ssl.SSLContext
 ) -> None:
     broker = await start_broker(
-        jwt_config(tls_files, secret=SECRET, leeway=30), factories=plugin_factory("seen", Seen())
+        jwt_config(tls_files, secret=SECRET, leeway=30),
+        factories=plugin_factory("seen", SeenIdentities()),
     )
     await accepted(broker.url, hs256(claims(ttl=-10)), client_ssl)
     status, reason = await refused(broker.url, hs256(claims(ttl=-60)), client_ssl)
@@ -176,7 +167,7 @@ async def test_leeway_tolerates_a_little_clock_skew(
 async def test_scope_string_as_roles(
     start_broker: BrokerFactory, tls_files: dict[str, str], client_ssl: ssl.SSLContext
 ) -> None:
-    seen = Seen()
+    seen = SeenIdentities()
     broker = await start_broker(
         jwt_config(tls_files, secret=SECRET, roles_claim="scope", subject_claim="client_id"),
         factories=plugin_factory("seen", seen),
@@ -201,7 +192,7 @@ async def test_public_key_file(
 ) -> None:
     broker = await start_broker(
         jwt_config(tls_files, public_key=key_files[kind]),
-        factories=plugin_factory("seen", Seen()),
+        factories=plugin_factory("seen", SeenIdentities()),
     )
     private, alg = (keys.rsa, "RS256") if kind == "rsa" else (keys.ec, "ES256")
     await accepted(broker.url, jwt.encode(claims(), private, algorithm=alg), client_ssl)
@@ -227,7 +218,7 @@ async def test_jwks_selects_the_key_by_kid(
 ) -> None:
     broker = await start_broker(
         jwt_config(tls_files, jwks=key_files["jwks"], audience="broker"),
-        factories=plugin_factory("seen", Seen()),
+        factories=plugin_factory("seen", SeenIdentities()),
     )
     url, good = broker.url, claims(aud="broker")
     rs = jwt.encode(good, keys.rsa, algorithm="RS256", headers={"kid": "r1"})
@@ -265,7 +256,7 @@ async def test_with_static_tokens_in_either_order(
     client_ssl: ssl.SSLContext,
     order: list[str],
 ) -> None:
-    seen = Seen()
+    seen = SeenIdentities()
     static = "a-static-token-for-the-ingest-service"
     broker = await start_broker(
         {
@@ -298,7 +289,7 @@ async def test_query_token_can_be_turned_off(
 ) -> None:
     broker = await start_broker(
         jwt_config(tls_files, secret=SECRET, query_token=False),
-        factories=plugin_factory("seen", Seen()),
+        factories=plugin_factory("seen", SeenIdentities()),
     )
     e = await rejection(f"{broker.url}?token={hs256(claims())}", ssl_context=client_ssl)
     assert e.status_code == 401  # nobody recognised the credentials

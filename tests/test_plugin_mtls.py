@@ -13,19 +13,18 @@ import trio
 import trustme
 from broker_mtls import subject_of
 
-from broker import ClientInfo, ConfigError, Identity, PluginHost, config_from_dict, hookimpl
+from broker import ConfigError, PluginHost, config_from_dict
 from tests.conftest import BrokerFactory
 from tests.helpers import WAIT, connect, rejection
-from tests.plugin_helpers import SECRET, bearer, claims, hs256, plugin_factory, tls_listener
-
-
-class Seen:
-    def __init__(self) -> None:
-        self.identities: list[Identity] = []
-
-    @hookimpl
-    def broker_connected(self, client: ClientInfo) -> None:
-        self.identities.append(client.identity)
+from tests.plugin_helpers import (
+    SECRET,
+    SeenIdentities,
+    bearer,
+    claims,
+    hs256,
+    plugin_factory,
+    tls_listener,
+)
 
 
 def client_context(ca: trustme.CA, leaf: trustme.LeafCert | None) -> ssl.SSLContext:
@@ -85,7 +84,7 @@ async def refused_at_tls(port: int, ctx: ssl.SSLContext) -> None:
 async def test_a_verified_certificate_is_the_identity(
     start_broker: BrokerFactory, tls_files: dict[str, str], ca: trustme.CA
 ) -> None:
-    seen = Seen()
+    seen = SeenIdentities()
     broker = await start_broker(
         mtls_config(tls_files, "required", roles={"ingest-1": ["publisher"]}),
         factories=plugin_factory("seen", seen),
@@ -111,7 +110,7 @@ async def test_required_refuses_no_certificate_and_unverified_ones(
     start_broker: BrokerFactory, tls_files: dict[str, str], ca: trustme.CA
 ) -> None:
     broker = await start_broker(
-        mtls_config(tls_files, "required"), factories=plugin_factory("seen", Seen())
+        mtls_config(tls_files, "required"), factories=plugin_factory("seen", SeenIdentities())
     )
     stranger_ca = trustme.CA()
     expired = ca.issue_cert(
@@ -133,7 +132,7 @@ async def test_required_refuses_no_certificate_and_unverified_ones(
 async def test_optional_leaves_clients_without_a_certificate_to_jwt(
     start_broker: BrokerFactory, tls_files: dict[str, str], ca: trustme.CA
 ) -> None:
-    seen = Seen()
+    seen = SeenIdentities()
     config = mtls_config(tls_files, "optional", "jwt")
     config["plugin"]["jwt"] = {"secret": SECRET}
     broker = await start_broker(config, factories=plugin_factory("seen", seen))
@@ -153,7 +152,7 @@ async def test_optional_leaves_clients_without_a_certificate_to_jwt(
 async def test_subject_from_a_san_and_an_allow_list(
     start_broker: BrokerFactory, tls_files: dict[str, str], ca: trustme.CA
 ) -> None:
-    seen = Seen()
+    seen = SeenIdentities()
     broker = await start_broker(
         mtls_config(tls_files, "required", subject="email", subjects=["alice@example.com"]),
         factories=plugin_factory("seen", seen),
@@ -175,7 +174,7 @@ async def test_required_setting_of_the_plugin(
 ) -> None:
     config = mtls_config(tls_files, "optional", "jwt", required=True)
     config["plugin"]["jwt"] = {"secret": SECRET}
-    broker = await start_broker(config, factories=plugin_factory("seen", Seen()))
+    broker = await start_broker(config, factories=plugin_factory("seen", SeenIdentities()))
     e = await rejection(
         broker.url, ssl_context=client_context(ca, None), headers=bearer(hs256(claims()))
     )
@@ -286,7 +285,7 @@ async def test_with_both_credentials_the_last_listed_plugin_decides(
     order: list[str],
     winner: tuple[str, str],
 ) -> None:
-    seen = Seen()
+    seen = SeenIdentities()
     config = mtls_config(tls_files, "optional")
     config["plugins"]["enabled"] = [*order, "seen"]
     config["plugin"]["jwt"] = {"secret": SECRET}

@@ -17,11 +17,10 @@ from typing import Any
 
 import pytest
 
-from broker import ClientInfo, Identity, hookimpl
 from broker.io.http import Request, Response
 from tests.browser.driver import Page, PageServer, Session, browser_session, serve_pages
 from tests.conftest import BrokerFactory
-from tests.plugin_helpers import SECRET, claims, hs256, plugin_factory
+from tests.plugin_helpers import SECRET, SeenIdentities, claims, hs256, plugin_factory
 
 #: The page: logs in (its site sets the cookie), then connects and pings.
 PAGE = b"""<!doctype html>
@@ -37,15 +36,6 @@ PAGE = b"""<!doctype html>
   });
 </script>
 """
-
-
-class Seen:
-    def __init__(self) -> None:
-        self.identities: list[Identity] = []
-
-    @hookimpl
-    def broker_connected(self, client: ClientInfo) -> None:
-        self.identities.append(client.identity)
 
 
 @pytest.fixture
@@ -80,7 +70,7 @@ async def open_app(session: Session, origin: str) -> Page:
 async def test_a_page_connects_with_its_httponly_cookie(
     start_broker: BrokerFactory, session: Session, pages: PageServer
 ) -> None:
-    seen = Seen()
+    seen = SeenIdentities()
     config: dict[str, Any] = {
         "plugins": {"enabled": ["origin", "jwt", "seen"]},
         "plugin": {
