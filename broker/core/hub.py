@@ -22,7 +22,7 @@ from collections.abc import Callable, Hashable
 from typing import Any, Final, Protocol
 
 from broker.core.config import QueueConfig
-from broker.core.frames import binary_frame, frame, text_frame
+from broker.core.frames import frame
 from broker.core.history import Stored
 from broker.core.outbox import Outbox, Policy, PushResult, QueueRule
 from broker.core.protocol import Encoding, encode_member_event, encode_msg, encode_stored_msg
@@ -206,23 +206,7 @@ class Hub:
                 payload = encode_msg(topic, seq, data, key, sub.encoding)
             else:
                 payload = encode_stored_msg(topic, seq, data, key, sub.encoding, epoch=epoch)
-            # _push and frame(), inline: two calls less per message.
-            result = sub.outbox.push(
-                text_frame(payload) if payload.__class__ is str else binary_frame(payload),  # type: ignore[arg-type]
-                topic,
-                rule,
-                key,
-            )
-            if result is not PushResult.QUEUED:
-                if result is PushResult.DISCONNECT:
-                    self.slow_consumers += 1
-                    sub.slow_consumer()
-                else:
-                    self.overflows += 1
-                    self.overflows_by_policy[rule.policy] += 1
-            if not sub.dirty and result is not PushResult.DISCONNECT:
-                sub.dirty = True
-                self.dirty.append(sub)
+            self._push(sub, frame(payload), topic, rule, key)
             self.delivered += 1
             self.pending += 1
             return 1

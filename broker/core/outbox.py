@@ -359,16 +359,19 @@ class Outbox:
         head = self._head
         # The common case: everything queued fits in one batch (a flush
         # after each read leaves a few frames per subscriber).
-        batch = cast("list[bytes]", frames[head:] if head else frames)
-        if self._dead:
-            batch = [f for f in batch if f is not None]
-        if len(batch) <= 1 or sum(map(len, batch)) <= max_bytes:
-            if batch is frames:
-                # The list itself goes out: positions go on after it.
-                self._frames = []
-                self._base += len(batch)
-            self._take_all()
-            return batch
+        # (Messages alone over the batch: a backed-up queue, taken below
+        # without copying it first.)
+        if self._size <= max_bytes:
+            batch = cast("list[bytes]", frames[head:] if head else frames)
+            if self._dead:
+                batch = [f for f in batch if f is not None]
+            if len(batch) <= 1 or sum(map(len, batch)) <= max_bytes:
+                if batch is frames:
+                    # The list itself goes out: positions go on after it.
+                    self._frames = []
+                    self._base += len(batch)
+                self._take_all()
+                return batch
         out: list[bytes] = []
         total = 0
         states = self._states
