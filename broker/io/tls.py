@@ -176,6 +176,11 @@ class TLSStream(trio.abc.Stream):
 
     # -- public API -------------------------------------------------------------
 
+    def fileno(self) -> int:
+        """The socket's file descriptor (to wait on it for reading, after
+        :meth:`receive_nowait` returned None)."""
+        return self._fd
+
     @property
     def unsent(self) -> int:
         """Bytes of ciphertext waiting for the socket (0 when all is written)."""

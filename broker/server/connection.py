@@ -79,7 +79,7 @@ class Connection:
         peer: the client's (address, port).
         nursery: where its writer task runs when it needs one (the broker's
             handlers nursery).
-        poller: where its reader waits for a plain socket to become readable
+        poller: where its reader waits for its socket to become readable
             (None: ``trio.lowlevel.wait_readable``).
         close_timeout: how long the closing handshake may take.
     """
@@ -268,10 +268,12 @@ class Connection:
         services = self._services
         plugins = services.runtime.plugins
         writer = self.writer
-        fd = writer.fd
+        tls = writer.tls
+        # The descriptor the reader waits on: the socket's, under TLS too.
+        fd = writer.fd if tls is None else tls.fileno()
         poller = self._poller
-        if poller is not None and (fd < 0 or not poller.register(fd)):
-            poller = self._poller = None  # TLS, or the kernel refused: trio's wait
+        if poller is not None and not poller.register(fd):
+            poller = self._poller = None  # the kernel refused: trio's wait
         task = trio.lowlevel.current_task()
         data = initial
         try:
@@ -290,36 +292,34 @@ class Connection:
                         # Hold nothing while waiting (an idle connection's
                         # whole cost).
                         data = b""
-                        if fd >= 0:
-                            # Plain TCP: read the descriptor, and wait on it
-                            # when empty. Idle, a connection is then suspended
-                            # in one trio trap, parked on the broker's poller
-                            # (broker.io.poller): through
-                            # SocketStream.receive_some it would also hold four
-                            # more suspended frames (~1.5 KB, measured with
-                            # tracemalloc), through wait_readable three.
-                            read = _read_nowait(fd)
-                            if read is None:
-                                try:
-                                    if poller is not None:
-                                        poller.park(fd, task)
-                                        await trio.lowlevel.wait_task_rescheduled(self._unpark)
-                                    else:
-                                        await trio.lowlevel.wait_readable(fd)
-                                except trio.ClosedResourceError:
-                                    pass
-                                else:
-                                    continue
-                            elif read:
-                                # a checkpoint per read, as trio's own
-                                # receive_some makes
-                                await trio.lowlevel.checkpoint()
-                                data = read
-                        else:
+                        # Read what is there without waiting (plain: the
+                        # descriptor; TLS: the socket through the SSLObject),
+                        # and wait on the socket when it is empty. Idle, a
+                        # connection is then suspended in one trio trap,
+                        # parked on the broker's poller (broker.io.poller):
+                        # through SocketStream.receive_some or
+                        # TLSStream.receive_some it would also hold four more
+                        # suspended frames (~1.5 KB, measured with
+                        # tracemalloc), through wait_readable three. None
+                        # means the socket's last read found it empty (also
+                        # under TLS), so parking edge-triggered is safe.
+                        read = _read_nowait(fd) if tls is None else _receive_nowait(tls)
+                        if read is None:
                             try:
-                                data = await self.stream.receive_some(RECEIVE_SIZE)
-                            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                                data = b""
+                                if poller is not None:
+                                    poller.park(fd, task)
+                                    await trio.lowlevel.wait_task_rescheduled(self._unpark)
+                                else:
+                                    await trio.lowlevel.wait_readable(fd)
+                            except trio.ClosedResourceError:
+                                pass
+                            else:
+                                continue
+                        elif read:
+                            # a checkpoint per read, as trio's own
+                            # receive_some makes
+                            await trio.lowlevel.checkpoint()
+                            data = read
                         if not data:
                             writer.broken = True  # TCP closed without a close frame
                             self._stop(CloseCode.ABNORMAL, "connection lost")
@@ -369,7 +369,9 @@ class Connection:
     def _unpark(self, raise_cancel: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
         """The reader, parked on the poller, is cancelled: it waits no more."""
         if self._poller is not None:
-            self._poller.unpark(self.writer.fd)
+            writer = self.writer
+            tls = writer.tls
+            self._poller.unpark(writer.fd if tls is None else tls.fileno())
         return trio.lowlevel.Abort.SUCCEEDED
 
     def _finish_nowait(self) -> bool:
@@ -487,19 +489,11 @@ class Connection:
             # Bounded, so others get their turn and latency stays low.
             if (
                 (len(data) >= RECEIVE_SIZE or reads == 0)
-                and (fd >= 0 or tls is not None)
                 and reads < MAX_READS_PER_FLUSH
                 and hub.pending < FLUSH_EVERY
             ):
                 reads += 1
-                ahead: bytes | None
-                if tls is not None:
-                    try:
-                        ahead = tls.receive_nowait(RECEIVE_SIZE)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        ahead = b""
-                else:
-                    ahead = _read_nowait(fd)
+                ahead = _read_nowait(fd) if tls is None else _receive_nowait(tls)
                 if ahead:
                     data = ahead
                     continue
@@ -541,6 +535,16 @@ class Connection:
                     return False
             hub.flush()
             return True
+
+
+def _receive_nowait(tls: TLSStream) -> bytes | None:
+    """:func:`_read_nowait` under TLS: the plaintext that is there now, None
+    if the socket had nothing more (its last read found it empty), ``b""``
+    at the end of the stream or when the stream failed."""
+    try:
+        return tls.receive_nowait(RECEIVE_SIZE)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        return b""
 
 
 def _read_nowait(fd: int) -> bytes | None:
