@@ -91,6 +91,19 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "control_s": 8,
         "duration_s": 14,
     },
+    # slow-100-heavy: open loop at 1,500 publishes/s = 150,000 deliveries/s
+    # (1.2 GiB/s), about three quarters of what our broker does saturated
+    # on this kind of machine: heavy load with a little headroom, so that
+    # the core's own slow seconds (see steadiness()) do not show as the
+    # broker's.
+    "slow-100-heavy": {
+        "scenario": "slow",
+        "n": 100,
+        "payload": 8192,
+        "slow_rate": 1500,
+        "control_s": 8,
+        "duration_s": 14,
+    },
     # 1,000 subscribers of one topic drop their connections, 1,000 messages
     # are published, and all reconnect at once resuming from where they were
     # (needs a [[history]] rule: only the broker-history target runs it).
@@ -118,6 +131,7 @@ ONLY: dict[str, tuple[str, ...]] = {"recovery": ("broker-history",)}
 QUICK = {
     "slow-100": {"control_s": 2, "duration_s": 4, "slow_drain_s": 3},
     "slow-100-paced": {"control_s": 2, "duration_s": 4, "slow_drain_s": 3},
+    "slow-100-heavy": {"control_s": 2, "duration_s": 4, "slow_drain_s": 3},
     "connect-rate": {"duration_s": 2},
 }
 
