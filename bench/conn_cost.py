@@ -3,7 +3,8 @@ set it up, and the memory it holds.
 
     python3 bench/conn_cost.py instructions [--n 2000] [--python .venv/bin/python]
     PYTHONPATH=. .venv/bin/python bench/conn_cost.py memory [--n 2000] [--top 25]
-    python3 bench/conn_cost.py clients --port PORT [--n 2000]
+    PYTHONPATH=. .venv/bin/python bench/conn_cost.py rss [--tls] [--n 3000]
+    python3 bench/conn_cost.py clients --port PORT [--n 2000] [--tls CAFILE]
 
 ``instructions`` starts ``broker serve`` (the configuration of
 ``bench/run.py``'s ``broker`` target) under ``valgrind --tool=callgrind``
@@ -24,6 +25,15 @@ clients in a child process, and prints the Python bytes per connection (all
 of them, not only those with broker code on the stack as
 ``tests/test_memory_budget.py`` counts) and the allocation sites that hold
 the most.
+
+``rss`` runs the broker in this process without tracemalloc (whose own
+tables would be counted) and prints, per connection, the growth of the
+process's RSS and of what glibc's malloc has in use (``mallinfo2``): the C
+heap, where OpenSSL keeps its per-connection state and CPython its objects
+over 512 bytes; the rest of the RSS is mostly CPython's small-object arenas.
+With ``--tls`` the listener serves ``wss://`` (a trustme certificate) and the
+clients connect with TLS 1.3, one at a time, so the split shows what OpenSSL
+holds per idle connection.
 
 ``clients`` is the client side alone (stdlib sockets and selectors), for a
 broker started some other way; it prints one line when every connection
@@ -192,6 +202,56 @@ def open_clients(
         buf = bytearray()
         while not _frames(buf):
             buf += sock.recv(4096)
+    done.append(pub)
+    return done
+
+
+def open_tls_clients(port: int, n: int, cafile: str) -> list[socket.socket]:
+    """:func:`open_clients` over TLS, one connection at a time (blocking
+    sockets; the broker still serves them all at once once they are open)."""
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=cafile)
+
+    def connect() -> socket.socket:
+        sock = ctx.wrap_socket(
+            socket.create_connection(("127.0.0.1", port)), server_hostname="localhost"
+        )
+        k = base64.b64encode(os.urandom(16)).decode()
+        sock.sendall(REQUEST.format(port=port, key=k).encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = sock.recv(4096)
+            if not chunk:
+                raise OSError("closed during the handshake")
+            head += chunk
+        if not head.startswith(b"HTTP/1.1 101"):
+            raise OSError(f"refused: {head[:80]!r}")
+        return sock
+
+    def frame(sock: socket.socket) -> bytes:
+        buf = bytearray()
+        while not (frames := _frames(buf)):
+            chunk = sock.recv(4096)
+            if not chunk:
+                raise OSError("closed")
+            buf += chunk
+        return frames[0]
+
+    done = []
+    for i in range(n):
+        sock = connect()
+        sock.sendall(_masked(json.dumps({"op": "sub", "id": 1, "topic": f"t{i}"}).encode()))
+        reply = frame(sock)
+        if json.loads(reply).get("op") != "ok":
+            raise OSError(f"connection {i}: {reply!r}")
+        done.append(sock)
+    pub = connect()
+    probe = "@T0000000000000000#" + "x" * 81
+    for i in range(n):
+        pub.sendall(_masked(json.dumps({"op": "pub", "topic": f"t{i}", "data": probe}).encode()))
+    for sock in done:
+        frame(sock)
     done.append(pub)
     return done
 
@@ -368,6 +428,127 @@ def memory(args: argparse.Namespace) -> None:
     trio.run(main)
 
 
+def _heap_in_use() -> int | None:
+    """Bytes glibc's malloc has handed out and not got back (None off glibc)."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [
+            (name, ctypes.c_size_t)
+            for name in [
+                "arena",
+                "ordblks",
+                "smblks",
+                "hblks",
+                "hblkhd",
+                "usmblks",
+                "fsmblks",
+                "uordblks",
+                "fordblks",
+                "keepcost",
+            ]
+        ]
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = MallInfo2
+    except (OSError, AttributeError):
+        return None
+    info = libc.mallinfo2()
+    return int(info.uordblks + info.hblkhd)
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def rss(args: argparse.Namespace) -> None:
+    import trio
+    import trustme
+
+    from broker import Broker, PluginHost, config_from_dict
+
+    raise_nofile(args.n + 100)
+    tmp = tempfile.TemporaryDirectory(prefix="conn-cost-")
+    listener: dict[str, Any] = {"host": "127.0.0.1", "port": 0, "path": "/ws"}
+    client_args: list[str] = []
+    if args.tls:
+        ca = trustme.CA()
+        pem = Path(tmp.name) / "server.pem"
+        ca.issue_cert("localhost").private_key_and_cert_chain_pem.write_to_path(str(pem))
+        ca.cert_pem.write_to_path(str(Path(tmp.name) / "ca.pem"))
+        listener.update(tls_cert=str(pem), tls_key=str(pem))
+        client_args = ["--tls", str(Path(tmp.name) / "ca.pem")]
+    cfg = config_from_dict(
+        {
+            "listener": listener,
+            "limits": {
+                "ping_interval": 0,
+                "max_connections": 20000,
+                "max_connections_per_ip": 20000,
+            },
+            "admin": {"enabled": False},
+            "plugins": {"enabled": ["noauth"]},
+        }
+    )
+    figures: dict[str, float] = {}
+
+    async def main() -> None:
+        broker = Broker(cfg, plugins=PluginHost.from_config(cfg))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(broker.serve)
+
+            async def clients(n: int) -> trio.Process:
+                proc = await trio.lowlevel.open_process(
+                    [
+                        sys.executable,
+                        __file__,
+                        "clients",
+                        "--port",
+                        str(broker.port),
+                        "--n",
+                        str(n),
+                        *client_args,
+                    ],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                )
+                assert proc.stdout is not None
+                line = b""
+                while not line.endswith(b"\n"):
+                    chunk = await proc.stdout.receive_some(100)
+                    if not chunk:
+                        raise RuntimeError("the clients failed")
+                    line += chunk
+                return proc
+
+            warm = await clients(64)
+            gc.collect()
+            rss0, heap0 = _rss(), _heap_in_use()
+            proc = await clients(args.n)
+            await trio.sleep(0.5)  # every reader back to waiting
+            gc.collect()
+            rss1, heap1 = _rss(), _heap_in_use()
+            n = args.n + 1  # the publisher's connection too
+            figures["rss_per_connection"] = (rss1 - rss0) / n
+            if heap0 is not None and heap1 is not None:
+                figures["c_heap_per_connection"] = (heap1 - heap0) / n
+            for p in (proc, warm):
+                assert p.stdin is not None
+                await p.stdin.aclose()
+                await p.wait()
+            broker.stop()
+
+    try:
+        trio.run(main)
+    finally:
+        tmp.cleanup()
+    out: dict[str, Any] = {"connections": args.n + 1, "tls": args.tls}
+    out.update({k: round(v) for k, v in figures.items()})
+    print(json.dumps(out))
+
+
 def _short(filename: str) -> str:
     for marker in ("/site-packages/", "/lib/python3"):
         if marker in filename:
@@ -383,7 +564,10 @@ def raise_nofile(need: int) -> None:
 
 def clients_main(args: argparse.Namespace) -> None:
     raise_nofile(args.n + 100)
-    socks = open_clients(args.port, args.n, churn=args.churn)
+    if args.tls:
+        socks = open_tls_clients(args.port, args.n, args.tls)
+    else:
+        socks = open_clients(args.port, args.n, churn=args.churn)
     print(f"{len(socks)} open", flush=True)
     sys.stdin.read()
     for sock in socks:
@@ -409,12 +593,17 @@ def main() -> None:
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--depth", type=int, default=25)
+    p = sub.add_parser("rss")
+    p.add_argument("--n", type=int, default=3000)
+    p.add_argument("--tls", action="store_true", help="serve wss:// (TLS 1.3)")
     p = sub.add_parser("clients")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--churn", action="store_true", help="as instructions --churn")
+    p.add_argument("--tls", metavar="CAFILE", help="connect with TLS, trusting CAFILE")
     args = parser.parse_args()
-    {"instructions": instructions, "memory": memory, "clients": clients_main}[args.mode](args)
+    modes = {"instructions": instructions, "memory": memory, "rss": rss, "clients": clients_main}
+    modes[args.mode](args)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,9 @@ results file is valid JSON. Skipped where the benchmark's prerequisites
 And runs the soak (``bench/soak.py``) for 24 s with 500 connections: its
 verdict (RSS, descriptors and tasks flat, the idle broker back to its idle
 figures, no failure seen by the generator, no error logged) must be OK.
+
+And runs ``bench/conn_cost.py rss`` on ws:// and wss:// with 100
+connections, which must split out OpenSSL's per-connection state.
 """
 
 from __future__ import annotations
@@ -148,3 +151,26 @@ def test_soak_smoke_is_flat(tmp_path: Path) -> None:
     assert results["broker_log_errors"] == []
     assert "SOAK OK" in stdout
     assert "| t s | conns |" in stdout  # the series is printed
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc and glibc's mallinfo2")
+def test_conn_cost_rss_splits_out_what_openssl_holds(tmp_path: Path) -> None:
+    """``bench/conn_cost.py rss`` on ws:// and wss://: OpenSSL's state per
+    idle connection shows as C heap on wss:// only (about 14 KB with OpenSSL
+    3.0; a few hundred bytes of CPython objects on ws://)."""
+    figures = {}
+    for tls in (False, True):
+        argv = [sys.executable, str(ROOT / "bench" / "conn_cost.py"), "rss", "--n", "100"]
+        proc = subprocess.run(
+            argv + (["--tls"] if tls else []),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={"PYTHONPATH": f"{ROOT}:{ROOT / 'plugins'}", "PATH": "/usr/bin:/bin"},
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        figures[tls] = json.loads(proc.stdout.splitlines()[-1])
+    assert figures[True]["tls"] is True and figures[False]["tls"] is False
+    assert figures[True]["connections"] == figures[False]["connections"] == 101
+    assert figures[False]["c_heap_per_connection"] < 2000
+    assert figures[True]["c_heap_per_connection"] > 8000
