@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import select
 import socket
 import ssl
 import struct
@@ -195,6 +196,41 @@ async def test_receive_nowait(tls_files: dict[str, str], client_ssl: ssl.SSLCont
         await client.transport_stream.aclose()  # gone without close_notify
         await trio.lowlevel.wait_readable(server.transport_stream.socket)
         assert server.receive_nowait() == b""
+
+
+@pytest.mark.skipif(not hasattr(select, "epoll"), reason="edge-triggered epoll is Linux's")
+@pytest.mark.parametrize("max_bytes", [65536, 7000, 100])
+async def test_receive_nowait_returns_none_only_on_an_empty_socket(
+    tls_files: dict[str, str], client_ssl: ssl.SSLContext, max_bytes: int
+) -> None:
+    """What the broker's read poller relies on (broker.io.poller): a reader
+    that parks on an edge-triggered epoll after ``receive_nowait`` returned
+    None is woken by the next data. So None must mean the socket's last read
+    found it empty, with nothing left in the stream (ciphertext kept back,
+    plaintext inside the SSLObject) even when *max_bytes* cuts records."""
+    async with tls_pair(server_context(tls_files), client_ssl) as (server, client):
+        epoll = select.epoll()
+        try:
+            epoll.register(server.fileno(), select.EPOLLIN | select.EPOLLET)
+            assert server.fileno() == server.transport_stream.socket.fileno()
+            big = noise(300_000, seed=7)
+            received = bytearray()
+            with trio.fail_after(WAIT * 2):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(client.send_all, big)
+                    while len(received) < len(big):
+                        data = server.receive_nowait(max_bytes)
+                        if data is None:
+                            # Parked: only a new edge wakes it.
+                            while not epoll.poll(0):
+                                await trio.lowlevel.wait_readable(epoll.fileno())
+                            continue
+                        assert data and len(data) <= max_bytes
+                        received += data
+            assert received == big
+            assert server.receive_nowait(max_bytes) is None
+        finally:
+            epoll.close()
 
 
 @pytest.mark.parametrize("chunk", [65536, 1000])

@@ -18,7 +18,9 @@ from the epoll by itself.
 
 Edge-triggered is correct because a reader parks only after a read found the
 socket empty, with no checkpoint in between: any data that arrives later is a
-new edge. An event for a socket whose reader is not parked is ignored (that
+new edge. Under TLS the read is ``TLSStream.receive_nowait``, which returns
+None only when its last read of the socket found it empty, so the same rule
+holds. An event for a socket whose reader is not parked is ignored (that
 reader reads before it parks again); a spurious wake-up costs one empty read.
 
 Linux only (``select.epoll``); :func:`create_poller` returns None elsewhere,

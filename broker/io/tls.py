@@ -364,7 +364,12 @@ class TLSStream(trio.abc.Stream):
     def receive_nowait(self, max_bytes: int = RECEIVE_SIZE) -> bytes | None:
         """What :meth:`receive_some` would return at once, without waiting:
         decrypted bytes, ``b""`` at the end of the stream, or None if nothing
-        is there yet (the socket is read without waiting)."""
+        is there yet (the socket is read without waiting).
+
+        None is returned only after a read of the socket found it empty, with
+        nothing left in the stream, so a caller may then wait for the socket
+        on an edge-triggered epoll (as the broker's read poller does).
+        """
         if self._receiving:
             raise trio.BusyResourceError("another task is receiving on this TLS stream")
         self._check()
