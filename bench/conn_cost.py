@@ -56,6 +56,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -344,18 +345,15 @@ def instructions(args: argparse.Namespace) -> None:
         )
 
 
-# ------------------------------------------------------------------ memory
-def memory(args: argparse.Namespace) -> None:
-    import tracemalloc
+# ------------------------------------------------------------------ in process
+def _in_process_config(listener: dict[str, Any]) -> Any:
+    """The configuration ``memory`` and ``rss`` serve: *listener*, no
+    heartbeat, room for 20,000 connections from one address."""
+    from broker import config_from_dict
 
-    import trio
-
-    from broker import Broker, PluginHost, config_from_dict
-
-    raise_nofile(args.n + 100)
-    cfg = config_from_dict(
+    return config_from_dict(
         {
-            "listener": {"host": "127.0.0.1", "port": 0, "path": "/ws"},
+            "listener": listener,
             "limits": {
                 "ping_interval": 0,
                 "max_connections": 20000,
@@ -366,39 +364,48 @@ def memory(args: argparse.Namespace) -> None:
         }
     )
 
+
+async def _spawn_clients(port: int, n: int, extra: Sequence[str] = ()) -> Any:
+    """``clients`` in a child process (*extra*: more of its arguments); returns
+    the trio Process once every connection got its probe. Closing its stdin
+    closes them."""
+    import trio
+
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, __file__, "clients", "--port", str(port), "--n", str(n), *extra],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    line = b""
+    while not line.endswith(b"\n"):
+        chunk = await proc.stdout.receive_some(100)
+        if not chunk:
+            raise RuntimeError("the clients failed")
+        line += chunk
+    return proc
+
+
+# ------------------------------------------------------------------ memory
+def memory(args: argparse.Namespace) -> None:
+    import tracemalloc
+
+    import trio
+
+    from broker import Broker, PluginHost
+
+    raise_nofile(args.n + 100)
+    cfg = _in_process_config({"host": "127.0.0.1", "port": 0, "path": "/ws"})
+
     async def main() -> None:
         broker = Broker(cfg, plugins=PluginHost.from_config(cfg))
         async with trio.open_nursery() as nursery:
             await nursery.start(broker.serve)
-
-            async def clients(n: int) -> trio.Process:
-                proc = await trio.lowlevel.open_process(
-                    [
-                        sys.executable,
-                        __file__,
-                        "clients",
-                        "--port",
-                        str(broker.port),
-                        "--n",
-                        str(n),
-                    ],
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                )
-                assert proc.stdout is not None
-                line = b""
-                while not line.endswith(b"\n"):
-                    chunk = await proc.stdout.receive_some(100)
-                    if not chunk:
-                        raise RuntimeError("the clients failed")
-                    line += chunk
-                return proc
-
-            warm = await clients(64)
+            warm = await _spawn_clients(broker.port, 64)
             gc.collect()
             tracemalloc.start(args.depth)
             before = tracemalloc.take_snapshot()
-            proc = await clients(args.n)
+            proc = await _spawn_clients(broker.port, args.n)
             await trio.sleep(0.5)
             gc.collect()
             after = tracemalloc.take_snapshot()
@@ -467,7 +474,7 @@ def rss(args: argparse.Namespace) -> None:
     import trio
     import trustme
 
-    from broker import Broker, PluginHost, config_from_dict
+    from broker import Broker, PluginHost
 
     raise_nofile(args.n + 100)
     tmp = tempfile.TemporaryDirectory(prefix="conn-cost-")
@@ -480,53 +487,17 @@ def rss(args: argparse.Namespace) -> None:
         ca.cert_pem.write_to_path(str(Path(tmp.name) / "ca.pem"))
         listener.update(tls_cert=str(pem), tls_key=str(pem))
         client_args = ["--tls", str(Path(tmp.name) / "ca.pem")]
-    cfg = config_from_dict(
-        {
-            "listener": listener,
-            "limits": {
-                "ping_interval": 0,
-                "max_connections": 20000,
-                "max_connections_per_ip": 20000,
-            },
-            "admin": {"enabled": False},
-            "plugins": {"enabled": ["noauth"]},
-        }
-    )
+    cfg = _in_process_config(listener)
     figures: dict[str, float] = {}
 
     async def main() -> None:
         broker = Broker(cfg, plugins=PluginHost.from_config(cfg))
         async with trio.open_nursery() as nursery:
             await nursery.start(broker.serve)
-
-            async def clients(n: int) -> trio.Process:
-                proc = await trio.lowlevel.open_process(
-                    [
-                        sys.executable,
-                        __file__,
-                        "clients",
-                        "--port",
-                        str(broker.port),
-                        "--n",
-                        str(n),
-                        *client_args,
-                    ],
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                )
-                assert proc.stdout is not None
-                line = b""
-                while not line.endswith(b"\n"):
-                    chunk = await proc.stdout.receive_some(100)
-                    if not chunk:
-                        raise RuntimeError("the clients failed")
-                    line += chunk
-                return proc
-
-            warm = await clients(64)
+            warm = await _spawn_clients(broker.port, 64, client_args)
             gc.collect()
             rss0, heap0 = _rss(), _heap_in_use()
-            proc = await clients(args.n)
+            proc = await _spawn_clients(broker.port, args.n, client_args)
             await trio.sleep(0.5)  # every reader back to waiting
             gc.collect()
             rss1, heap1 = _rss(), _heap_in_use()
