@@ -67,7 +67,7 @@ from broker.plugin.host import PluginHost
 from broker.plugin.runtime import Runtime
 from broker.plugin.services import PluginServices, ServiceRunner
 from broker.server.connection import CLOSE_TIMEOUT, Connection
-from broker.server.publish import Origin, PublishPipeline, check
+from broker.server.publish import Origin, Pending, PublishPipeline, check
 from broker.server.session import SessionServices
 from broker.sources.supervisor import Supervisor
 from broker.web import client_script_response
@@ -474,6 +474,31 @@ class Broker:
                 Refusal code), ``invalid`` or ``internal``.
         """
         result = check(topic, data, key) or await self.pipeline.publish(
+            self.origin_for(identity), topic, data, key
+        )
+        if isinstance(result, Refusal):
+            raise PublishError(result.code, result.message)
+        self.flusher.request()
+        return result
+
+    async def submit(
+        self, identity: Identity, topic: str, data: Any, key: str | None = None
+    ) -> int | Pending:
+        """:meth:`publish` without awaiting the engine's answer, for a
+        publisher that keeps several in flight (a source's
+        :meth:`~broker.sources.Publisher.send`).
+
+        The same checks and pipeline; returns the ``seq`` when the engine
+        answers at once (in memory), else the :class:`Pending` whose place
+        among this publisher's publishes is fixed (see
+        :meth:`PublishPipeline.submit <broker.server.publish.PublishPipeline.submit>`):
+        await its ``outcome()`` once, in the order submitted.
+
+        Raises:
+            PublishError: as :meth:`publish`, for what is refused before
+                the engine; the engine's ``unavailable`` is the outcome's.
+        """
+        result = check(topic, data, key) or await self.pipeline.submit(
             self.origin_for(identity), topic, data, key
         )
         if isinstance(result, Refusal):
