@@ -63,6 +63,12 @@ class FakeBroker:
         self.published.append((identity, topic, data, key))
         return len(self.published)
 
+    async def submit(
+        self, identity: Identity, topic: str, data: Any, key: str | None = None
+    ) -> int:
+        """Answered at once, as the in-process engine does."""
+        return await self.publish(identity, topic, data, key)
+
 
 class Scripted:
     """A source whose runs are scripted by the test: each run calls the next step."""

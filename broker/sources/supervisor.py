@@ -25,26 +25,42 @@ The ``publisher`` handed to :meth:`Source.run` publishes through
 :meth:`broker.Broker.publish`: the source's identity, the same
 authorization, validation, ``seq`` numbering, backpressure and observers
 as a client's ``pub``.
+
+**Publishing without waiting.** :meth:`Publisher.publish` awaits each
+publish's answer: on the Redis engine, one round trip per message.
+:meth:`Publisher.send` does not: it hands the message to the publish
+pipeline (:meth:`broker.Broker.submit`), whose engine fixes its place in
+the topic's order at once, and keeps it among the source's publishes in
+flight, at most :data:`SEND_WINDOW` (at that many, ``send`` waits for the
+oldest answer: back-pressure on the source, never a growing queue). A task
+of the supervisor's, next to the source's, awaits their answers in the
+order they were sent and counts them as :meth:`~Publisher.publish` would
+(``published``, ``rejected`` with a warning, ``running`` at the first
+success). When the source returns or fails, what it has in flight is
+settled before it is restarted (each answer bounded by the engine's
+timeout); when it is stopped, what is still unanswered is counted as
+``rejected`` (its fate unknown). On the in-process engine a publish is
+answered in the call: ``send`` is ``publish`` without the ``seq``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import logging
 import random
 import re
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any, Final, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Final, Generic, NoReturn, Protocol, TypeVar
 
 import trio
 
-from broker.core.errors import ConfigError, PublishError
+from broker.core.errors import ConfigError, ErrorCode, PublishError
 from broker.core.mapping import MappingError, MessageMapping, select
 from broker.core.settings import NON_EMPTY, Check, NonEmptyStr, Seconds, parse
-from broker.core.values import Identity
+from broker.core.values import Identity, Refusal
 from broker.plugin.hookspecs import hookimpl
 
 if TYPE_CHECKING:
@@ -52,6 +68,7 @@ if TYPE_CHECKING:
     from broker.plugin.host import PluginContext
 
 __all__ = [
+    "SEND_WINDOW",
     "Backoff",
     "ConfiguredSource",
     "LogLimiter",
@@ -76,6 +93,10 @@ log = logging.getLogger("broker.sources")
 #: Seconds between two warnings about skipped or refused messages of one source.
 WARN_INTERVAL: Final = 10.0
 
+#: Most publishes of one source in flight (:meth:`Publisher.send`): as many
+#: as a client connection's (``broker.server.session.PUBLISH_WINDOW``).
+SEND_WINDOW: Final = 128
+
 _NAME_RE: Final = re.compile(r"[A-Za-z0-9_\-]{1,64}")
 
 
@@ -95,6 +116,20 @@ class Publisher(Protocol):
 
         Raises :class:`~broker.core.errors.PublishError` when the topic, key or
         data is not valid, or authorization or validation refuses it.
+        The publishes :meth:`send` has in flight are answered first.
+        """
+        ...
+
+    async def send(
+        self, topic: str, data: Any, key: str | None = None, *, identity: Identity | None = None
+    ) -> None:
+        """Publish as :meth:`publish` does, without waiting for the answer.
+
+        The message takes its place in the topic's order now, after the
+        source's earlier publishes; the answers are counted as they come,
+        in order (``published``; ``rejected``, logged, for a refusal or an
+        ``unavailable`` engine). Awaits only while :data:`SEND_WINDOW`
+        publishes are in flight. Never raises for the message's sake.
         """
         ...
 
@@ -123,8 +158,9 @@ async def publish_mapped(
 
     A message no mapping matches is ignored (``ignored``), one its mapping
     cannot turn into a topic and data is skipped (``skipped``, with the
-    reason); a publish the broker refuses is counted and logged by the
-    publisher. Never raises for the message's sake.
+    reason); the rest is sent (:meth:`Publisher.send`: pipelined, its
+    refusal counted and logged by the publisher). Never raises for the
+    message's sake.
     """
     mapping = select(mappings, message)
     if mapping is None:
@@ -135,8 +171,7 @@ async def publish_mapped(
     except MappingError as e:
         publisher.skip(str(e))
         return
-    with contextlib.suppress(PublishError):  # counted and logged by the publisher
-        await publisher.publish(topic, data, key)
+    await publisher.send(topic, data, key)  # counted and logged by the publisher
 
 
 class Source(Protocol):
@@ -220,34 +255,150 @@ class LogLimiter:
         self.logger.warning(message, *args)
 
 
+class _Outcome(Protocol):
+    """A publish whose answer is still to come (:class:`broker.server.publish.Pending`)."""
+
+    @property
+    def placed(self) -> bool: ...
+
+    async def outcome(self) -> int | Refusal: ...
+
+
 class _Publishes(Protocol):
     async def publish(
         self, identity: Identity, topic: str, data: Any, key: str | None = None
     ) -> int: ...
 
+    async def submit(
+        self, identity: Identity, topic: str, data: Any, key: str | None = None
+    ) -> int | _Outcome: ...
+
 
 class _SourcePublisher:
-    """The :class:`Publisher` a supervisor hands to its source."""
+    """The :class:`Publisher` a supervisor hands to its source.
 
-    def __init__(self, supervisor: Supervisor, broker: _Publishes) -> None:
+    The publishes :meth:`send` has in flight wait in :attr:`_in_flight`, in
+    the order sent; :meth:`settle_in_order` (a task beside the source's, see
+    :meth:`Supervisor._attempt`) is the only one that awaits their outcomes.
+    """
+
+    def __init__(
+        self, supervisor: Supervisor, broker: _Publishes, window: int = SEND_WINDOW
+    ) -> None:
         self._sup = supervisor
         self._broker = broker
         self._warn = LogLimiter(log)
+        self._window = window
+        #: Sent and not answered yet, oldest first (with the topic, for the log).
+        self._in_flight: deque[tuple[str, _Outcome]] = deque()
+        #: Set when something is sent while :meth:`settle_in_order` waits.
+        self._sent: trio.Event | None = None
+        #: Set when an answer is counted while a sender waits for room or for all.
+        self._settled: trio.Event | None = None
 
     async def publish(
         self, topic: str, data: Any, key: str | None = None, *, identity: Identity | None = None
     ) -> int:
         sup = self._sup
+        if self._in_flight:
+            await self.settle()  # its seq after theirs, their counts before its own
         try:
             seq = await self._broker.publish(identity or sup.source.identity, topic, data, key)
         except PublishError as e:
-            sup.rejected += 1
-            self._warn.warning("source %s: publish to %.100s refused: %s", sup.label, topic, e)
+            self._rejected(topic, e)
             raise
+        self._published()
+        return seq
+
+    async def send(
+        self, topic: str, data: Any, key: str | None = None, *, identity: Identity | None = None
+    ) -> None:
+        try:
+            result = await self._broker.submit(
+                identity or self._sup.source.identity, topic, data, key
+            )
+        except PublishError as e:
+            self._rejected(topic, e)  # refused before the engine: counted now
+            return
+        if type(result) is int:
+            self._published()  # answered at once (in memory)
+            return
+        assert not isinstance(result, int)
+        in_flight = self._in_flight
+        in_flight.append((topic, result))
+        if self._sent is not None:
+            self._sent.set()
+        if not result.placed:
+            # Published by its outcome once those before it are answered:
+            # nothing may be submitted before that.
+            await self.settle()
+        while len(in_flight) >= self._window:
+            await self._wait_settled()
+
+    async def settle(self) -> None:
+        """Wait until every publish :meth:`send` has in flight is answered and counted."""
+        while self._in_flight:
+            await self._wait_settled()
+
+    async def _wait_settled(self) -> None:
+        if self._settled is None:
+            self._settled = trio.Event()
+        await self._settled.wait()
+
+    async def settle_in_order(self) -> NoReturn:
+        """Await the outcomes of the publishes in flight, oldest first, and
+        count each; runs until cancelled (see :meth:`Supervisor._attempt`).
+
+        The oldest stays in :attr:`_in_flight` while it is awaited, so a
+        cancellation leaves it there for :meth:`abandon` to count.
+        """
+        in_flight = self._in_flight
+        while True:
+            if not in_flight:
+                self._sent = trio.Event()
+                await self._sent.wait()
+                self._sent = None
+                continue
+            topic, pending = in_flight[0]
+            try:
+                result = await pending.outcome()
+            except Exception:  # a bug (the engine's errors are outcomes): counted, logged
+                log.exception("source %s: a publish to %.100s failed", self._sup.label, topic)
+                result = Refusal(ErrorCode.INTERNAL, "internal error")
+            in_flight.popleft()
+            if isinstance(result, Refusal):
+                self._rejected(topic, PublishError(result.code, result.message))
+            else:
+                self._published()
+            settled = self._settled
+            if settled is not None:
+                self._settled = None
+                settled.set()
+
+    def abandon(self) -> None:
+        """Count what is still in flight as ``rejected``, unanswered (the
+        source was stopped before Redis answered: its fate is unknown)."""
+        left = len(self._in_flight)
+        if left:
+            self._in_flight.clear()
+            self._sup.rejected += left
+            log.warning(
+                "source %s stopped with %d publishes unanswered (counted as rejected)",
+                self._sup.label,
+                left,
+            )
+
+    def _published(self) -> None:
+        sup = self._sup
         sup.published += 1
         if sup.state is SourceState.STARTING:
             sup.mark_running()
-        return seq
+
+    def _rejected(self, topic: str, error: PublishError) -> None:
+        self._sup.rejected += 1
+        self._warn.warning(
+            "source %s: publish to %.100s refused: %s", self._sup.label, topic, error
+        )
 
     def ready(self) -> None:
         self._sup.mark_running()
@@ -406,7 +557,24 @@ class Supervisor:
             self.retry_at = None
             self._set(SourceState.STOPPED)
 
-    async def _attempt(self, publisher: Publisher) -> BaseException | None:
+    async def _attempt(self, publisher: _SourcePublisher) -> BaseException | None:
+        """One run of the source, with the task that settles what it sends.
+
+        However the run ends, what it has in flight is settled before this
+        returns (each answer bounded by the engine's timeout), or, when the
+        supervisor is cancelled meanwhile, counted (:meth:`_SourcePublisher.abandon`).
+        """
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(publisher.settle_in_order)
+            try:
+                error = await self._run_source(publisher)
+                await publisher.settle()
+            finally:
+                publisher.abandon()  # nothing, unless cancelled
+            nursery.cancel_scope.cancel()
+        return error
+
+    async def _run_source(self, publisher: Publisher) -> BaseException | None:
         try:
             await self.source.run(publisher)
         except Exception as e:  # ExceptionGroups of plain exceptions included

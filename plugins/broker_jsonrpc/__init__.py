@@ -30,7 +30,6 @@ supervisor reconnects (to the next URL) after its backoff.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from collections.abc import Mapping
@@ -39,7 +38,7 @@ from typing import Annotated, Any, Final
 
 import trio
 
-from broker import PluginContext, PublishError
+from broker import PluginContext
 from broker.settings import NON_EMPTY, NonEmptyStr, Seconds
 from broker.sources import (
     ConfiguredSource,
@@ -168,8 +167,7 @@ class JsonRpcSource(ConfiguredSource[SourceSettings]):
                 except MappingError as e:
                     publisher.skip(str(e))
                     continue
-                with contextlib.suppress(PublishError):  # counted and logged by the publisher
-                    await publisher.publish(topic, data, key)
+                await publisher.send(topic, data, key)  # counted and logged by the publisher
 
     def _answer(
         self,
