@@ -284,6 +284,32 @@ async def test_publisher_counts_and_marks_running(nursery: trio.Nursery) -> None
     block.set()
 
 
+async def test_send_counts_like_publish_and_never_raises(nursery: trio.Nursery) -> None:
+    """On an engine that answers at once, ``send`` is ``publish`` without
+    the seq: counted in the call, a refusal counted and swallowed."""
+    broker = FakeBroker()
+    source = Scripted()
+    block = trio.Event()
+    counts: list[tuple[int, int]] = []
+
+    async def use(publisher: Publisher) -> None:
+        await publisher.send("a.b", 1, "k")
+        counts.append((sup.published, sup.rejected))
+        broker.refuse = PublishError(ErrorCode.INVALID, "no")
+        await publisher.send("a.c", 2, identity=Identity("other"))
+        counts.append((sup.published, sup.rejected))
+        await block.wait()
+
+    source.steps = [use]
+    sup = Supervisor(source, broker)
+    nursery.start_soon(sup.run)
+    await wait_until(lambda: len(counts) == 2)
+    assert counts == [(1, 0), (1, 1)]
+    assert sup.state is SourceState.RUNNING  # by the first publish
+    assert broker.published == [(BOT, "a.b", 1, "k")]
+    block.set()
+
+
 # -- through a real broker ---------------------------------------------------------
 
 
@@ -380,6 +406,45 @@ async def test_a_source_publishes_like_a_client(start_broker: BrokerFactory) -> 
     assert ("feed", "t.a", 2) in plugin.published
     sup = broker.sources[0]
     assert (sup.published, sup.rejected) == (2, 2)
+    assert broker.stats.forbidden == 1 and broker.stats.invalid == 1
+
+
+async def test_a_source_sends_like_it_publishes_in_process(start_broker: BrokerFactory) -> None:
+    """``send`` on the in-process engine: the same checks, refusals counted
+    (not raised), the rest delivered in order and observed."""
+    go = trio.Event()
+    done = trio.Event()
+
+    class Sender:
+        name = "sender"
+        identity = Identity("feed", frozenset({"publisher"}))
+
+        async def run(self, publisher: Publisher) -> None:
+            await go.wait()
+            for topic, data in [
+                ("t.a", 1),
+                ("t.denied", 2),
+                ("t.a", "bad"),
+                ("t..x", 4),
+                ("t.a", 3),
+            ]:
+                await publisher.send(topic, data, "k")
+            done.set()
+            await trio.sleep_forever()
+
+    plugin = SourcesPlugin([Sender()])
+    plugin.deny = {"t.denied"}
+    plugin.reject_data = "bad"
+    broker = await start_with(start_broker, plugin)
+    async with connect(broker.url) as client:
+        await client.sub("t.*")
+        go.set()
+        await done.wait()
+        sup = broker.sources[0]
+        assert (sup.published, sup.rejected) == (2, 3)  # counted in the calls
+        assert await client.recv() == {"op": "msg", "topic": "t.a", "seq": 1, "data": 1, "key": "k"}
+        assert await client.recv() == {"op": "msg", "topic": "t.a", "seq": 2, "data": 3, "key": "k"}
+    assert plugin.published == [("feed", "t.a", 1), ("feed", "t.a", 2)]
     assert broker.stats.forbidden == 1 and broker.stats.invalid == 1
 
 

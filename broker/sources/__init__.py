@@ -24,6 +24,7 @@ from broker.io.http import HttpServer as HttpServer
 from broker.io.http import Limits as Limits
 from broker.io.http import Request as Request
 from broker.io.http import Response as Response
+from broker.sources.supervisor import SEND_WINDOW as SEND_WINDOW
 from broker.sources.supervisor import Backoff as Backoff
 from broker.sources.supervisor import ConfiguredSource as ConfiguredSource
 from broker.sources.supervisor import LogLimiter as LogLimiter
