@@ -16,9 +16,10 @@ from typing import Any
 
 import pytest
 import trio
+import trio_websocket
 
 from broker import Broker
-from broker.client import Interrupted, Message, Reconnect, Resync, open_client
+from broker.client import Interrupted, Message, Reconnect, Reconnected, Resync, open_client
 from broker.engine.redis import RedisEngine
 from tests.conftest import BrokerFactory, merge
 from tests.helpers import connect, free_port, wait_until
@@ -206,6 +207,135 @@ async def test_a_lost_fanout_link_tells_subscribers_to_resume(
     assert [i.data for i in got if isinstance(i, Message)] == [1, 2, 3, 4, 5]
     assert engine(b).engine_stats()["gaps"] == 1
     assert engine(b).engine_stats()["resynced_connections"] == 1
+
+
+async def test_a_publication_read_while_the_fanout_link_resubscribes_waits_for_the_gap(
+    start_broker: BrokerFactory, redis: RedisProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fan-out link coming back reads publications as soon as Redis has
+    its SUBSCRIBE, before its setup is over and the gap closes the node's
+    subscribed connections. Such a publication must wait for the gap: given
+    to a subscriber that missed the ones before it, it would move the
+    client's position past the hole, and the 1012 resume would start after
+    what was missed (lost for good).
+
+    Forced here: b's fan-out link is dropped; while it is down 2 and 3 are
+    published; once Redis confirmed its SUBSCRIBE, 4 is published and b's
+    link has read it before its setup returns."""
+    node = node_factory(start_broker, redis.url)
+    a = await node(HISTORY)
+    b = await node(merge(HISTORY, {"engine": {"timeout": 5.0}}))
+    links = engine(b)._links
+    got: list[Any] = []
+    async with (
+        open_client(b.url, reconnect=RECONNECT) as client,
+        client.subscribe("t.a") as sub,
+        connect(a.url) as pub,
+    ):
+        await pub.pub("t.a", 1)
+        got.append(await sub.__anext__())
+        subscribe_all = links._subscribe_all
+        forced = trio.Event()
+
+        async def setup(conn: Any, link: Any, mine: Any) -> None:
+            if forced.is_set():
+                return await subscribe_all(conn, link, mine)
+            forced.set()
+            for n in (2, 3):  # missed by b: its link is not subscribed
+                await pub.pub("t.a", n)
+            await subscribe_all(conn, link, mine)
+            # Redis has the subscription: 4 comes on this link, read
+            # before the link is attached (and the gap fired).
+            read = trio.Event()
+            on_push = conn.on_push
+
+            def seen(push: Any) -> None:
+                on_push(push)
+                if push[0] == b"message":
+                    read.set()
+
+            conn.on_push = seen
+            await pub.pub("t.a", 4)
+            await read.wait()
+
+        monkeypatch.setattr(links, "_subscribe_all", setup)
+        await redis_command(redis.url, "CLIENT", "KILL", "TYPE", "pubsub")
+        with trio.fail_after(10):
+            while not any(isinstance(i, Reconnected) for i in got):
+                got.append(await sub.__anext__())
+            await pub.pub("t.a", 5)  # the last: what was missed came before it
+            while not (isinstance(got[-1], Message) and got[-1].data == 5):
+                got.append(await sub.__anext__())
+        assert forced.is_set()
+    assert [i.data for i in got if isinstance(i, Message)] == [1, 2, 3, 4, 5], got
+    assert [type(i) for i in got][:3] == [Message, Interrupted, Reconnected], got
+    assert engine(b).engine_stats()["gaps"] == 1
+
+
+async def test_a_sub_that_read_its_position_before_the_fanout_was_back_is_told_to_resume(
+    start_broker: BrokerFactory, redis: RedisProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``sub`` of a pattern the node already has passes the interest at
+    once, even while the fan-out link is down; it reads its position from
+    Redis meanwhile. What is published after that read and before the link
+    subscribes again never reaches the node: if the gap fires before the
+    ``sub`` is answered, the connection must be closed with it (1012, to
+    resume), not answered ``ok`` with a position the next message skips.
+
+    Forced here: b's fan-out link is held down (its setup waits); z's
+    position is read; 2 is published (missed by b); the link comes back and
+    its gap fires; only then is z's read answered."""
+    node = node_factory(start_broker, redis.url)
+    a = await node(HISTORY)
+    b = await node(merge(HISTORY, {"engine": {"timeout": 5.0}}))
+    links = engine(b)._links
+    subscribe_all = links._subscribe_all
+    down, back, gap = trio.Event(), trio.Event(), trio.Event()
+
+    async def setup(conn: Any, link: Any, mine: Any) -> None:
+        down.set()
+        await back.wait()
+        await subscribe_all(conn, link, mine)
+
+    on_gap = links._on_gap
+
+    def gap_fired() -> None:
+        on_gap()
+        gap.set()
+
+    recover = engine(b).recover
+
+    async def read_then_miss(pattern: str, replay: Any) -> Any:
+        recovery = await recover(pattern, replay)
+        await pub.pub("t.a", 2)  # b's fan-out link is down: b misses it
+        back.set()
+        await gap.wait()
+        return recovery
+
+    async with connect(a.url) as pub, connect(b.url) as x, connect(b.url) as z:
+        # x gives b the pattern: z's sub passes the interest at once.
+        assert (await x.request({"op": "sub", "id": "x", "topic": "t.a"}))["op"] == "ok"
+        await pub.pub("t.a", 1)
+        assert (await x.recv())["data"] == 1
+        monkeypatch.setattr(links, "_subscribe_all", setup)
+        monkeypatch.setattr(links, "_on_gap", gap_fired)
+        await redis_command(redis.url, "CLIENT", "KILL", "TYPE", "pubsub")
+        with trio.fail_after(10):
+            await down.wait()
+        monkeypatch.setattr(engine(b), "recover", read_then_miss)
+        await z.send({"op": "sub", "id": "z", "topic": "t.a"})
+        closed: trio_websocket.CloseReason | None = None
+        try:
+            ok = await z.recv()
+            await pub.pub("t.a", 3)
+            message = await z.recv()
+        except trio_websocket.ConnectionClosed as e:
+            closed = e.reason
+        else:
+            assert message["seq"] == ok["seq"] + 1, ("a hole after the ok", ok, message)
+        assert closed is not None and closed.code == 1012, ("answered after the gap", closed)
+        assert (await x.expect_close()).code == 1012
+    assert engine(b).engine_stats()["resynced_connections"] == 2
 
 
 async def test_redis_unreachable_at_start_then_reachable(start_broker: BrokerFactory) -> None:

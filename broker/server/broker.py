@@ -443,11 +443,14 @@ class Broker:
     def _engine_gap(self) -> int:
         """The engine's fan-out was interrupted: publications may have been
         lost on the way to this node. Every subscribed connection is closed
-        with 1012, so that its client reconnects and resumes (``since``);
+        with 1012, so that its client reconnects and resumes (``since``),
+        and so is one reading its position for a ``sub`` (it may have read it
+        before the fan-out was back: its ``ok`` would hide what it missed);
         returns how many."""
         closed = 0
         for connection in list(self.connections):
-            if connection.subscriptions and connection.close_code is None:
+            subscribed = connection.subscriptions or connection.session.subscribing
+            if subscribed and connection.close_code is None:
                 connection.close(
                     CloseCode.SERVICE_RESTART, "cluster link interrupted: reconnect and resume"
                 )

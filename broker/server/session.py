@@ -154,6 +154,7 @@ class Session:
         "info",
         "origin",
         "services",
+        "subscribing",
         "subscriptions",
     )
 
@@ -168,6 +169,9 @@ class Session:
         #: The publisher the pipeline knows this client as, from its first publish.
         self.origin: Origin | None = None
         self.subscriptions: set[str] = set()
+        #: A ``sub`` is past the engine's interest and not in the hub yet: it
+        #: reads its position now (see _subscribe; the broker's gap closes it).
+        self.subscribing = False
         self._released: list[str] | None = None
         self._presence: _Presence | None = None
         #: Publishes waiting for the engine's answer, in the order they came
@@ -315,6 +319,21 @@ class Session:
         except EngineUnavailable as e:
             self._error(command.id, ErrorCode.UNAVAILABLE, str(e))
             return
+        # A pattern this node has already returns at once, even while the
+        # engine's fan-out is down: the position read below may then precede
+        # what the fan-out will bring once back. The gap closes this
+        # connection then, as it does the subscribed ones (see
+        # Broker._engine_gap), and the check after the read sees it.
+        self.subscribing = True
+        try:
+            await self._subscribe_acquired(command)
+        finally:
+            self.subscribing = False
+
+    async def _subscribe_acquired(self, command: Subscribe) -> None:
+        """The rest of :meth:`_subscribe`, once the interest is acquired."""
+        pattern = command.pattern
+        services = self.services
         if self.host.close_code is not None:
             await services.interest.release(pattern)
             return

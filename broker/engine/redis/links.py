@@ -11,7 +11,8 @@ reconnects with backoff (:meth:`Links._keep`). Two kinds:
 * **fan-out** links are subscribed to what the node's subscribers need; the
   engine's ``on_push`` gets each message they bring, in order, and
   ``on_batch`` after each read. A fan-out link that comes back after a loss
-  calls ``on_gap`` (the node's subscribers may have missed messages).
+  calls ``on_gap`` (the node's subscribers may have missed messages), and
+  only then delivers what it read while subscribing again.
 
 :class:`StandaloneLinks`: one command link and one fan-out link to one
 Redis. :class:`ClusterLinks`: the cluster's slot map (``CLUSTER SLOTS``,
@@ -86,7 +87,7 @@ Address = tuple[str, int]
 class _Link:
     """One link: its connection while up, and what it has subscribed."""
 
-    __slots__ = ("changed", "confirmed", "conn", "label", "last", "scope", "was_up")
+    __slots__ = ("changed", "confirmed", "conn", "held", "label", "last", "scope", "was_up")
 
     def __init__(self, label: str) -> None:
         self.label = label
@@ -98,6 +99,8 @@ class _Link:
         self.scope: trio.CancelScope | None = None
         #: The payload of the last message this link brought (see _push).
         self.last: bytes | None = None
+        #: Pushes a fan-out link coming back read before the gap (see _keep).
+        self.held: list[Push] | None = None
 
     @property
     def up(self) -> bool:
@@ -237,6 +240,13 @@ class Links:
             if fanout:
                 conn.on_push = functools.partial(self._push, link)
                 conn.on_batch = self._on_batch
+                # A link coming back reads publications as soon as Redis has
+                # its first SUBSCRIBE, before its setup is over. Until the gap
+                # has closed the subscribed connections (which missed what was
+                # published while it was down), they wait: given to such a
+                # subscriber, one would move its position past the hole, and
+                # its resume would start after what it missed.
+                link.held = [] if link.was_up else None
             failure: BaseException | None = None
             try:
                 async with trio.open_nursery() as nursery:
@@ -261,6 +271,7 @@ class Links:
                                 self.stats["gaps"] += 1
                                 self._on_gap()
                             link.was_up = True
+                            self._release_held(link)
                             nursery.start_soon(self._keepalive, conn)
                         self._update()
                         if first is not None:
@@ -271,6 +282,7 @@ class Links:
                 if trio.current_effective_deadline() == -math.inf:
                     self._closing = True  # cancelled: the broker is stopping
                 conn.close()
+                link.held = None
                 if link.conn is conn:
                     link.attach(None)
                     self._update()
@@ -284,6 +296,14 @@ class Links:
             attempt += 1
             self.stats["reconnects"] += 1
             await trio.sleep(backoff(attempt))
+
+    def _release_held(self, link: _Link) -> None:
+        """Deliver what *link* read during its setup (after the gap), in order."""
+        held, link.held = link.held, None
+        if held:
+            for push in held:
+                self._push(link, push)
+            self._on_batch()
 
     async def _keepalive(self, conn: RedisConnection) -> None:
         """PING a fan-out link; one unanswered for ``keepalive`` seconds
@@ -592,7 +612,11 @@ class Links:
     def _push(self, link: _Link, push: Push) -> None:
         """A fan-out link's message: a publication goes to the engine once;
         an unsubscription Redis made itself (a shard channel whose slot
-        moved) makes the link start over on the new map."""
+        moved) makes the link start over on the new map. While a link that
+        was lost is being set up again, its pushes wait (see _keep)."""
+        if link.held is not None:
+            link.held.append(push)
+            return
         kind = push[0]
         if kind in _DELIVERIES:
             # A node subscribed to a topic and to a pattern covering it (or
