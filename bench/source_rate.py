@@ -126,25 +126,6 @@ async def one_run(url: str, prefix: str, n: int, mode: str) -> tuple[str, float]
     return feed.mode, (n + 1) / feed.elapsed
 
 
-async def flush_prefix(url: str, prefix: str) -> None:
-    """Delete the run's keys (SCAN, then DEL)."""
-    from broker.engine.redis.connection import RedisConnection, Target
-
-    async with trio.open_nursery() as nursery:
-        conn = await nursery.start(RedisConnection(Target.from_url(url)).run, 5.0)
-        cursor: Any = b"0"
-        while True:
-            reply = await conn.call("SCAN", cursor, "MATCH", prefix + "*", "COUNT", 1000)
-            assert isinstance(reply, list)
-            cursor, keys = reply
-            assert isinstance(keys, list)
-            if keys:
-                await conn.call("DEL", *keys)
-            if cursor == b"0":
-                break
-        conn.close()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mode", choices=["auto", "send", "publish"], default="auto")
@@ -178,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
                 if time.monotonic() > end:
                     raise
                 time.sleep(0.05)
+    # The test suite's helper (run from the project root: PYTHONPATH=.:plugins).
+    from tests.redis_service import delete_prefix
+
     try:
         rates = []
         for _ in range(args.repeats):
@@ -185,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 mode, rate = trio.run(one_run, url, prefix, args.n, args.mode)
             finally:
-                trio.run(flush_prefix, url, prefix)
+                trio.run(delete_prefix, url, prefix)
             rates.append(rate)
             print(f"{mode}: {rate:,.0f} publishes/s", flush=True)
         print(f"median {mode}: {statistics.median(rates):,.0f} publishes/s ({args.n:,} each)")

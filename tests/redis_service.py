@@ -53,6 +53,8 @@ def _machine_redis_down() -> str | None:
     return None
 
 
+#: The machine's Redis (tests use key prefixes of their own on it).
+MACHINE_URL = "redis://127.0.0.1:6379/0"
 #: Why the machine's Redis cannot be used (None: it can).
 MACHINE_REDIS_DOWN = _machine_redis_down()
 needs_machine_redis = pytest.mark.skipif(

@@ -32,9 +32,10 @@ from broker.server.session import PUBLISH_WINDOW
 from tests.conftest import BrokerFactory, merge
 from tests.helpers import RawClient, connect, mask_frame, raw_connect, wait_until
 from tests.redis_service import (
-    MACHINE_REDIS_DOWN,
+    MACHINE_URL,
     RedisProcess,
     delete_prefix,
+    needs_machine_redis,
     needs_redis_server,
     open_redis,
     redis_command,
@@ -45,7 +46,6 @@ pytestmark = needs_redis_server
 
 HISTORY = {"history": [{"pattern": "t.>", "size": 10_000, "ttl": 60.0}]}
 QUEUE = {"queue": {"max_messages": 100_000, "max_bytes": 64 << 20}}
-MACHINE_URL = "redis://127.0.0.1:6379/0"
 
 
 def pub_frame(topic: str, data: Any, request_id: int | str | None = None) -> bytes:
@@ -147,7 +147,7 @@ async def test_the_window_bounds_a_connections_publishes_in_flight(
     assert pending(node) == 0
 
 
-@pytest.mark.skipif(MACHINE_REDIS_DOWN is not None, reason="needs the machine's Redis")
+@needs_machine_redis
 async def test_pipelined_publishes_of_several_connections_and_nodes_keep_every_order(
     start_broker: BrokerFactory,
 ) -> None:
@@ -215,7 +215,7 @@ async def test_pipelined_publishes_of_several_connections_and_nodes_keep_every_o
         await delete_prefix(MACHINE_URL, prefix)
 
 
-@pytest.mark.skipif(MACHINE_REDIS_DOWN is not None, reason="needs the machine's Redis")
+@needs_machine_redis
 async def test_a_command_after_publishes_sees_them_done(start_broker: BrokerFactory) -> None:
     prefix = unique_prefix()
     try:

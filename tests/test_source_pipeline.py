@@ -31,9 +31,10 @@ from broker.sources import SEND_WINDOW, Publisher, SourceState, Supervisor
 from tests.conftest import BrokerFactory, merge
 from tests.helpers import connect, wait_until
 from tests.redis_service import (
-    MACHINE_REDIS_DOWN,
+    MACHINE_URL,
     RedisProcess,
     delete_prefix,
+    needs_machine_redis,
     needs_redis_server,
     open_redis,
     redis_command,
@@ -42,10 +43,6 @@ from tests.redis_service import (
 
 pytestmark = needs_redis_server
 
-MACHINE_URL = "redis://127.0.0.1:6379/0"
-needs_machine_redis = pytest.mark.skipif(
-    MACHINE_REDIS_DOWN is not None, reason="needs the machine's Redis"
-)
 FEED = Identity("feed")
 
 
