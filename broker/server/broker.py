@@ -476,12 +476,12 @@ class Broker:
             PublishError: ``bad_request``, ``forbidden`` (or a plugin's
                 Refusal code), ``invalid`` or ``internal``.
         """
-        result = check(topic, data, key) or await self.pipeline.publish(
-            self.origin_for(identity), topic, data, key
-        )
-        if isinstance(result, Refusal):
-            raise PublishError(result.code, result.message)
-        self.flusher.request()
+        result = await self.submit(identity, topic, data, key)
+        if isinstance(result, Pending):
+            outcome = await result.outcome()
+            if isinstance(outcome, Refusal):
+                raise PublishError(outcome.code, outcome.message)
+            return outcome
         return result
 
     async def submit(

@@ -269,8 +269,7 @@ class Connection:
         plugins = services.runtime.plugins
         writer = self.writer
         tls = writer.tls
-        # The descriptor the reader waits on: the socket's, under TLS too.
-        fd = writer.fd if tls is None else tls.fileno()
+        fd = _socket_fd(writer)
         poller = self._poller
         if poller is not None and not poller.register(fd):
             poller = self._poller = None  # the kernel refused: trio's wait
@@ -369,9 +368,7 @@ class Connection:
     def _unpark(self, raise_cancel: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
         """The reader, parked on the poller, is cancelled: it waits no more."""
         if self._poller is not None:
-            writer = self.writer
-            tls = writer.tls
-            self._poller.unpark(writer.fd if tls is None else tls.fileno())
+            self._poller.unpark(_socket_fd(self.writer))
         return trio.lowlevel.Abort.SUCCEEDED
 
     def _finish_nowait(self) -> bool:
@@ -535,6 +532,13 @@ class Connection:
                     return False
             hub.flush()
             return True
+
+
+def _socket_fd(writer: SocketWriter) -> int:
+    """The descriptor the reader reads and waits on: the socket's, under TLS
+    too (the writer's ``fd`` is -1 there: it writes through the stream)."""
+    tls = writer.tls
+    return writer.fd if tls is None else tls.fileno()
 
 
 def _receive_nowait(tls: TLSStream) -> bytes | None:
