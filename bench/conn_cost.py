@@ -2,8 +2,8 @@
 set it up, and the memory it holds.
 
     python3 bench/conn_cost.py instructions [--n 2000] [--python .venv/bin/python]
-    PYTHONPATH=. .venv/bin/python bench/conn_cost.py memory [--n 2000] [--top 25]
-    PYTHONPATH=. .venv/bin/python bench/conn_cost.py rss [--tls] [--n 3000]
+    PYTHONPATH=. .venv/bin/python bench/conn_cost.py memory [--n 2000] [--top 25] [--parked]
+    PYTHONPATH=. .venv/bin/python bench/conn_cost.py rss [--tls] [--n 3000] [--parked]
     python3 bench/conn_cost.py clients --port PORT [--n 2000] [--tls CAFILE]
 
 ``instructions`` starts ``broker serve`` (the configuration of
@@ -34,6 +34,13 @@ over 512 bytes; the rest of the RSS is mostly CPython's small-object arenas.
 With ``--tls`` the listener serves ``wss://`` (a trustme certificate) and the
 clients connect with TLS 1.3, one at a time, so the split shows what OpenSSL
 holds per idle connection.
+
+Both in-process modes measure idle connections as they spend their life:
+dormant (their readers' tasks ended by the read poller's sweep, see
+``broker/io/poller.py``), opened in batches of ``--batch`` (500) with the
+readers of each batch retired before the next opens, as a broker filling up
+over minutes has them. ``--parked`` measures them in their first second or
+two instead: every reader a task parked on the poller (the sweep is off).
 
 ``clients`` is the client side alone (stdlib sockets and selectors), for a
 broker started some other way; it prints one line when every connection
@@ -365,6 +372,36 @@ def _in_process_config(listener: dict[str, Any]) -> Any:
     )
 
 
+async def _retire_all(broker: Any) -> None:
+    """Retire every parked reader now (what the sweep does a second or two
+    later) and let their tasks end."""
+    import trio.testing
+
+    poller = broker._poller
+    await trio.testing.wait_all_tasks_blocked()
+    poller.retire_quiet()
+    poller.retire_quiet()
+    await trio.testing.wait_all_tasks_blocked()
+
+
+async def _open_idle(broker: Any, args: argparse.Namespace, extra: Sequence[str] = ()) -> list[Any]:
+    """``--n`` idle connections to *broker* (see the module's docstring):
+    the client processes, once every connection got its probe."""
+    import trio
+
+    if args.parked:
+        proc = await _spawn_clients(broker.port, args.n, extra)
+        await trio.sleep(0.5)  # every reader back to waiting
+        return [proc]
+    procs = []
+    left = args.n
+    while left > 0:
+        procs.append(await _spawn_clients(broker.port, min(left, args.batch), extra))
+        left -= args.batch
+        await _retire_all(broker)
+    return procs
+
+
 async def _spawn_clients(port: int, n: int, extra: Sequence[str] = ()) -> Any:
     """``clients`` in a child process (*extra*: more of its arguments); returns
     the trio Process once every connection got its probe. Closing its stdin
@@ -397,25 +434,30 @@ def memory(args: argparse.Namespace) -> None:
     raise_nofile(args.n + 100)
     cfg = _in_process_config({"host": "127.0.0.1", "port": 0, "path": "/ws"})
 
+    n = 0
+
     async def main() -> None:
-        broker = Broker(cfg, plugins=PluginHost.from_config(cfg))
+        nonlocal n
+        broker = Broker(cfg, plugins=PluginHost.from_config(cfg), sweep_interval=None)
         async with trio.open_nursery() as nursery:
             await nursery.start(broker.serve)
             warm = await _spawn_clients(broker.port, 64)
+            if not args.parked:
+                await _retire_all(broker)
             gc.collect()
+            opened = len(broker.connections)
             tracemalloc.start(args.depth)
             before = tracemalloc.take_snapshot()
-            proc = await _spawn_clients(broker.port, args.n)
-            await trio.sleep(0.5)
+            procs = await _open_idle(broker, args)
             gc.collect()
             after = tracemalloc.take_snapshot()
             tracemalloc.stop()
-            for p in (proc, warm):
+            n = len(broker.connections) - opened  # the publishers' connections too
+            for p in (*procs, warm):
                 assert p.stdin is not None
                 await p.stdin.aclose()
                 await p.wait()
             broker.stop()
-        n = args.n + 1  # the publisher's connection too
         stats = after.compare_to(before, "traceback")
         total = sum(s.size_diff for s in stats)
         print(f"{total / n:.0f} B of Python heap per connection ({n} connections)")
@@ -491,21 +533,24 @@ def rss(args: argparse.Namespace) -> None:
     figures: dict[str, float] = {}
 
     async def main() -> None:
-        broker = Broker(cfg, plugins=PluginHost.from_config(cfg))
+        broker = Broker(cfg, plugins=PluginHost.from_config(cfg), sweep_interval=None)
         async with trio.open_nursery() as nursery:
             await nursery.start(broker.serve)
             warm = await _spawn_clients(broker.port, 64, client_args)
+            if not args.parked:
+                await _retire_all(broker)
             gc.collect()
+            opened = len(broker.connections)
             rss0, heap0 = _rss(), _heap_in_use()
-            proc = await _spawn_clients(broker.port, args.n, client_args)
-            await trio.sleep(0.5)  # every reader back to waiting
+            procs = await _open_idle(broker, args, client_args)
             gc.collect()
             rss1, heap1 = _rss(), _heap_in_use()
-            n = args.n + 1  # the publisher's connection too
+            n = len(broker.connections) - opened  # the publishers' connections too
+            figures["connections"] = n
             figures["rss_per_connection"] = (rss1 - rss0) / n
             if heap0 is not None and heap1 is not None:
                 figures["c_heap_per_connection"] = (heap1 - heap0) / n
-            for p in (proc, warm):
+            for p in (*procs, warm):
                 assert p.stdin is not None
                 await p.stdin.aclose()
                 await p.wait()
@@ -515,7 +560,7 @@ def rss(args: argparse.Namespace) -> None:
         trio.run(main)
     finally:
         tmp.cleanup()
-    out: dict[str, Any] = {"connections": args.n + 1, "tls": args.tls}
+    out: dict[str, Any] = {"tls": args.tls, "state": "parked" if args.parked else "dormant"}
     out.update({k: round(v) for k, v in figures.items()})
     print(json.dumps(out))
 
@@ -564,9 +609,13 @@ def main() -> None:
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--depth", type=int, default=25)
+    p.add_argument("--parked", action="store_true", help="readers parked, not dormant")
+    p.add_argument("--batch", type=int, default=500, help="connections opened per batch")
     p = sub.add_parser("rss")
     p.add_argument("--n", type=int, default=3000)
     p.add_argument("--tls", action="store_true", help="serve wss:// (TLS 1.3)")
+    p.add_argument("--parked", action="store_true", help="readers parked, not dormant")
+    p.add_argument("--batch", type=int, default=500, help="connections opened per batch")
     p = sub.add_parser("clients")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--n", type=int, default=2000)

@@ -12,7 +12,9 @@ connections are kept at ``--connections``, each living one to four minutes
 (connect, subscribe, leave); 10 % of them stop reading (and live 17 to 35 s). Every
 ``--interval`` seconds it samples the broker's RSS (``VmRSS``), open file
 descriptors (``/proc/PID/fd``) and Trio task count (``tasks`` of
-``/api/stats``, the ``broker_tasks`` gauge).
+``/api/stats``, the ``broker_tasks`` gauge) plus the dormant connections
+(``dormant``: idle connections have no task, see docs/performance.md,
+"Dormant connections"; the sum is what a leak would grow).
 
 **Flat** means: the median of the last third of the samples taken after the
 warm-up (``--warmup`` seconds) is within the tolerance of the median of the
@@ -127,6 +129,12 @@ def sample(pid: int, admin: int, t: float) -> dict[str, Any]:
         return row
     for key in ("connections", "sockets_open", "tasks", "accepted", "messages_out"):
         row[key] = st.get(key)
+    # Tasks, counting each dormant connection as the task it had: the
+    # figure that follows the connections (which connections are dormant
+    # depends on who spoke in the last second or two).
+    row["dormant"] = st.get("dormant") or 0
+    if isinstance(row["tasks"], int):
+        row["tasks"] += row["dormant"]
     row["overflows"] = st.get("overflows")
     row["messages_dropped"] = st.get("messages_dropped")
     row["rejected"] = sum((st.get("rejected") or {}).values())
@@ -199,7 +207,7 @@ def per_second(prev: dict[str, Any] | None, row: dict[str, Any], key: str, fmt: 
 
 def table(samples: list[dict[str, Any]]) -> str:
     lines = [
-        "| t s | conns | sockets | RSS MiB | fds | tasks | broker cpu | deliveries/s "
+        "| t s | conns | sockets | RSS MiB | fds | tasks+dormant | broker cpu | deliveries/s "
         "| overflows/s | accepted/s |",
         "|" + "---:|" * 10,
     ]
@@ -228,7 +236,11 @@ def span(ts: list[float]) -> str:
 
 
 def verdict_table(flat: dict[str, Any]) -> str:
-    names = {"rss_kb": "RSS (MiB)", "fds": "file descriptors", "tasks": "Trio tasks"}
+    names = {
+        "rss_kb": "RSS (MiB)",
+        "fds": "file descriptors",
+        "tasks": "Trio tasks + dormant connections",
+    }
     lines = [
         "| figure | after warm-up (median) | end (median) | change | allowed | max | flat |",
         "|---|---:|---:|---:|---:|---:|---|",

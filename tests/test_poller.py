@@ -3,9 +3,11 @@
 A reader parks after a read found its socket empty and is rescheduled when
 the socket becomes readable; cancelling it unparks it; events for sockets
 nobody waits on are ignored; a descriptor closed and reused by a new socket
-wakes the new socket's reader. Through the broker: idle connections are
-parked, answer as soon as a client writes, and leave the poller when they
-close.
+wakes the new socket's reader; a sweep retires only the readers parked
+since the one before and not woken in between, and a dormant socket's
+sleeper is woken once. Through the broker: idle connections are parked,
+answer as soon as a client writes, and leave the poller when they close
+(tests/test_dormant.py follows them when they go dormant).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import pytest
 import trio
 import trio.testing
 
-from broker.io.poller import ReadPoller, create_poller
+from broker.io.poller import RETIRED, ReadPoller, create_poller
 from tests.conftest import BrokerFactory
 from tests.helpers import RawClient, wait_until
 
@@ -138,10 +140,93 @@ async def test_a_reused_descriptor_wakes_its_new_reader() -> None:
         nursery.cancel_scope.cancel()
 
 
+async def test_a_sweep_retires_only_readers_parked_through_it() -> None:
+    """retire_quiet() retires the readers that were parked at its previous
+    call and have not been woken since; a reader woken in between (and
+    parked again) waits for the next call."""
+    poller = create_poller()
+    assert poller is not None
+    (busy, busy_peer), (idle, idle_peer) = _pair(), _pair()
+    woken: dict[str, list[object]] = {"busy": [], "idle": []}
+
+    async def reader(name: str, sock: socket.socket) -> None:
+        fd = sock.fileno()
+        task = trio.lowlevel.current_task()
+
+        def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+            poller.unpark(fd)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        while True:
+            try:
+                os.read(fd, 65536)
+            except BlockingIOError:
+                poller.park(fd, task)
+                value = await trio.lowlevel.wait_task_rescheduled(abort)
+                woken[name].append(value)
+                if value is RETIRED:
+                    return
+
+    with busy, busy_peer, idle, idle_peer:
+        assert poller.register(busy.fileno()) and poller.register(idle.fileno())
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(poller.run)
+            nursery.start_soon(reader, "busy", busy)
+            nursery.start_soon(reader, "idle", idle)
+            await trio.testing.wait_all_tasks_blocked()
+            assert poller.retire_quiet() == 0  # marks both
+            busy_peer.sendall(b"input")
+            await wait_until(lambda: woken["busy"] == [None])
+            await trio.testing.wait_all_tasks_blocked()
+            assert poller.parked == 2
+            assert poller.retire_quiet() == 1  # the idle one only
+            await trio.testing.wait_all_tasks_blocked()
+            assert woken == {"busy": [None], "idle": [RETIRED]}
+            assert poller.retire_quiet() == 1  # the busy one, quiet since
+            await trio.testing.wait_all_tasks_blocked()
+            assert woken["busy"] == [None, RETIRED] and poller.parked == 0
+            nursery.cancel_scope.cancel()
+
+
+class _Sleeper:
+    def __init__(self) -> None:
+        self.wakes = 0
+
+    def wake(self) -> None:
+        self.wakes += 1
+
+
+async def test_a_dormant_socket_wakes_its_sleeper_once() -> None:
+    poller = create_poller()
+    assert poller is not None
+    ours, theirs = _pair()
+    kept, kept_peer = _pair()
+    sleeper, taken = _Sleeper(), _Sleeper()
+    with ours, theirs, kept, kept_peer:
+        assert poller.register(ours.fileno()) and poller.register(kept.fileno())
+        poller.sleep(ours.fileno(), sleeper)
+        poller.sleep(kept.fileno(), taken)
+        assert poller.dormant == 2
+        # Taken back by its owner (to close it): the poller forgets it.
+        assert poller.take(kept.fileno()) and not poller.take(kept.fileno())
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(poller.run)
+            theirs.sendall(b"one")
+            kept_peer.sendall(b"ignored")
+            await wait_until(lambda: sleeper.wakes == 1)
+            theirs.sendall(b"two")  # nobody sleeps on it now
+            await trio.testing.wait_all_tasks_blocked()
+            assert (sleeper.wakes, taken.wakes, poller.dormant) == (1, 0, 0)
+            poller.sleep(ours.fileno(), sleeper)
+            poller.wake_all()
+            assert (sleeper.wakes, poller.dormant) == (2, 0)
+            nursery.cancel_scope.cancel()
+
+
 async def test_idle_connections_are_parked_and_answer_at_once(
     start_broker: BrokerFactory,
 ) -> None:
-    broker = await start_broker()
+    broker = await start_broker(sweep_interval=None)
     poller = broker._poller
     assert poller is not None
     clients = [await RawClient.open(broker.url) for _ in range(5)]

@@ -228,6 +228,11 @@ class BrokerCollector(Collector):
                 "Trio tasks alive in the broker's event loop (connections, listeners, sources).",
                 value=tasks,
             )
+        yield GaugeMetricFamily(
+            "broker_connections_dormant",
+            "Open connections idle long enough that they have no task until input or a close.",
+            value=broker.dormant,
+        )
 
         # -- one pass over the connections -----------------------------------
         exact = wildcard = 0

@@ -58,7 +58,7 @@ from broker.core.stats import BrokerStats, BusiestTopics
 from broker.core.values import Handshake, Identity, Refusal, Reject, SourcesContext
 from broker.core.version import VERSION
 from broker.engine import Engine, Flusher, Interest, create_engine
-from broker.io.poller import ReadPoller, create_poller
+from broker.io.poller import SWEEP_INTERVAL, ReadPoller, create_poller
 from broker.io.tls import TLSStream, describe_tls_error, ssl_context_for
 from broker.ops.admin import AdminServer
 from broker.ops.log import CONNECTION_ID
@@ -173,6 +173,11 @@ class Broker:
             activation, see :mod:`broker.ops.systemd`): ``"ws"`` for the
             WebSocket listener, ``"admin"`` for the admin HTTP listener. They
             are closed when the broker stops, never shut down.
+        engine: builds the engine (by default from ``config.engine``).
+        close_timeout: how long a closing handshake may take.
+        sweep_interval: seconds between the read poller's sweeps: a reader
+            without input for one to two of them ends its task and its
+            connection goes dormant (:mod:`broker.io.poller`); None: never.
     """
 
     def __init__(
@@ -183,6 +188,7 @@ class Broker:
         sockets: dict[str, list[socket.socket]] | None = None,
         engine: Callable[[Hub], Engine] | None = None,
         close_timeout: float = CLOSE_TIMEOUT,
+        sweep_interval: float | None = SWEEP_INTERVAL,
     ) -> None:
         #: The configuration and plugins in force (a reload swaps both).
         self.runtime = Runtime(
@@ -213,6 +219,9 @@ class Broker:
             write_batch_bytes=lambda: self.runtime.config.limits.write_batch_bytes,
         )
         self._close_timeout = close_timeout
+        self._sweep_interval = sweep_interval
+        #: One bound method for every connection (not one each).
+        self._resume_connection = self._resume
         #: Flushes what in-process publishers (sources) queued, once they wait.
         self.flusher = Flusher(self.hub)
         self.connections: set[Connection] = set()
@@ -287,6 +296,11 @@ class Broker:
     @property
     def stopping(self) -> bool:
         return self._stop.is_set()
+
+    @property
+    def dormant(self) -> int:
+        """Connections without a task now (idle: see :mod:`broker.io.poller`)."""
+        return self._poller.dormant if self._poller is not None else 0
 
     @property
     def sockets_open(self) -> int:
@@ -391,6 +405,7 @@ class Broker:
             "connections": len(connections),
             "sockets_open": self._sockets_open,
             "tasks": tasks_living(),
+            "dormant": self.dormant,
             "subscriptions": sum(len(c.subscriptions) for c in connections),
             "subscription_patterns": hub.router.pattern_count,
             "presence": self._presence_snapshot(),
@@ -586,6 +601,9 @@ class Broker:
                 self._poller = create_poller()
                 if self._poller is not None:
                     handlers.start_soon(self._poller.run)
+                    if self._sweep_interval is not None:
+                        # Idle readers' tasks end; their connections go dormant.
+                        handlers.start_soon(self._poller.sweep, self._sweep_interval)
                 handlers.start_soon(self.flusher.run)
                 handlers.start_soon(self._lag_monitor)
                 if admin_listeners:
@@ -604,8 +622,15 @@ class Broker:
                     failed = e
                     handlers.cancel_scope.cancel()
                 else:
-                    await self._start_sources(handlers)
-                    await self._serve_clients(listeners, handlers, task_status)
+                    try:
+                        await self._start_sources(handlers)
+                        await self._serve_clients(listeners, handlers, task_status)
+                    finally:
+                        # Cancelled (or after the drain): a dormant
+                        # connection has no task to cancel; each gets one
+                        # now, which closes it as a cancelled reader does.
+                        if self._poller is not None:
+                            self._poller.wake_all()
         finally:
             self._serving = False
             self._service_nursery = None
@@ -708,7 +733,9 @@ class Broker:
                     )
                     await trio.sleep(ACCEPT_RETRY)
                     continue
-                handlers.start_soon(self._handle_stream, client, address, handlers)
+                handlers.start_soon(
+                    self._handle_stream, client, address, handlers, name="connection"
+                )
                 accepted += 1
                 if accepted >= ACCEPT_BATCH:
                     accepted = 0
@@ -769,6 +796,7 @@ class Broker:
         self._per_ip[peer[0]] += 1
         # Every line logged for this connection carries its id (broker.log).
         CONNECTION_ID.set(f"c{next(self._ids)}")
+        asleep = False
         try:
             # The handshake's objects (h11 state, parsed headers) are freed
             # when _serve_client returns; only the connection lives on.
@@ -786,21 +814,50 @@ class Broker:
                 accepted = None
                 self._connected(conn, remote.via)
                 try:
-                    await conn.run(initial)
+                    asleep = await conn.run(initial)
                 finally:
-                    self._disconnected(conn)
+                    if not asleep:
+                        self._disconnected(conn)
         except Exception:
             log.exception("unexpected error serving %s:%d", *remote.client)
         finally:
-            # Already closed after a connection; not after a refused handshake.
-            stream.socket.close()
-            self._sockets_open -= 1
-            counted = remote.client[0]
-            self._per_ip[counted] -= 1
-            if not self._per_ip[counted]:
-                del self._per_ip[counted]
-            if self._stop.is_set() and not self._sockets_open:
-                self._idle.set()
+            # Already closed after a connection; not after a refused
+            # handshake. A dormant connection's socket is its next task's.
+            if not asleep:
+                self._socket_closed(stream, remote.client[0])
+
+    async def _resume(self, conn: Connection) -> None:
+        """The task of a dormant connection that input or a close woke
+        (:meth:`Connection.wake`, in the handlers nursery): what
+        :meth:`_handle_stream` does after the handshake. (Not a coroutine
+        both call: each suspended frame is memory every idle connection
+        holds.)"""
+        CONNECTION_ID.set(conn.id)
+        asleep = False
+        try:
+            try:
+                asleep = await conn.run()
+            finally:
+                if not asleep:
+                    self._disconnected(conn)
+        except Exception:
+            log.exception("unexpected error serving %s:%d", *conn.peer)
+        finally:
+            if not asleep:
+                stream = conn.stream
+                tcp = stream if isinstance(stream, trio.SocketStream) else stream.transport_stream
+                self._socket_closed(tcp, conn.peer[0])
+
+    def _socket_closed(self, tcp: trio.SocketStream, counted: str) -> None:
+        """An accepted socket is done with: close it (if it is not yet) and
+        count it out (*counted*: the address its connections count against)."""
+        tcp.socket.close()
+        self._sockets_open -= 1
+        self._per_ip[counted] -= 1
+        if not self._per_ip[counted]:
+            del self._per_ip[counted]
+        if self._stop.is_set() and not self._sockets_open:
+            self._idle.set()
 
     async def _serve_client(
         self, tcp: trio.SocketStream, remote: _Remote, handlers: trio.Nursery
@@ -934,6 +991,7 @@ class Broker:
             peer=peer,
             nursery=handlers,
             poller=self._poller,
+            resume=self._resume_connection,
             close_timeout=self._close_timeout,
         )
         return conn, request.trailing

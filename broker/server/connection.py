@@ -10,6 +10,14 @@ A connection is three parts, each in its own module:
 * the **writer** (:mod:`broker.io.writer`): writes what is queued in the
   connection's :class:`~broker.core.outbox.Outbox` to the socket.
 
+The reader is a task only while the client talks. One that stays parked on
+the broker's read poller through a sweep (a second or two without input) is
+*retired*: its task ends and the connection goes dormant, registered with
+the poller (see :mod:`broker.io.poller`), its session, subscriptions and
+outbox in place. Input, or a close, wakes it: :meth:`Connection.wake` starts
+a new task in the broker's handlers nursery, which continues
+:meth:`Connection.run` where the last one stopped.
+
 :meth:`Connection.close` records the close code and cancels the reader;
 :meth:`Connection.run` then removes the subscriptions, drains (for a graceful
 close, bounded by ``limits.drain_timeout``), sends the close frame, waits
@@ -21,6 +29,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Awaitable, Callable
 from typing import Final
 
 import trio
@@ -31,7 +40,7 @@ from broker.core.frames import ping_frame, pong_frame
 from broker.core.outbox import Outbox
 from broker.core.protocol import Encoding
 from broker.core.values import ClientInfo, Identity
-from broker.io.poller import ReadPoller
+from broker.io.poller import RETIRED, ReadPoller
 from broker.io.tls import TLSStream
 from broker.io.writer import SocketWriter
 from broker.server.session import Session, SessionServices
@@ -81,12 +90,15 @@ class Connection:
             handlers nursery).
         poller: where its reader waits for its socket to become readable
             (None: ``trio.lowlevel.wait_readable``).
+        resume: the task a dormant connection is woken into, in *nursery*
+            (it awaits :meth:`run` again); None: the reader never retires.
         close_timeout: how long the closing handshake may take.
     """
 
     # Slots: one of these lives per connection (tens of thousands); an
     # instance __dict__ would cost about a kilobyte more each.
     __slots__ = (
+        "_asleep",
         "_close_timeout",
         "_drain",
         "_finishing",
@@ -94,8 +106,10 @@ class Connection:
         "_nursery",
         "_peer_closed",
         "_poller",
+        "_resume",
         "_scope",
         "_services",
+        "_started",
         "bytes_in",
         "close_code",
         "close_reason",
@@ -123,12 +137,17 @@ class Connection:
         peer: tuple[str, int],
         nursery: trio.Nursery,
         poller: ReadPoller | None = None,
+        resume: Callable[[Connection], Awaitable[object]] | None = None,
         close_timeout: float = CLOSE_TIMEOUT,
     ) -> None:
         config = services.runtime.config
         self._services = services
         self._nursery = nursery
         self._poller = poller
+        self._resume = resume
+        self._started = False
+        #: Dormant: no task; the poller (or close()) wakes it.
+        self._asleep = False
         self._hub = services.hub
         self.stream: trio.SocketStream | TLSStream = stream
         self.id = conn_id
@@ -227,6 +246,23 @@ class Connection:
         self._stop(code, reason, drain)
         if self._scope is not None:
             self._scope.cancel()
+        elif (
+            self._asleep and self._poller is not None and self._poller.take(_socket_fd(self.writer))
+        ):
+            # Dormant: a task of its own closes it, as any reader's does.
+            self.wake()
+
+    def wake(self) -> None:
+        """Start the task of a dormant connection (the poller calls this
+        when its socket is readable, :meth:`close` to close it)."""
+        if self._asleep and self._resume is not None:
+            self._asleep = False
+            self._nursery.start_soon(self._resume, self, name=self.id)
+
+    @property
+    def asleep(self) -> bool:
+        """Dormant: the connection has no task now (see the module's docstring)."""
+        return self._asleep
 
     def _stop(self, code: int, reason: str, drain: bool = False) -> None:
         """:meth:`close` without cancelling the reader: for the reader itself,
@@ -254,16 +290,18 @@ class Connection:
 
     # -- the connection's task -----------------------------------------------------
 
-    async def run(self, initial: bytes = b"") -> None:
-        """Serve the client until it or the broker closes the connection.
+    async def run(self, initial: bytes = b"") -> bool:
+        """Serve the client until it or the broker closes the connection
+        (False), or until the reader is retired (True: the connection is
+        dormant, and :meth:`wake` will start a task that calls this again).
 
         *initial* is data that arrived with the handshake request.
 
-        The reading loop is here, not in a coroutine of its own: an idle
-        connection is this frame (and its caller's) suspended in
-        ``wait_readable``, and nothing more; each read is handled by
-        :meth:`_batch`, whose frame (with the parser, session and flushing
-        state it uses) lives only while it runs.
+        The reading loop is here, not in a coroutine of its own: a parked
+        connection is this frame (and its caller's) suspended in one trio
+        trap, and nothing more; each read is handled by :meth:`_batch`,
+        whose frame (with the parser, session and flushing state it uses)
+        lives only while it runs.
         """
         services = self._services
         plugins = services.runtime.plugins
@@ -271,19 +309,25 @@ class Connection:
         tls = writer.tls
         fd = _socket_fd(writer)
         poller = self._poller
-        if poller is not None and not poller.register(fd):
-            poller = self._poller = None  # the kernel refused: trio's wait
-        task = trio.lowlevel.current_task()
-        data = initial
-        try:
+        first = not self._started
+        if first:
+            self._started = True
+            if poller is not None and not poller.register(fd):
+                poller = self._poller = None  # the kernel refused: trio's wait
             # No nursery of its own: the writer task, when the socket backs
             # up, runs in the broker's (see broker.io.writer).
             writer.nursery = self._nursery
+        retire = self._resume is not None and poller is not None
+        task = trio.lowlevel.current_task()
+        data = initial
+        retired = False
+        try:
             with trio.CancelScope() as scope:
                 self._scope = scope
                 if self.close_code is not None:  # closed before we started
                     scope.cancel()
-                await plugins.connected(self.info)
+                if first:
+                    await plugins.connected(self.info)
                 try:
                     while True:
                         if data and not await self._batch(data):
@@ -304,10 +348,16 @@ class Connection:
                         # under TLS), so parking edge-triggered is safe.
                         read = _read_nowait(fd) if tls is None else _receive_nowait(tls)
                         if read is None:
+                            if retired:
+                                # Retired, and the socket is still empty:
+                                # the task ends (below, with no checkpoint
+                                # after this read).
+                                break
                             try:
                                 if poller is not None:
                                     poller.park(fd, task)
-                                    await trio.lowlevel.wait_task_rescheduled(self._unpark)
+                                    woken = await trio.lowlevel.wait_task_rescheduled(self._unpark)
+                                    retired = woken is RETIRED and retire
                                 else:
                                     await trio.lowlevel.wait_readable(fd)
                             except trio.ClosedResourceError:
@@ -315,6 +365,7 @@ class Connection:
                             else:
                                 continue
                         elif read:
+                            retired = False  # input: it stays a task
                             # a checkpoint per read, as trio's own
                             # receive_some makes
                             await trio.lowlevel.checkpoint()
@@ -326,44 +377,75 @@ class Connection:
                 except Exception:
                     log.exception("%s internal error", self.id)
                     self._stop(CloseCode.INTERNAL_ERROR, "internal error", drain=True)
+                    retired = False
             self._scope = None
-            self.session.unsubscribe_all()
-            self._hub.flush()  # what this reader queued for others
-            if self._drain and not writer.broken:
-                # Let the writer finish what is queued, for a bounded time;
-                # cancelling it mid-write would cost the close frame.
-                limits = services.runtime.config.limits
-                writer.start_writer()  # unless it is running
-                await writer.stop(trio.current_time() + limits.drain_timeout)
-            else:
-                # Queued frames are not written, but a write in progress
-                # gets close_timeout to end, so that the close frame can
-                # follow it (a slow consumer may still read its 1008).
-                writer.no_more = True
-                await writer.stop(trio.current_time() + self._close_timeout)
+            if (
+                retired
+                and self.close_code is None
+                and trio.current_effective_deadline() != -math.inf
+            ):
+                # Dormant from here, until the poller sees input or close()
+                # wakes it (the read above found the socket empty, and
+                # nothing has awaited since). Not if the broker's nursery
+                # is cancelled: its connections close with their tasks, and
+                # the broker has woken the dormant ones already.
+                assert poller is not None
+                self._asleep = True
+                poller.sleep(fd, self)
+                return True
+            retired = False
+            await self._end()
         finally:
-            self._scope = None
-            writer.nursery = None
-            if writer.writer_running:  # cancelled from outside: end it now
-                with trio.CancelScope(shield=True):
-                    await writer.stop(-math.inf)
-            self._finishing = True
-            self.session.unsubscribe_all()
-            # (A cancel scope costs as much as the rest of a close: each is
-            # entered only when what it bounds may wait.)
-            if not self._finish_nowait():
-                with trio.move_on_after(self._close_timeout, shield=True):
-                    await self._finish()
-            # The engine hears of the patterns nobody here needs any more, and
-            # counts the connection out of presence: in a scope of its own, so
-            # a client that never answers the close frame does not skip it.
-            if not self.session.settled:
-                with trio.move_on_after(self._close_timeout, shield=True):
-                    await self.session.settle()
-            code = self.close_code if self.close_code is not None else CloseCode.NORMAL
-            if plugins.pm.hook.broker_disconnected.get_hookimpls():
-                with trio.move_on_after(self._close_timeout, shield=True):
-                    await plugins.disconnected(self.info, int(code), self.close_reason)
+            if not retired:
+                await self._finish_all()
+        return False
+
+    async def _end(self) -> None:
+        """The connection is closing: stop its subscriptions, let the writer
+        drain (graceful close) or end its write in progress."""
+        writer = self.writer
+        self.session.unsubscribe_all()
+        self._hub.flush()  # what this reader queued for others
+        if self._drain and not writer.broken:
+            # Let the writer finish what is queued, for a bounded time;
+            # cancelling it mid-write would cost the close frame.
+            limits = self._services.runtime.config.limits
+            writer.start_writer()  # unless it is running
+            await writer.stop(trio.current_time() + limits.drain_timeout)
+        else:
+            # Queued frames are not written, but a write in progress
+            # gets close_timeout to end, so that the close frame can
+            # follow it (a slow consumer may still read its 1008).
+            writer.no_more = True
+            await writer.stop(trio.current_time() + self._close_timeout)
+
+    async def _finish_all(self) -> None:
+        """The last of a connection, also when its task is cancelled: the
+        close frame, the socket, the engine's interest, the disconnect hook."""
+        writer = self.writer
+        plugins = self._services.runtime.plugins
+        self._scope = None
+        writer.nursery = None
+        if writer.writer_running:  # cancelled from outside: end it now
+            with trio.CancelScope(shield=True):
+                await writer.stop(-math.inf)
+        self._finishing = True
+        self.session.unsubscribe_all()
+        # (A cancel scope costs as much as the rest of a close: each is
+        # entered only when what it bounds may wait.)
+        if not self._finish_nowait():
+            with trio.move_on_after(self._close_timeout, shield=True):
+                await self._finish()
+        # The engine hears of the patterns nobody here needs any more, and
+        # counts the connection out of presence: in a scope of its own, so
+        # a client that never answers the close frame does not skip it.
+        if not self.session.settled:
+            with trio.move_on_after(self._close_timeout, shield=True):
+                await self.session.settle()
+        code = self.close_code if self.close_code is not None else CloseCode.NORMAL
+        if plugins.pm.hook.broker_disconnected.get_hookimpls():
+            with trio.move_on_after(self._close_timeout, shield=True):
+                await plugins.disconnected(self.info, int(code), self.close_reason)
 
     def _unpark(self, raise_cancel: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
         """The reader, parked on the poller, is cancelled: it waits no more."""

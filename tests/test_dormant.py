@@ -1,0 +1,249 @@
+"""Dormant connections: an idle reader's task ends, and the connection lives on.
+
+A reader parked on the broker's read poller through a whole sweep is retired
+(broker.io.poller): its task ends and the connection stays registered with
+the poller, subscribed, its queue in place. Input wakes it into a new task;
+so does a close (by the broker, its shutdown or its cancellation). These
+tests retire readers with two calls of ``ReadPoller.retire_quiet`` (the
+first marks the parked readers, the second retires the ones still parked)
+rather than waiting for the sweep's timer, and check what users see: the
+dormant connection answers, receives, closes with the right code, and is
+counted out when it ends.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import ssl
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+from wsproto.events import CloseConnection, TextMessage
+
+from broker import ClientInfo, PluginHost, config_from_dict, hookimpl
+from broker.core.errors import CloseCode
+from broker.io.poller import ReadPoller
+from broker.plugin.host import PluginContext
+from broker.server.broker import Broker
+from tests.conftest import BrokerFactory
+from tests.helpers import RawClient, dumps, wait_until
+
+pytestmark = pytest.mark.skipif(not hasattr(select, "epoll"), reason="epoll is Linux's")
+
+
+def _poller(broker: Broker) -> ReadPoller:
+    poller = broker._poller
+    assert poller is not None
+    return poller
+
+
+async def retire_all(broker: Broker) -> None:
+    """Retire every parked reader now, and let their tasks end."""
+    poller = _poller(broker)
+    await trio.testing.wait_all_tasks_blocked()
+    poller.retire_quiet()  # marks the readers parked now
+    poller.retire_quiet()  # retires the ones still parked: all of them
+    await trio.testing.wait_all_tasks_blocked()
+    assert poller.parked == 0
+    assert all(conn.asleep for conn in broker.connections)
+    assert poller.dormant == len(broker.connections)
+
+
+async def subscribed(url: str, topic: str, ssl_context: ssl.SSLContext | None = None) -> RawClient:
+    client = await RawClient.open(url, ssl_context=ssl_context)
+    await client.send({"op": "sub", "id": 1, "topic": topic})
+    assert (await client.recv())["op"] == "ok"
+    return client
+
+
+@pytest.mark.parametrize("scheme", ["ws", "wss"])
+async def test_a_dormant_connection_answers_publishes_and_receives(
+    start_broker: BrokerFactory,
+    scheme: str,
+    tls_files: dict[str, str],
+    client_ssl: ssl.SSLContext,
+) -> None:
+    config: dict[str, object] = {}
+    ssl_context = None
+    if scheme == "wss":
+        config["listener"] = {"tls_cert": tls_files["tls_cert"], "tls_key": tls_files["tls_key"]}
+        ssl_context = client_ssl
+    broker = await start_broker(config)
+    alice = await subscribed(broker.url, "chat.alice", ssl_context)
+    bob = await subscribed(broker.url, "chat.bob", ssl_context)
+    await retire_all(broker)
+    assert _poller(broker).dormant == 2
+
+    # Input wakes a dormant connection: it answers and publishes.
+    await alice.send({"op": "ping", "id": 7})
+    assert await alice.recv() == {"op": "pong", "id": 7}
+    await alice.send({"op": "pub", "id": 8, "topic": "chat.bob", "data": "hi", "ack": True})
+    assert (await alice.recv())["op"] == "ok"
+    # Bob, still dormant, receives: deliveries are written by the
+    # publisher's task, and do not wake the subscriber's reader.
+    message = await bob.recv()
+    assert message["op"] == "msg" and message["data"] == "hi"
+    (bob_conn,) = [c for c in broker.connections if c.subscriptions == {"chat.bob"}]
+    assert bob_conn.asleep
+
+    # Alice's new task parks like any reader, and is retired again.
+    await retire_all(broker)
+    await bob.send({"op": "pub", "topic": "chat.alice", "data": "back"})
+    message = await alice.recv()
+    assert message["op"] == "msg" and message["data"] == "back"
+    await alice.aclose()
+    await bob.aclose()
+
+
+async def test_many_deliveries_to_a_dormant_subscriber_need_no_task(
+    start_broker: BrokerFactory,
+) -> None:
+    """Enough to back its socket up: the writer task that then runs is the
+    writer's, not the reader's, and everything arrives in order."""
+    broker = await start_broker()
+    subscriber = await subscribed(broker.url, "feed")
+    publisher = await RawClient.open(broker.url)
+    await retire_all(broker)
+    count = 2_000
+    payload = "x" * 1_000
+
+    async def publish() -> None:
+        for i in range(count):
+            await publisher.send({"op": "pub", "topic": "feed", "data": f"{i} {payload}"})
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(publish)
+        for i in range(count):
+            message = await subscriber.recv()
+            assert message["data"] == f"{i} {payload}"
+    (conn,) = [c for c in broker.connections if c.subscriptions == {"feed"}]
+    assert conn.asleep
+    await subscriber.aclose()
+    await publisher.aclose()
+
+
+async def test_a_dormant_client_that_hangs_up_is_counted_out(start_broker: BrokerFactory) -> None:
+    disconnected: list[tuple[int, str]] = []
+
+    class Observer:
+        @hookimpl
+        def broker_disconnected(self, client: ClientInfo, code: int, reason: str) -> None:
+            disconnected.append((code, reason))
+
+    def create(settings: Mapping[str, Any], context: PluginContext) -> object:
+        return Observer()
+
+    broker = await start_broker(
+        {"plugins": {"enabled": ["noauth", "test"]}}, factories={"test": create}
+    )
+    closing = await subscribed(broker.url, "a")
+    vanishing = await subscribed(broker.url, "b")
+    staying = await subscribed(broker.url, "c")
+    await retire_all(broker)
+    # A close frame wakes it; its close handshake completes as usual.
+    await closing.send_raw(closing.wsp.send(CloseConnection(1000)))
+    assert (await closing.expect_close()).code == 1000
+    # TCP closed without a close frame: the EOF wakes it.
+    await vanishing.stream.aclose()
+    await wait_until(lambda: len(broker.connections) == 1)
+    assert sorted(disconnected) == [(1000, ""), (int(CloseCode.ABNORMAL), "connection lost")]
+    assert broker._sockets_open == 1 and dict(broker._per_ip) == {"127.0.0.1": 1}
+    assert _poller(broker).dormant == 1
+    await closing.aclose()
+    await staying.aclose()
+
+
+async def test_closing_a_dormant_connection_sends_its_close_frame(
+    start_broker: BrokerFactory,
+) -> None:
+    """The broker closes it (an expired identity, an operator, a slow
+    consumer all go through Connection.close): a task is started for it,
+    which sends the close frame and counts it out."""
+    broker = await start_broker()
+    client = await subscribed(broker.url, "a")
+    other = await subscribed(broker.url, "b")
+    await retire_all(broker)
+    (conn,) = [c for c in broker.connections if c.subscriptions == {"a"}]
+    conn.close(CloseCode.POLICY_VIOLATION, "enough")
+    close = await client.expect_close()
+    assert (close.code, close.reason) == (int(CloseCode.POLICY_VIOLATION), "enough")
+    await client.aclose()
+    await wait_until(lambda: len(broker.connections) == 1)
+    # Shutting down closes the other dormant one with 1001 after its drain.
+    broker.stop()
+    assert (await other.expect_close()).code == int(CloseCode.GOING_AWAY)
+    await wait_until(lambda: not broker.connections and broker._sockets_open == 0)
+    await other.aclose()
+
+
+async def test_cancelling_the_broker_closes_its_dormant_connections() -> None:
+    """No stop(), no drain: the broker's task is cancelled. Dormant
+    connections have no task to cancel; each is woken into one that closes
+    it, as a cancelled reader does, and serve() returns."""
+    cfg = config_from_dict({"listener": {"host": "127.0.0.1", "port": 0}, "admin": {"port": 0}})
+    broker = Broker(cfg, plugins=PluginHost.from_config(cfg), close_timeout=0.5)
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as inner:
+            await inner.start(broker.serve)
+            clients = [await subscribed(broker.url, f"t.{i}") for i in range(3)]
+            await retire_all(broker)
+            inner.cancel_scope.cancel()
+        assert not broker.connections and broker._sockets_open == 0
+    assert not scope.cancelled_caught
+    for client in clients:
+        close = await client.expect_close()
+        assert close.code == 1000
+        await client.aclose()
+
+
+async def test_input_arriving_as_the_reader_retires_is_read(start_broker: BrokerFactory) -> None:
+    """The retired reader reads once more before its task ends: a message
+    that arrives after the retirement but before that read is handled, and
+    the reader stays a task.
+
+    The poller takes the message's edge in the same scheduling batch as the
+    retired reader runs, in an order trio picks at random: when the poller
+    goes first, the edge is for nobody, and a reader that went dormant
+    without reading again would never see the message. Twenty rounds make
+    that case all but certain to come up."""
+    broker = await start_broker(sweep_interval=None)  # no sweep but ours
+    client = await subscribed(broker.url, "a")
+    poller = _poller(broker)
+    (conn,) = broker.connections
+    for i in range(20):
+        await trio.testing.wait_all_tasks_blocked()
+        assert poller.parked == 1
+        poller.retire_quiet()
+        # In the kernel's buffer before anything else runs.
+        frame = client.wsp.send(TextMessage(data=str(dumps({"op": "ping", "id": i}))))
+        os.write(client.stream.socket.fileno(), frame)
+        assert poller.retire_quiet() == 1  # rescheduled with RETIRED, not yet run
+        assert await client.recv() == {"op": "pong", "id": i}
+        await trio.testing.wait_all_tasks_blocked()
+        assert not conn.asleep and poller.parked == 1 and poller.dormant == 0
+    await client.aclose()
+
+
+async def test_a_reader_retired_as_the_broker_is_cancelled_closes_too() -> None:
+    """Retired, and the broker cancelled before the reader has run: the
+    connection still closes (1000, as a cancelled reader's does) and is
+    counted out; serve() returns."""
+    cfg = config_from_dict({"listener": {"host": "127.0.0.1", "port": 0}, "admin": {"port": 0}})
+    broker = Broker(
+        cfg, plugins=PluginHost.from_config(cfg), close_timeout=0.5, sweep_interval=None
+    )
+    async with trio.open_nursery() as inner:
+        await inner.start(broker.serve)
+        client = await subscribed(broker.url, "t")
+        poller = _poller(broker)
+        await trio.testing.wait_all_tasks_blocked()
+        poller.retire_quiet()
+        assert poller.retire_quiet() == 1
+        inner.cancel_scope.cancel()
+    assert not broker.connections and broker._sockets_open == 0
+    assert (await client.expect_close()).code == 1000
+    await client.aclose()
