@@ -4,6 +4,7 @@ set it up, and the memory it holds.
     python3 bench/conn_cost.py instructions [--n 2000] [--python .venv/bin/python]
     PYTHONPATH=. .venv/bin/python bench/conn_cost.py memory [--n 2000] [--top 25] [--parked]
     PYTHONPATH=. .venv/bin/python bench/conn_cost.py rss [--tls] [--n 3000] [--parked]
+    PYTHONPATH=. .venv/bin/python bench/conn_cost.py wake [--n 3000] [--parked]
     python3 bench/conn_cost.py clients --port PORT [--n 2000] [--tls CAFILE]
 
 ``instructions`` starts ``broker serve`` (the configuration of
@@ -41,6 +42,13 @@ dormant (their readers' tasks ended by the read poller's sweep, see
 readers of each batch retired before the next opens, as a broker filling up
 over minutes has them. ``--parked`` measures them in their first second or
 two instead: every reader a task parked on the poller (the sweep is off).
+
+``wake`` opens ``--n`` idle connections (at once), parked or dormant, then has every
+client send one WebSocket ping at once (as the heartbeat's round has every
+idle client answer at once) and prints the broker process's CPU time
+(``time.process_time``) per connection until every pong is back, and, for
+dormant connections, per connection to retire them all again: what input
+costs a dormant connection against a parked one.
 
 ``clients`` is the client side alone (stdlib sockets and selectors), for a
 broker started some other way; it prints one line when every connection
@@ -565,6 +573,57 @@ def rss(args: argparse.Namespace) -> None:
     print(json.dumps(out))
 
 
+# ------------------------------------------------------------------ wake
+def wake(args: argparse.Namespace) -> None:
+    import time
+
+    import trio
+
+    from broker import Broker, PluginHost
+
+    raise_nofile(args.n + 100)
+    cfg = _in_process_config({"host": "127.0.0.1", "port": 0, "path": "/ws"})
+    figures: dict[str, float] = {}
+
+    async def line(proc: Any) -> bytes:
+        got = b""
+        while not got.endswith(b"\n"):
+            chunk = await proc.stdout.receive_some(100)
+            if not chunk:
+                raise RuntimeError("the clients failed")
+            got += chunk
+        return got
+
+    async def main() -> None:
+        broker = Broker(cfg, plugins=PluginHost.from_config(cfg), sweep_interval=None)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(broker.serve)
+            proc = await _spawn_clients(broker.port, args.n)
+            await trio.testing.wait_all_tasks_blocked()
+            if not args.parked:
+                await _retire_all(broker)
+            assert proc.stdin is not None
+            start = time.process_time()
+            await proc.stdin.send_all(b"ping\n")
+            await line(proc)
+            await trio.testing.wait_all_tasks_blocked()
+            figures["wake_and_pong_us"] = (time.process_time() - start) / args.n * 1e6
+            if not args.parked:
+                start = time.process_time()
+                await _retire_all(broker)
+                figures["retire_us"] = (time.process_time() - start) / args.n * 1e6
+            await proc.stdin.aclose()
+            await proc.wait()
+            broker.stop()
+
+    import trio.testing
+
+    trio.run(main)
+    out: dict[str, Any] = {"state": "parked" if args.parked else "dormant"}
+    out.update({k: round(v, 1) for k, v in figures.items()})
+    print(json.dumps(out))
+
+
 def _short(filename: str) -> str:
     for marker in ("/site-packages/", "/lib/python3"):
         if marker in filename:
@@ -585,7 +644,22 @@ def clients_main(args: argparse.Namespace) -> None:
     else:
         socks = open_clients(args.port, args.n, churn=args.churn)
     print(f"{len(socks)} open", flush=True)
-    sys.stdin.read()
+    for line in sys.stdin:
+        if line.strip() != "ping":
+            break
+        # One masked ping from every client, then every pong (``\x8a\x00``).
+        for sock in socks:
+            sock.sendall(_masked(b"", opcode=0x9))
+        for sock in socks:
+            got = b""
+            while len(got) < 2:
+                chunk = sock.recv(2 - len(got))
+                if not chunk:
+                    raise OSError("closed while waiting for a pong")
+                got += chunk
+            if got != b"\x8a\x00":
+                raise OSError(f"expected a pong, got {got!r}")
+        print("pongs", flush=True)
     for sock in socks:
         sock.close()
 
@@ -616,13 +690,22 @@ def main() -> None:
     p.add_argument("--tls", action="store_true", help="serve wss:// (TLS 1.3)")
     p.add_argument("--parked", action="store_true", help="readers parked, not dormant")
     p.add_argument("--batch", type=int, default=500, help="connections opened per batch")
+    p = sub.add_parser("wake")
+    p.add_argument("--n", type=int, default=3000)
+    p.add_argument("--parked", action="store_true", help="readers parked, not dormant")
     p = sub.add_parser("clients")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--churn", action="store_true", help="as instructions --churn")
     p.add_argument("--tls", metavar="CAFILE", help="connect with TLS, trusting CAFILE")
     args = parser.parse_args()
-    modes = {"instructions": instructions, "memory": memory, "rss": rss, "clients": clients_main}
+    modes = {
+        "instructions": instructions,
+        "memory": memory,
+        "rss": rss,
+        "wake": wake,
+        "clients": clients_main,
+    }
     modes[args.mode](args)
 
 

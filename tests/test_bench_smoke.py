@@ -174,3 +174,24 @@ def test_conn_cost_rss_splits_out_what_openssl_holds(tmp_path: Path) -> None:
     assert figures[True]["connections"] == figures[False]["connections"] == 101
     assert figures[False]["c_heap_per_connection"] < 2000
     assert figures[True]["c_heap_per_connection"] > 8000
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the read poller is epoll's")
+@pytest.mark.parametrize("state", ["dormant", "parked"])
+def test_conn_cost_wake_reports_what_input_costs(state: str) -> None:
+    """``bench/conn_cost.py wake``: every client pings once and gets its pong
+    back; the broker's CPU per connection is reported (a figure, not
+    asserted: no test times anything), and the retirement for dormant ones."""
+    argv = [sys.executable, str(ROOT / "bench" / "conn_cost.py"), "wake", "--n", "50"]
+    proc = subprocess.run(
+        argv + (["--parked"] if state == "parked" else []),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PYTHONPATH": f"{ROOT}:{ROOT / 'plugins'}", "PATH": "/usr/bin:/bin"},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    figures = json.loads(proc.stdout.splitlines()[-1])
+    assert figures["state"] == state
+    assert figures["wake_and_pong_us"] > 0
+    assert ("retire_us" in figures) == (state == "dormant")
