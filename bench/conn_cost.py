@@ -421,6 +421,12 @@ async def _spawn_clients(port: int, n: int, extra: Sequence[str] = ()) -> Any:
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
     )
+    await _read_line(proc)
+    return proc
+
+
+async def _read_line(proc: Any) -> bytes:
+    """The next line the ``clients`` child prints (it prints one when done)."""
     assert proc.stdout is not None
     line = b""
     while not line.endswith(b"\n"):
@@ -428,7 +434,7 @@ async def _spawn_clients(port: int, n: int, extra: Sequence[str] = ()) -> Any:
         if not chunk:
             raise RuntimeError("the clients failed")
         line += chunk
-    return proc
+    return line
 
 
 # ------------------------------------------------------------------ memory
@@ -585,15 +591,6 @@ def wake(args: argparse.Namespace) -> None:
     cfg = _in_process_config({"host": "127.0.0.1", "port": 0, "path": "/ws"})
     figures: dict[str, float] = {}
 
-    async def line(proc: Any) -> bytes:
-        got = b""
-        while not got.endswith(b"\n"):
-            chunk = await proc.stdout.receive_some(100)
-            if not chunk:
-                raise RuntimeError("the clients failed")
-            got += chunk
-        return got
-
     async def main() -> None:
         broker = Broker(cfg, plugins=PluginHost.from_config(cfg), sweep_interval=None)
         async with trio.open_nursery() as nursery:
@@ -605,7 +602,7 @@ def wake(args: argparse.Namespace) -> None:
             assert proc.stdin is not None
             start = time.process_time()
             await proc.stdin.send_all(b"ping\n")
-            await line(proc)
+            await _read_line(proc)
             await trio.testing.wait_all_tasks_blocked()
             figures["wake_and_pong_us"] = (time.process_time() - start) / args.n * 1e6
             if not args.parked:

@@ -38,8 +38,11 @@ def _pair() -> tuple[socket.socket, socket.socket]:
     return a, b
 
 
-async def _read_parked(poller: ReadPoller, sock: socket.socket, got: list[bytes]) -> None:
-    """What a connection's reader does: read, and park when empty."""
+async def _read_parked(
+    poller: ReadPoller, sock: socket.socket, got: list[bytes], woken: list[object] | None = None
+) -> None:
+    """What a connection's reader does: read, and park when empty (each
+    wake-up's value in *woken*; it ends when retired)."""
     fd = sock.fileno()
     task = trio.lowlevel.current_task()
 
@@ -52,7 +55,11 @@ async def _read_parked(poller: ReadPoller, sock: socket.socket, got: list[bytes]
             data = os.read(fd, 65536)
         except BlockingIOError:
             poller.park(fd, task)
-            await trio.lowlevel.wait_task_rescheduled(abort)
+            value = await trio.lowlevel.wait_task_rescheduled(abort)
+            if woken is not None:
+                woken.append(value)
+            if value is RETIRED:
+                return
             continue
         got.append(data)
         if not data:
@@ -149,30 +156,12 @@ async def test_a_sweep_retires_only_readers_parked_through_it() -> None:
     (busy, busy_peer), (idle, idle_peer) = _pair(), _pair()
     woken: dict[str, list[object]] = {"busy": [], "idle": []}
 
-    async def reader(name: str, sock: socket.socket) -> None:
-        fd = sock.fileno()
-        task = trio.lowlevel.current_task()
-
-        def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
-            poller.unpark(fd)
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        while True:
-            try:
-                os.read(fd, 65536)
-            except BlockingIOError:
-                poller.park(fd, task)
-                value = await trio.lowlevel.wait_task_rescheduled(abort)
-                woken[name].append(value)
-                if value is RETIRED:
-                    return
-
     with busy, busy_peer, idle, idle_peer:
         assert poller.register(busy.fileno()) and poller.register(idle.fileno())
         async with trio.open_nursery() as nursery:
             nursery.start_soon(poller.run)
-            nursery.start_soon(reader, "busy", busy)
-            nursery.start_soon(reader, "idle", idle)
+            nursery.start_soon(_read_parked, poller, busy, [], woken["busy"])
+            nursery.start_soon(_read_parked, poller, idle, [], woken["idle"])
             await trio.testing.wait_all_tasks_blocked()
             assert poller.retire_quiet() == 0  # marks both
             busy_peer.sendall(b"input")
