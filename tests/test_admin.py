@@ -705,8 +705,10 @@ async def test_api_stats_shows_the_full_source_status(start_broker: BrokerFactor
 
 async def test_task_count_follows_the_connections(start_broker: BrokerFactory) -> None:
     """broker_tasks (and /api/stats "tasks") rise with connections and come
-    back down when they leave: the figure the soak (bench/soak.py) watches."""
-    broker = await start_broker()
+    back down when they leave; once idle connections go dormant, their tasks
+    are counted in broker_connections_dormant ("dormant") instead: the sum
+    is the figure the soak (bench/soak.py) watches."""
+    broker = await start_broker(sweep_interval=None)  # the test retires them
     # the listeners' tasks start in the background: count once they run
     await trio.testing.wait_all_tasks_blocked()
     before = broker.stats_snapshot()["tasks"]
@@ -721,7 +723,21 @@ async def test_task_count_follows_the_connections(start_broker: BrokerFactory) -
         # clients, in the same event loop, have theirs)
         assert during >= before + 2
         assert value(found, "broker_tasks") >= before + 2
+        assert value(found, "broker_connections_dormant") == 0
+        # The sweep retires both readers: two tasks fewer, two dormant.
+        poller = broker._poller
+        assert poller is not None
+        await trio.testing.wait_all_tasks_blocked()
+        parked = broker.stats_snapshot()["tasks"]
+        poller.retire_quiet()
+        poller.retire_quiet()
+        await trio.testing.wait_all_tasks_blocked()
+        snapshot = broker.stats_snapshot()
+        assert (snapshot["tasks"], snapshot["dormant"]) == (parked - 2, 2)
+        found = await scrape(broker)
+        assert value(found, "broker_connections_dormant") == 2
     await wait_until(lambda: not broker.connections)
+    assert broker.stats_snapshot()["dormant"] == 0
     await wait_until(lambda: broker.stats_snapshot()["tasks"] == before)
 
 
