@@ -31,6 +31,7 @@ from broker.plugin.host import PluginContext
 from broker.server.broker import Broker
 from tests.conftest import BrokerFactory
 from tests.helpers import RawClient, dumps, wait_until
+from tests.redis_service import MACHINE_URL, delete_prefix, needs_machine_redis, unique_prefix
 
 pytestmark = pytest.mark.skipif(not hasattr(select, "epoll"), reason="epoll is Linux's")
 
@@ -247,3 +248,29 @@ async def test_a_reader_retired_as_the_broker_is_cancelled_closes_too() -> None:
     assert not broker.connections and broker._sockets_open == 0
     assert (await client.expect_close()).code == 1000
     await client.aclose()
+
+
+@needs_machine_redis
+async def test_dormant_subscribers_receive_from_another_node(start_broker: BrokerFactory) -> None:
+    """With the Redis engine, what another node publishes reaches this
+    node's subscribers through its fan-out link and flusher, not through
+    their readers: dormant subscribers receive it, in order, and stay
+    dormant."""
+    prefix = unique_prefix()
+    engine = {"engine": {"type": "redis", "url": MACHINE_URL, "prefix": prefix}}
+    try:
+        here = await start_broker(engine, sweep_interval=None)
+        there = await start_broker(engine, sweep_interval=None)
+        subscribers = [await subscribed(here.url, "feed.a") for _ in range(3)]
+        publisher = await RawClient.open(there.url)
+        await retire_all(here)
+        for i in range(50):
+            await publisher.send({"op": "pub", "topic": "feed.a", "data": i})
+        for subscriber in subscribers:
+            got = [(await subscriber.recv())["data"] for _ in range(50)]
+            assert got == list(range(50))
+        assert all(conn.asleep for conn in here.connections)
+        for client in [publisher, *subscribers]:
+            await client.aclose()
+    finally:
+        await delete_prefix(MACHINE_URL, prefix)
