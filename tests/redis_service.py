@@ -3,7 +3,9 @@
 * :data:`MACHINE_REDIS` is the machine's Redis (127.0.0.1:6379); tests that
   use it take a key prefix of their own (:func:`unique_prefix`) and delete
   its keys afterwards (:func:`delete_prefix`). :data:`needs_machine_redis`
-  skips them when it is not there.
+  skips them when it is not there. :func:`machine_user` gives a test an ACL
+  user of its own there, whose rights it may take away and give back (a
+  Redis that refuses one broker's commands, and no one else's).
 * :class:`RedisProcess` runs ``redis-server`` on a free port in a temporary
   directory, for the tests that stop, kill, slow down or restart Redis; a
   Redis Cluster is three of them (:func:`open_cluster`).
@@ -128,6 +130,60 @@ async def delete_prefix(url: str, prefix: str) -> None:
                 if cursor == b"0":
                     break
         conn.close()
+
+
+@dataclass(frozen=True)
+class MachineUser:
+    """An ACL user of a test's own on the machine's Redis: every command,
+    every channel, the keys of its prefix."""
+
+    name: str
+    password: str
+
+    @property
+    def url(self) -> str:
+        """The machine's Redis, logged in as this user."""
+        return f"redis://{self.name}:{self.password}@{MACHINE_REDIS[0]}:{MACHINE_REDIS[1]}/0"
+
+    async def deny(self, command: str) -> None:
+        """Redis refuses *command* to this user from now on (``NOPERM``),
+        on the connections it has open too."""
+        await redis_command(MACHINE_URL, "ACL", "SETUSER", self.name, f"-{command}")
+
+    async def allow(self, command: str) -> None:
+        await redis_command(MACHINE_URL, "ACL", "SETUSER", self.name, f"+{command}")
+
+    async def kill_pubsub(self) -> int:
+        """Close this user's pub/sub connections (a broker's fan-out link);
+        how many there were."""
+        killed = await redis_command(
+            MACHINE_URL, "CLIENT", "KILL", "USER", self.name, "TYPE", "pubsub"
+        )
+        assert isinstance(killed, int)
+        return killed
+
+
+@asynccontextmanager
+async def machine_user(prefix: str) -> AsyncIterator[MachineUser]:
+    """A :class:`MachineUser` for the keys of *prefix*, deleted at the end."""
+    user = MachineUser(prefix.replace(":", "-").strip("-"), uuid.uuid4().hex)
+    await redis_command(
+        MACHINE_URL,
+        "ACL",
+        "SETUSER",
+        user.name,
+        "reset",
+        "on",
+        f">{user.password}",
+        f"~{prefix}*",
+        "&*",
+        "+@all",
+    )
+    try:
+        yield user
+    finally:
+        with trio.CancelScope(shield=True):
+            await redis_command(MACHINE_URL, "ACL", "DELUSER", user.name)
 
 
 class RedisProcess:

@@ -21,7 +21,10 @@ growing delay (:class:`~broker.client.reconnect.Reconnect`), then
 resubscribes every subscription with ``since``: where it was in each topic,
 so that a broker keeping history replays what was missed, in order, with no
 gap and no duplicate. When it cannot, the subscription gets a
-:class:`~broker.client.Resync`. See docs/client.md.
+:class:`~broker.client.Resync`. A resubscription the broker answers
+``unavailable`` (its cluster backend could not take it yet) is sent again,
+with the same ``since``, after a growing, randomized delay, on that
+connection, until it is answered. See docs/client.md.
 
 While a connection is up its *reader* reads every frame the broker sends:
 replies (``ok``/``err``/``pong``) wake the request waiting for them, and
@@ -59,7 +62,7 @@ import random
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any, Final, Literal, NoReturn
+from typing import Any, Final, Literal, NamedTuple, NoReturn
 
 import trio
 import trio_websocket
@@ -214,16 +217,20 @@ class _Reply:
 class _Connection:
     """One WebSocket connection of the client; a reconnection makes a new one."""
 
-    __slots__ = ("close_info", "pending", "ready", "ws")
+    __slots__ = ("close_info", "pending", "ready", "retrying", "ws")
 
     def __init__(self, ws: WebSocketConnection) -> None:
         self.ws = ws
         #: Requests sent on this connection, waiting for their answer.
         self.pending: dict[int, _Reply] = {}
-        #: Requests may be sent: the subscriptions are back (after a reconnect).
+        #: Requests may be sent: the subscriptions are back (after a
+        #: reconnect), or being retried (see :meth:`Client._retry_resubscriptions`).
         self.ready = False
         #: Set when the reader has seen the connection close.
         self.close_info: _Details | None = None
+        #: The scope of the retries of its resubscriptions, cancelled when
+        #: the connection is lost: they do not outlive it.
+        self.retrying = trio.CancelScope()
 
 
 class _Held:
@@ -239,6 +246,7 @@ class _Held:
         "pattern",
         "positions",
         "presence",
+        "refused",
         "sent",
         "snapshot",
         "subscribing",
@@ -264,13 +272,34 @@ class _Held:
         self.sent: _Connection | None = None
         #: The broker held it once: it is resubscribed after a reconnect.
         self.established = False
-        #: Set while a block's first ``sub`` is in flight.
+        #: Set while a block's first ``sub`` is in flight, or while its
+        #: resubscription is retried after ``unavailable``: another block
+        #: of the pattern waits for it.
         self.subscribing: trio.Event | None = None
+        #: The ``err`` (code, message) that refused its resubscription for
+        #: good: a block still waiting to join it raises it.
+        self.refused: tuple[str, str] | None = None
         #: ``dropped`` notices read while its ``sub`` awaited the ok on
         #: :attr:`sent`: the broker writes notices ahead of queued frames, so
         #: those of a replay that overflowed the queue precede the ok.
         #: Delivered right after it.
         self.early: list[Dropped] = []
+
+
+class _Resubscription(NamedTuple):
+    """A pattern to resubscribe after a reconnect, and where it resumes."""
+
+    held: _Held
+    #: Computed once, before the first try: a retry sends the same, so that
+    #: what the broker replays follows exactly what was delivered.
+    since: Position | Resume | None
+
+
+def _settle(held: _Held) -> None:
+    """*held*'s resubscription is over: wake the blocks waiting for it."""
+    done, held.subscribing = held.subscribing, None
+    if done is not None:
+        done.set()
 
 
 # --------------------------------------------------------------------------
@@ -293,7 +322,8 @@ class Client:
         errors: the last ``err`` replies no request was waiting for (most
             recent last, at most 100): failures of ``publish(ack=False)``,
             refused resubscriptions, errors the broker could not attribute
-            to a request. Each is also logged at WARNING on the
+            to a request, resubscriptions answered ``unavailable`` (each
+            try; they are retried). Each is also logged at WARNING on the
             ``broker.client`` logger.
         reconnects: how many times the client has reconnected.
     """
@@ -354,7 +384,9 @@ class Client:
 
     @property
     def connected(self) -> bool:
-        """True while a connection is up and its subscriptions are active."""
+        """True while a connection is up and its subscriptions are active
+        again (those the broker answered ``unavailable`` after a reconnect
+        may still be being retried)."""
         conn = self._conn
         return self._close_info is None and conn is not None and conn.ready
 
@@ -691,11 +723,13 @@ class Client:
         """Make the broker hold *held* on the current connection and add
         *subscription* to its blocks; retried after a reconnect."""
         while True:
+            if held.refused is not None:  # its resubscription was refused meanwhile
+                raise server_error(*held.refused)
             conn = await self._ready_connection()
             if held.conn is conn:
                 held.blocks.append(subscription)
                 return
-            if held.subscribing is not None:  # another block is subscribing
+            if held.subscribing is not None:  # another block is subscribing, or a retry
                 await held.subscribing.wait()
                 continue
             done = held.subscribing = trio.Event()
@@ -732,58 +766,140 @@ class Client:
         for item in early:
             subscription._buffer.notice(item)
 
-    async def _resubscribe(self, conn: _Connection, attempts: int) -> None:
+    async def _resubscribe(
+        self, conn: _Connection, reconnected: Reconnected
+    ) -> list[_Resubscription]:
         """After a reconnect: resubscribe every established pattern with
-        ``since`` and wait for the answers (handled by :meth:`_resubscribed`)."""
-        reconnected = Reconnected(attempts)
+        ``since`` and wait for the answers (handled by :meth:`_resubscribed`).
+        Returns those answered ``unavailable``, to retry."""
+        wanted = [
+            _Resubscription(held, held.positions.since())
+            for held in list(self._held.values())
+            if held.established and held.users and held.conn is not conn
+        ]
+        return await self._send_resubscriptions(conn, wanted, reconnected, 1)
+
+    async def _send_resubscriptions(
+        self,
+        conn: _Connection,
+        wanted: list[_Resubscription],
+        reconnected: Reconnected,
+        failures: int,
+    ) -> list[_Resubscription]:
+        """Send a ``sub`` with its ``since`` for each of *wanted* on *conn*
+        and wait for the answers; returns those answered ``unavailable``
+        (the *failures*-th time in a row) that may be retried."""
+        retry: list[_Resubscription] = []
         replies: list[trio.Event] = []
-        for held in list(self._held.values()):
-            if not held.established or not held.users or held.conn is conn:
-                continue
-            since = held.positions.since()
+        for item in wanted:
+            held = item.held
             command = functools.partial(
-                Subscribe, pattern=held.pattern, since=since, presence=held.presence
+                Subscribe, pattern=held.pattern, since=item.since, presence=held.presence
             )
-            handler = functools.partial(self._resubscribed, held, conn, since, reconnected)
+            handler = functools.partial(
+                self._resubscribed, item, conn, reconnected, retry, failures
+            )
             request_id = next(self._ids)
             reply = conn.pending[request_id] = _Reply(handler)
             held.sent = conn
             try:
                 await self._send_on(conn, command(request_id))
             except Disconnected:
-                return  # lost again: the connection loop goes on
+                return []  # lost again: the connection loop goes on
             replies.append(reply.done)
         for done in replies:
             await done.wait()
+        return retry
 
     def _resubscribed(
         self,
-        held: _Held,
+        item: _Resubscription,
         conn: _Connection,
-        since: Position | Resume | None,
         reconnected: Reconnected,
+        retry: list[_Resubscription],
+        failures: int,
         event: Ok | Err,
     ) -> None:
         """The reader's handling of a resubscription's answer."""
+        held = item.held
         early, held.early = held.early, []
         if isinstance(event, Err):
             held.sent = None
+            code, message = event.code, event.message
+            error = server_error(code, message)
+            reconnect = self._reconnect
+            if (
+                code == ErrorCode.UNAVAILABLE
+                and reconnect is not None
+                and not reconnect.gives_up(failures)
+            ):
+                # The broker's cluster backend could not take it (yet): the
+                # same since again after a backoff, still without a gap.
+                self._keep_error(error, f"resubscribing to {held.pattern!r} (will retry)")
+                retry.append(item)
+                return
             held.established = False
+            held.refused = (code, message)
             if self._held.get(held.pattern) is held:
                 del self._held[held.pattern]  # a new subscribe() starts afresh
-            code, message = event.code, event.message
-            self._keep_error(server_error(code, message), f"resubscribing to {held.pattern!r}")
+            self._keep_error(error, f"resubscribing to {held.pattern!r}")
             for subscription in held.blocks:
                 subscription._buffer.end(functools.partial(server_error, code, message))
+            _settle(held)
             return
         held.conn = conn
-        resync = held.positions.resumed(event, since)
+        resync = held.positions.resumed(event, item.since)
         for subscription in held.blocks:
             subscription._buffer.notice(reconnected)
             if resync is not None:
                 subscription._buffer.notice(resync)
-            for item in early:
-                subscription._buffer.notice(item)
+            for early_item in early:
+                subscription._buffer.notice(early_item)
+        _settle(held)
+
+    async def _retry_resubscriptions(
+        self,
+        conn: _Connection,
+        retry: list[_Resubscription],
+        reconnected: Reconnected,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Resubscribe *retry*, answered ``unavailable`` on *conn*, again
+        and again after a backoff (:meth:`Reconnect.delay`), each with the
+        ``since`` of its first try, until the broker answers ``ok``, refuses
+        for good (or ``Reconnect.max_attempts`` answers in a row were
+        ``unavailable``), or the connection is lost (the next one
+        resubscribes them). Until then a ``subscribe()`` of their pattern
+        waits; reports started once they are marked so."""
+        reconnect = self._reconnect
+        assert reconnect is not None  # there was a reconnect
+        marks: list[tuple[_Held, trio.Event]] = []
+        for item in retry:
+            if item.held.subscribing is None:
+                item.held.subscribing = trio.Event()
+                marks.append((item.held, item.held.subscribing))
+        task_status.started()
+        failures = 1
+        try:
+            with conn.retrying:
+                while retry:
+                    await trio.sleep(reconnect.delay(failures - 1, self._random))
+                    # Not those whose blocks were all left meanwhile.
+                    wanted = [
+                        item
+                        for item in retry
+                        if item.held.users
+                        and item.held.conn is not conn
+                        and self._held.get(item.held.pattern) is item.held
+                    ]
+                    failures += 1
+                    retry = await self._send_resubscriptions(conn, wanted, reconnected, failures)
+        finally:
+            for held, event in marks:
+                if held.subscribing is event:
+                    held.subscribing = None
+                event.set()
 
     async def _unsubscribe(self, conn: _Connection, pattern: str) -> None:
         with trio.move_on_after(UNSUBSCRIBE_TIMEOUT, shield=True) as scope:
@@ -901,12 +1017,16 @@ class Client:
         self, conn: _Connection, attempts: int, task_status: trio.TaskStatus[None] | None
     ) -> bool:
         """Run the reader on *conn* until the connection closes; after a
-        reconnect, first resubscribe. Then the connection is *ready*: returns
-        whether it got there."""
+        reconnect, first resubscribe (those answered ``unavailable`` are
+        retried in the background, on this connection only). Then the
+        connection is *ready*: returns whether it got there."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._read_loop, conn)
             if attempts:
-                await self._resubscribe(conn, attempts)
+                reconnected = Reconnected(attempts)
+                retry = await self._resubscribe(conn, reconnected)
+                if retry and conn.close_info is None:
+                    await nursery.start(self._retry_resubscriptions, conn, retry, reconnected)
             if conn.close_info is not None or self._close_info is not None:
                 return False
             conn.ready = True
@@ -926,6 +1046,7 @@ class Client:
             return
         conn.close_info = details
         conn.ready = False
+        conn.retrying.cancel()
         final = self._closing or self._reconnect is None or not reconnect_after_close(details[0])
         if self._conn is conn:
             self._lost = details

@@ -60,14 +60,18 @@ class Reconnect:
     ``uniform(0, min(max_delay, initial_delay * factor ** n))``: spread out
     so that many clients dropped at once by a restarting broker do not come
     back all at the same instant. The count restarts after a connection
-    succeeds.
+    succeeds. A resubscription the broker answered ``unavailable`` is sent
+    again after the same delays (see docs/client.md).
 
     Attributes:
         initial_delay: seconds; the ceiling of the first delay.
         max_delay: seconds; the ceiling of every delay.
         factor: how fast the ceiling grows per failed attempt.
         max_attempts: failed attempts in a row after which the client gives
-            up (:class:`~broker.client.ReconnectFailed`); ``None``: never.
+            up (:class:`~broker.client.ReconnectFailed`); also the
+            ``unavailable`` answers in a row after which a resubscription
+            gives up (that subscription raises
+            :class:`~broker.client.Unavailable`); ``None``: never.
         wait_timeout: seconds a request (``publish()``, ``subscribe()``...)
             made while the client is reconnecting waits for the connection
             before it raises :class:`~broker.client.ConnectionLost`.

@@ -136,7 +136,8 @@ export interface ResyncItem {
   unknown: boolean;
   reason: ResyncReason;
 }
-/** The last item: the client closed for good, or the broker refused to resubscribe. */
+/** The last item: the client closed for good, or the broker refused to resubscribe
+ * (an `unavailable` answer is retried first). */
 export interface ClosedItem {
   type: "closed";
   error: Disconnected | ServerError;
@@ -180,7 +181,8 @@ export interface ReconnectOptions {
   maxDelay?: number;
   /** Growth of the ceiling per failed attempt (2). */
   factor?: number;
-  /** Failed attempts in a row before giving up; null: never (null). */
+  /** Failed attempts in a row before giving up, and `unavailable` answers in a row
+   * before a resubscription gives up; null: never (null). */
   maxAttempts?: number | null;
   /** Seconds a request made while reconnecting waits for the connection (10). */
   waitTimeout?: number;

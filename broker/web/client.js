@@ -15,7 +15,10 @@
 // backoff and full jitter; every subscription resumed with `since` (its
 // last position per topic, or a pattern's cursor), so that a broker keeping
 // history replays what was missed with no gap and no duplicate, and a
-// `resync` says when it could not. docs/browser.md is the user's guide.
+// `resync` says when it could not; a resubscription the broker answers
+// `unavailable` (its cluster backend could not take it yet) is sent again,
+// with the same `since`, after a growing, jittered delay, until answered.
+// docs/browser.md is the user's guide.
 //
 // JSON needs nothing. msgpack needs @msgpack/msgpack: pass the module as
 // `connect(url, {encoding: "msgpack", msgpack})`, or load its UMD build,
@@ -356,7 +359,9 @@ export class Positions {
  * How the client reconnects: before attempt n (0 for the first after a
  * loss) it waits uniform(0, min(maxDelay, initialDelay * factor ** n))
  * seconds ("full jitter"), so that the clients a restarting broker dropped
- * at once do not all come back at the same instant.
+ * at once do not all come back at the same instant. A resubscription the
+ * broker answered `unavailable` is sent again after the same delays;
+ * maxAttempts bounds both.
  */
 export class Reconnect {
   constructor({
@@ -550,12 +555,25 @@ class Held {
     this.conn = null; // the connection on which the broker holds it
     this.sent = null; // the connection its last sub was sent on
     this.established = false; // held once: resubscribed after a reconnect
-    this.subscribing = null; // a promise while a first sub is in flight
+    // A promise while a first sub is in flight, or while its resubscription
+    // is retried after `unavailable`: another subscribe() of it waits.
+    this.subscribing = null;
+    this.settle = null; // resolves `subscribing` of a retry
+    this.refused = null; // {code, message} that refused its resubscription for good
     // `dropped` notices that came while its sub awaited the ok on `sent`:
     // the broker writes notices ahead of queued frames, so those of a
     // replay that overflowed the queue precede the ok. Delivered after it.
     this.early = [];
   }
+}
+
+/** `held`'s resubscription is over: wake the subscribe() calls waiting for it. */
+function settle(held) {
+  const resolve = held.settle;
+  if (resolve === null) return;
+  held.settle = null;
+  held.subscribing = null;
+  resolve();
 }
 
 /**
@@ -658,7 +676,9 @@ export class Client {
     };
   }
 
-  /** True while a connection is up and its subscriptions are active. */
+  /** True while a connection is up and its subscriptions are active again
+   * (those the broker answered `unavailable` after a reconnect may still be
+   * being retried). */
   get connected() {
     return this._closeInfo === null && this._conn !== null && this._conn.ready;
   }
@@ -937,6 +957,8 @@ export class Client {
 
   async _hold(held, subscription) {
     for (;;) {
+      // Its resubscription was refused for good while this one waited.
+      if (held.refused !== null) throw serverError(held.refused.code, held.refused.message);
       const conn = await this._readyConnection();
       if (held.conn === conn) {
         held.blocks.push(subscription);
@@ -1011,20 +1033,33 @@ export class Client {
     }
   }
 
-  _resubscribe(conn, attempts) {
-    const reconnected = { type: "reconnected", attempts };
-    const replies = [];
+  /** After a reconnect: resubscribe every established pattern with `since`;
+   * resolves, once every answer came, to those answered `unavailable`. */
+  _resubscribe(conn, reconnected) {
+    const wanted = [];
     for (const held of [...this._held.values()]) {
       if (!held.established || !held.users || held.conn === conn) continue;
-      const since = held.positions.since();
+      wanted.push({ held, since: held.positions.since() });
+    }
+    return this._sendResubscriptions(conn, wanted, reconnected, 1);
+  }
+
+  /** A sub with its `since` for each of `wanted`; resolves to those answered
+   * `unavailable` (the `failures`-th time in a row) that may be retried. */
+  async _sendResubscriptions(conn, wanted, reconnected, failures) {
+    const retry = [];
+    const replies = [];
+    let lost = false;
+    for (const item of wanted) {
+      const held = item.held;
       const id = ++this._ids;
       const command = { op: "sub", id, topic: held.pattern };
-      if (since !== null) command.since = since;
+      if (item.since !== null) command.since = item.since;
       // After a resume that is not recovered, the broker sends the snapshot again.
       if (held.snapshot) command.snapshot = true;
       if (held.presence) command.presence = true;
       const reply = {
-        handler: (event) => this._resubscribed(held, conn, since, reconnected, event),
+        handler: (event) => this._resubscribed(item, conn, reconnected, retry, failures, event),
         event: null,
         done: deferred(),
       };
@@ -1034,33 +1069,92 @@ export class Client {
         this._send(conn, command);
       } catch (error) {
         conn.pending.delete(id);
-        if (error instanceof Disconnected) break; // lost again: the loop goes on
-        throw error;
+        if (!(error instanceof Disconnected)) throw error;
+        lost = true; // lost again: the loop goes on
+        break;
       }
       replies.push(reply.done.promise.finally(() => conn.pending.delete(id)));
     }
-    return Promise.all(replies);
+    await Promise.all(replies);
+    return lost ? [] : retry;
   }
 
-  _resubscribed(held, conn, since, reconnected, event) {
+  _resubscribed(item, conn, reconnected, retry, failures, event) {
+    const held = item.held;
     const early = held.early.splice(0);
     if (event.op === "err") {
       held.sent = null;
-      held.established = false;
-      if (this._held.get(held.pattern) === held) this._held.delete(held.pattern);
       const error = serverError(event.code, event.message);
+      const reconnect = this._reconnect;
+      if (event.code === "unavailable" && reconnect !== null && !reconnect.givesUp(failures)) {
+        // The broker's cluster backend could not take it (yet): the same
+        // since again after a backoff, still without a gap.
+        this._report(error, `resubscribing to ${held.pattern} (will retry)`);
+        retry.push(item);
+        return;
+      }
+      held.established = false;
+      held.refused = { code: event.code, message: event.message };
+      if (this._held.get(held.pattern) === held) this._held.delete(held.pattern);
       this._report(error, `resubscribing to ${held.pattern}`);
       for (const subscription of [...held.blocks]) subscription._end(error);
+      settle(held);
       return;
     }
     held.conn = conn;
-    const notice = held.positions.resumed(event, since);
+    const notice = held.positions.resumed(event, item.since);
     for (const subscription of [...held.blocks]) {
       subscription._deliver(reconnected);
       if (notice !== null) subscription._deliver(notice);
-      for (const item of early) subscription._deliver(item);
+      for (const dropped of early) subscription._deliver(dropped);
     }
     if (notice !== null) this._emit("resync", { ...notice, pattern: held.pattern });
+    settle(held);
+  }
+
+  /**
+   * Resubscribe `retry`, answered `unavailable` on `conn`, again and again
+   * after a backoff (reconnect.delay), each with the `since` of its first
+   * try, until the broker answers ok, refuses for good (or maxAttempts
+   * answers in a row were `unavailable`), or the connection is lost (the
+   * next one resubscribes them). Until then a subscribe() of their pattern
+   * waits: they are marked so before this returns its promise.
+   */
+  async _retryResubscriptions(conn, retry, reconnected) {
+    const marks = [];
+    for (const { held } of retry) {
+      if (held.subscribing !== null) continue;
+      const done = deferred();
+      held.subscribing = done.promise;
+      held.settle = done.resolve;
+      marks.push([held, done.resolve]);
+    }
+    let failures = 1;
+    try {
+      while (retry.length) {
+        let timer = null;
+        const delay = this._reconnect.delay(failures - 1);
+        await Promise.race([
+          conn.done.promise,
+          new Promise((resolve) => {
+            timer = this._setTimer(resolve, delay);
+          }),
+        ]);
+        this._clearTimer(timer);
+        if (conn.closeInfo !== null || this._closeInfo !== null) return;
+        // Not those whose subscriptions were all unsubscribed meanwhile.
+        const wanted = retry.filter(
+          ({ held }) => held.users && held.conn !== conn && this._held.get(held.pattern) === held,
+        );
+        failures += 1;
+        retry = await this._sendResubscriptions(conn, wanted, reconnected, failures);
+      }
+    } finally {
+      for (const [held, resolve] of marks) {
+        if (held.settle === resolve) settle(held);
+        resolve();
+      }
+    }
   }
 
   // -- the connection loop -------------------------------------------------------------
@@ -1246,7 +1340,18 @@ export class Client {
       ws.close(1000, CLOSED_BY_CLIENT);
       return null;
     }
-    if (attempts) await this._resubscribe(conn, attempts);
+    if (attempts) {
+      const reconnected = { type: "reconnected", attempts };
+      const retry = await this._resubscribe(conn, reconnected);
+      if (conn.closeInfo !== null || this._closeInfo !== null) return null;
+      // Those answered `unavailable` are retried on this connection, which
+      // is ready meanwhile; the retry ends with it (conn.done).
+      if (retry.length) {
+        this._retryResubscriptions(conn, retry, reconnected).catch((error) =>
+          this._report(error, "retrying resubscriptions failed"),
+        );
+      }
+    }
     if (conn.closeInfo !== null || this._closeInfo !== null) return null;
     conn.ready = true;
     this._upSet = true;

@@ -15,7 +15,7 @@ import jwt
 import pytest
 import trio
 
-from broker import Identity
+from broker import Broker, Identity
 from broker.io.http import Request, Response
 from tests.browser.driver import Gate, Page, PageServer, Session, browser_session, serve_pages
 from tests.conftest import BrokerFactory
@@ -26,6 +26,14 @@ from tests.helpers import (
     EncodingName,
     Restartable,
     wait_until,
+)
+from tests.redis_service import (
+    MACHINE_URL,
+    MachineUser,
+    delete_prefix,
+    machine_user,
+    needs_machine_redis,
+    unique_prefix,
 )
 
 HISTORY = {"history": [{"pattern": "trades.>", "size": 1000, "ttl": 300.0}]}
@@ -601,6 +609,169 @@ async def test_close_while_reconnecting_to_a_dead_route_leaves_no_connection(
         "listeners": [],
         "sockets": 0,
     }
+
+
+# -- a resubscription answered unavailable -------------------------------------------
+#
+# The page's broker b logs in to the machine's Redis as an ACL user of the
+# test's own; the test takes FCALL away from it, so that a sub that reads a
+# position from Redis is answered `unavailable` (NOPERM), and kills b's
+# fan-out link, so that b tells its subscribers to resume (1012). Broker a
+# (Redis' default user) publishes meanwhile. See
+# tests/test_client_resubscribe_unavailable.py for the Python client.
+
+REDIS_HISTORY = {"history": [{"pattern": "t.>", "size": 100, "ttl": 60.0}]}
+
+
+@pytest.fixture
+async def redis_user() -> AsyncIterator[tuple[str, MachineUser]]:
+    prefix = unique_prefix()
+    try:
+        async with machine_user(prefix) as user:
+            yield prefix, user
+    finally:
+        await delete_prefix(MACHINE_URL, prefix)
+
+
+async def redis_node(start_broker: BrokerFactory, prefix: str, url: str = MACHINE_URL) -> Broker:
+    engine = {"engine": {"type": "redis", "url": url, "prefix": prefix}}
+    broker = await start_broker({**engine, **REDIS_HISTORY})
+    await wait_until(lambda: broker.readiness()[0])
+    return broker
+
+
+async def redis_outage(user: MachineUser, page: Page, interrupted: int) -> None:
+    """b's user may not call the broker's function; b's fan-out link drops."""
+    await user.deny("fcall")
+    assert await user.kill_pubsub() == 1
+    await page.wait_for(
+        "(n) => window.items.filter((i) => i.type === 'interrupted' && i.code === 1012).length === n",
+        interrupted,
+    )
+
+
+UNAVAILABLE = """(n) => window.events.filter((e) => e.event === "error" && e.label === "exact"
+    && e.detail.name === "Unavailable").length >= n"""
+
+
+@needs_machine_redis
+async def test_a_resubscription_answered_unavailable_is_retried(
+    start_broker: BrokerFactory,
+    redis_user: tuple[str, MachineUser],
+    session: Session,
+    pages: PageServer,
+) -> None:
+    """The page's resubscriptions are answered `unavailable`: the client
+    retries them (the same `since`) until b can answer, and the page gets
+    what was published meanwhile, once, in order, and no resync."""
+    prefix, user = redis_user
+    a = await redis_node(start_broker, prefix)
+    b = await redis_node(start_broker, prefix, user.url)
+    feed = Identity("feed")
+    page = await harness(session, pages)
+    await page.evaluate(
+        """async (url) => {
+            const { connect } = window.broker;
+            window.client = await connect(url, { reconnect: { initialDelay: 0.01, maxDelay: 0.05 } });
+            await window.client.subscribe("t.a", window.record(window.client, "exact"));
+            await window.client.subscribe("t.*", window.record(window.client, "pattern"));
+        }""",
+        b.url,
+    )
+    await a.publish(feed, "t.a", "a1")
+    await a.publish(feed, "t.b", "b1")
+    await page.wait_for("() => window.items.length === 3")
+    await redis_outage(user, page, 2)
+    # Both resubscriptions were refused, then refused again: retried.
+    await page.wait_for(UNAVAILABLE, 4)
+    assert await page.evaluate("() => window.client.connected") is True
+    await a.publish(feed, "t.a", "a2")
+    await a.publish(feed, "t.b", "b2")
+    # A subscribe() of a pattern being retried waits for it, then shares it.
+    await page.evaluate(
+        """() => {
+            window.joined = false;
+            window.client.subscribe("t.a", window.record(window.client, "late"))
+                .then(() => { window.joined = true; });
+        }"""
+    )
+    await page.wait_for(UNAVAILABLE, 6)
+    assert await page.evaluate("() => window.joined") is False
+    await user.allow("fcall")
+    await page.wait_for("() => window.items.filter((i) => i.type === 'reconnected').length === 2")
+    await page.wait_for("() => window.joined")
+    await a.publish(feed, "t.a", "a3")
+    items = await page.wait_for(
+        "() => window.items.filter((i) => i.data === 'a3').length === 3 && window.items"
+    )
+
+    def seen(label: str) -> list[tuple[str, Any]]:
+        return [(i["type"], i.get("data")) for i in items if i["label"] == label]
+
+    assert seen("exact") == [
+        ("message", "a1"),
+        ("interrupted", None),
+        ("reconnected", None),
+        ("message", "a2"),
+        ("message", "a3"),
+    ]
+    assert seen("pattern") == [
+        ("message", "a1"),
+        ("message", "b1"),
+        ("interrupted", None),
+        ("reconnected", None),
+        ("message", "a2"),
+        ("message", "b2"),
+        ("message", "a3"),
+    ]
+    # The late one gets what came after it joined: the replay may or may not
+    # (it follows the ok that let it in), then live.
+    assert seen("late")[-1] == ("message", "a3")
+    assert set(seen("late")) <= {("message", "a2"), ("message", "a3")}
+    errors = await page.evaluate(
+        "() => window.events.filter((e) => e.event === 'error' && e.label === 'exact')"
+    )
+    assert all("NOPERM" in e["detail"]["message"] for e in errors), errors
+    await page.evaluate("() => window.client.close()")
+    assert await page.evaluate("() => window.leaks()") == {
+        "timers": 0,
+        "listeners": [],
+        "sockets": 0,
+    }
+
+
+@needs_machine_redis
+async def test_close_while_retrying_a_resubscription_leaves_nothing(
+    start_broker: BrokerFactory,
+    redis_user: tuple[str, MachineUser],
+    session: Session,
+    pages: PageServer,
+) -> None:
+    prefix, user = redis_user
+    b = await redis_node(start_broker, prefix, user.url)
+    page = await harness(session, pages)
+    # Retries soon at first, then after up to 10 s, then up to 60 s.
+    await page.evaluate(
+        """async (url) => {
+            const { connect } = window.broker;
+            const reconnect = { initialDelay: 0.01, maxDelay: 60, factor: 1000 };
+            window.client = await connect(url, { reconnect });
+            await window.client.subscribe("t.a", window.record(window.client, "exact"));
+        }""",
+        b.url,
+    )
+    await redis_outage(user, page, 1)
+    await page.wait_for(UNAVAILABLE, 2)
+    await page.evaluate("() => window.client.close()", seconds=2)
+    items = await page.evaluate("() => window.items")
+    assert [i["type"] for i in items] == ["interrupted", "closed"]
+    assert items[-1]["error"]["name"] == "Disconnected"
+    assert await page.evaluate("() => window.leaks()") == {
+        "timers": 0,
+        "listeners": [],
+        "sockets": 0,
+    }
+    await wait_until(lambda: not b.connections)
 
 
 # -- tokens --------------------------------------------------------------------------
