@@ -187,7 +187,10 @@ class Outbox:
         self._states: list[_RuleState | None] = []
         self._base = 0  # absolute position of list index 0
         self._head = 0  # list index of the next frame to take
-        self._rules: dict[QueueRule, _RuleState] = {}
+        # The rule states by rule: the shared empty dict while there is one
+        # (most connections), which is then _last alone (a dict of one
+        # costs ~220 B per connection).
+        self._rules: dict[QueueRule, _RuleState] = _EMPTY
         self._last: _RuleState | None = None  # the rule state used last
         self._multi = False  # more than one rule: per-rule positions kept
         self._scan = 0  # one rule: list index from which to look for its oldest
@@ -248,11 +251,21 @@ class Outbox:
     def _state(self, rule: QueueRule) -> _RuleState:
         """*rule*'s state on this connection (made on first use), now the last used."""
         rules = self._rules
-        state = rules.get(rule)
-        if state is None:
-            state = rules[rule] = _RuleState(rule)
-            if len(rules) == 2:
+        if rules is _EMPTY:
+            # One rule at most so far: its state is _last.
+            last = self._last
+            if last is not None and last.rule is rule:
+                return last
+            state = _RuleState(rule)
+            if last is not None:
+                # A second rule: from now on, a dict of them.
+                self._rules = {last.rule: last, rule: state}
                 self._track_positions()
+        else:
+            found = rules.get(rule)
+            if found is None:
+                found = rules[rule] = _RuleState(rule)
+            state = found
         self._last = state
         return state
 
@@ -419,8 +432,11 @@ class Outbox:
 
     def _take_all(self) -> None:
         """Everything queued was taken (take's common case)."""
-        for state in self._rules.values():
-            state.count = state.size = 0
+        if self._multi:
+            for state in self._rules.values():
+                state.count = state.size = 0
+        elif (last := self._last) is not None:
+            last.count = last.size = 0
         self._count = self._size = self._replies = 0
         if self._conflated or self._slot_at:
             self._conflated = _EMPTY
@@ -432,7 +448,7 @@ class Outbox:
         subscriber's frames can be megabytes), rather than when the
         connection's objects are collected. ``dropped_total`` is kept."""
         self._reset()
-        self._rules.clear()
+        self._rules = _EMPTY
         self._last = None
         self._multi = False
         self._conflated = _EMPTY
