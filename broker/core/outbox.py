@@ -81,6 +81,9 @@ class QueueRule:
 
 #: The shared empty dict that stands for "none yet" (never written to).
 _EMPTY: Final[dict[Any, Any]] = {}
+#: The shared empty list that stands for the FIFO's lists while nothing is
+#: queued (never written to: lists of its own are made before a push).
+_NO_LIST: Final[list[Any]] = []
 
 
 class PushResult(enum.Enum):
@@ -167,6 +170,13 @@ class Outbox:
     # by a forward scan from _scan, and no per-rule positions are kept
     # (_multi False): a push is three list appends. The second rule builds
     # every rule's positions once and keeps them from then on.
+    #
+    # Most connections are idle, with nothing queued, and that is what
+    # bounds how many a broker holds. An empty queue keeps none of its
+    # lists (they are the shared _NO_LIST) and, with one rule, no rule
+    # state: emptying the queue drops them and sets _last to None, so the
+    # first push after it goes through _state, which makes them again (once
+    # per batch, not per message: a push finds _last set and the lists made).
 
     def __init__(
         self,
@@ -182,9 +192,9 @@ class Outbox:
         self.max_bytes = max_bytes
         self.max_replies = max_replies
         self.max_drop_topics = max_drop_topics
-        self._frames: list[bytes | None] = []
-        self._topics: list[str | None] = []
-        self._states: list[_RuleState | None] = []
+        self._frames: list[bytes | None] = _NO_LIST
+        self._topics: list[str | None] = _NO_LIST
+        self._states: list[_RuleState | None] = _NO_LIST
         self._base = 0  # absolute position of list index 0
         self._head = 0  # list index of the next frame to take
         # The rule states by rule: the shared empty dict while there is one
@@ -249,7 +259,10 @@ class Outbox:
         positions.append(position)
 
     def _state(self, rule: QueueRule) -> _RuleState:
-        """*rule*'s state on this connection (made on first use), now the last used."""
+        """*rule*'s state on this connection (made on first use), now the
+        last used; the lists are made if the queue had none."""
+        if self._frames is _NO_LIST:
+            self._frames, self._topics, self._states = [], [], []
         rules = self._rules
         if rules is _EMPTY:
             # One rule at most so far: its state is _last.
@@ -347,6 +360,8 @@ class Outbox:
         if self._replies >= self.max_replies:
             return False
         self._replies += 1
+        if self._frames is _NO_LIST:
+            self._frames, self._topics, self._states = [], [], []
         self._frames.append(frame)
         self._topics.append(None)
         self._states.append(None)
@@ -369,6 +384,8 @@ class Outbox:
         ``dropped`` notices precede the frames that follow the drops.
         """
         frames = self._frames
+        if frames is _NO_LIST:
+            return []  # (never the shared list itself)
         head = self._head
         # The common case: everything queued fits in one batch (a flush
         # after each read leaves a few frames per subscriber).
@@ -381,7 +398,7 @@ class Outbox:
             if len(batch) <= 1 or sum(map(len, batch)) <= max_bytes:
                 if batch is frames:
                     # The list itself goes out: positions go on after it.
-                    self._frames = []
+                    self._frames = _NO_LIST
                     self._base += len(batch)
                 self._take_all()
                 return batch
@@ -435,8 +452,7 @@ class Outbox:
         if self._multi:
             for state in self._rules.values():
                 state.count = state.size = 0
-        elif (last := self._last) is not None:
-            last.count = last.size = 0
+        # (One rule: _reset drops its state.)
         self._count = self._size = self._replies = 0
         if self._conflated or self._slot_at:
             self._conflated = _EMPTY
@@ -546,12 +562,12 @@ class Outbox:
         drops[topic] = drops.get(topic, 0) + 1
 
     def _reset(self) -> None:
-        """Everything was taken: empty the lists (freeing their storage)."""
+        """Everything was taken: drop the lists, and the rule state if there
+        is one rule (see the layout notes in the class)."""
         self._base += len(self._frames)
         self._head = self._dead = self._scan = 0
-        self._frames.clear()
-        self._topics.clear()
-        self._states.clear()
+        self._frames = self._topics = self._states = _NO_LIST
+        self._last = None
         if self._multi:
             for state in self._rules.values():
                 state.positions = None
