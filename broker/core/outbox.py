@@ -81,8 +81,8 @@ class QueueRule:
 
 #: The shared empty dict that stands for "none yet" (never written to).
 _EMPTY: Final[dict[Any, Any]] = {}
-#: The shared empty list that stands for the FIFO's lists while nothing is
-#: queued (never written to: lists of its own are made before a push).
+#: The shared empty list that stands for the FIFO's lists before the first
+#: push and after Outbox.shed (never written to: a push makes lists first).
 _NO_LIST: Final[list[Any]] = []
 
 
@@ -172,11 +172,13 @@ class Outbox:
     # every rule's positions once and keeps them from then on.
     #
     # Most connections are idle, with nothing queued, and that is what
-    # bounds how many a broker holds. An empty queue keeps none of its
-    # lists (they are the shared _NO_LIST) and, with one rule, no rule
-    # state: emptying the queue drops them and sets _last to None, so the
-    # first push after it goes through _state, which makes them again (once
-    # per batch, not per message: a push finds _last set and the lists made).
+    # bounds how many a broker holds. A new queue has no lists (they are the
+    # shared _NO_LIST) and no rule state; shed() drops them again once the
+    # connection goes dormant. Either way _last is None, so the next push
+    # goes through _state, which makes them. An active queue keeps them from
+    # batch to batch: made anew per batch, they would be four more objects
+    # per subscriber in each fan-out for the cyclic garbage collector to
+    # count (measured: +5 % instructions per delivery on fan-out 1 -> 1000).
 
     def __init__(
         self,
@@ -398,7 +400,7 @@ class Outbox:
             if len(batch) <= 1 or sum(map(len, batch)) <= max_bytes:
                 if batch is frames:
                     # The list itself goes out: positions go on after it.
-                    self._frames = _NO_LIST
+                    self._frames = []
                     self._base += len(batch)
                 self._take_all()
                 return batch
@@ -452,7 +454,8 @@ class Outbox:
         if self._multi:
             for state in self._rules.values():
                 state.count = state.size = 0
-        # (One rule: _reset drops its state.)
+        elif (last := self._last) is not None:
+            last.count = last.size = 0
         self._count = self._size = self._replies = 0
         if self._conflated or self._slot_at:
             self._conflated = _EMPTY
@@ -472,6 +475,23 @@ class Outbox:
         self._drops = _EMPTY
         self._count = self._size = self._replies = self._dead = 0
         self.in_flight = 0
+
+    def shed(self) -> None:
+        """Free what an empty queue keeps for its next batch: its lists and,
+        with one rule, its rule's state (nothing, if anything is queued).
+        For a connection that goes dormant: the next push makes them again."""
+        if self._count or self._replies or self._frames is _NO_LIST:
+            return
+        # (What the lists may still hold is tombstones.)
+        self._base += len(self._frames)
+        self._head = self._dead = self._scan = 0
+        self._frames = self._topics = self._states = _NO_LIST
+        self._last = None
+        if self._multi:
+            for state in self._rules.values():
+                state.positions = None
+        self._conflated = _EMPTY
+        self._slot_at = _EMPTY
 
     def pending(self) -> bool:
         """True if the writer has something to send (frames or drop notices)."""
@@ -562,12 +582,12 @@ class Outbox:
         drops[topic] = drops.get(topic, 0) + 1
 
     def _reset(self) -> None:
-        """Everything was taken: drop the lists, and the rule state if there
-        is one rule (see the layout notes in the class)."""
+        """Everything was taken: empty the lists (freeing their storage)."""
         self._base += len(self._frames)
         self._head = self._dead = self._scan = 0
-        self._frames = self._topics = self._states = _NO_LIST
-        self._last = None
+        self._frames.clear()
+        self._topics.clear()
+        self._states.clear()
         if self._multi:
             for state in self._rules.values():
                 state.positions = None
