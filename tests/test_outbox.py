@@ -233,8 +233,9 @@ def test_a_new_or_shed_queue_holds_nothing_but_itself() -> None:
     tracemalloc.start()
     try:
         before = tracemalloc.take_snapshot()
-        boxes = [Outbox(max_messages=10, max_bytes=1000) for _ in range(100)]
-        assert held_by_outbox_code(before, tracemalloc.take_snapshot()) <= 0
+        boxes = [Outbox(max_messages=10, max_bytes=1000) for _ in range(1000)]
+        held = held_by_outbox_code(before, tracemalloc.take_snapshot())
+        assert held / len(boxes) < 8, f"{held / len(boxes):.0f} B per new outbox"
         for box in boxes:
             assert box.push_reply(b"ok")
             box.push(msg(0), "t", r)
@@ -249,7 +250,9 @@ def test_a_new_or_shed_queue_holds_nothing_but_itself() -> None:
         held = held_by_outbox_code(before, tracemalloc.take_snapshot())
     finally:
         tracemalloc.stop()
-    assert held <= 0, f"{held / len(boxes):.0f} B per shed outbox"
+    # (< 8 B, not 0: lists freed to CPython's free list still count as
+    # allocated where they were made, up to 80 of them)
+    assert held / len(boxes) < 8, f"{held / len(boxes):.0f} B per shed outbox"
     assert outbox._NO_LIST == []  # the shared empty list stays empty
     for box in boxes:  # and they work as before
         box.push(msg(4), "t", r)
