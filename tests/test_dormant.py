@@ -25,10 +25,12 @@ import trio.testing
 from wsproto.events import CloseConnection, TextMessage
 
 from broker import ClientInfo, PluginHost, config_from_dict, hookimpl
+from broker.core import outbox
 from broker.core.errors import CloseCode
 from broker.io.poller import ReadPoller
 from broker.plugin.host import PluginContext
 from broker.server.broker import Broker
+from broker.server.connection import Connection
 from tests.conftest import BrokerFactory
 from tests.helpers import RawClient, dumps, wait_until
 from tests.redis_service import MACHINE_URL, delete_prefix, needs_machine_redis, unique_prefix
@@ -123,6 +125,42 @@ async def test_many_deliveries_to_a_dormant_subscriber_need_no_task(
             assert message["data"] == f"{i} {payload}"
     (conn,) = [c for c in broker.connections if c.subscriptions == {"feed"}]
     assert conn.asleep
+    await subscriber.aclose()
+    await publisher.aclose()
+
+
+def queue_shed(conn: Connection) -> bool:
+    """The connection's queue holds no lists or rule state (Outbox.shed)."""
+    box = conn.outbox
+    return box._frames is outbox._NO_LIST and box._last is None
+
+
+async def test_a_dormant_connections_queue_keeps_nothing_for_its_next_batch(
+    start_broker: BrokerFactory,
+) -> None:
+    """A parked reader's queue keeps its lists and rule state from batch to
+    batch; once the connection is dormant (first from the handshake's task,
+    then from a task that input woke) they are freed, made again by the
+    next delivery, and freed again at the next retirement."""
+    broker = await start_broker(sweep_interval=None)
+    subscriber = await subscribed(broker.url, "feed")
+    publisher = await RawClient.open(broker.url)
+    (conn,) = [c for c in broker.connections if c.subscriptions == {"feed"}]
+    await publisher.send({"op": "pub", "topic": "feed", "data": "1"})
+    assert (await subscriber.recv())["data"] == "1"
+    assert not queue_shed(conn)
+    await retire_all(broker)
+    assert queue_shed(conn)
+    await publisher.send({"op": "pub", "topic": "feed", "data": "2"})
+    assert (await subscriber.recv())["data"] == "2"
+    assert conn.asleep and not queue_shed(conn)
+    # Woken by input, it answers; retired again, it sheds again.
+    await subscriber.send({"op": "ping", "id": 1})
+    assert await subscriber.recv() == {"op": "pong", "id": 1}
+    await retire_all(broker)
+    assert queue_shed(conn)
+    await publisher.send({"op": "pub", "topic": "feed", "data": "3"})
+    assert (await subscriber.recv())["data"] == "3"
     await subscriber.aclose()
     await publisher.aclose()
 

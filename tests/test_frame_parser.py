@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import struct
+import tracemalloc
 
 import pytest
 from hypothesis import given
@@ -61,6 +62,45 @@ def test_byte_at_a_time_and_many_per_read() -> None:
         out += parser.feed(data[i : i + 1])
     assert out == msgs
     assert FrameParser(1 << 20).feed(data) == msgs
+
+
+def test_a_parser_between_whole_frames_holds_no_buffer() -> None:
+    """Every connection has a parser, and most are idle: between reads that
+    end on a frame boundary, it holds nothing of its own (no empty buffer),
+    also once a frame split across reads has been completed."""
+    c = client()
+    frame = c.send(TextMessage(data="hello" * 10))
+    parsers = [FrameParser(1000) for _ in range(1000)]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        for parser in parsers:
+            assert parser.feed(frame) == ["hello" * 10]
+            assert parser.feed(frame[:3]) == []  # split mid-header...
+            assert parser.feed(frame[3:] + frame) == ["hello" * 10] * 2  # ...and completed
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    held = sum(
+        stat.size_diff
+        for stat in after.compare_to(before, "filename")
+        if stat.traceback[0].filename == frame_parser.__file__
+    )
+    assert held / len(parsers) < 8, f"{held / len(parsers):.0f} B per parser"
+    # (and before any input)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        parsers = [FrameParser(1000) for _ in range(1000)]
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    held = sum(
+        stat.size_diff
+        for stat in after.compare_to(before, "filename")
+        if stat.traceback[0].filename == frame_parser.__file__
+    )
+    assert held / len(parsers) < 8, f"{held / len(parsers):.0f} B per new parser"
 
 
 def test_fragments_with_interleaved_control_frames() -> None:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from broker.core import outbox
 from broker.core.outbox import OTHER_TOPICS, Outbox, Policy, PushResult, QueueRule
 
 
@@ -211,6 +214,86 @@ def test_tombstones_are_compacted_for_a_subscriber_that_never_reads() -> None:
     assert sorted(box.take(1 << 20)) == sorted([msg(9997), msg(9998), msg(9999)])
 
 
+def held_by_outbox_code(before: tracemalloc.Snapshot, after: tracemalloc.Snapshot) -> int:
+    """Bytes allocated by outbox.py between the snapshots and still held."""
+    return sum(
+        stat.size_diff
+        for stat in after.compare_to(before, "filename")
+        if stat.traceback[0].filename == outbox.__file__
+    )
+
+
+def test_a_new_or_shed_queue_holds_nothing_but_itself() -> None:
+    """Most connections are idle subscribers with nothing queued, and what
+    each holds bounds how many a broker can keep: an outbox holds no list,
+    dict or rule state of its own when new, nor once shed (as a dormant
+    connection's is) after batches of messages and replies, taken whole or
+    in parts."""
+    r = rule(Policy.DROP_OLDEST, 10)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        boxes = [Outbox(max_messages=10, max_bytes=1000) for _ in range(1000)]
+        held = held_by_outbox_code(before, tracemalloc.take_snapshot())
+        assert held / len(boxes) < 8, f"{held / len(boxes):.0f} B per new outbox"
+        for box in boxes:
+            assert box.push_reply(b"ok")
+            box.push(msg(0), "t", r)
+            box.push(msg(1), "t", r)
+            assert box.take(1 << 20) == [b"ok", msg(0), msg(1)]
+            box.push(msg(2), "t", r)
+            box.push(msg(3), "t", r)
+            assert box.take(1) == [msg(2)]
+            assert box.take(1) == [msg(3)]
+            assert not box.pending() and box.take(1 << 20) == []
+            box.shed()
+        held = held_by_outbox_code(before, tracemalloc.take_snapshot())
+    finally:
+        tracemalloc.stop()
+    # (< 8 B, not 0: lists freed to CPython's free list still count as
+    # allocated where they were made, up to 80 of them)
+    assert held / len(boxes) < 8, f"{held / len(boxes):.0f} B per shed outbox"
+    assert outbox._NO_LIST == []  # the shared empty list stays empty
+    for box in boxes:  # and they work as before
+        box.push(msg(4), "t", r)
+        assert box.take(1 << 20) == [msg(4)]
+
+
+def test_shed_keeps_what_is_queued() -> None:
+    box = Outbox(max_messages=10, max_bytes=1000)
+    r = rule(Policy.DROP_OLDEST, 2)
+    for i in range(3):
+        box.push(msg(i), "t", r)
+    box.shed()  # a message queued: nothing is dropped
+    box.push(msg(3), "t", r)
+    assert box.take_drops() == {"t": 2}
+    assert box.take(1 << 20) == [msg(2), msg(3)]
+    assert box.push_reply(b"ok")
+    box.shed()
+    assert box.take(1 << 20) == [b"ok"]
+
+
+def test_a_queue_shed_between_rules_keeps_each_rules_limits() -> None:
+    """A shed queue forgets its rule: the next push may bring another,
+    whose limits and policy then apply (and the first one's again after)."""
+    box = Outbox(max_messages=100, max_bytes=10_000)
+    a = rule(Policy.DROP_NEWEST, max_messages=2)
+    b = QueueRule("b", Policy.DROP_OLDEST, 1, 10_000)
+    for i in range(3):
+        box.push(b"a%d" % i, "ta", a)
+    assert box.take(1 << 20) == [b"a0", b"a1"]
+    box.shed()
+    for i in range(3):
+        box.push(b"b%d" % i, "tb", b)
+    assert box.take(1 << 20) == [b"b2"]
+    box.shed()
+    for i in range(3):
+        box.push(b"a%d" % i, "ta", a)
+    assert box.take_drops() == {"ta": 2, "tb": 2}
+    assert box.take(1 << 20) == [b"a0", b"a1"]
+    assert box.dropped_total == 4
+
+
 def test_invalid_limits() -> None:
     with pytest.raises(ValueError, match="positive"):
         Outbox(max_messages=0, max_bytes=10)
@@ -224,6 +307,7 @@ def test_invalid_limits() -> None:
             st.tuples(st.just("push"), st.sampled_from(["a", "b", "c"]), st.integers(1, 40)),
             st.tuples(st.just("take"), st.just(""), st.integers(1, 100)),
             st.tuples(st.just("in_flight"), st.just(""), st.integers(0, 150)),
+            st.tuples(st.just("shed"), st.just(""), st.just(0)),
         ),
         max_size=200,
     ),
@@ -247,6 +331,8 @@ def test_accounting_property(policy: Policy, ops: list[tuple[str, str, int]]) ->
             assert box.queued_bytes <= before or box.queued_bytes + box.in_flight <= 120
         elif op == "in_flight":
             box.in_flight = size
+        elif op == "shed":
+            box.shed()
         else:
             for t, c in box.take_drops().items():
                 dropped[t] = dropped.get(t, 0) + c
@@ -260,6 +346,7 @@ def test_accounting_property(policy: Policy, ops: list[tuple[str, str, int]]) ->
         assert len(got) + dropped.get(topic, 0) == count
         seqs = [int(m[1:7]) for m in got]
         assert seqs == sorted(seqs)  # a subscriber never sees a topic go backwards
+    assert outbox._NO_LIST == []
 
 
 def test_discard_frees_everything_and_keeps_the_drop_total() -> None:
@@ -302,6 +389,7 @@ def test_drop_oldest_drops_its_own_rules_oldest_after_a_second_rule_appears() ->
             st.tuples(st.just("reply"), st.just(""), st.integers(1, 10)),
             st.tuples(st.just("take"), st.just(""), st.integers(1, 100)),
             st.tuples(st.just("in_flight"), st.just(""), st.integers(0, 150)),
+            st.tuples(st.just("shed"), st.just(""), st.just(0)),
         ),
         max_size=200,
     ),
@@ -334,6 +422,8 @@ def test_accounting_property_with_two_rules_and_replies(
                 replies.append(frame)
         elif op == "in_flight":
             box.in_flight = size
+        elif op == "shed":
+            box.shed()
         else:
             for t, c in box.take_drops().items():
                 dropped[t] = dropped.get(t, 0) + c
@@ -347,3 +437,4 @@ def test_accounting_property_with_two_rules_and_replies(
         seqs = [int(m[1:7]) for m in got]
         assert seqs == sorted(seqs)
     assert box.stats().messages == 0 and box.queued_bytes == 0
+    assert outbox._NO_LIST == []

@@ -149,7 +149,10 @@ class FrameParser:
 
     def __init__(self, max_message_size: int) -> None:
         self.max_message_size = max_message_size
-        self._buf = bytearray()
+        # The start of a frame that a read cut short: None when there is
+        # none, as almost always between reads (an empty bytearray kept by
+        # every idle connection costs 56 B).
+        self._buf: bytearray | None = None
         # The fragments of a fragmented binary or text (decoded) message: None
         # but while one is reassembled (few clients fragment; every
         # connection has a parser).
@@ -269,7 +272,10 @@ class FrameParser:
             self._fail(rest, e, view[start] & 0x0F == _OP_CLOSE)
             raise
         if buf:
-            del buf[:pos]
+            if pos < end:
+                del buf[:pos]
+            else:
+                self._buf = None
         elif pos < end:
             self._buf = bytearray(data[pos:])
         return events
@@ -366,7 +372,7 @@ class FrameParser:
         self.failed = True
         self._parts = self._text = None
         self._decoder = None
-        self._buf = bytearray()
+        self._buf = None
         if close:
             # The offending frame is the client's close frame itself (a bad
             # code or reason, too long, fragmented): the client is closing.
@@ -384,6 +390,8 @@ class FrameParser:
         if self.lost:
             return []
         buf = self._buf
+        if buf is None:
+            buf = self._buf = bytearray()
         buf += data
         pos = 0
         end = len(buf)
@@ -437,5 +445,8 @@ class FrameParser:
                 reason = payload[2:].decode("utf-8", "replace")
                 events.append(Close(_U16.unpack_from(payload)[0], reason))
             break
-        del buf[:pos]
+        if pos < end:
+            del buf[:pos]
+        else:
+            self._buf = None
         return events

@@ -81,6 +81,9 @@ class QueueRule:
 
 #: The shared empty dict that stands for "none yet" (never written to).
 _EMPTY: Final[dict[Any, Any]] = {}
+#: The shared empty list that stands for the FIFO's lists before the first
+#: push and after Outbox.shed (never written to: a push makes lists first).
+_NO_LIST: Final[list[Any]] = []
 
 
 class PushResult(enum.Enum):
@@ -167,6 +170,15 @@ class Outbox:
     # by a forward scan from _scan, and no per-rule positions are kept
     # (_multi False): a push is three list appends. The second rule builds
     # every rule's positions once and keeps them from then on.
+    #
+    # Most connections are idle, with nothing queued, and that is what
+    # bounds how many a broker holds. A new queue has no lists (they are the
+    # shared _NO_LIST) and no rule state; shed() drops them again once the
+    # connection goes dormant. Either way _last is None, so the next push
+    # goes through _state, which makes them. An active queue keeps them from
+    # batch to batch: made anew per batch, they would be four more objects
+    # per subscriber in each fan-out for the cyclic garbage collector to
+    # count (measured: +5 % instructions per delivery on fan-out 1 -> 1000).
 
     def __init__(
         self,
@@ -182,12 +194,15 @@ class Outbox:
         self.max_bytes = max_bytes
         self.max_replies = max_replies
         self.max_drop_topics = max_drop_topics
-        self._frames: list[bytes | None] = []
-        self._topics: list[str | None] = []
-        self._states: list[_RuleState | None] = []
+        self._frames: list[bytes | None] = _NO_LIST
+        self._topics: list[str | None] = _NO_LIST
+        self._states: list[_RuleState | None] = _NO_LIST
         self._base = 0  # absolute position of list index 0
         self._head = 0  # list index of the next frame to take
-        self._rules: dict[QueueRule, _RuleState] = {}
+        # The rule states by rule: the shared empty dict while there is one
+        # (most connections), which is then _last alone (a dict of one
+        # costs ~220 B per connection).
+        self._rules: dict[QueueRule, _RuleState] = _EMPTY
         self._last: _RuleState | None = None  # the rule state used last
         self._multi = False  # more than one rule: per-rule positions kept
         self._scan = 0  # one rule: list index from which to look for its oldest
@@ -246,13 +261,26 @@ class Outbox:
         positions.append(position)
 
     def _state(self, rule: QueueRule) -> _RuleState:
-        """*rule*'s state on this connection (made on first use), now the last used."""
+        """*rule*'s state on this connection (made on first use), now the
+        last used; the lists are made if the queue had none."""
+        if self._frames is _NO_LIST:
+            self._frames, self._topics, self._states = [], [], []
         rules = self._rules
-        state = rules.get(rule)
-        if state is None:
-            state = rules[rule] = _RuleState(rule)
-            if len(rules) == 2:
+        if rules is _EMPTY:
+            # One rule at most so far: its state is _last.
+            last = self._last
+            if last is not None and last.rule is rule:
+                return last
+            state = _RuleState(rule)
+            if last is not None:
+                # A second rule: from now on, a dict of them.
+                self._rules = {last.rule: last, rule: state}
                 self._track_positions()
+        else:
+            found = rules.get(rule)
+            if found is None:
+                found = rules[rule] = _RuleState(rule)
+            state = found
         self._last = state
         return state
 
@@ -334,6 +362,8 @@ class Outbox:
         if self._replies >= self.max_replies:
             return False
         self._replies += 1
+        if self._frames is _NO_LIST:
+            self._frames, self._topics, self._states = [], [], []
         self._frames.append(frame)
         self._topics.append(None)
         self._states.append(None)
@@ -356,6 +386,8 @@ class Outbox:
         ``dropped`` notices precede the frames that follow the drops.
         """
         frames = self._frames
+        if frames is _NO_LIST:
+            return []  # (never the shared list itself)
         head = self._head
         # The common case: everything queued fits in one batch (a flush
         # after each read leaves a few frames per subscriber).
@@ -419,8 +451,11 @@ class Outbox:
 
     def _take_all(self) -> None:
         """Everything queued was taken (take's common case)."""
-        for state in self._rules.values():
-            state.count = state.size = 0
+        if self._multi:
+            for state in self._rules.values():
+                state.count = state.size = 0
+        elif (last := self._last) is not None:
+            last.count = last.size = 0
         self._count = self._size = self._replies = 0
         if self._conflated or self._slot_at:
             self._conflated = _EMPTY
@@ -432,7 +467,7 @@ class Outbox:
         subscriber's frames can be megabytes), rather than when the
         connection's objects are collected. ``dropped_total`` is kept."""
         self._reset()
-        self._rules.clear()
+        self._rules = _EMPTY
         self._last = None
         self._multi = False
         self._conflated = _EMPTY
@@ -440,6 +475,23 @@ class Outbox:
         self._drops = _EMPTY
         self._count = self._size = self._replies = self._dead = 0
         self.in_flight = 0
+
+    def shed(self) -> None:
+        """Free what an empty queue keeps for its next batch: its lists and,
+        with one rule, its rule's state (nothing, if anything is queued).
+        For a connection that goes dormant: the next push makes them again."""
+        if self._count or self._replies or self._frames is _NO_LIST:
+            return
+        # (What the lists may still hold is tombstones.)
+        self._base += len(self._frames)
+        self._head = self._dead = self._scan = 0
+        self._frames = self._topics = self._states = _NO_LIST
+        self._last = None
+        if self._multi:
+            for state in self._rules.values():
+                state.positions = None
+        self._conflated = _EMPTY
+        self._slot_at = _EMPTY
 
     def pending(self) -> bool:
         """True if the writer has something to send (frames or drop notices)."""
