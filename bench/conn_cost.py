@@ -124,9 +124,9 @@ class _Client:
 
 
 def open_clients(
-    port: int, n: int, concurrency: int = 64, *, churn: bool = False
+    port: int, n: int, concurrency: int = 64, *, churn: bool = False, first: int = 0
 ) -> list[socket.socket]:
-    """Open *n* subscribed connections (topic ``t<i>``), *concurrency* at a
+    """Open *n* subscribed connections (topic ``t<i>``, *i* from *first*), *concurrency* at a
     time, then publish one probe to each topic and wait until every one got
     it. Returns the sockets.
 
@@ -183,7 +183,7 @@ def open_clients(
                     c.sock.sendall(_masked(b'{"op":"ping","id":1}'))
                     c.state = "pinging"
                 else:
-                    sub = json.dumps({"op": "sub", "id": 1, "topic": f"t{c.i}"})
+                    sub = json.dumps({"op": "sub", "id": 1, "topic": f"t{first + c.i}"})
                     c.sock.sendall(_masked(sub.encode()))
                     c.state = "subscribing"
             if c.state == "pinging" and _frames(c.buf):
@@ -210,7 +210,7 @@ def open_clients(
     probe = "@T0000000000000000#" + "x" * 81
     pub.sendall(
         b"".join(
-            _masked(json.dumps({"op": "pub", "topic": f"t{i}", "data": probe}).encode())
+            _masked(json.dumps({"op": "pub", "topic": f"t{first + i}", "data": probe}).encode())
             for i in range(n)
         )
     )
@@ -222,7 +222,7 @@ def open_clients(
     return done
 
 
-def open_tls_clients(port: int, n: int, cafile: str) -> list[socket.socket]:
+def open_tls_clients(port: int, n: int, cafile: str, first: int = 0) -> list[socket.socket]:
     """:func:`open_clients` over TLS, one connection at a time (blocking
     sockets; the broker still serves them all at once once they are open)."""
     import ssl
@@ -257,7 +257,7 @@ def open_tls_clients(port: int, n: int, cafile: str) -> list[socket.socket]:
     done = []
     for i in range(n):
         sock = connect()
-        sock.sendall(_masked(json.dumps({"op": "sub", "id": 1, "topic": f"t{i}"}).encode()))
+        sock.sendall(_masked(json.dumps({"op": "sub", "id": 1, "topic": f"t{first + i}"}).encode()))
         reply = frame(sock)
         if json.loads(reply).get("op") != "ok":
             raise OSError(f"connection {i}: {reply!r}")
@@ -265,7 +265,9 @@ def open_tls_clients(port: int, n: int, cafile: str) -> list[socket.socket]:
     pub = connect()
     probe = "@T0000000000000000#" + "x" * 81
     for i in range(n):
-        pub.sendall(_masked(json.dumps({"op": "pub", "topic": f"t{i}", "data": probe}).encode()))
+        pub.sendall(
+            _masked(json.dumps({"op": "pub", "topic": f"t{first + i}", "data": probe}).encode())
+        )
     for sock in done:
         frame(sock)
     done.append(pub)
@@ -404,7 +406,10 @@ async def _open_idle(broker: Any, args: argparse.Namespace, extra: Sequence[str]
     procs = []
     left = args.n
     while left > 0:
-        procs.append(await _spawn_clients(broker.port, min(left, args.batch), extra))
+        # Topics of their own per batch: a probe for this batch's
+        # subscribers does not reach the earlier, dormant ones.
+        first = ["--first", str(args.n - left)]
+        procs.append(await _spawn_clients(broker.port, min(left, args.batch), [*extra, *first]))
         left -= args.batch
         await _retire_all(broker)
     return procs
@@ -637,9 +642,9 @@ def raise_nofile(need: int) -> None:
 def clients_main(args: argparse.Namespace) -> None:
     raise_nofile(args.n + 100)
     if args.tls:
-        socks = open_tls_clients(args.port, args.n, args.tls)
+        socks = open_tls_clients(args.port, args.n, args.tls, args.first)
     else:
-        socks = open_clients(args.port, args.n, churn=args.churn)
+        socks = open_clients(args.port, args.n, churn=args.churn, first=args.first)
     print(f"{len(socks)} open", flush=True)
     for line in sys.stdin:
         if line.strip() != "ping":
@@ -694,6 +699,7 @@ def main() -> None:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--churn", action="store_true", help="as instructions --churn")
+    p.add_argument("--first", type=int, default=0, help="subscribe to t<first>, t<first+1>...")
     p.add_argument("--tls", metavar="CAFILE", help="connect with TLS, trusting CAFILE")
     args = parser.parse_args()
     modes = {

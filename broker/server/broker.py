@@ -815,8 +815,6 @@ class Broker:
                 self._connected(conn, remote.via)
                 try:
                     asleep = await conn.run(initial)
-                    if asleep:
-                        conn.outbox.shed()  # (see _resume)
                 finally:
                     if not asleep:
                         self._disconnected(conn)
@@ -839,11 +837,6 @@ class Broker:
         try:
             try:
                 asleep = await conn.run()
-                if asleep:
-                    # Dormant, as idle connections spend their life: the
-                    # queue frees what it keeps for the next batch (made
-                    # again if one comes).
-                    conn.outbox.shed()
             finally:
                 if not asleep:
                     self._disconnected(conn)

@@ -392,6 +392,9 @@ class Connection:
                 assert poller is not None
                 self._asleep = True
                 poller.sleep(fd, self)
+                # As idle connections spend their life: the queue frees what
+                # it keeps for the next batch (made again if one comes).
+                self.outbox.shed()
                 return True
             retired = False
             await self._end()
