@@ -36,7 +36,9 @@ broker/io/poller.py), the state an idle connection spends its life in:
 ~3.9 KB (parked ~6.05 KB and ~6.9 KB) since an outbox keeps no dict for
 its one rule and a parser no empty buffer, and a dormant connection's
 outbox sheds its lists and rule state (docs/performance.md, "Dormant
-connections"). A dormant connection that kept its task's frames, or a
+connections"); ~2.85 KB and ~3.7 KB (parked ~5.85 KB and ~6.7 KB) since a
+session holds its one subscription in a tuple rather than a set of its
+own. A dormant connection that kept its task's frames, or a
 reader that could not retire, fails the second budget.
 """
 
@@ -55,15 +57,15 @@ from tests.conftest import BrokerFactory
 from tests.helpers import RawClient
 
 #: Bytes of Python heap per idle subscribed plain connection, at most:
-#: measured ~6,050 B.
-BUDGET = 6_550
+#: measured ~5,840 B.
+BUDGET = 6_300
 #: The same on wss:// (OpenSSL's own state, ~14 KB more, is not Python heap
-#: and not counted here; see docs/performance.md): measured ~6,900 B.
+#: and not counted here; see docs/performance.md): measured ~6,730 B.
 TLS_BUDGET = 7_300
 #: The same once the connections are dormant (their readers' tasks ended):
-#: measured ~3,050 B (plain) and ~3,890 B (TLS).
-DORMANT_BUDGET = 3_300
-DORMANT_TLS_BUDGET = 4_200
+#: measured ~2,840 B (plain) and ~3,720 B (TLS).
+DORMANT_BUDGET = 3_050
+DORMANT_TLS_BUDGET = 4_000
 CONNECTIONS = 100
 
 BROKER_DIR = str(Path(__file__).resolve().parent.parent / "broker")

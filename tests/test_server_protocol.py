@@ -624,3 +624,35 @@ async def test_subscriptions_are_removed_when_a_client_leaves(broker: Broker) ->
         assert broker.hub.router.pattern_count == 2
     await wait_until(lambda: broker.hub.router.pattern_count == 0)
     await wait_until(lambda: not broker.connections)
+
+
+async def test_subscriptions_as_they_come_and_go(broker: Broker) -> None:
+    """None, one, several, back to one and none: the broker holds (and
+    routes) exactly what the client subscribed, however it stores them (a
+    connection with one subscription keeps no set of its own)."""
+    async with connect(broker.url) as client, connect(broker.url) as publisher:
+        await client.sub("a")
+        (conn,) = [c for c in broker.connections if c.subscriptions == {"a"}]
+        steps: list[tuple[str, str, set[str]]] = [
+            ("sub", "a", {"a"}),  # idempotent
+            ("sub", "b.*", {"a", "b.*"}),
+            ("unsub", "a", {"b.*"}),
+            ("unsub", "b.*", set()),
+            ("sub", "c", {"c"}),
+            ("unsub", "c", set()),
+            ("sub", "d", {"d"}),
+        ]
+        for op, pattern, held in steps:
+            if op == "sub":
+                await client.sub(pattern)
+            else:
+                reply = await client.request({"op": "unsub", "id": 1, "topic": pattern})
+                assert reply == {"op": "ok", "id": 1}
+            assert conn.subscriptions == held
+        reply = await client.request({"op": "unsub", "id": 2, "topic": "a"})
+        assert_err(reply, "bad_request", 2, "not subscribed")
+        for topic in ("a", "b.x", "c", "d"):
+            await publisher.pub(topic, topic)
+        message = await client.recv()
+        assert (message["topic"], message["data"]) == ("d", "d")
+        await client.assert_alive()

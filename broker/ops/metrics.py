@@ -242,7 +242,7 @@ class BrokerCollector(Collector):
         depth_counts = [0] * (len(bounds) + 1)
         depth_sum = 0
         for conn in connections:
-            for pattern in conn.subscriptions:
+            for pattern in conn.session.subscriptions:
                 if "*" in pattern or ">" in pattern:
                     wildcard += 1
                 else:

@@ -406,7 +406,7 @@ class Broker:
             "sockets_open": self._sockets_open,
             "tasks": tasks_living(),
             "dormant": self.dormant,
-            "subscriptions": sum(len(c.subscriptions) for c in connections),
+            "subscriptions": sum(len(c.session.subscriptions) for c in connections),
             "subscription_patterns": hub.router.pattern_count,
             "presence": self._presence_snapshot(),
             "history": {

@@ -30,6 +30,7 @@ import logging
 import math
 import os
 from collections.abc import Awaitable, Callable
+from collections.abc import Set as AbstractSet
 from typing import Final
 
 import trio
@@ -196,8 +197,10 @@ class Connection:
         return self.session.info
 
     @property
-    def subscriptions(self) -> set[str]:
-        return self.session.subscriptions
+    def subscriptions(self) -> AbstractSet[str]:
+        """The patterns it holds (a set; not to be changed)."""
+        subscriptions = self.session.subscriptions
+        return subscriptions if isinstance(subscriptions, set) else frozenset(subscriptions)
 
     @property
     def bytes_out(self) -> int:
