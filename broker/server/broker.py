@@ -464,7 +464,8 @@ class Broker:
         returns how many."""
         closed = 0
         for connection in list(self.connections):
-            subscribed = connection.subscriptions or connection.session.subscribing
+            session = connection.session
+            subscribed = session.subscriptions or session.subscribing
             if subscribed and connection.close_code is None:
                 connection.close(
                     CloseCode.SERVICE_RESTART, "cluster link interrupted: reconnect and resume"

@@ -433,17 +433,21 @@ class Session:
         else:
             self.subscriptions = (pattern,)
 
+    def _drop_subscription(self, pattern: str) -> None:
+        """Hold *pattern* no more (held now)."""
+        subscriptions = self.subscriptions
+        if isinstance(subscriptions, set):
+            subscriptions.discard(pattern)
+        else:
+            self.subscriptions = ()  # it was the one
+
     async def _unsubscribe(self, command: Unsubscribe) -> None:
         pattern = command.pattern
         if pattern not in self.subscriptions:
             self._error(command.id, ErrorCode.BAD_REQUEST, f"not subscribed to {pattern}")
             return
         services = self.services
-        subscriptions = self.subscriptions
-        if isinstance(subscriptions, set):
-            subscriptions.discard(pattern)
-        else:
-            self.subscriptions = ()  # it was this one
+        self._drop_subscription(pattern)
         services.hub.unsubscribe(pattern, self.host)
         self._reply(encode_ok(command.id, self.encoding))
         await self._presence_left(pattern)
