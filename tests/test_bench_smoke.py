@@ -10,6 +10,8 @@ And runs the soak (``bench/soak.py``) for 24 s with 500 connections: its
 verdict (RSS, descriptors and tasks flat, the idle broker back to its idle
 figures, no failure seen by the generator, no error logged) must be OK.
 
+And runs ``fanout-100`` over wss:// against every broker (``--tls``).
+
 And runs ``bench/conn_cost.py rss`` on ws:// and wss:// with 100
 connections, which must split out OpenSSL's per-connection state.
 """
@@ -78,6 +80,23 @@ def test_fanout_against_our_broker(tmp_path: Path, variant: list[str]) -> None:
     assert res["unexpected_closes"] == 0
     assert results["summary"]["fanout-100"]["broker"]["ok_runs"] == 1
     assert "fanout-100" in stdout  # the markdown table
+
+
+@needs_nats
+@pytest.mark.skipif(shutil.which("mosquitto") is None, reason="needs mosquitto")
+def test_every_broker_serves_wss(tmp_path: Path) -> None:
+    """``--tls`` measures nats-server and Mosquitto on wss:// too, from the
+    same throw-away certificate (Mosquitto reads it once it has dropped
+    root, so a certificate it cannot read would fail here)."""
+    results, stdout = run_bench(
+        tmp_path, ["--tls", "--scenarios", "fanout-100"], 60, brokers="broker,nats,mosquitto"
+    )
+    assert results["meta"]["tls"] is True
+    runs = {run["broker"]: run["result"] for run in results["runs"]}
+    assert set(runs) == {"broker", "nats", "mosquitto"}
+    for name, res in runs.items():
+        assert res.get("ok") is True, (name, res)
+        assert res["deliveries_per_s"] > 0, name
 
 
 @needs_nats
