@@ -97,6 +97,7 @@ def test_every_broker_serves_wss(tmp_path: Path) -> None:
     for name, res in runs.items():
         assert res.get("ok") is True, (name, res)
         assert res["deliveries_per_s"] > 0, name
+    assert "| nats |" in stdout and "| mosquitto |" in stdout  # the table has all three
 
 
 @needs_nats
