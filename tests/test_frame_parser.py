@@ -296,3 +296,90 @@ def test_c_unmasking_gives_the_bytes_of_the_pure_python_one(
     assert frame_parser._unmask(payload, key) == expected
     assert frame_parser._unmask_int(payload, key) == expected
     assert frame_parser._unmask(data, mask) == expected
+
+
+# -- feed_controls: a dormant connection's pings and pongs ---------------------------
+
+
+def test_feed_controls_takes_whole_pings_and_pongs() -> None:
+    c = client()
+    data = c.send(WsPing(b"a")) + c.send(WsPong(b"")) + c.send(WsPing(b"x" * 125))
+    parser = FrameParser(100)
+    assert parser.feed_controls(data) == [Ping(b"a"), Pong(b""), Ping(b"x" * 125)]
+    # ...and the parser goes on as before.
+    assert parser.feed(c.send(TextMessage(data="after"))) == ["after"]
+    assert parser.feed_controls(b"") == []
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(client().send(WsPing(b"ab"))[:3], id="a-ping-cut-short"),
+        pytest.param(client().send(WsPing(b"a")) + b"\x89", id="a-ping-and-a-byte"),
+        pytest.param(client().send(WsPing(b"a")) + client().send(TextMessage(data="m")), id="msg"),
+        pytest.param(client().send(CloseConnection(1000)), id="close"),
+        pytest.param(masked(0x09, b"p"), id="ping-not-final"),
+        pytest.param(masked(0xC9, b"p"), id="rsv-bit"),
+        pytest.param(b"\x89\x01p", id="unmasked"),
+        pytest.param(masked(0x8A, b"p" * 126), id="too-long"),
+    ],
+)
+def test_feed_controls_leaves_anything_else_to_feed(data: bytes) -> None:
+    """None, and nothing fed: feed then sees the bytes (and refuses what
+    it must) exactly as a fresh parser does."""
+    parser, fresh = FrameParser(100), FrameParser(100)
+    assert parser.feed_controls(data) is None
+
+    def outcome(p: FrameParser) -> object:
+        try:
+            return p.feed(data)
+        except FrameError as e:
+            return (e.code, e.reason, e.events)
+
+    assert outcome(parser) == outcome(fresh)
+
+
+def test_feed_controls_waits_for_a_frame_or_message_in_progress() -> None:
+    c = client()
+    ping = c.send(WsPing(b"p"))
+    cut = FrameParser(100)
+    assert cut.feed(c.send(TextMessage(data="half"))[:3]) == []
+    assert cut.feed_controls(ping) is None  # the rest of a frame comes first
+    fragmented = FrameParser(100)
+    assert fragmented.feed(masked(0x01, b"frag")) == []  # a text message begun
+    assert fragmented.feed_controls(ping) is None
+    assert fragmented.feed(ping + masked(0x80, b"ment")) == [Ping(b"p"), "fragment"]
+    failed = FrameParser(100)
+    with pytest.raises(FrameError):
+        failed.feed(b"\x81\x01x")  # unmasked
+    assert failed.feed_controls(ping) is None
+
+
+@given(
+    st.lists(
+        st.tuples(st.sampled_from([0x89, 0x8A, 0x09, 0x81, 0x88, 0xC9]), st.binary(max_size=130)),
+        max_size=4,
+    ),
+    st.integers(min_value=0, max_value=8),
+)
+def test_feed_controls_agrees_with_feed(frames: list[tuple[int, bytes]], cut: int) -> None:
+    """Any frames, possibly cut short: feed_controls either gives what feed
+    gives (whole pings and pongs only) or None with the parser untouched."""
+    data = b"".join(masked(first, payload) for first, payload in frames)
+    data = data[: len(data) - cut] if cut < len(data) else data
+    parser, reference = FrameParser(1000), FrameParser(1000)
+    try:
+        expected: object = reference.feed(data)
+    except FrameError as e:
+        expected = (e.code, e.reason)
+    got = parser.feed_controls(data)
+    if got is None:
+        try:
+            again: object = parser.feed(data)
+        except FrameError as e:
+            again = (e.code, e.reason)
+        assert again == expected
+    else:
+        assert got == expected
+        assert all(isinstance(e, (Ping, Pong)) for e in got)
+        assert all(first in (0x89, 0x8A) and len(p) <= 125 for first, p in frames)

@@ -49,6 +49,8 @@ _OP_BINARY: Final = 0x2
 _OP_CLOSE: Final = 0x8
 _OP_PING: Final = 0x9
 _OP_PONG: Final = 0xA
+#: The first byte of a final ping or pong frame (no RSV bits).
+_PING_OR_PONG: Final = frozenset({0x80 | _OP_PING, 0x80 | _OP_PONG})
 _U16: Final = struct.Struct("!H")
 _U64: Final = struct.Struct("!Q")
 
@@ -279,6 +281,32 @@ class FrameParser:
         elif pos < end:
             self._buf = bytearray(data[pos:])
         return events
+
+    def feed_controls(self, data: bytes | bytearray) -> list[FrameEvent] | None:
+        """:meth:`feed` *data* if it is whole ping and pong frames only
+        (each final, masked, at most 125 bytes of payload: nothing
+        :meth:`feed` could refuse) and the parser holds nothing (no frame
+        cut short, no fragmented message, no violation or close seen): their
+        :class:`Ping` and :class:`Pong` events. Otherwise None, with nothing
+        fed: the caller feeds *data* as usual.
+
+        A dormant connection answers a heartbeat this way without a task of
+        its own (:meth:`broker.server.connection.Connection.readable`).
+        """
+        if self._buf is not None or self._opcode is not None or self.failed or self.closed:
+            return None
+        pos = 0
+        end = len(data)
+        while pos < end:
+            if end - pos < 2 or data[pos] not in _PING_OR_PONG:
+                return None
+            b1 = data[pos + 1]
+            if not b1 & 0x80 or b1 & 0x7F > 125:
+                return None
+            pos += 6 + (b1 & 0x7F)  # two bytes of header, four of mask, the payload
+        if pos != end:
+            return None
+        return self.feed(data)
 
     def _check_data_frame(self, opcode: int, length: int) -> None:
         if opcode == _OP_CONT:
