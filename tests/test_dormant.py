@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from wsproto.events import CloseConnection, TextMessage
+from wsproto.events import CloseConnection, Ping, Pong, TextMessage
 
 from broker import ClientInfo, PluginHost, config_from_dict, hookimpl
 from broker.core import outbox
@@ -32,7 +32,7 @@ from broker.plugin.host import PluginContext
 from broker.server.broker import Broker
 from broker.server.connection import Connection
 from tests.conftest import BrokerFactory
-from tests.helpers import RawClient, dumps, wait_until
+from tests.helpers import WAIT, RawClient, dumps, wait_until
 from tests.redis_service import MACHINE_URL, delete_prefix, needs_machine_redis, unique_prefix
 
 pytestmark = pytest.mark.skipif(not hasattr(select, "epoll"), reason="epoll is Linux's")
@@ -265,6 +265,118 @@ async def test_input_arriving_as_the_reader_retires_is_read(start_broker: Broker
         await trio.testing.wait_all_tasks_blocked()
         assert not conn.asleep and poller.parked == 1 and poller.dormant == 0
     await client.aclose()
+
+
+def _tls_config(scheme: str, tls_files: dict[str, str]) -> dict[str, object]:
+    if scheme == "ws":
+        return {}
+    return {"listener": {"tls_cert": tls_files["tls_cert"], "tls_key": tls_files["tls_key"]}}
+
+
+@pytest.mark.parametrize("scheme", ["ws", "wss"])
+async def test_a_heartbeat_leaves_a_dormant_connection_dormant(
+    start_broker: BrokerFactory,
+    scheme: str,
+    tls_files: dict[str, str],
+    client_ssl: ssl.SSLContext,
+) -> None:
+    """The broker's ping and the client's pong, and a client's own ping and
+    the broker's pong, are handled without a task: the connection stays
+    dormant, alive (the pong is noted) and with its queue shed, and it
+    still receives."""
+    broker = await start_broker(_tls_config(scheme, tls_files), sweep_interval=None)
+    ssl_context = client_ssl if scheme == "wss" else None
+    client = await subscribed(broker.url, "feed", ssl_context)
+    publisher = await RawClient.open(broker.url, ssl_context=ssl_context)
+    await retire_all(broker)
+    (conn,) = [c for c in broker.connections if c.subscriptions == {"feed"}]
+    poller = _poller(broker)
+    for round_ in range(3):
+        # The heartbeat: a ping queued and flushed; the client answers it.
+        conn.send_ping()
+        broker.hub.flush()
+        assert conn.ping_outstanding
+        seen = conn.last_seen
+        assert isinstance(await client.next_event(), Ping)  # answered by next_event
+        await wait_until(lambda: not conn.ping_outstanding)
+        assert conn.asleep and conn.last_seen >= seen and queue_shed(conn)
+        # The client's own ping gets its pong, the same way.
+        await client.send_raw(client.wsp.send(Ping(b"hi %d" % round_)))
+        assert await client.next_event() == Pong(b"hi %d" % round_)
+        await trio.testing.wait_all_tasks_blocked()
+        assert conn.asleep and queue_shed(conn)
+        assert poller.dormant == 2 and poller.parked == 0
+    await publisher.send({"op": "pub", "topic": "feed", "data": "still here"})
+    assert (await client.recv())["data"] == "still here"
+    assert conn.asleep
+    await client.aclose()
+    await publisher.aclose()
+
+
+async def test_a_ping_with_a_message_wakes_the_connection(start_broker: BrokerFactory) -> None:
+    """A ping and a message in one read: the connection's task handles both,
+    in order; a ping cut short by the network wakes it too, and its pong
+    comes once the rest arrives."""
+    broker = await start_broker(sweep_interval=None)
+    client = await subscribed(broker.url, "a")
+    (conn,) = broker.connections
+    await retire_all(broker)
+    ping = client.wsp.send(Ping(b"p"))
+    message = client.wsp.send(TextMessage(data=str(dumps({"op": "ping", "id": 5}))))
+    await client.send_raw(ping + message)
+    assert await client.next_event() == Pong(b"p")
+    assert await client.recv() == {"op": "pong", "id": 5}
+    await trio.testing.wait_all_tasks_blocked()
+    assert not conn.asleep
+
+    await retire_all(broker)
+    ping = client.wsp.send(Ping(b"split"))
+    await client.send_raw(ping[:3])
+    await trio.testing.wait_all_tasks_blocked()
+    assert not conn.asleep  # woken: the parser holds the start of a frame
+    await client.send_raw(ping[3:])
+    assert await client.next_event() == Pong(b"split")
+    await client.aclose()
+
+
+async def test_the_heartbeat_keeps_answering_dormant_clients_and_drops_silent_ones(
+    start_broker: BrokerFactory,
+) -> None:
+    """Through real heartbeats: a dormant client that answers every ping
+    stays connected and dormant; one that stops answering is dropped with
+    1008, as a parked one is."""
+    broker = await start_broker(
+        {"limits": {"ping_interval": 0.1, "ping_timeout": 0.2}}, sweep_interval=None
+    )
+    answering = await subscribed(broker.url, "a")
+    silent = await subscribed(broker.url, "b")
+    await retire_all(broker)
+    kept, dropped = sorted(broker.connections, key=lambda c: sorted(c.subscriptions))
+    pings = 0
+
+    async def answer() -> None:
+        nonlocal pings
+        while True:
+            if isinstance(await answering.next_event(), Ping):  # answered
+                pings += 1
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(answer)
+        events = []
+        with trio.fail_after(WAIT):
+            try:
+                while True:
+                    events.append(await silent.next_event(answer_pings=False))
+            except EOFError:
+                pass
+        await wait_until(lambda: pings >= 3)
+        nursery.cancel_scope.cancel()
+    assert any(isinstance(e, Ping) for e in events)
+    assert (dropped.close_code, dropped.close_reason) == (1008, "ping timeout")
+    assert kept.close_code is None and kept.asleep
+    await wait_until(lambda: broker.connections == {kept})
+    await answering.aclose()
+    await silent.aclose()
 
 
 async def test_a_reader_retired_as_the_broker_is_cancelled_closes_too() -> None:

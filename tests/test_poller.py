@@ -179,13 +179,19 @@ async def test_a_sweep_retires_only_readers_parked_through_it() -> None:
 
 class _Sleeper:
     def __init__(self) -> None:
+        self.readables = 0
         self.wakes = 0
+
+    def readable(self) -> None:
+        self.readables += 1
 
     def wake(self) -> None:
         self.wakes += 1
 
 
-async def test_a_dormant_socket_wakes_its_sleeper_once() -> None:
+async def test_a_dormant_socket_tells_its_sleeper_once() -> None:
+    """Input on a dormant socket calls its sleeper's readable() once (the
+    poller forgets it); stopping wakes the ones still dormant."""
     poller = create_poller()
     assert poller is not None
     ours, theirs = _pair()
@@ -202,13 +208,14 @@ async def test_a_dormant_socket_wakes_its_sleeper_once() -> None:
             nursery.start_soon(poller.run)
             theirs.sendall(b"one")
             kept_peer.sendall(b"ignored")
-            await wait_until(lambda: sleeper.wakes == 1)
+            await wait_until(lambda: sleeper.readables == 1)
             theirs.sendall(b"two")  # nobody sleeps on it now
             await trio.testing.wait_all_tasks_blocked()
-            assert (sleeper.wakes, taken.wakes, poller.dormant) == (1, 0, 0)
+            assert (sleeper.readables, taken.readables, poller.dormant) == (1, 0, 0)
+            assert sleeper.wakes == taken.wakes == 0
             poller.sleep(ours.fileno(), sleeper)
             poller.wake_all()
-            assert (sleeper.wakes, poller.dormant) == (2, 0)
+            assert (sleeper.wakes, sleeper.readables, poller.dormant) == (1, 1, 0)
             nursery.cancel_scope.cancel()
 
 

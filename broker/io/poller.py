@@ -33,9 +33,11 @@ descriptor to the poller with :meth:`ReadPoller.sleep` and ends its task.
 The connection is then *dormant*: no task, its socket still registered, its
 subscriptions and queue in place (deliveries are written by the publisher's
 task, never by the reader). When the socket becomes readable the poller
-calls its :meth:`Sleeper.wake`, which starts a task for it again; anything
-that must close a dormant connection takes it back with :meth:`ReadPoller.take`
-and wakes it the same way.
+calls its :meth:`Sleeper.readable`: the connection answers pings and pongs
+there and then (a heartbeat costs a dormant connection no task) and goes
+back to sleep, or starts a task for anything else. Anything that must
+close a dormant connection takes it back with :meth:`ReadPoller.take` and
+starts its task with :meth:`Sleeper.wake`.
 
 Linux only (``select.epoll``); :func:`create_poller` returns None elsewhere,
 and the connection then waits with ``trio.lowlevel.wait_readable``.
@@ -73,9 +75,14 @@ RETIRED: Final = _Retired()
 class Sleeper(Protocol):
     """A dormant connection, as the poller sees it."""
 
+    def readable(self) -> None:
+        """Its socket is readable (the poller has already forgotten it):
+        handle the input without awaiting, and either :meth:`ReadPoller.sleep`
+        again or start a task."""
+
     def wake(self) -> None:
-        """Its socket is readable: start a task for it (synchronously; the
-        poller has already forgotten it)."""
+        """Start its task (synchronously): the broker is stopping
+        (:meth:`ReadPoller.wake_all`)."""
 
 
 class ReadPoller:
@@ -189,7 +196,7 @@ class ReadPoller:
                     else:
                         sleeper = dormant.pop(fd, None)
                         if sleeper is not None:
-                            sleeper.wake()
+                            sleeper.readable()
         finally:
             trio.lowlevel.notify_closing(epoll.fileno())
             epoll.close()

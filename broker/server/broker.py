@@ -827,7 +827,7 @@ class Broker:
             if not asleep:
                 self._socket_closed(stream, remote.client[0])
 
-    async def _resume(self, conn: Connection) -> None:
+    async def _resume(self, conn: Connection, initial: bytes) -> None:
         """The task of a dormant connection that input or a close woke
         (:meth:`Connection.wake`, in the handlers nursery): what
         :meth:`_handle_stream` does after the handshake. (Not a coroutine
@@ -837,7 +837,7 @@ class Broker:
         asleep = False
         try:
             try:
-                asleep = await conn.run()
+                asleep = await conn.run(initial)
             finally:
                 if not asleep:
                     self._disconnected(conn)

@@ -16,7 +16,9 @@ the broker's read poller through a sweep (a second or two without input) is
 the poller (see :mod:`broker.io.poller`), its session, subscriptions and
 outbox in place. Input, or a close, wakes it: :meth:`Connection.wake` starts
 a new task in the broker's handlers nursery, which continues
-:meth:`Connection.run` where the last one stopped.
+:meth:`Connection.run` where the last one stopped. WebSocket pings and
+pongs alone (a heartbeat) are answered without one, in the poller's task
+(:meth:`Connection.readable`).
 
 :meth:`Connection.close` records the close code and cancels the reader;
 :meth:`Connection.run` then removes the subscriptions, drains (for a graceful
@@ -91,8 +93,9 @@ class Connection:
             handlers nursery).
         poller: where its reader waits for its socket to become readable
             (None: ``trio.lowlevel.wait_readable``).
-        resume: the task a dormant connection is woken into, in *nursery*
-            (it awaits :meth:`run` again); None: the reader never retires.
+        resume: the task a dormant connection is woken into, in *nursery*,
+            with input already read (it awaits :meth:`run` with it); None:
+            the reader never retires.
         close_timeout: how long the closing handshake may take.
     """
 
@@ -138,7 +141,7 @@ class Connection:
         peer: tuple[str, int],
         nursery: trio.Nursery,
         poller: ReadPoller | None = None,
-        resume: Callable[[Connection], Awaitable[object]] | None = None,
+        resume: Callable[[Connection, bytes], Awaitable[object]] | None = None,
         close_timeout: float = CLOSE_TIMEOUT,
     ) -> None:
         config = services.runtime.config
@@ -255,12 +258,65 @@ class Connection:
             # Dormant: a task of its own closes it, as any reader's does.
             self.wake()
 
-    def wake(self) -> None:
-        """Start the task of a dormant connection (the poller calls this
-        when its socket is readable, :meth:`close` to close it)."""
+    def wake(self, initial: bytes = b"") -> None:
+        """Start the task of a dormant connection, which handles *initial*
+        (input already read) first: for input (:meth:`readable`), to close
+        (:meth:`close`), or as the broker stops."""
         if self._asleep and self._resume is not None:
             self._asleep = False
-            self._nursery.start_soon(self._resume, self, name=self.id)
+            self._nursery.start_soon(self._resume, self, initial, name=self.id)
+
+    def readable(self) -> None:
+        """Input for a dormant connection (the poller calls this when its
+        socket is readable, having forgotten it).
+
+        Pings and pongs alone, a heartbeat's answer or a client's keep-alive,
+        are handled here, in the poller's task, as the reader would (the
+        same two methods), and the connection stays dormant: an idle client
+        costs no task per heartbeat. Anything else (a message, a close, a
+        frame cut short, the end of the stream, a failed write) wakes it
+        into its task with what was read.
+        """
+        if not self._asleep:
+            return
+        writer = self.writer
+        tls = writer.tls
+        fd = _socket_fd(writer)
+        poller = self._poller
+        assert poller is not None  # dormant: the poller put it to sleep
+        while True:
+            read = _read_nowait(fd) if tls is None else _receive_nowait(tls)
+            if read is None:
+                # All handled and the socket empty: dormant again (as when
+                # it retired, right after a read that found nothing).
+                poller.sleep(fd, self)
+                self.outbox.shed()
+                return
+            events = self.parser.feed_controls(read) if read else None
+            if events is None:
+                self.wake(read)
+                return
+            self._heard(len(read))
+            for event in events:
+                assert isinstance(event, (Ping, Pong))
+                self._control(event)
+            self._hub.flush()  # the pongs
+            if self.close_code is not None:  # the write failed
+                self.wake()
+                return
+
+    def _heard(self, size: int) -> None:
+        """*size* bytes came in: the client is alive, and a new ping may go
+        out the next time it falls silent."""
+        self.last_seen = trio.current_time()
+        self.bytes_in += size
+        self.ping_outstanding = False
+
+    def _control(self, event: Ping | Pong) -> None:
+        """A ping is answered with a pong (a pong needs nothing more than
+        :meth:`_heard`)."""
+        if type(event) is Ping:
+            self.reply_frame(pong_frame(event.payload))
 
     @property
     def asleep(self) -> bool:
@@ -298,7 +354,8 @@ class Connection:
         (False), or until the reader is retired (True: the connection is
         dormant, and :meth:`wake` will start a task that calls this again).
 
-        *initial* is data that arrived with the handshake request.
+        *initial* is input already read: what arrived with the handshake
+        request, or what woke a dormant connection (:meth:`readable`).
 
         The reading loop is here, not in a coroutine of its own: a parked
         connection is this frame (and its caller's) suspended in one trio
@@ -527,11 +584,7 @@ class Connection:
         spent = 0  # FRAME_COST per frame handled since the last checkpoint
         delivered = hub.delivered  # the hub's deliveries at the last checkpoint
         while True:
-            self.last_seen = trio.current_time()
-            self.bytes_in += len(data)
-            # Any traffic shows the client is alive; a new ping may go out
-            # the next time it falls silent.
-            self.ping_outstanding = False
+            self._heard(len(data))
             violation: FrameError | None = None
             try:
                 events = parser.feed(data)
@@ -543,10 +596,8 @@ class Connection:
                     await session.command(event)
                     if hub.pending > FLUSH_EVERY:
                         hub.flush()
-                elif isinstance(event, Ping):
-                    self.reply_frame(pong_frame(event.payload))
-                elif isinstance(event, Pong):
-                    self.ping_outstanding = False
+                elif isinstance(event, (Ping, Pong)):
+                    self._control(event)
                 else:
                     assert isinstance(event, Close)
                     self._peer_closed = True
