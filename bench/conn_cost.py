@@ -4,7 +4,7 @@ set it up, and the memory it holds.
     python3 bench/conn_cost.py instructions [--n 2000] [--python .venv/bin/python]
     PYTHONPATH=. .venv/bin/python bench/conn_cost.py memory [--n 2000] [--top 25] [--parked]
     PYTHONPATH=. .venv/bin/python bench/conn_cost.py rss [--tls] [--n 3000] [--parked]
-    PYTHONPATH=. .venv/bin/python bench/conn_cost.py wake [--n 3000] [--parked]
+    PYTHONPATH=. .venv/bin/python bench/conn_cost.py wake [--n 3000] [--parked] [--input message]
     python3 bench/conn_cost.py clients --port PORT [--n 2000] [--tls CAFILE]
 
 ``instructions`` starts ``broker serve`` (the configuration of
@@ -45,10 +45,12 @@ two instead: every reader a task parked on the poller (the sweep is off).
 
 ``wake`` opens ``--n`` idle connections (at once), parked or dormant, then has every
 client send one WebSocket ping at once (as the heartbeat's round has every
-idle client answer at once) and prints the broker process's CPU time
-(``time.process_time``) per connection until every pong is back, and, for
-dormant connections, per connection to retire them all again: what input
-costs a dormant connection against a parked one.
+idle client answer at once; ``--input message``: a protocol ``ping``
+message instead, which needs the connection's task) and prints the broker
+process's CPU time (``time.process_time``) per connection until every
+answer is back, how many connections are dormant then, and, for dormant
+connections, per connection to retire them all again: what input costs a
+dormant connection against a parked one.
 
 ``clients`` is the client side alone (stdlib sockets and selectors), for a
 broker started some other way; it prints one line when every connection
@@ -606,10 +608,11 @@ def wake(args: argparse.Namespace) -> None:
                 await _retire_all(broker)
             assert proc.stdin is not None
             start = time.process_time()
-            await proc.stdin.send_all(b"ping\n")
+            await proc.stdin.send_all(f"{args.input}\n".encode())
             await _read_line(proc)
             await trio.testing.wait_all_tasks_blocked()
-            figures["wake_and_pong_us"] = (time.process_time() - start) / args.n * 1e6
+            figures["input_to_answer_us"] = (time.process_time() - start) / args.n * 1e6
+            figures["dormant_after"] = broker.dormant
             if not args.parked:
                 start = time.process_time()
                 await _retire_all(broker)
@@ -621,7 +624,7 @@ def wake(args: argparse.Namespace) -> None:
     import trio.testing
 
     trio.run(main)
-    out: dict[str, Any] = {"state": "parked" if args.parked else "dormant"}
+    out: dict[str, Any] = {"state": "parked" if args.parked else "dormant", "input": args.input}
     out.update({k: round(v, 1) for k, v in figures.items()})
     print(json.dumps(out))
 
@@ -639,6 +642,16 @@ def raise_nofile(need: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(need, soft)), hard))
 
 
+def _recv_exactly(sock: Any, size: int) -> bytes:
+    got = b""
+    while len(got) < size:
+        chunk = sock.recv(size - len(got))
+        if not chunk:
+            raise OSError("closed while waiting for an answer")
+        got += chunk
+    return got
+
+
 def clients_main(args: argparse.Namespace) -> None:
     raise_nofile(args.n + 100)
     if args.tls:
@@ -647,21 +660,28 @@ def clients_main(args: argparse.Namespace) -> None:
         socks = open_clients(args.port, args.n, churn=args.churn, first=args.first)
     print(f"{len(socks)} open", flush=True)
     for line in sys.stdin:
-        if line.strip() != "ping":
+        command = line.strip()
+        if command == "ping":
+            # One masked WebSocket ping from every client, then every pong
+            # (``\x8a\x00``).
+            frame, answer = _masked(b"", opcode=0x9), b"\x8a\x00"
+        elif command == "message":
+            # One protocol ping (a message: it needs the connection's task)
+            # from every client, then every answer.
+            frame, answer = _masked(b'{"op":"ping","id":1}'), None
+        else:
             break
-        # One masked ping from every client, then every pong (``\x8a\x00``).
         for sock in socks:
-            sock.sendall(_masked(b"", opcode=0x9))
+            sock.sendall(frame)
         for sock in socks:
-            got = b""
-            while len(got) < 2:
-                chunk = sock.recv(2 - len(got))
-                if not chunk:
-                    raise OSError("closed while waiting for a pong")
-                got += chunk
-            if got != b"\x8a\x00":
+            got = _recv_exactly(sock, 2)
+            if answer is None:
+                got += _recv_exactly(sock, got[1] & 0x7F)
+                if got[0] != 0x81 or b'"pong"' not in got:
+                    raise OSError(f"expected a pong message, got {got!r}")
+            elif got != answer:
                 raise OSError(f"expected a pong, got {got!r}")
-        print("pongs", flush=True)
+        print("answered", flush=True)
     for sock in socks:
         sock.close()
 
@@ -695,6 +715,12 @@ def main() -> None:
     p = sub.add_parser("wake")
     p.add_argument("--n", type=int, default=3000)
     p.add_argument("--parked", action="store_true", help="readers parked, not dormant")
+    p.add_argument(
+        "--input",
+        choices=("ping", "message"),
+        default="ping",
+        help="what each client sends: a WebSocket ping, or a protocol ping message",
+    )
     p = sub.add_parser("clients")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--n", type=int, default=2000)

@@ -198,11 +198,15 @@ def test_conn_cost_rss_splits_out_what_openssl_holds(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the read poller is epoll's")
 @pytest.mark.parametrize("state", ["dormant", "parked"])
-def test_conn_cost_wake_reports_what_input_costs(state: str) -> None:
-    """``bench/conn_cost.py wake``: every client pings once and gets its pong
-    back; the broker's CPU per connection is reported (a figure, not
-    asserted: no test times anything), and the retirement for dormant ones."""
+@pytest.mark.parametrize("input_", ["ping", "message"])
+def test_conn_cost_wake_reports_what_input_costs(state: str, input_: str) -> None:
+    """``bench/conn_cost.py wake``: every client pings once (a WebSocket
+    ping, or a protocol ping message) and gets its answer; the broker's CPU
+    per connection is reported (a figure, not asserted: no test times
+    anything), and the retirement for dormant ones. A WebSocket ping leaves
+    a dormant connection dormant; a message wakes it into its task."""
     argv = [sys.executable, str(ROOT / "bench" / "conn_cost.py"), "wake", "--n", "50"]
+    argv += ["--input", input_]
     proc = subprocess.run(
         argv + (["--parked"] if state == "parked" else []),
         capture_output=True,
@@ -212,6 +216,9 @@ def test_conn_cost_wake_reports_what_input_costs(state: str) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     figures = json.loads(proc.stdout.splitlines()[-1])
-    assert figures["state"] == state
-    assert figures["wake_and_pong_us"] > 0
+    assert (figures["state"], figures["input"]) == (state, input_)
+    assert figures["input_to_answer_us"] > 0
     assert ("retire_us" in figures) == (state == "dormant")
+    # (50 subscribers and the probes' publisher, all of which ping.)
+    dormant_after = 51 if (state, input_) == ("dormant", "ping") else 0
+    assert figures["dormant_after"] == dormant_after
