@@ -63,6 +63,13 @@ async def subscribed(url: str, topic: str, ssl_context: ssl.SSLContext | None = 
     return client
 
 
+def _tls_config(scheme: str, tls_files: dict[str, str]) -> dict[str, object]:
+    """A listener on wss:// with the test certificate, or the default one."""
+    if scheme == "ws":
+        return {}
+    return {"listener": {"tls_cert": tls_files["tls_cert"], "tls_key": tls_files["tls_key"]}}
+
+
 @pytest.mark.parametrize("scheme", ["ws", "wss"])
 async def test_a_dormant_connection_answers_publishes_and_receives(
     start_broker: BrokerFactory,
@@ -70,12 +77,8 @@ async def test_a_dormant_connection_answers_publishes_and_receives(
     tls_files: dict[str, str],
     client_ssl: ssl.SSLContext,
 ) -> None:
-    config: dict[str, object] = {}
-    ssl_context = None
-    if scheme == "wss":
-        config["listener"] = {"tls_cert": tls_files["tls_cert"], "tls_key": tls_files["tls_key"]}
-        ssl_context = client_ssl
-    broker = await start_broker(config)
+    broker = await start_broker(_tls_config(scheme, tls_files))
+    ssl_context = client_ssl if scheme == "wss" else None
     alice = await subscribed(broker.url, "chat.alice", ssl_context)
     bob = await subscribed(broker.url, "chat.bob", ssl_context)
     await retire_all(broker)
@@ -265,12 +268,6 @@ async def test_input_arriving_as_the_reader_retires_is_read(start_broker: Broker
         await trio.testing.wait_all_tasks_blocked()
         assert not conn.asleep and poller.parked == 1 and poller.dormant == 0
     await client.aclose()
-
-
-def _tls_config(scheme: str, tls_files: dict[str, str]) -> dict[str, object]:
-    if scheme == "ws":
-        return {}
-    return {"listener": {"tls_cert": tls_files["tls_cert"], "tls_key": tls_files["tls_key"]}}
 
 
 @pytest.mark.parametrize("scheme", ["ws", "wss"])
