@@ -30,7 +30,7 @@ from broker.core.errors import CloseCode
 from broker.io.poller import ReadPoller
 from broker.plugin.host import PluginContext
 from broker.server.broker import Broker
-from broker.server.connection import Connection
+from broker.server.connection import RECEIVE_SIZE, Connection
 from tests.conftest import BrokerFactory
 from tests.helpers import WAIT, RawClient, dumps, wait_until
 from tests.redis_service import MACHINE_URL, delete_prefix, needs_machine_redis, unique_prefix
@@ -333,6 +333,31 @@ async def test_a_ping_with_a_message_wakes_the_connection(start_broker: BrokerFa
     assert not conn.asleep  # woken: the parser holds the start of a frame
     await client.send_raw(ping[3:])
     assert await client.next_event() == Pong(b"split")
+    await client.aclose()
+
+
+async def test_a_flood_of_pongs_gets_the_connection_its_task(start_broker: BrokerFactory) -> None:
+    """The poller's task handles a few short reads of pings and pongs, not a
+    client that keeps it busy: a read that fills the buffer wakes the
+    connection into its task (which takes turns with the others), and the
+    unsolicited pongs are taken there, the connection open."""
+    broker = await start_broker(sweep_interval=None)
+    client = await subscribed(broker.url, "a")
+    (conn,) = broker.connections
+    await retire_all(broker)
+    # Whole frames filling the broker's first read exactly (618 of 106 bytes
+    # and one of 28), then more: only the read's size tells it apart.
+    first = [client.wsp.send(Pong(b"x" * 100)) for _ in range(618)]
+    first.append(client.wsp.send(Pong(b"y" * 22)))
+    assert sum(map(len, first)) == RECEIVE_SIZE
+    flood = b"".join(first) + b"".join(client.wsp.send(Pong(b"z" * 100)) for _ in range(80))
+    # In the kernel's buffer before the broker runs: its first read is full.
+    assert os.write(client.stream.socket.fileno(), flood) == len(flood)
+    await trio.testing.wait_all_tasks_blocked()
+    assert not conn.asleep and conn.close_code is None
+    assert conn.bytes_in >= len(flood)
+    await client.send({"op": "ping", "id": 2})
+    assert await client.recv() == {"op": "pong", "id": 2}
     await client.aclose()
 
 

@@ -57,6 +57,9 @@ log = logging.getLogger("broker.connection")
 CLOSE_TIMEOUT: Final = 2.0
 #: Bytes asked of the kernel per read.
 RECEIVE_SIZE: Final = 65536
+#: Reads of nothing but pings and pongs a dormant connection handles in the
+#: poller's task (Connection.readable) before it gets a task of its own.
+QUICK_READS: Final = 4
 #: Deliveries after which a reader flushes even in the middle of a read, so a
 #: large burst of publishes does not hold every subscriber's first frame back.
 FLUSH_EVERY: Final = 20_000
@@ -284,7 +287,7 @@ class Connection:
         fd = _socket_fd(writer)
         poller = self._poller
         assert poller is not None  # dormant: the poller put it to sleep
-        while True:
+        for _ in range(QUICK_READS):
             read = _read_nowait(fd) if tls is None else _receive_nowait(tls)
             if read is None:
                 # All handled and the socket empty: dormant again (as when
@@ -292,7 +295,8 @@ class Connection:
                 poller.sleep(fd, self)
                 self.outbox.shed()
                 return
-            events = self.parser.feed_controls(read) if read else None
+            # (A read that fills the buffer is a busy client: its task.)
+            events = self.parser.feed_controls(read) if 0 < len(read) < RECEIVE_SIZE else None
             if events is None:
                 self.wake(read)
                 return
@@ -304,6 +308,9 @@ class Connection:
             if self.close_code is not None:  # the write failed
                 self.wake()
                 return
+        # Still more after that many reads: a client this busy gets its task,
+        # which takes turns with the others (the poller's task does not).
+        self.wake()
 
     def _heard(self, size: int) -> None:
         """*size* bytes came in: the client is alive, and a new ping may go
