@@ -201,6 +201,7 @@ class RedisConnection:
         self._out: list[bytes] = []
         self._wake = trio.Event()
         self._scope: trio.CancelScope | None = None
+        self._closing = False  # close() was called: use it for nothing more
         #: Set once the connection is closed or lost (see :attr:`error`).
         self.closed = trio.Event()
         #: Why it was lost (None: closed on purpose, or still open).
@@ -214,7 +215,10 @@ class RedisConnection:
 
     @property
     def usable(self) -> bool:
-        return self._stream is not None and not self.closed.is_set()
+        """Open, and not being closed: from the moment :meth:`close` is
+        called (its tasks end a little later), nothing is sent on it and
+        the links count it as down."""
+        return self._stream is not None and not self._closing and not self.closed.is_set()
 
     @property
     def pending(self) -> int:
@@ -261,6 +265,7 @@ class RedisConnection:
 
     def close(self) -> None:
         """Close the connection; waiting commands get :class:`ConnectionLost`."""
+        self._closing = True
         if self._scope is not None:
             self._scope.cancel()
         elif self._stream is None:
