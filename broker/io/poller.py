@@ -127,8 +127,8 @@ class ReadPoller:
         self._quiet.discard(fd)
 
     def sleep(self, fd: int, sleeper: Sleeper) -> None:
-        """*fd*'s connection goes dormant: its ``wake()`` is called once
-        *fd* is readable.
+        """*fd*'s connection goes dormant: its ``readable()`` is called once
+        *fd* is readable (and the poller forgets it).
 
         As with :meth:`park`, call it right after a read of *fd* found
         nothing, with no checkpoint in between.
@@ -179,7 +179,8 @@ class ReadPoller:
             self.retire_quiet()
 
     async def run(self) -> None:
-        """Wake the parked readers whose sockets became readable, for ever."""
+        """Wake the parked readers whose sockets became readable, and hand
+        the dormant connections' readable sockets to them, for ever."""
         epoll = self._epoll
         parked = self._parked
         dormant = self._dormant
